@@ -1,0 +1,140 @@
+"""Between the agent's dataclasses and the API's messages, both ways."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2, status_pb2
+
+from domsnap.agent.catalogue import Entry
+from domsnap.agent.domain import Domain, RunState
+from domsnap.agent.errors import DomsnapError
+from domsnap.agent.operations import Finished, Operation, OpKind, OpState, Started
+from domsnap.agent.progress import Progress
+from domsnap.agent.service import AgentInfo
+from domsnap.agent.snapshot_revert import RunAfter
+from domsnap.agent.storage.base import Method
+from domsnap.v1 import domsnap_pb2 as pb
+
+ERROR_DOMAIN = "domsnap.dev"
+
+_STATE = {
+    RunState.RUNNING: pb.DOMAIN_STATE_RUNNING,
+    RunState.PAUSED: pb.DOMAIN_STATE_PAUSED,
+    RunState.SHUTDOWN: pb.DOMAIN_STATE_SHUTDOWN,
+    RunState.CRASHED: pb.DOMAIN_STATE_CRASHED,
+}
+_METHOD = {Method.INTERNAL: pb.SNAPSHOT_METHOD_INTERNAL, Method.EXTERNAL: pb.SNAPSHOT_METHOD_EXTERNAL}
+_KIND = {
+    OpKind.CREATE: pb.OPERATION_KIND_CREATE_SNAPSHOT,
+    OpKind.REVERT: pb.OPERATION_KIND_REVERT_SNAPSHOT,
+    OpKind.DELETE: pb.OPERATION_KIND_DELETE_SNAPSHOT,
+}
+_OP_STATE = {
+    OpState.PENDING: pb.OPERATION_STATE_PENDING,
+    OpState.RUNNING: pb.OPERATION_STATE_RUNNING,
+    OpState.SUCCEEDED: pb.OPERATION_STATE_SUCCEEDED,
+    OpState.FAILED: pb.OPERATION_STATE_FAILED,
+    OpState.CANCELLING: pb.OPERATION_STATE_CANCELLING,
+    OpState.CANCELLED: pb.OPERATION_STATE_CANCELLED,
+}
+_RUN_AFTER = {
+    pb.RUN_STATE_AFTER_REVERT_SNAPSHOT: RunAfter.SNAPSHOT,
+    pb.RUN_STATE_AFTER_REVERT_RUNNING: RunAfter.RUNNING,
+    pb.RUN_STATE_AFTER_REVERT_PAUSED: RunAfter.PAUSED,
+}
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def method_from_pb(value: int) -> Method | None:
+    return {v: k for k, v in _METHOD.items()}.get(value)
+
+
+def run_after_from_pb(value: int) -> RunAfter:
+    return _RUN_AFTER.get(value, RunAfter.SNAPSHOT)
+
+
+def agent_info(info: AgentInfo) -> pb.AgentInfo:
+    return pb.AgentInfo(
+        agent_version=info.agent_version, driver=info.driver, hypervisor_version=info.hypervisor_version,
+        hostname=info.hostname, snapshot_root=str(info.snapshot_root), capabilities=info.capabilities,
+        api_version=info.api_version,
+    )
+
+
+def domain(d: Domain, busy_with: str = "") -> pb.Domain:
+    return pb.Domain(
+        name=d.name, domid=d.domid, memory_mib=d.config.memory_mib, vcpus=d.config.vcpus,
+        state=_STATE[d.state], cpu_seconds=d.cpu_seconds,
+        disks=[pb.Disk(vdev=x.vdev, target=x.target, format=x.format, read_only=x.access == "ro")
+               for x in d.config.disks],
+        config=d.config.to_text(), busy_with_operation=busy_with,
+    )
+
+
+def _size_on_disk(path: Path, extra: list[str]) -> int:
+    total = 0
+    for f in [*(e.path for e in os.scandir(path) if e.is_file(follow_symlinks=False)), *extra]:
+        try:
+            total += os.stat(f).st_blocks * 512
+        except OSError:
+            continue
+    return total
+
+
+def snapshot(entry: Entry) -> pb.Snapshot:
+    m = entry.manifest
+    outside = [f for f in [m.memory_file, *(r.file for r in m.disks)]
+               if f and Path(f).parent != entry.path]
+    return pb.Snapshot(
+        name=m.name, domain=m.domain, path=str(entry.path), description=m.description,
+        created_at=timestamp(m.created_at),
+        state=pb.DOMAIN_STATE_PAUSED if m.state == "paused" else pb.DOMAIN_STATE_RUNNING,
+        live=m.live,
+        disks=[pb.DiskSnapshot(vdev=r.vdev, format=r.format, backend=r.backend, method=_METHOD[r.method],
+                               image=r.image, tag=r.tag, file=r.file) for r in m.disks],
+        memory=pb.MemoryImage(path=m.memory_file, size_bytes=m.memory_bytes),
+        parent=m.parent, current=entry.current, size_bytes=_size_on_disk(entry.path, outside),
+        driver=m.driver, hypervisor_version=m.hypervisor_version, downtime_seconds=m.downtime,
+    )
+
+
+def progress(p: Progress) -> pb.Progress:
+    return pb.Progress(phase=p.phase, percent=p.percent, bytes_done=p.bytes_done, bytes_total=p.bytes_total,
+                       bytes_per_second=p.bytes_per_second, message=p.message, time=timestamp(p.time))
+
+
+def error_status(err: DomsnapError) -> status_pb2.Status:
+    info = error_details_pb2.ErrorInfo(reason=type(err).__name__, domain=ERROR_DOMAIN)
+    status = status_pb2.Status(code=err.code.value[0], message=err.message)
+    status.details.add().Pack(info)
+    return status
+
+
+def operation(op: Operation) -> pb.Operation:
+    msg = pb.Operation(
+        id=op.id, kind=_KIND[op.kind], domain=op.domain, snapshot=op.snapshot, state=_OP_STATE[op.state],
+        request_id=op.request_id, started_at=timestamp(op.started_at), progress=progress(op.progress),
+    )
+    if op.finished_at is not None:
+        msg.finished_at.CopyFrom(timestamp(op.finished_at))
+    if isinstance(op.result, Entry):
+        msg.result.CopyFrom(snapshot(op.result))
+    if op.error is not None:
+        msg.error.CopyFrom(error_status(op.error))
+    return msg
+
+
+def event(ev: Started | Progress | Finished) -> pb.OperationEvent:
+    if isinstance(ev, Started):
+        return pb.OperationEvent(started=operation(ev.operation))
+    if isinstance(ev, Finished):
+        return pb.OperationEvent(finished=operation(ev.operation))
+    return pb.OperationEvent(progress=progress(ev))

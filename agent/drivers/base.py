@@ -1,0 +1,86 @@
+"""The hypervisor interface: one implementation module per hypervisor."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from domsnap.agent.domain import Domain, DomainConfig
+from domsnap.agent.progress import StepProgress
+from domsnap.agent.storage.base import BlockOps
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    memory_bytes: int
+    # Guest pause as the hypervisor saw it (STOP to RESUME), in seconds.
+    downtime: float
+
+
+# Called once while the guest is stopped at the instant the memory image
+# captures; the disks are snapshotted inside it.
+InPause = Callable[[BlockOps], Awaitable[None]]
+
+
+class Hypervisor(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    async def probe(self) -> str:
+        """Check the hypervisor answers; returns its version ("QEMU 7.2.22")."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Re-attach to the domains that outlived a previous agent."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Let go of the hypervisor; domains keep running."""
+
+    @abstractmethod
+    def capabilities(self) -> list[str]: ...
+
+    @abstractmethod
+    async def list_domains(self) -> list[Domain]: ...
+
+    @abstractmethod
+    async def lookup(self, ref: str) -> Domain:
+        """A domain by name or domid, as xl takes <Domain>; NotFound otherwise."""
+
+    @abstractmethod
+    async def create(self, config: DomainConfig, *, paused: bool) -> Domain: ...
+
+    @abstractmethod
+    async def destroy(self, name: str) -> None: ...
+
+    @abstractmethod
+    async def pause(self, name: str) -> Domain: ...
+
+    @abstractmethod
+    async def unpause(self, name: str) -> Domain: ...
+
+    @abstractmethod
+    def block_ops(self, name: str) -> BlockOps:
+        """Disk operations through the hypervisor that holds the domain's images; the
+        domain's config follows the disks they move."""
+
+    @abstractmethod
+    async def checkpoint(
+        self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress
+    ) -> CheckpointResult:
+        """Write the memory image and run `in_pause` at the same instant, then
+        leave the domain in the run state it had before."""
+
+    @abstractmethod
+    def facts(self, domain: Domain) -> dict[str, str]:
+        """What a memory image of this domain needs to be restored (e.g. QEMU's machine type)."""
+
+    @abstractmethod
+    async def restore(
+        self, config: DomainConfig, memory: Path, *, facts: Mapping[str, str], paused: bool,
+        progress: StepProgress,
+    ) -> Domain:
+        """Start the domain from a memory image; its disks are already reverted."""

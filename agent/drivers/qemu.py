@@ -1,0 +1,334 @@
+"""The qemu driver: domains defined by xl.cfg files, run as QEMU processes the
+agent launches (daemonized, so they outlive it) and drives through QMP.
+
+Each domain has a folder `<state_dir>/qemu/<name>/` holding its config,
+`runtime.json` (domid, pinned machine type), the QMP socket, the pid file and
+its console log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from domsnap.agent import runner
+from domsnap.agent.config import QemuConfig
+from domsnap.agent.domain import Domain, DomainConfig, RunState
+from domsnap.agent.drivers import qemu_argv, qemu_migration
+from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause
+from domsnap.agent.drivers.qemu_block import QmpBlockOps
+from domsnap.agent.drivers.qmp import QmpSession
+from domsnap.agent.errors import AlreadyExists, FailedPrecondition, NotFound
+from domsnap.agent.progress import StepProgress
+from domsnap.agent.runner import Runner
+
+log = logging.getLogger(__name__)
+
+LAUNCH_TIMEOUT = 60.0
+QUIT_TIMEOUT = 10.0
+_STATES = {
+    "running": RunState.RUNNING,
+    "paused": RunState.PAUSED,
+    "prelaunch": RunState.PAUSED,
+    "postmigrate": RunState.PAUSED,
+    "finish-migrate": RunState.PAUSED,
+    "inmigrate": RunState.PAUSED,
+    "suspended": RunState.PAUSED,
+    "shutdown": RunState.SHUTDOWN,
+    "guest-panicked": RunState.CRASHED,
+    "internal-error": RunState.CRASHED,
+}
+
+
+@dataclass
+class _Instance:
+    domid: int
+    machine: str
+    config: DomainConfig
+    folder: Path
+    qmp: QmpSession
+
+    @property
+    def paths(self) -> qemu_argv.LaunchPaths:
+        return qemu_argv.LaunchPaths(self.folder / "qmp.sock", self.folder / "qemu.pid", self.folder / "console.log")
+
+    def pid(self) -> int | None:
+        try:
+            pid = int((self.folder / "qemu.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie has exited; only its parent has not reaped it yet.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+            return False
+    return True
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class QemuDriver(Hypervisor):
+    name = "qemu"
+
+    def __init__(self, config: QemuConfig, state_dir: Path, run: Runner = runner.run) -> None:
+        self._cfg = config
+        self._root = state_dir / "qemu"
+        self._run = run
+        self._instances: dict[str, _Instance] = {}
+        self._version = ""
+        self._machine = config.machine
+        self._create_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------ agent side
+
+    async def probe(self) -> str:
+        out = await self._run(qemu_argv.version(self._cfg.binary), timeout=10)
+        self._version = qemu_argv.parse_version(out.stdout)
+        if not self._machine:
+            out = await self._run(qemu_argv.machine_help(self._cfg.binary), timeout=10)
+            self._machine = qemu_argv.parse_machine_alias(out.stdout)
+        return self._version
+
+    async def start(self) -> None:
+        self._root.mkdir(parents=True, exist_ok=True)
+        for folder in sorted(p for p in self._root.iterdir() if p.is_dir()):
+            try:
+                inst = self._load(folder)
+            except (OSError, ValueError, KeyError) as err:
+                log.warning("ignoring unreadable domain folder %s: %s", folder, err)
+                continue
+            if inst.pid() is None:
+                # Its QEMU died while no agent watched: the domain is gone,
+                # as a Xen domain is after its host rebooted.
+                log.info("domain %s (id %d) is no longer running; forgetting it", inst.config.name, inst.domid)
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            self._instances[inst.config.name] = inst
+            log.info("re-attached to domain %s (id %d)", inst.config.name, inst.domid)
+
+    async def close(self) -> None:
+        for inst in self._instances.values():
+            await inst.qmp.close()
+
+    def capabilities(self) -> list[str]:
+        return ["live", "internal", "external", "format:qcow2", "format:raw", "accel:" + self._cfg.accel]
+
+    def _load(self, folder: Path) -> _Instance:
+        runtime = json.loads((folder / "runtime.json").read_text())
+        config = DomainConfig.parse((folder / "config.cfg").read_text(), source=str(folder / "config.cfg"))
+        return _Instance(int(runtime["domid"]), str(runtime["machine"]), config, folder,
+                         QmpSession(folder / "qmp.sock", config.name))
+
+    def _save(self, inst: _Instance) -> None:
+        _write_atomic(inst.folder / "config.cfg", inst.config.to_text())
+        _write_atomic(inst.folder / "runtime.json", json.dumps({"domid": inst.domid, "machine": inst.machine}))
+
+    def _next_domid(self) -> int:
+        counter = self._root / "next-domid"
+        try:
+            domid = int(counter.read_text())
+        except (OSError, ValueError):
+            domid = 1
+        _write_atomic(counter, str(domid + 1))
+        return domid
+
+    # --------------------------------------------------------------- domains
+
+    def _instance(self, ref: str) -> _Instance:
+        if ref in self._instances:
+            return self._instances[ref]
+        if ref.isdigit():
+            for inst in self._instances.values():
+                if inst.domid == int(ref):
+                    return inst
+        raise NotFound(f"domain {ref!r} does not exist")
+
+    async def _domain(self, inst: _Instance) -> Domain:
+        pid = inst.pid()
+        if pid is None:
+            return Domain(inst.domid, inst.config, RunState.SHUTDOWN)
+        try:
+            status = await inst.qmp.execute("query-status", timeout=5)
+            state = _STATES.get(str(status.get("status")), RunState.PAUSED)
+        except Exception as err:  # a wedged QEMU must not break `list`
+            log.warning("domain %s: query-status failed: %s", inst.config.name, err)
+            state = RunState.CRASHED
+        return Domain(inst.domid, inst.config, state, _cpu_seconds(pid))
+
+    async def list_domains(self) -> list[Domain]:
+        insts = sorted(self._instances.values(), key=lambda i: i.domid)
+        return list(await asyncio.gather(*(self._domain(i) for i in insts)))
+
+    async def lookup(self, ref: str) -> Domain:
+        return await self._domain(self._instance(ref))
+
+    def _check_disks(self, config: DomainConfig) -> None:
+        for disk in config.disks:
+            if not Path(disk.target).exists():
+                raise NotFound(f"disk {disk.vdev}: {disk.target} does not exist")
+
+    async def _launch(
+        self, config: DomainConfig, *, paused: bool, incoming: bool, machine: str | None = None,
+        domid: int | None = None,
+    ) -> _Instance:
+        async with self._create_lock:
+            if config.name in self._instances:
+                raise AlreadyExists(f"domain {config.name!r} already exists")
+            self._check_disks(config)
+            folder = self._root / config.name
+            # A re-launched domain keeps its folder (and its console log).
+            fresh = not folder.exists()
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in ("qmp.sock", "qemu.pid"):
+                (folder / stale).unlink(missing_ok=True)
+            inst = _Instance(domid or self._next_domid(), machine or self._machine, config, folder,
+                             QmpSession(folder / "qmp.sock", config.name))
+            try:
+                self._save(inst)
+                argv = qemu_argv.launch(config, binary=self._cfg.binary, machine=inst.machine,
+                                        accel=self._cfg.accel, paths=inst.paths, incoming=incoming)
+                if paused and not incoming:
+                    argv.append("-S")
+                await self._run(argv, timeout=LAUNCH_TIMEOUT)
+                self._instances[config.name] = inst
+            except BaseException:
+                if fresh:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
+        return inst
+
+    async def create(self, config: DomainConfig, *, paused: bool) -> Domain:
+        inst = await self._launch(config, paused=paused, incoming=False)
+        return await self._domain(inst)
+
+    async def destroy(self, name: str) -> None:
+        inst = self._instance(name)
+        await self._stop_instance(inst)
+        shutil.rmtree(inst.folder, ignore_errors=True)
+
+    async def _stop_instance(self, inst: _Instance) -> None:
+        pid = inst.pid()
+        with contextlib.suppress(Exception):
+            await inst.qmp.execute("quit", timeout=QUIT_TIMEOUT)
+        await inst.qmp.close()
+        if pid is not None:
+            await self._reap(pid)
+        del self._instances[inst.config.name]
+
+    async def _reap(self, pid: int) -> None:
+        for _ in range(int(QUIT_TIMEOUT / 0.05)):
+            if not _alive(pid):
+                return
+            await asyncio.sleep(0.05)
+        log.warning("QEMU pid %d ignored quit; killing it", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        while _alive(pid):
+            await asyncio.sleep(0.05)
+
+    async def pause(self, name: str) -> Domain:
+        inst = self._instance(name)
+        await inst.qmp.execute("stop")
+        return await self._domain(inst)
+
+    async def unpause(self, name: str) -> Domain:
+        inst = self._instance(name)
+        await inst.qmp.execute("cont")
+        return await self._domain(inst)
+
+    def block_ops(self, name: str) -> QmpBlockOps:
+        inst = self._instance(name)
+
+        def moved(vdev: str, target: str, fmt: str) -> None:
+            disks = [replace(d, target=target, format=fmt) if d.vdev == vdev else d for d in inst.config.disks]
+            inst.config = inst.config.with_disks(disks)
+            self._save(inst)
+
+        return QmpBlockOps(inst.qmp, moved)
+
+    # ------------------------------------------------------------- snapshots
+
+    async def checkpoint(
+        self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress
+    ) -> CheckpointResult:
+        inst = self._instance(domain.name)
+        if domain.state not in (RunState.RUNNING, RunState.PAUSED):
+            raise FailedPrecondition(f"domain {domain.name} is {domain.state}; only a running or paused one "
+                                     "can be snapshotted")
+        block = self.block_ops(domain.name)
+        saved = await qemu_migration.save(
+            inst.qmp, memory, live=live, was_running=domain.state is RunState.RUNNING,
+            in_pause=lambda: in_pause(block), progress=progress,
+        )
+        if domain.state is RunState.PAUSED:
+            await self._repark(inst, memory, progress)
+        downtime = 0.0
+        if saved.stopped_at is not None and saved.resumed_at is not None:
+            downtime = max(saved.resumed_at - saved.stopped_at, 0.0)
+        return CheckpointResult(saved.memory_bytes, downtime)
+
+    async def _repark(self, inst: _Instance, memory: Path, progress: StepProgress) -> None:
+        """Give a paused domain a fresh QEMU loaded from the image just written.
+
+        After a completed save QEMU has handed its disks over (deactivated
+        them) and refuses any further migration; a running domain gets them
+        back with `cont`, but a paused one must stay paused, so it is
+        restarted from its own memory image, which holds exactly its state.
+        """
+        await self._stop_instance(inst)
+        relaunched = await self._launch(inst.config, paused=True, incoming=True, machine=inst.machine,
+                                        domid=inst.domid)
+        await qemu_migration.load(relaunched.qmp, memory, progress=progress)
+
+    async def restore(
+        self, config: DomainConfig, memory: Path, *, facts: Mapping[str, str], paused: bool,
+        progress: StepProgress,
+    ) -> Domain:
+        inst = await self._launch(config, paused=True, incoming=True, machine=facts.get("machine"))
+        try:
+            await qemu_migration.load(inst.qmp, memory, progress=progress)
+            if not paused:
+                await inst.qmp.execute("cont")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.destroy(config.name)
+            raise
+        return await self._domain(inst)
+
+    def facts(self, domain: Domain) -> dict[str, str]:
+        inst = self._instance(domain.name)
+        return {"machine": inst.machine, "accel": self._cfg.accel}

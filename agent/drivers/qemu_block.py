@@ -1,0 +1,51 @@
+"""Disk operations on images a running QEMU holds, through its QMP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from domsnap.agent.drivers.qmp import QmpSession
+from domsnap.agent.errors import InternalError
+
+# Told when a device moved to another image, so the domain's config follows.
+OnMove = Callable[[str, str, str], None]
+
+
+class QmpBlockOps:
+    def __init__(self, qmp: QmpSession, on_move: OnMove) -> None:
+        self._qmp = qmp
+        self._on_move = on_move
+
+    async def internal_snapshot(self, vdev: str, tag: str) -> None:
+        await self._qmp.execute("blockdev-snapshot-internal-sync", {"device": vdev, "name": tag})
+
+    async def delete_internal_snapshot(self, vdev: str, tag: str) -> None:
+        await self._qmp.execute("blockdev-snapshot-delete-internal-sync", {"device": vdev, "name": tag})
+
+    async def external_snapshot(self, vdev: str, overlay: Path, fmt: str) -> None:
+        # mode absolute-paths: QEMU creates the overlay itself with the right
+        # backing file and format, and switches the device onto it atomically.
+        await self._qmp.execute(
+            "blockdev-snapshot-sync",
+            {"device": vdev, "snapshot-file": str(overlay), "format": fmt, "mode": "absolute-paths"},
+        )
+        self._on_move(vdev, str(overlay), fmt)
+
+    async def drop_overlay(self, vdev: str, backing: Path, fmt: str) -> None:
+        job = f"domsnap-commit-{vdev}"
+        async with self._qmp.listen("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR") as events:
+            await self._qmp.execute("block-commit", {"device": vdev, "job-id": job, "auto-dismiss": True})
+            async for event in events:
+                data = event.get("data", {})
+                if data.get("device") != job:
+                    continue
+                if event["event"] == "BLOCK_JOB_READY":
+                    await self._qmp.execute("block-job-complete", {"device": job})
+                elif event["event"] == "BLOCK_JOB_COMPLETED":
+                    if "error" in data:
+                        raise InternalError(f"merging the overlay of {vdev} back failed: {data['error']}")
+                    self._on_move(vdev, str(backing), fmt)
+                    return
+                else:
+                    raise InternalError(f"merging the overlay of {vdev} back failed: {data}")

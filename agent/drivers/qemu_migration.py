@@ -1,0 +1,179 @@
+"""Memory images through QEMU's migration stream, written to and read from a
+file descriptor the agent opened (QEMU never opens a path of ours).
+
+Save: `pause-before-switchover` makes every save stop at `pre-switchover`
+with the guest stopped and its disks still active: the disks are snapshotted
+there, so RAM and disks are one instant, live or not. (After a migration
+*completes* QEMU deactivates the disks, so they cannot be snapshotted then.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from domsnap.agent.drivers.qmp import QmpSession
+from domsnap.agent.errors import AlreadyExists, InternalError, ResourceExhausted
+from domsnap.agent.progress import StepProgress
+
+FDNAME = "domsnap-memory"
+POLL = 0.1
+# QEMU caps migration at 32 MiB/s by default; a memory image should go at disk speed.
+UNLIMITED_BANDWIDTH = 1 << 40
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    memory_bytes: int
+    stopped_at: float | None
+    resumed_at: float | None
+
+
+def _open_new(path: Path) -> int:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError as err:
+        raise AlreadyExists(f"memory image {path} already exists") from err
+
+
+def _raise_failed(info: dict[str, Any], what: str) -> None:
+    desc = str(info.get("error-desc", "no reason given"))
+    if "No space left" in desc:
+        raise ResourceExhausted(f"{what}: the disk is full ({desc})")
+    raise InternalError(f"{what} failed: {desc}")
+
+
+class _Rate:
+    def __init__(self) -> None:
+        self._t0 = time.monotonic()
+
+    def of(self, done: int) -> float:
+        return done / max(time.monotonic() - self._t0, 1e-6)
+
+
+async def save(
+    qmp: QmpSession,
+    memory: Path,
+    *,
+    live: bool,
+    was_running: bool,
+    in_pause: Callable[[], Awaitable[None]],
+    progress: StepProgress,
+) -> SaveResult:
+    """Write the memory image; run `in_pause` at the instant it captures; leave
+    the guest in the run state it had (running again when `was_running`)."""
+    await qmp.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "pause-before-switchover", "state": True},
+    ]})  # fmt: skip
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
+    fd = _open_new(memory)
+    stopped = resumed = None
+    try:
+        async with qmp.listen("STOP", "RESUME") as events:
+            if was_running and not live:
+                await qmp.execute("stop")
+            await qmp.send_fd(FDNAME, fd)
+            await qmp.execute("migrate", {"uri": f"fd:{FDNAME}"})
+            try:
+                await _until_pre_switchover(qmp, fd, live=live, progress=progress)
+                await in_pause()
+                await qmp.execute("migrate-continue", {"state": "pre-switchover"})
+                await _until_completed(qmp)
+            except BaseException:
+                await _cancel(qmp)
+                raise
+            finally:
+                if was_running:
+                    # cont also reactivates the disks QEMU handed over at completion.
+                    await qmp.execute("cont")
+            size = os.fstat(fd).st_size
+            for event in events.clear():
+                if event["event"] == "STOP" and stopped is None:
+                    stopped = _stamp(event)
+                elif event["event"] == "RESUME":
+                    resumed = _stamp(event)
+        await asyncio.to_thread(os.fdatasync, fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            memory.unlink()
+        raise
+    finally:
+        os.close(fd)
+    progress(1.0, size, size, 0.0, "memory image written")
+    return SaveResult(size, stopped, resumed)
+
+
+def _stamp(event: dict[str, Any]) -> float:
+    t = event["timestamp"]
+    return float(t["seconds"]) + float(t["microseconds"]) / 1e6
+
+
+async def _until_pre_switchover(qmp: QmpSession, fd: int, *, live: bool, progress: StepProgress) -> None:
+    rate = _Rate()
+    while True:
+        info = await qmp.execute("query-migrate")
+        status = info.get("status")
+        if status == "pre-switchover":
+            return
+        if status in ("failed", "cancelled"):
+            _raise_failed(info, "writing the memory image")
+        ram = info.get("ram", {})
+        total = int(ram.get("total", 0))
+        # The file position is shared with QEMU's copy of the descriptor:
+        # exactly the bytes written so far.
+        written = os.lseek(fd, 0, os.SEEK_CUR)
+        if total:
+            remaining = int(ram.get("remaining", total))
+            fraction = 1 - remaining / total if live else min(written / total, 1.0)
+            progress(min(fraction, 0.99), written, total, rate.of(written), f"memory: {status}")
+        await asyncio.sleep(POLL)
+
+
+async def _until_completed(qmp: QmpSession) -> None:
+    while True:
+        info = await qmp.execute("query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            _raise_failed(info, "writing the memory image")
+        await asyncio.sleep(POLL / 10)
+
+
+async def _cancel(qmp: QmpSession) -> None:
+    with contextlib.suppress(Exception):
+        await qmp.execute("migrate_cancel")
+        for _ in range(100):
+            info = await qmp.execute("query-migrate")
+            if info.get("status") in ("cancelled", "failed", "completed"):
+                return
+            await asyncio.sleep(POLL)
+
+
+async def load(qmp: QmpSession, memory: Path, *, progress: StepProgress) -> None:
+    """Feed a memory image to a QEMU started with `-incoming defer`; it ends paused."""
+    fd = os.open(memory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        total = os.fstat(fd).st_size
+        await qmp.send_fd(FDNAME, fd)
+        await qmp.execute("migrate-incoming", {"uri": f"fd:{FDNAME}"})
+        rate = _Rate()
+        while True:
+            info = await qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                _raise_failed(info, "loading the memory image")
+            done = os.lseek(fd, 0, os.SEEK_CUR)
+            progress(min(done / max(total, 1), 0.99), done, total, rate.of(done), "memory: loading")
+            await asyncio.sleep(POLL)
+        progress(1.0, total, total, 0.0, "memory image loaded")
+    finally:
+        os.close(fd)

@@ -1,0 +1,221 @@
+"""Long operations as jobs: states, progress and an abort path, independent of
+any RPC stream. A client that leaves only stops watching; the job goes on.
+
+One operation per domain at a time; a second is refused at once (Busy). A
+request_id seen before returns the operation it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from time import time
+from typing import Any
+
+from domsnap.agent.errors import Busy, Cancelled, DomsnapError, FailedPrecondition, InternalError, NotFound
+from domsnap.agent.progress import Progress, StepProgress
+
+log = logging.getLogger(__name__)
+
+KEEP_FINISHED = 200
+
+
+class OpKind(StrEnum):
+    CREATE = "create"
+    REVERT = "revert"
+    DELETE = "delete"
+
+
+class OpState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset({OpState.SUCCEEDED, OpState.FAILED, OpState.CANCELLED})
+
+
+@dataclass(frozen=True)
+class Started:
+    operation: Operation
+
+
+@dataclass(frozen=True)
+class Finished:
+    operation: Operation
+
+
+Event = Started | Progress | Finished
+
+
+@dataclass(eq=False)
+class Operation:
+    id: str
+    kind: OpKind
+    domain: str
+    snapshot: str
+    request_id: str
+    state: OpState = OpState.PENDING
+    started_at: float = field(default_factory=time)
+    finished_at: float | None = None
+    progress: Progress = field(default_factory=lambda: Progress("pending"))
+    result: Any = None
+    error: DomsnapError | None = None
+    # Past this point a cancel can no longer roll back.
+    committed: bool = False
+    _watchers: list[asyncio.Queue[Event]] = field(default_factory=list)
+    _cancel: asyncio.Event = field(default_factory=asyncio.Event)
+
+    # --------------------------------------------------------- for the body
+
+    def phase(self, name: str, until: float) -> StepProgress:
+        """Enter a phase that ends at `until` percent; returns its progress sink."""
+        base = self.progress.percent
+        span = max(until - base, 0.0)
+        self._publish(Progress(name, base))
+
+        def report(fraction: float, done: int, total: int, rate: float, message: str) -> None:
+            # Never backwards: a phase may report after a nested one began.
+            pct = max(base + span * min(max(fraction, 0.0), 1.0), self.progress.percent)
+            self._publish(Progress(name, pct, done, total, rate, message))
+
+        return report
+
+    def check_cancel(self) -> None:
+        """Called at step boundaries before the point of no return."""
+        if self._cancel.is_set():
+            raise Cancelled(f"operation {self.id} was cancelled")
+
+    def commit(self) -> None:
+        self.check_cancel()
+        self.committed = True
+
+    # ------------------------------------------------------------- plumbing
+
+    def _publish(self, progress: Progress) -> None:
+        self.progress = progress
+        for q in self._watchers:
+            q.put_nowait(progress)
+
+    def _finish(self, state: OpState) -> None:
+        self.state = state
+        self.finished_at = time()
+        for q in self._watchers:
+            q.put_nowait(Finished(self))
+
+    async def watch(self) -> AsyncIterator[Event]:
+        """Started (as the operation is now), progress from then on, Finished."""
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        yield Started(self)
+        if self.state in FINAL:
+            yield Finished(self)
+            return
+        self._watchers.append(q)
+        try:
+            while True:
+                event = await q.get()
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            self._watchers.remove(q)
+
+
+Body = Callable[[Operation], Awaitable[Any]]
+
+
+class Operations:
+    def __init__(self) -> None:
+        self._ops: OrderedDict[str, Operation] = OrderedDict()
+        self._by_request: dict[str, Operation] = {}
+        self._busy: dict[str, Operation] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, kind: OpKind, domain: str, snapshot: str, request_id: str, body: Body) -> Operation:
+        if request_id and (seen := self._by_request.get(request_id)) is not None:
+            if (seen.kind, seen.domain) != (kind, domain):
+                raise FailedPrecondition(
+                    f"request_id {request_id!r} was already used for {seen.kind} on domain {seen.domain}"
+                )
+            return seen
+        self.check_idle(domain)
+        op = Operation(uuid.uuid4().hex[:16], kind, domain, snapshot, request_id)
+        self._ops[op.id] = op
+        if request_id:
+            self._by_request[request_id] = op
+        self._busy[domain] = op
+        task = asyncio.get_running_loop().create_task(self._run(op, body), name=f"op-{op.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._forget_old()
+        return op
+
+    def check_idle(self, domain: str) -> None:
+        if (running := self._busy.get(domain)) is not None:
+            raise Busy(
+                f"domain {domain} is busy with operation {running.id} "
+                f"({running.kind} snapshot {running.snapshot or '?'}, {running.progress.phase})"
+            )
+
+    def busy_with(self, domain: str) -> Operation | None:
+        return self._busy.get(domain)
+
+    async def _run(self, op: Operation, body: Body) -> None:
+        op.state = OpState.RUNNING
+        try:
+            op.result = await body(op)
+        except DomsnapError as err:
+            op.error = err
+            log.log(logging.INFO if err.caller_fault else logging.ERROR, "operation %s (%s %s) failed: %s",
+                    op.id, op.kind, op.domain, err.message, exc_info=not err.caller_fault)
+        except Exception as err:
+            log.exception("operation %s (%s %s) crashed", op.id, op.kind, op.domain)
+            op.error = InternalError(f"operation {op.id} failed unexpectedly: {err}")
+            op.error.__cause__ = err
+        finally:
+            self._busy.pop(op.domain, None)
+        if op.error is None:
+            op._publish(Progress("done", 100.0))
+            op._finish(OpState.SUCCEEDED)
+        else:
+            op._finish(OpState.CANCELLED if isinstance(op.error, Cancelled) else OpState.FAILED)
+
+    def get(self, op_id: str) -> Operation:
+        try:
+            return self._ops[op_id]
+        except KeyError:
+            raise NotFound(f"operation {op_id!r} is unknown (finished long ago, or never existed)") from None
+
+    def list(self, domain: str = "") -> list[Operation]:
+        ops = [o for o in self._ops.values() if not domain or o.domain == domain]
+        return sorted(ops, key=lambda o: (o.state in FINAL, -o.started_at))
+
+    def cancel(self, op_id: str) -> Operation:
+        op = self.get(op_id)
+        if op.state in FINAL:
+            raise FailedPrecondition(f"operation {op.id} has already {op.state}")
+        if op.committed:
+            raise FailedPrecondition(f"operation {op.id} is past its point of no return ({op.progress.phase})")
+        op._cancel.set()
+        op.state = OpState.CANCELLING
+        return op
+
+    def _forget_old(self) -> None:
+        finished = [o for o in self._ops.values() if o.state in FINAL]
+        for op in finished[: max(len(finished) - KEEP_FINISHED, 0)]:
+            del self._ops[op.id]
+            if op.request_id:
+                self._by_request.pop(op.request_id, None)
+
+    async def drain(self, timeout: float) -> None:
+        """Let running operations finish (agent shutdown)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)

@@ -1,0 +1,89 @@
+"""The one way the agent starts a process: an argv list, a timeout, always.
+
+No shell is ever involved. A failure raises `CommandError` carrying what ran
+and what it said. The runner is injected into drivers and backends so the
+contract tests can check the exact argv and replay recorded output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from domsnap.agent.errors import CommandError, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    rc: int
+    stdout: str
+    stderr: str
+
+
+class Runner(Protocol):
+    async def __call__(
+        self,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        check: bool = True,
+        on_stderr_line: Callable[[str], None] | None = None,
+    ) -> CommandResult: ...
+
+
+def _check_argv(argv: Sequence[str]) -> None:
+    if not argv or any(not isinstance(a, str) or "\0" in a for a in argv):
+        raise InvalidArgument(f"refusing to run a malformed command: {argv!r}")
+
+
+async def _read_lines(stream: asyncio.StreamReader, sink: list[str], on_line: Callable[[str], None] | None) -> None:
+    # Line by line so tools that report progress on stderr (xl save, qemu-img
+    # convert -p) can be followed while they run.
+    while line := await stream.readline():
+        text = line.decode(errors="replace")
+        sink.append(text)
+        if on_line is not None:
+            on_line(text.rstrip("\r\n"))
+
+
+async def run(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    check: bool = True,
+    on_stderr_line: Callable[[str], None] | None = None,
+) -> CommandResult:
+    """Run `argv` to completion; kill it and raise CommandError after `timeout`."""
+    _check_argv(argv)
+    log.debug("run %s", argv)
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out: list[str] = []
+    err: list[str] = []
+    readers = asyncio.gather(_read_lines(proc.stdout, out, None), _read_lines(proc.stderr, err, on_stderr_line))
+    try:
+        await asyncio.wait_for(asyncio.shield(readers), timeout)
+        rc = await asyncio.wait_for(proc.wait(), timeout)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        readers.cancel()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise CommandError(argv, None, "".join(out), "".join(err)) from exc
+    result = CommandResult(tuple(argv), rc, "".join(out), "".join(err))
+    if check and rc != 0:
+        raise CommandError(argv, rc, result.stdout, result.stderr)
+    return result

@@ -1,0 +1,110 @@
+"""What the agent does, in its own terms (dataclasses in, dataclasses out);
+the gRPC servicer only translates."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from domsnap import __version__
+from domsnap.agent.catalogue import Catalogue, Entry
+from domsnap.agent.config import AgentConfig
+from domsnap.agent.domain import Domain, DomainConfig
+from domsnap.agent.drivers.base import Hypervisor
+from domsnap.agent.errors import NotFound, Unimplemented
+from domsnap.agent.operations import Operation, Operations, OpKind
+from domsnap.agent.snapshot_create import CreateRequest, SnapshotCreate
+from domsnap.agent.snapshot_revert import RevertRequest, SnapshotRevert
+from domsnap.agent.storage import Backends
+
+API_VERSION = "domsnap.v1"
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    agent_version: str
+    driver: str
+    hypervisor_version: str
+    hostname: str
+    snapshot_root: Path
+    capabilities: list[str]
+    api_version: str = API_VERSION
+
+
+class AgentService:
+    def __init__(self, config: AgentConfig, driver: Hypervisor, backends: Backends) -> None:
+        self.config = config
+        self.driver = driver
+        self.operations = Operations()
+        self.catalogue = Catalogue(config.state_dir)
+        self._create = SnapshotCreate(driver, backends, self.catalogue, config.snapshot_root)
+        self._revert = SnapshotRevert(driver, backends, self.catalogue)
+
+    async def info(self) -> AgentInfo:
+        return AgentInfo(__version__, self.driver.name, await self.driver.probe(), socket.gethostname(),
+                         self.config.snapshot_root, self.driver.capabilities())
+
+    # --------------------------------------------------------------- domains
+
+    async def list_domains(self) -> list[Domain]:
+        return await self.driver.list_domains()
+
+    async def get_domain(self, ref: str) -> Domain:
+        return await self.driver.lookup(ref)
+
+    async def create_domain(self, text: str, overrides: tuple[str, ...], *, paused: bool) -> Domain:
+        config = DomainConfig.parse(text, overrides)
+        self.operations.check_idle(config.name)
+        return await self.driver.create(config, paused=paused)
+
+    async def destroy_domain(self, ref: str) -> Domain:
+        domain = await self.driver.lookup(ref)
+        self.operations.check_idle(domain.name)
+        await self.driver.destroy(domain.name)
+        return domain
+
+    async def pause_domain(self, ref: str) -> Domain:
+        domain = await self.driver.lookup(ref)
+        self.operations.check_idle(domain.name)
+        return await self.driver.pause(domain.name)
+
+    async def unpause_domain(self, ref: str) -> Domain:
+        domain = await self.driver.lookup(ref)
+        self.operations.check_idle(domain.name)
+        return await self.driver.unpause(domain.name)
+
+    # ------------------------------------------------------------- snapshots
+
+    async def create_snapshot(self, req: CreateRequest, request_id: str) -> Operation:
+        domain = await self.driver.lookup(req.domain)
+        req = CreateRequest(**{**req.__dict__, "domain": domain.name})
+        return self.operations.start(OpKind.CREATE, domain.name, req.name, request_id,
+                                     lambda op: self._create.run(op, req))
+
+    async def revert_snapshot(self, req: RevertRequest, request_id: str) -> Operation:
+        name = await self._domain_name(req.domain)
+        req = RevertRequest(name, req.snapshot, req.run_after, req.force)
+        return self.operations.start(OpKind.REVERT, name, req.snapshot, request_id,
+                                     lambda op: self._revert.run(op, req))
+
+    async def _domain_name(self, ref: str) -> str:
+        """A running domain's name, or a name the catalogue knows (a gone domain can be reverted)."""
+        try:
+            return (await self.driver.lookup(ref)).name
+        except NotFound:
+            if ref in self.catalogue.domains():
+                return ref
+            raise
+
+    def list_snapshots(self, domain: str) -> list[Entry]:
+        domains = [domain] if domain else self.catalogue.domains()
+        return [e for d in domains for e in self.catalogue.entries(d)]
+
+    async def get_snapshot(self, domain: str, ref: str) -> Entry:
+        name = await self._domain_name(domain)
+        path, m = self.catalogue.resolve(name, ref)
+        return Entry(path, m, self.catalogue.current(name) == m.name)
+
+    async def delete_snapshot(self, domain: str, ref: str, request_id: str) -> Operation:
+        raise Unimplemented("snapshot-delete is not implemented by this agent yet")

@@ -1,0 +1,190 @@
+"""snapshot-create: validate everything, then memory and every disk at one
+instant, then the manifest, last. Any failure before the manifest is written
+rolls back whatever was made: the snapshot is complete or absent."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from domsnap import __version__
+from domsnap.agent import manifest, xlcfg
+from domsnap.agent.catalogue import Catalogue, Entry
+from domsnap.agent.domain import Domain, RunState
+from domsnap.agent.drivers.base import Hypervisor
+from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from domsnap.agent.manifest import Manifest
+from domsnap.agent.names import check_name, default_snapshot_name
+from domsnap.agent.operations import Operation
+from domsnap.agent.storage import Backends
+from domsnap.agent.storage.base import BlockOps, DiskRecord, Method
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    domain: str
+    name: str
+    live: bool
+    method: Method | None
+    path: str
+    description: str
+    # Per-disk choices from a snapshot cfgfile: vdev -> (method, external file or "").
+    disk_choices: Mapping[str, tuple[Method, str]]
+    memory_path: str
+
+
+def parse_request(
+    domain: str, *, name: str, live: bool, method: Method | None, path: str, description: str,
+    cfg_text: str, overrides: tuple[str, ...],
+) -> CreateRequest:
+    """Merge the request's fields over the snapshot cfgfile (the fields win)."""
+    cfg = xlcfg.parse(cfg_text, overrides, source="<snapshot cfgfile>") if cfg_text or overrides else {}
+    unknown = set(cfg) - {"name", "description", "memory_path", "disks"}
+    if unknown:
+        raise InvalidArgument(f"snapshot cfgfile: unknown setting(s) {', '.join(sorted(unknown))} "
+                              "(known: name, description, memory_path, disks)")
+    name = name or xlcfg.get_str(cfg, "name", "") or default_snapshot_name()
+    choices: dict[str, tuple[Method, str]] = {}
+    for spec in xlcfg.get_list(cfg, "disks", []):
+        # The thread's syntax: '/path/file,format,vdev' is external to that
+        # file, ',,vdev' (empty path) is internal.
+        parts = [p.strip() for p in str(spec).split(",")]
+        if len(parts) != 3 or not parts[2]:
+            raise InvalidArgument(f"snapshot cfgfile: disks entry {spec!r}: expected 'PATH,FORMAT,VDEV' "
+                                  "(empty PATH for an internal snapshot)")
+        file, _fmt, vdev = parts
+        if file and not file.startswith("/"):
+            raise InvalidArgument(f"snapshot cfgfile: disks entry {spec!r}: the path must be absolute")
+        choices[vdev] = (Method.EXTERNAL if file else Method.INTERNAL, file)
+    memory_path = xlcfg.get_str(cfg, "memory_path", "")
+    if memory_path and not memory_path.startswith("/"):
+        raise InvalidArgument(f"snapshot cfgfile: memory_path {memory_path!r} must be absolute")
+    return CreateRequest(
+        domain=domain, name=check_name("snapshot", name), live=live, method=method,
+        path=path, description=description or xlcfg.get_str(cfg, "description", ""),
+        disk_choices=choices, memory_path=memory_path,
+    )
+
+
+@dataclass(frozen=True)
+class _Plan:
+    snapdir: Path
+    memory: Path
+    records: tuple[DiskRecord, ...]
+
+
+class SnapshotCreate:
+    def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue, snapshot_root: Path) -> None:
+        self._driver = driver
+        self._backends = backends
+        self._catalogue = catalogue
+        self._root = snapshot_root
+
+    async def run(self, op: Operation, req: CreateRequest) -> Entry:
+        progress = op.phase("validate", 5)
+        domain = await self._driver.lookup(req.domain)
+        plan = await self._plan(domain, req)
+        progress(1.0, 0, 0, 0.0, f"{len(plan.records)} disk(s), memory {domain.config.memory_mib} MiB")
+        op.check_cancel()
+        created = time.time()
+        plan.snapdir.mkdir(mode=0o700)
+        taken: list[DiskRecord] = []
+        try:
+            mem_progress = op.phase("memory", 85)
+
+            async def in_pause(block: BlockOps) -> None:
+                disk_progress = op.phase("disks", 90)
+                for i, rec in enumerate(plan.records):
+                    await self._backends.for_format(rec.format).take(
+                        rec, block, lambda f, d, t, r, m, i=i: disk_progress((i + f) / len(plan.records), d, t, r, m))
+                    taken.append(rec)
+
+            result = await self._driver.checkpoint(domain, plan.memory, live=req.live, in_pause=in_pause,
+                                                   progress=mem_progress)
+            op.phase("manifest", 99)
+            m = Manifest(
+                name=req.name, domain=domain.name, description=req.description,
+                created_at=created, finished_at=time.time(),
+                state="paused" if domain.state is RunState.PAUSED else "running", live=req.live,
+                domain_config=domain.config.to_text(), disks=plan.records,
+                memory_file=str(plan.memory), memory_bytes=result.memory_bytes,
+                driver=self._driver.name, hypervisor_version=await self._driver.probe(),
+                facts=self._driver.facts(domain), parent=self._catalogue.current(domain.name),
+                downtime=result.downtime, agent_version=__version__,
+            )
+            op.commit()
+            manifest.write(plan.snapdir, m)
+        except BaseException:
+            await self._rollback(domain, plan, taken)
+            raise
+        self._catalogue.register(domain.name, req.name, plan.snapdir)
+        self._catalogue.set_current(domain.name, req.name)
+        return Entry(plan.snapdir, m, current=True)
+
+    async def _plan(self, domain: Domain, req: CreateRequest) -> _Plan:
+        if domain.state not in (RunState.RUNNING, RunState.PAUSED):
+            raise FailedPrecondition(f"domain {domain.name} is {domain.state}: only a running or paused domain "
+                                     "can be snapshotted")
+        if self._catalogue.path_of(domain.name, req.name) is not None:
+            raise AlreadyExists(f"domain {domain.name} already has a snapshot named {req.name!r}")
+        snapdir = Path(req.path) if req.path else self._root / domain.name / req.name
+        if not snapdir.is_absolute():
+            raise InvalidArgument(f"snapshot path {req.path!r} must be absolute")
+        if os.path.lexists(snapdir):
+            raise AlreadyExists(f"snapshot path {snapdir} already exists")
+        if req.path and not snapdir.parent.is_dir():
+            raise NotFound(f"snapshot path {snapdir}: its parent directory does not exist")
+        snapdir.parent.mkdir(parents=True, exist_ok=True)
+        unknown = set(req.disk_choices) - {d.vdev for d in domain.config.disks}
+        if unknown:
+            raise InvalidArgument(f"snapshot cfgfile names disk(s) {', '.join(sorted(unknown))} that domain "
+                                  f"{domain.name} does not have")
+        records = []
+        for disk in domain.config.disks:
+            if disk.access in ("r", "ro"):
+                continue  # nothing a guest can change
+            backend = self._backends.for_format(disk.format)
+            method, file = req.disk_choices.get(disk.vdev, (req.method, ""))
+            rec = await backend.plan(disk, backend.choose(disk, method), snapdir, req.name)
+            if file:
+                if os.path.lexists(file):
+                    raise AlreadyExists(f"disk {disk.vdev}: {file} already exists")
+                rec = replace(rec, file=file)
+            records.append(rec)
+        memory = Path(req.memory_path) if req.memory_path else snapdir / manifest.MEMORY
+        if os.path.lexists(memory):
+            raise AlreadyExists(f"memory image {memory} already exists")
+        self._check_space(domain, snapdir.parent, records)
+        return _Plan(snapdir, memory, tuple(records))
+
+    def _check_space(self, domain: Domain, where: Path, records: list[DiskRecord]) -> None:
+        need = domain.config.memory_mib * MiB + sum(
+            Path(r.image).stat().st_blocks * 512 for r in records if r.backend == "raw")
+        st = os.statvfs(where)
+        free = st.f_bavail * st.f_frsize
+        if need > free:
+            raise ResourceExhausted(f"{where} has {free // MiB} MiB free; this snapshot needs about {need // MiB} MiB")
+
+    async def _rollback(self, domain: Domain, plan: _Plan, taken: list[DiskRecord]) -> None:
+        block = None
+        with contextlib.suppress(Exception):
+            block = self._driver.block_ops(domain.name)
+        for rec in reversed(taken):
+            try:
+                await self._backends.for_format(rec.format).undo(rec, block)
+            except Exception:
+                log.exception("rollback: could not undo the snapshot of disk %s", rec.vdev)
+        with contextlib.suppress(FileNotFoundError):
+            plan.memory.unlink()
+        shutil.rmtree(plan.snapdir, ignore_errors=True)
+

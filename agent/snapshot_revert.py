@@ -1,0 +1,118 @@
+"""snapshot-revert: validate (snapshot complete, files present, risks), then
+destroy the domain, revert every disk, restore memory, and leave the domain
+running or paused."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from domsnap.agent import xlcfg
+from domsnap.agent.catalogue import Catalogue, Entry
+from domsnap.agent.domain import Domain, DomainConfig
+from domsnap.agent.drivers.base import Hypervisor
+from domsnap.agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from domsnap.agent.manifest import Manifest
+from domsnap.agent.operations import Operation
+from domsnap.agent.storage import Backends
+
+
+class RunAfter(StrEnum):
+    SNAPSHOT = "snapshot"
+    RUNNING = "running"
+    PAUSED = "paused"
+
+
+@dataclass(frozen=True)
+class RevertRequest:
+    domain: str
+    # A name or a directory.
+    snapshot: str
+    run_after: RunAfter
+    force: bool
+
+
+def snapshot_ref(snapshot: str, cfg_text: str, overrides: tuple[str, ...]) -> str:
+    """What names the snapshot: the field, or a cfgfile's `name` or `memory_path`."""
+    if snapshot:
+        return snapshot
+    cfg = xlcfg.parse(cfg_text, overrides, source="<snapshot cfgfile>") if cfg_text or overrides else {}
+    if name := xlcfg.get_str(cfg, "name", ""):
+        return name
+    if memory := xlcfg.get_str(cfg, "memory_path", ""):
+        return str(Path(memory).parent)
+    raise InvalidArgument("name the snapshot to revert to: a name, a directory, or a cfgfile with 'name' "
+                          "or 'memory_path'")
+
+
+def _shape(config: DomainConfig) -> dict[str, object]:
+    """What must not differ between the snapshot's domain and today's for a
+    memory image to fit; disk paths move with external snapshots, so only
+    the devices count."""
+    return {
+        "memory": config.memory_mib,
+        "vcpus": config.vcpus,
+        "disks": sorted((d.vdev, d.access) for d in config.disks),
+        "kernel": config.get_str("kernel"),
+    }
+
+
+class SnapshotRevert:
+    def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue) -> None:
+        self._driver = driver
+        self._backends = backends
+        self._catalogue = catalogue
+
+    def risks(self, m: Manifest, snap_config: DomainConfig, domain: Domain | None, version: str) -> list[str]:
+        risks = []
+        if domain is None:
+            risks.append(f"domain {m.domain} no longer exists")
+        elif _shape(domain.config) != _shape(snap_config):
+            changed = [k for k, v in _shape(snap_config).items() if _shape(domain.config)[k] != v]
+            risks.append(f"the domain's configuration changed since the snapshot ({', '.join(changed)})")
+        if m.hypervisor_version != version:
+            risks.append(f"the memory image was made by {m.hypervisor_version}, this host runs {version}")
+        return risks
+
+    async def run(self, op: Operation, req: RevertRequest) -> Entry:
+        progress = op.phase("validate", 5)
+        snapdir, m = self._catalogue.resolve(req.domain, req.snapshot)
+        if m.driver != self._driver.name:
+            raise FailedPrecondition(f"snapshot {m.name} was taken by the {m.driver} driver; this agent runs "
+                                     f"{self._driver.name}")
+        snap_config = DomainConfig.parse(m.domain_config, source=f"{snapdir}/snapshot.json")
+        domain: Domain | None
+        try:
+            domain = await self._driver.lookup(req.domain)
+        except NotFound:
+            domain = None
+        risks = self.risks(m, snap_config, domain, await self._driver.probe())
+        if risks and not req.force:
+            raise FailedPrecondition(f"refusing to revert {m.domain} to {m.name}: " + "; ".join(risks)
+                                     + " (--force reverts anyway)")
+        memory = Path(m.memory_file)
+        if not memory.is_file() or memory.stat().st_size != m.memory_bytes:
+            raise FailedPrecondition(f"snapshot {m.name}: memory image {memory} is missing or truncated")
+        current = domain.config if domain is not None else snap_config
+        for rec in m.disks:
+            await self._backends.for_format(rec.format).check(rec)
+            current.disk(rec.vdev)
+        progress(1.0, 0, 0, 0.0, "snapshot complete" + (f"; forced past: {'; '.join(risks)}" if risks else ""))
+        op.commit()
+
+        op.phase("destroy", 10)
+        if domain is not None:
+            await self._driver.destroy(domain.name)
+        disk_progress = op.phase("disks", 40)
+        disks = {d.vdev: d for d in snap_config.disks}
+        for i, rec in enumerate(m.disks):
+            now = current.disk(rec.vdev) if domain is not None else disks[rec.vdev]
+            disks[rec.vdev] = await self._backends.for_format(rec.format).revert(
+                rec, now, lambda f, d, t, r, msg, i=i: disk_progress((i + f) / len(m.disks), d, t, r, msg))
+        config = snap_config.with_disks([disks[d.vdev] for d in snap_config.disks])
+        paused = req.run_after is RunAfter.PAUSED or (req.run_after is RunAfter.SNAPSHOT and m.state == "paused")
+        restore_progress = op.phase("restore", 98)
+        await self._driver.restore(config, memory, facts=m.facts, paused=paused, progress=restore_progress)
+        self._catalogue.set_current(m.domain, m.name)
+        return Entry(snapdir, m, current=True)

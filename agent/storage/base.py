@@ -1,0 +1,90 @@
+"""Storage backends: one per disk format family, one module each."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Protocol
+
+from domsnap.agent.errors import InvalidArgument
+from domsnap.agent.progress import StepProgress
+from domsnap.agent.xldisk import DiskSpec
+
+
+class Method(StrEnum):
+    INTERNAL = "internal"
+    EXTERNAL = "external"
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    """One disk's part of a snapshot, as the manifest keeps it."""
+
+    vdev: str
+    format: str
+    backend: str
+    method: Method
+    # The image the domain used at the snapshot; frozen from then on when
+    # the method is external.
+    image: str
+    # Internal: the tag in `image`. External: "".
+    tag: str = ""
+    # External qcow2: the overlay the domain went on with. External raw:
+    # the copy that holds the content.
+    file: str = ""
+
+
+class BlockOps(Protocol):
+    """Disk operations on images a running hypervisor holds open.
+
+    The hypervisor owns locks on those images: offline tools would fail or,
+    worse (Xen qdisk), succeed unsafely, so they go through the hypervisor.
+    """
+
+    async def internal_snapshot(self, vdev: str, tag: str) -> None: ...
+
+    async def delete_internal_snapshot(self, vdev: str, tag: str) -> None: ...
+
+    async def external_snapshot(self, vdev: str, overlay: Path, fmt: str) -> None: ...
+
+    async def drop_overlay(self, vdev: str, backing: Path, fmt: str) -> None:
+        """Merge the active overlay of `vdev` back into `backing` and go on there."""
+        ...
+
+
+class DiskBackend(ABC):
+    name: str
+    formats: frozenset[str]
+    methods: frozenset[Method]
+    default_method: Method
+
+    def choose(self, disk: DiskSpec, requested: Method | None) -> Method:
+        method = requested or self.default_method
+        if method not in self.methods:
+            raise InvalidArgument(
+                f"disk {disk.vdev} ({disk.format}) cannot take an {method} snapshot; "
+                f"it supports: {', '.join(sorted(self.methods))}"
+            )
+        return method
+
+    @abstractmethod
+    async def plan(self, disk: DiskSpec, method: Method, snapdir: Path, name: str) -> DiskRecord:
+        """Validate and say what `take` will create; touches nothing."""
+
+    @abstractmethod
+    async def take(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
+        """Snapshot the disk; `block` is None when no hypervisor holds the image."""
+
+    @abstractmethod
+    async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
+        """Remove what `take` made, leaving the disk as it was before it; idempotent."""
+
+    @abstractmethod
+    async def check(self, record: DiskRecord) -> None:
+        """Everything a revert to `record` needs is present; NotFound otherwise."""
+
+    @abstractmethod
+    async def revert(self, record: DiskRecord, current: DiskSpec, progress: StepProgress) -> DiskSpec:
+        """Bring the (offline) disk back to the record's content; returns the disk to use now."""

@@ -1,0 +1,102 @@
+"""qcow2 images: internal snapshots (a tag in the image) and external ones (an
+overlay the domain goes on with; the image below is frozen)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from domsnap.agent import runner
+from domsnap.agent.errors import AlreadyExists, FailedPrecondition, NotFound
+from domsnap.agent.progress import StepProgress
+from domsnap.agent.runner import Runner
+from domsnap.agent.storage import qemu_img
+from domsnap.agent.storage.base import BlockOps, DiskBackend, DiskRecord, Method
+from domsnap.agent.xldisk import DiskSpec
+
+TIMEOUT = 120.0
+
+
+class Qcow2Backend(DiskBackend):
+    name = "qcow2"
+    formats = frozenset({"qcow2"})
+    methods = frozenset({Method.INTERNAL, Method.EXTERNAL})
+    default_method = Method.INTERNAL
+
+    def __init__(self, img: str = "qemu-img", run: Runner = runner.run) -> None:
+        self._img = img
+        self._run = run
+
+    async def tags(self, image: str) -> list[str]:
+        out = await self._run(qemu_img.info(self._img, image), timeout=TIMEOUT)
+        return qemu_img.snapshot_tags(qemu_img.parse_info(out.stdout))
+
+    async def plan(self, disk: DiskSpec, method: Method, snapdir: Path, name: str) -> DiskRecord:
+        if not Path(disk.target).is_file():
+            raise NotFound(f"disk {disk.vdev}: image {disk.target} does not exist")
+        if method is Method.INTERNAL:
+            if name in await self.tags(disk.target):
+                raise AlreadyExists(f"disk {disk.vdev}: {disk.target} already has a snapshot tagged {name!r}")
+            return DiskRecord(disk.vdev, disk.format, self.name, method, disk.target, tag=name)
+        overlay = snapdir / f"{disk.vdev}.qcow2"
+        return DiskRecord(disk.vdev, disk.format, self.name, method, disk.target, file=str(overlay))
+
+    async def take(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
+        if record.method is Method.INTERNAL:
+            if block is not None:
+                await block.internal_snapshot(record.vdev, record.tag)
+            else:
+                await self._run(qemu_img.snapshot_create(self._img, record.image, record.tag), timeout=TIMEOUT)
+        elif block is not None:
+            await block.external_snapshot(record.vdev, Path(record.file), "qcow2")
+        else:
+            await self._run(qemu_img.create_overlay(self._img, record.file, record.image, record.format),
+                            timeout=TIMEOUT)
+        progress(1.0, 0, 0, 0.0, f"{record.vdev}: {record.method} snapshot taken")
+
+    async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
+        if record.method is Method.INTERNAL:
+            if record.tag not in await self.tags(record.image):
+                return
+            if block is not None:
+                await block.delete_internal_snapshot(record.vdev, record.tag)
+            else:
+                await self._run(qemu_img.snapshot_delete(self._img, record.image, record.tag), timeout=TIMEOUT)
+            return
+        overlay = Path(record.file)
+        if block is not None and overlay.exists():
+            await block.drop_overlay(record.vdev, Path(record.image), record.format)
+        overlay.unlink(missing_ok=True)
+
+    async def revert(self, record: DiskRecord, current: DiskSpec, progress: StepProgress) -> DiskSpec:
+        if record.method is Method.INTERNAL:
+            if current.target != record.image:
+                raise FailedPrecondition(
+                    f"disk {record.vdev}: the domain now runs on {current.target}, an overlay over "
+                    f"{record.image}; applying tag {record.tag!r} there would corrupt the snapshots taken since"
+                )
+            if record.tag not in await self.tags(record.image):
+                raise NotFound(f"disk {record.vdev}: {record.image} has no snapshot tagged {record.tag!r}")
+            await self._run(qemu_img.snapshot_apply(self._img, record.image, record.tag), timeout=TIMEOUT)
+            progress(1.0, 0, 0, 0.0, f"{record.vdev}: tag {record.tag} applied")
+            return current
+        # A fresh overlay over the frozen image: the overlays of later
+        # snapshots (which may have this image below them) stay untouched.
+        fresh = _fresh_overlay_path(Path(record.file))
+        await self._run(qemu_img.create_overlay(self._img, fresh, record.image, record.format), timeout=TIMEOUT)
+        progress(1.0, 0, 0, 0.0, f"{record.vdev}: new overlay {fresh.name}")
+        return dataclasses.replace(current, target=str(fresh), format="qcow2")
+
+    async def check(self, record: DiskRecord) -> None:
+        """Everything the revert needs is there."""
+        if not Path(record.image).is_file():
+            raise NotFound(f"disk {record.vdev}: image {record.image} is missing")
+        if record.method is Method.INTERNAL and record.tag not in await self.tags(record.image):
+            raise NotFound(f"disk {record.vdev}: {record.image} has no snapshot tagged {record.tag!r}")
+
+
+def _fresh_overlay_path(first: Path) -> Path:
+    n = 1
+    while (candidate := first.with_name(f"{first.stem}.r{n}{first.suffix}")).exists():
+        n += 1
+    return candidate

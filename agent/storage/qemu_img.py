@@ -1,0 +1,40 @@
+"""Every qemu-img command line the agent runs, and the parsers of their output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def info(binary: str, image: Path | str) -> list[str]:
+    # -U: the image may be held by a running QEMU; reading its header is safe.
+    return [binary, "info", "-U", "--output=json", str(image)]
+
+
+def snapshot_create(binary: str, image: Path | str, tag: str) -> list[str]:
+    return [binary, "snapshot", "-c", tag, str(image)]
+
+
+def snapshot_apply(binary: str, image: Path | str, tag: str) -> list[str]:
+    return [binary, "snapshot", "-a", tag, str(image)]
+
+
+def snapshot_delete(binary: str, image: Path | str, tag: str) -> list[str]:
+    return [binary, "snapshot", "-d", tag, str(image)]
+
+
+def create_overlay(binary: str, overlay: Path | str, backing: Path | str, backing_fmt: str) -> list[str]:
+    return [binary, "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_fmt, str(overlay)]
+
+
+def parse_info(text: str) -> dict[str, Any]:
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("qemu-img info: expected a JSON object")
+    return data
+
+
+def snapshot_tags(info: dict[str, Any]) -> list[str]:
+    """Internal snapshot tags, from `parse_info` (the JSON keeps names with any character intact)."""
+    return [str(s["name"]) for s in info.get("snapshots", [])]

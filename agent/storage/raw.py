@@ -1,0 +1,58 @@
+"""Raw images: no snapshots of their own, so an external snapshot is a copy
+(reflink where the filesystem can) and a revert copies it back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from domsnap.agent.errors import NotFound
+from domsnap.agent.progress import StepProgress
+from domsnap.agent.storage.base import BlockOps, DiskBackend, DiskRecord, Method
+from domsnap.agent.storage.filecopy import copy_image
+from domsnap.agent.xldisk import DiskSpec
+
+
+async def _copy(src: Path, dst: Path, vdev: str, progress: StepProgress) -> None:
+    loop = asyncio.get_running_loop()
+
+    def report(done: int, total: int, rate: float) -> None:
+        loop.call_soon_threadsafe(progress, done / max(total, 1), done, total, rate, f"{vdev}: copying")
+
+    await asyncio.to_thread(copy_image, src, dst, report)
+
+
+class RawBackend(DiskBackend):
+    name = "raw"
+    formats = frozenset({"raw"})
+    methods = frozenset({Method.EXTERNAL})
+    default_method = Method.EXTERNAL
+
+    async def plan(self, disk: DiskSpec, method: Method, snapdir: Path, name: str) -> DiskRecord:
+        if not Path(disk.target).is_file():
+            raise NotFound(f"disk {disk.vdev}: image {disk.target} does not exist (raw files only)")
+        copy = snapdir / f"{disk.vdev}.raw"
+        return DiskRecord(disk.vdev, disk.format, self.name, method, disk.target, file=str(copy))
+
+    async def take(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
+        # The guest is stopped and QEMU has drained its I/O, so the file
+        # (through the page cache) holds exactly what the guest wrote.
+        await _copy(Path(record.image), Path(record.file), record.vdev, progress)
+
+    async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
+        Path(record.file).unlink(missing_ok=True)
+
+    async def check(self, record: DiskRecord) -> None:
+        if not Path(record.file).is_file():
+            raise NotFound(f"disk {record.vdev}: the copy {record.file} is missing")
+
+    async def revert(self, record: DiskRecord, current: DiskSpec, progress: StepProgress) -> DiskSpec:
+        # Copy beside the target, then rename over it: a crash leaves either
+        # the old image or the reverted one, never a half-copied disk.
+        target = Path(current.target)
+        tmp = target.with_name(f".{target.name}.domsnap-revert")
+        tmp.unlink(missing_ok=True)
+        await _copy(Path(record.file), tmp, record.vdev, progress)
+        os.replace(tmp, target)
+        return current

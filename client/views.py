@@ -1,0 +1,233 @@
+"""Text and JSON renderings of the agent's messages.
+
+Pure functions from messages to lines, so the CLI's output can be tested
+without a terminal or an agent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from google.protobuf import json_format, message, timestamp_pb2
+
+from domsnap.v1 import domsnap_pb2 as pb
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+# xl's six state flags: r(unning) b(locked) p(aused) s(hutdown) c(rashed) d(ying).
+_STATE_FLAGS = {
+    pb.DOMAIN_STATE_RUNNING: "r-----",
+    pb.DOMAIN_STATE_PAUSED: "--p---",
+    pb.DOMAIN_STATE_SHUTDOWN: "---s--",
+    pb.DOMAIN_STATE_CRASHED: "----c-",
+}
+
+
+def human_bytes(count: float) -> str:
+    """Binary units, as `ls -h` and xl's memory figures use."""
+    value = float(count)
+    for unit in _UNITS:
+        if abs(value) < 1024 or unit == _UNITS[-1]:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def to_dict(msg: message.Message) -> dict[str, Any]:
+    # Fields at their default are printed too, so scripts see a stable set of
+    # keys (a domid 0 or a false `live` does not vanish).
+    return json_format.MessageToDict(
+        msg,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        unquote_int64_if_possible=True,
+    )
+
+
+def json_text(value: object, *, pretty: bool = True) -> str:
+    if pretty:
+        return json.dumps(value, indent=2, ensure_ascii=False)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def enum_word(name: str, prefix: str) -> str:
+    """`DOMAIN_STATE_RUNNING` -> `running`."""
+    return name.removeprefix(prefix).lower().replace("_", "-")
+
+
+def domain_state_word(state: pb.DomainState.ValueType) -> str:
+    return enum_word(pb.DomainState.Name(state), "DOMAIN_STATE_")
+
+
+def local_time(ts: timestamp_pb2.Timestamp) -> str:
+    if ts.seconds == 0 and ts.nanos == 0:
+        return "-"
+    return ts.ToDatetime().astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]], *, right: frozenset[int] = frozenset()) -> list[str]:
+    """Columns as wide as their widest cell; `right` holds right-aligned columns."""
+    cells = [list(header), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        parts = [
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    return [line(row) for row in cells]
+
+
+# ------------------------------------------------------------- domains ----
+
+
+def domain_table(domains: Iterable[pb.Domain]) -> list[str]:
+    """The columns and widths of `xl list`."""
+    lines = [f"{'Name':<40} {'ID':>5} {'Mem':>5} {'VCPUs':>5}     {'State':<6}  {'Time(s)':>8}"]
+    for d in domains:
+        flags = _STATE_FLAGS.get(d.state, "------")
+        lines.append(f"{d.name:<40} {d.domid:>5} {d.memory_mib:>5} {d.vcpus:>5}     {flags:<6}  {d.cpu_seconds:>8.1f}")
+    return lines
+
+
+def domain_configs(domains: Iterable[pb.Domain]) -> list[str]:
+    lines: list[str] = []
+    for d in domains:
+        lines.append(f"# {d.name} (id {d.domid}, {domain_state_word(d.state)})")
+        lines.extend(d.config.rstrip("\n").splitlines())
+        lines.append("")
+    return lines
+
+
+def key_values(pairs: Sequence[tuple[str, str]], *, width: int = 0) -> list[str]:
+    """`key : value` lines, keys padded like `xl info`."""
+    pad = max([width, *(len(k) for k, _ in pairs)])
+    return [f"{k:<{pad}} : {v}" for k, v in pairs]
+
+
+def agent_info(info: pb.AgentInfo) -> list[str]:
+    return key_values(
+        [
+            ("host", info.hostname),
+            ("agent_version", info.agent_version),
+            ("api_version", info.api_version),
+            ("driver", info.driver),
+            ("hypervisor_version", info.hypervisor_version),
+            ("snapshot_root", info.snapshot_root),
+            ("capabilities", " ".join(info.capabilities)),
+        ],
+        width=22,
+    )
+
+
+# ----------------------------------------------------------- snapshots ----
+
+
+def snapshot_table(snapshots: Iterable[pb.Snapshot]) -> list[str]:
+    rows = [
+        (
+            s.domain,
+            s.name,
+            local_time(s.created_at),
+            domain_state_word(s.state),
+            human_bytes(s.size_bytes),
+            s.parent or "-",
+            "*" if s.current else "",
+        )
+        for s in snapshots
+    ]
+    return table(("Domain", "Name", "Created", "State", "Size", "Parent", "Current"), rows, right=frozenset({4}))
+
+
+def snapshot_tree(snapshots: Iterable[pb.Snapshot]) -> list[str]:
+    """Each domain's snapshots as parent/child trees, children in list order."""
+    by_domain: dict[str, list[pb.Snapshot]] = {}
+    for s in snapshots:
+        by_domain.setdefault(s.domain, []).append(s)
+    lines: list[str] = []
+    for domain, snaps in by_domain.items():
+        names = {s.name for s in snaps}
+        children: dict[str, list[pb.Snapshot]] = {}
+        # A parent that was deleted (or lies outside the listing) makes its
+        # children roots rather than hiding them.
+        roots = [s for s in snaps if not s.parent or s.parent not in names]
+        for s in snaps:
+            if s.parent and s.parent in names:
+                children.setdefault(s.parent, []).append(s)
+        lines.append(domain)
+        _tree_lines(roots, children, "", lines, set())
+    return lines
+
+
+def _tree_lines(
+    level: list[pb.Snapshot],
+    children: Mapping[str, list[pb.Snapshot]],
+    indent: str,
+    out: list[str],
+    seen: set[str],
+) -> None:
+    for i, snap in enumerate(level):
+        last = i == len(level) - 1
+        label = f"{snap.name}  {local_time(snap.created_at)}  {domain_state_word(snap.state)}"
+        out.append(f"{indent}{'└─' if last else '├─'} {label}{'  *' if snap.current else ''}")
+        # A corrupt catalogue could name a cycle; print each snapshot once.
+        if snap.name in seen:
+            continue
+        seen.add(snap.name)
+        _tree_lines(children.get(snap.name, []), children, indent + ("   " if last else "│  "), out, seen)
+
+
+def _method_word(method: pb.SnapshotMethod.ValueType) -> str:
+    return enum_word(pb.SnapshotMethod.Name(method), "SNAPSHOT_METHOD_")
+
+
+def snapshot_details(s: pb.Snapshot) -> list[str]:
+    downtime = f"{s.downtime_seconds * 1000:.0f} ms" if s.downtime_seconds else "-"
+    memory = f"{s.memory.path} ({human_bytes(s.memory.size_bytes)})" if s.memory.path else "-"
+    lines = key_values(
+        [
+            ("Name", s.name),
+            ("Domain", s.domain),
+            ("Path", s.path),
+            ("Description", s.description or "-"),
+            ("Created", local_time(s.created_at)),
+            ("State", domain_state_word(s.state)),
+            ("Live", "yes" if s.live else "no"),
+            ("Parent", s.parent or "-"),
+            ("Current", "yes" if s.current else "no"),
+            ("Size", human_bytes(s.size_bytes)),
+            ("Driver", f"{s.driver} ({s.hypervisor_version})" if s.hypervisor_version else s.driver),
+            ("Guest paused", downtime),
+            ("Memory", memory),
+        ]
+    )
+    lines.append("Disks:")
+    rows = [(d.vdev, d.format, d.backend, _method_word(d.method), d.image, d.tag or d.file or "-") for d in s.disks]
+    lines.extend("  " + line for line in table(("Vdev", "Format", "Backend", "Method", "Image", "Tag/File"), rows))
+    return lines
+
+
+# ---------------------------------------------------------- operations ----
+
+
+def operation_kind_word(kind: pb.OperationKind.ValueType) -> str:
+    return enum_word(pb.OperationKind.Name(kind), "OPERATION_KIND_")
+
+
+def operation_table(operations: Iterable[pb.Operation]) -> list[str]:
+    rows = [
+        (
+            op.id,
+            operation_kind_word(op.kind),
+            op.domain,
+            op.snapshot or "-",
+            enum_word(pb.OperationState.Name(op.state), "OPERATION_STATE_"),
+            f"{op.progress.percent:.0f}% {op.progress.phase}".rstrip(),
+            local_time(op.started_at),
+        )
+        for op in operations
+    ]
+    return table(("ID", "Kind", "Domain", "Snapshot", "State", "Progress", "Started"), rows)

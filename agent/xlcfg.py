@@ -36,6 +36,7 @@ COMMAND_LINE: Final = "<command line>"
 
 # libxlu's lexer: lower case only, and no leading underscore.
 _KEY: Final = re.compile(r"[a-z][a-z0-9_.]*")
+_KEY_RULE: Final = "xl.cfg keys are lower-case letters, digits, '_' and '.', starting with a letter"
 # What libxlu's strtol(..., 0) reads fully; a NUMBER token has no sign and
 # only lower-case hex digits, because that is all the lexer lets through.
 _NUMBER_TOKEN: Final = re.compile(r"0x[0-9a-f]+|0[0-7]*|[1-9][0-9]*")
@@ -235,10 +236,8 @@ class _Lexer:
         if code in ("", "\n"):
             raise self._error(start, "unterminated string")
         if code == "x" or code in "01234567":
-            raise self._error(
-                pos,
-                f"escape '\\{code}' is not supported: xl misreads \\x and octal escapes; write the character itself",
-            )
+            reason = f"escape '\\{code}' is not supported: xl misreads \\x and octal escapes"
+            raise self._error(pos, f"{reason}; write the character itself")
         if code.isprintable():
             raise self._error(pos, f"invalid escape '\\{code}' in a string")
         raise self._error(pos, f"invalid character {code!r} after a backslash in a string")
@@ -318,7 +317,8 @@ class _Parser:
             count += 1
             end = self._lexer.next()
             if end.kind not in _END_OF_STATEMENT:
-                raise self._error(end, f"expected ';' or a new line after the value of {key!r}, found {end.describe()}")
+                reason = f"expected ';' or a new line after the value of {key!r}"
+                raise self._error(end, f"{reason}, found {end.describe()}")
             if end.kind is _Kind.EOF:
                 break
         return count
@@ -345,11 +345,7 @@ class _Parser:
         if token.kind is _Kind.WORD and _KEY.fullmatch(str(token.value)):
             return str(token.value)
         if token.kind is _Kind.WORD:
-            raise self._error(
-                token,
-                f"invalid key {token.value!r}: keys are lower-case letters, digits, "
-                "'_' and '.', starting with a letter",
-            )
+            raise self._error(token, f"invalid key {token.value!r}: {_KEY_RULE}")
         raise self._error(token, f"expected a setting (KEY = VALUE), found {token.describe()}")
 
     def _value(self, token: _Token, operator: _Token) -> Value:
@@ -441,9 +437,7 @@ def dump(cfg: Mapping[str, Scalar | Sequence[Scalar]]) -> str:
 
 def _dump_key(key: str) -> str:
     if not _KEY.fullmatch(key):
-        raise InvalidArgument(
-            f"cannot write key {key!r}: xl.cfg keys are lower-case letters, digits, '_' and '.', starting with a letter"
-        )
+        raise InvalidArgument(f"cannot write key {key!r}: {_KEY_RULE}")
     return key
 
 

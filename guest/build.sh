@@ -105,7 +105,7 @@ resolve_kernel() {
     show=$(apt-cache show --no-all-versions "$META_PKG" 2>/dev/null) || return 1
     dep=$(printf '%s\n' "$show" | sed -n 's/^Depends: //p' | head -n1)
     # The first linux-image-* alternative of the Depends field.
-    dep=$(printf '%s\n' "$dep" | tr ',|' '\n\n' | sed 's/^ *//' | grep -m1 '^linux-image-') || return 1
+    dep=$(printf '%s\n' "$dep" | tr ',|' '\n' | sed 's/^ *//' | grep -m1 '^linux-image-') || return 1
     name=${dep%% *}
     if [[ $dep =~ \(=\ *([^\)]+)\) ]]; then
         ver=${BASH_REMATCH[1]// /}
@@ -253,7 +253,7 @@ SKIPPED_BUILTIN=()
 add_module() { # NAME REQUIRED(0/1)
     local name=$1 required=$2 dep deps
     case ${STATE[$name]:-} in
-    done) return 0 ;;
+    loaded) return 0 ;;
     busy) die "module dependency cycle at $name" ;;
     esac
     if [[ -z ${MODFILE[$name]:-} ]]; then
@@ -264,7 +264,7 @@ add_module() { # NAME REQUIRED(0/1)
         else
             log "note: module $name not in this kernel (skipped)"
         fi
-        STATE[$name]=done
+        STATE[$name]=loaded
         return 0
     fi
     STATE[$name]=busy
@@ -274,7 +274,7 @@ add_module() { # NAME REQUIRED(0/1)
         add_module "${dep//-/_}" 1
     done
     LOAD_ORDER+=("$name")
-    STATE[$name]=done
+    STATE[$name]=loaded
 }
 
 for m in "${WANT_MODULES[@]}"; do

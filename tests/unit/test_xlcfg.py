@@ -273,7 +273,8 @@ def test_dump_refuses_what_xl_cannot_read(cfg: dict[str, object], reason: str) -
 
 
 def test_typed_access() -> None:
-    cfg = parse("name = 'g'\nmemory = 512\nmaxmem = '0x400'\nvcpus = ' -2'\nbad = '12k'\ndisk = ['/a', 3]\nid = 7")
+    text = "name = 'g'\nmemory = 512\nmaxmem = '0x400'\nvcpus = ' -2'\nbad = '12k'\n"
+    cfg = parse(text + "disk = ['/a', 3]\nid = 7")
     assert get_str(cfg, "name") == "g"
     assert get_str(cfg, "id") == "7"
     assert get_str(cfg, "missing", None) is None

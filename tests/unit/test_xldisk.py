@@ -86,11 +86,19 @@ EQUIVALENT = [
     ),
     (
         DiskSpec(target="/dev/vg0/guest-disk", vdev="xvda"),
-        ["phy:/dev/vg0/guest-disk,xvda,w", "file:/dev/vg0/guest-disk,xvda,w", "tap:aio:/dev/vg0/guest-disk,xvda,w"],
+        [
+            "phy:/dev/vg0/guest-disk,xvda,w",
+            "file:/dev/vg0/guest-disk,xvda,w",
+            "tap:aio:/dev/vg0/guest-disk,xvda,w",
+        ],
     ),
     (
         DiskSpec(target="/dev/vg0/guest-disk", vdev="xvda", access="ro"),
-        ["phy:/dev/vg0/guest-disk,xvda,r", "/dev/vg0/guest-disk,,xvda,access=ro", "access=r,/dev/vg0/guest-disk,,xvda"],
+        [
+            "phy:/dev/vg0/guest-disk,xvda,r",
+            "/dev/vg0/guest-disk,,xvda,access=ro",
+            "access=r,/dev/vg0/guest-disk,,xvda",
+        ],
     ),
     (
         # Snapshot cfgfiles: an empty target means an internal disk snapshot.
@@ -276,13 +284,16 @@ vdevs = st.one_of(
 )
 # Values that sit between commas in a keyed spec.
 plain = st.text(st.characters(exclude_characters=",\n\0"), max_size=12)
-extras = st.fixed_dictionaries(
-    {},
-    optional={
-        name: st.sampled_from(sorted(allowed)) if allowed else plain for name, allowed in EXTRA_PARAMETERS.items()
-    }
-    | {"colo-port": st.from_regex(r"[1-9][0-9]{0,4}", fullmatch=True)},
-)
+
+
+def extra_values(name: str) -> st.SearchStrategy[str]:
+    allowed = EXTRA_PARAMETERS[name]
+    if name == "colo-port":
+        return st.from_regex(r"[1-9][0-9]{0,4}", fullmatch=True)
+    return st.sampled_from(sorted(allowed)) if allowed else plain
+
+
+extras = st.fixed_dictionaries({}, optional={name: extra_values(name) for name in EXTRA_PARAMETERS})
 flag_sets = st.sets(st.sampled_from(sorted(FLAGS))).map(
     lambda flags: frozenset(flag for flag in flags if FLAGS[flag] not in flags or flag < str(FLAGS[flag]))
 )

@@ -53,11 +53,14 @@ def timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def method_from_pb(value: int) -> Method | None:
-    return {v: k for k, v in _METHOD.items()}.get(value)
+def method_from_pb(value: pb.SnapshotMethod.ValueType) -> Method | None:
+    for method, wire in _METHOD.items():
+        if wire == value:
+            return method
+    return None
 
 
-def run_after_from_pb(value: int) -> RunAfter:
+def run_after_from_pb(value: pb.RunStateAfterRevert.ValueType) -> RunAfter:
     return _RUN_AFTER.get(value, RunAfter.SNAPSHOT)
 
 

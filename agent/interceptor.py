@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_status import rpc_status
@@ -15,72 +15,82 @@ from domsnap.agent.errors import DomsnapError, InternalError
 
 log = logging.getLogger("domsnap.requests")
 
+Ctx = grpc.aio.ServicerContext[Any, Any]
+Handler = grpc.RpcMethodHandler[Any, Any]
+Unary = Callable[[Any, Ctx], Awaitable[Any]]
+Streaming = Callable[[Any, Ctx], AsyncIterator[Any]]
+
 
 def _to_error(exc: Exception) -> DomsnapError:
     if isinstance(exc, DomsnapError):
         return exc
-    log.exception("unexpected error")
+    log.error("unexpected error", exc_info=exc)
     err = InternalError(f"internal error: {type(exc).__name__}: {exc}")
     err.__cause__ = exc
     return err
 
 
-def _log(method: str, context: grpc.aio.ServicerContext, started: float, code: grpc.StatusCode,
-         message: str = "") -> None:
-    log.info("rpc method=%s peer=%s code=%s ms=%.1f%s", method, context.peer(), code.name,
-             (time.monotonic() - started) * 1000, f" error={message!r}" if message else "")
+class _Call:
+    """One request: its log line and, on failure, its status."""
 
+    def __init__(self, method: str, context: Ctx) -> None:
+        self.method = method
+        self.context = context
+        self.started = time.monotonic()
 
-async def _abort(context: grpc.aio.ServicerContext, err: DomsnapError) -> None:
-    if not err.caller_fault:
-        log.error("%s", err.message, exc_info=err.__cause__ is not None)
-    await context.abort_with_status(rpc_status.to_status(error_status(err)))
+    def ok(self) -> None:
+        self._log(grpc.StatusCode.OK)
+
+    async def fail(self, exc: Exception) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        err = _to_error(exc)
+        self._log(err.code, err.message)
+        if not err.caller_fault:
+            log.error("%s", err.message, exc_info=err.__cause__)
+        await self.context.abort_with_status(rpc_status.to_status(error_status(err)))
+
+    def _log(self, code: grpc.StatusCode, message: str = "") -> None:
+        log.info("rpc method=%s peer=%s code=%s ms=%.1f%s", self.method, self.context.peer(), code.name,
+                 (time.monotonic() - self.started) * 1000, f" error={message!r}" if message else "")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         handler = await continuation(details)
         if handler is None:
-            return handler
+            return None
         method = details.method
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
+            inner = cast(Unary, handler.unary_unary)
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started = time.monotonic()
+            async def unary(request: Any, context: Ctx) -> Any:
+                call = _Call(method, context)
                 try:
                     response = await inner(request, context)
                 except Exception as exc:
-                    if isinstance(exc, grpc.aio.AbortError):
-                        raise
-                    err = _to_error(exc)
-                    _log(method, context, started, err.code, err.message)
-                    await _abort(context, err)
-                _log(method, context, started, grpc.StatusCode.OK)
+                    await call.fail(exc)
+                call.ok()
                 return response
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+            inner_stream = cast(Streaming, handler.unary_stream)
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                started = time.monotonic()
+            async def stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
+                call = _Call(method, context)
                 try:
                     async for item in inner_stream(request, context):
                         yield item
                 except Exception as exc:
-                    if isinstance(exc, grpc.aio.AbortError):
-                        raise
-                    err = _to_error(exc)
-                    _log(method, context, started, err.code, err.message)
-                    await _abort(context, err)
-                _log(method, context, started, grpc.StatusCode.OK)
+                    await call.fail(exc)
+                call.ok()
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=handler.request_deserializer,

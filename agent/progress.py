@@ -25,3 +25,12 @@ StepProgress = Callable[[float, int, int, float, str], None]
 
 def ignore_progress(_fraction: float, _done: int, _total: int, _rate: float, _message: str) -> None:
     """For steps run where nobody is watching (recovery, rollback)."""
+
+
+def share(progress: StepProgress, index: int, count: int) -> StepProgress:
+    """The progress sink of item `index` of `count` equal parts of one step."""
+
+    def report(fraction: float, done: int, total: int, rate: float, message: str) -> None:
+        progress((index + fraction) / count, done, total, rate, message)
+
+    return report

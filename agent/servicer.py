@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -14,7 +15,7 @@ from domsnap.agent.snapshot_revert import RevertRequest, snapshot_ref
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 
-Ctx = grpc.aio.ServicerContext
+Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 async def _stream(op: Operation) -> AsyncIterator[pb.OperationEvent]:

@@ -22,6 +22,7 @@ from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgum
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.names import check_name, default_snapshot_name
 from domsnap.agent.operations import Operation
+from domsnap.agent.progress import share
 from domsnap.agent.storage import Backends
 from domsnap.agent.storage.base import BlockOps, DiskRecord, Method
 
@@ -105,8 +106,8 @@ class SnapshotCreate:
             async def in_pause(block: BlockOps) -> None:
                 disk_progress = op.phase("disks", 90)
                 for i, rec in enumerate(plan.records):
-                    await self._backends.for_format(rec.format).take(
-                        rec, block, lambda f, d, t, r, m, i=i: disk_progress((i + f) / len(plan.records), d, t, r, m))
+                    backend = self._backends.for_format(rec.format)
+                    await backend.take(rec, block, share(disk_progress, i, len(plan.records)))
                     taken.append(rec)
 
             result = await self._driver.checkpoint(domain, plan.memory, live=req.live, in_pause=in_pause,

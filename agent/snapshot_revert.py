@@ -15,6 +15,7 @@ from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Operation
+from domsnap.agent.progress import share
 from domsnap.agent.storage import Backends
 
 
@@ -109,7 +110,7 @@ class SnapshotRevert:
         for i, rec in enumerate(m.disks):
             now = current.disk(rec.vdev) if domain is not None else disks[rec.vdev]
             disks[rec.vdev] = await self._backends.for_format(rec.format).revert(
-                rec, now, lambda f, d, t, r, msg, i=i: disk_progress((i + f) / len(m.disks), d, t, r, msg))
+                rec, now, share(disk_progress, i, len(m.disks)))
         config = snap_config.with_disks([disks[d.vdev] for d in snap_config.disks])
         paused = req.run_after is RunAfter.PAUSED or (req.run_after is RunAfter.SNAPSHOT and m.state == "paused")
         restore_progress = op.phase("restore", 98)

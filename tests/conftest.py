@@ -57,9 +57,11 @@ class Agent:
         return self.base / "domsnapd.log"
 
     def start(self) -> None:
-        argv = [str(BIN / "domsnapd"), "--listen", self.address, "--state-dir", str(self.state_dir),
-                "--snapshot-root", str(self.snapshot_root), "--driver", "qemu", "--config", str(self.base / "none.toml")]
-        (self.base / "none.toml").write_text("")
+        # An empty config file: the host's /etc/domsnap must not leak in.
+        config = self.base / "domsnapd.toml"
+        config.write_text("")
+        argv = [str(BIN / "domsnapd"), "--config", str(config), "--listen", self.address,
+                "--state-dir", str(self.state_dir), "--snapshot-root", str(self.snapshot_root), "--driver", "qemu"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         self.wait_serving()

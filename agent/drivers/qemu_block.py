@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 from domsnap.agent.drivers.qmp import QmpSession
 from domsnap.agent.errors import InternalError
@@ -37,7 +38,7 @@ class QmpBlockOps:
         async with self._qmp.listen("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR") as events:
             await self._qmp.execute("block-commit", {"device": vdev, "job-id": job, "auto-dismiss": True})
             async for event in events:
-                data = event.get("data", {})
+                data = cast(dict[str, Any], event.get("data", {}))
                 if data.get("device") != job:
                     continue
                 if event["event"] == "BLOCK_JOB_READY":

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,7 @@ async def save(
     return SaveResult(size, stopped, resumed)
 
 
-def _stamp(event: dict[str, Any]) -> float:
+def _stamp(event: Mapping[str, Any]) -> float:
     t = event["timestamp"]
     return float(t["seconds"]) + float(t["microseconds"]) / 1e6
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc_status import rpc_status
@@ -15,10 +15,11 @@ from domsnap.agent.errors import DomsnapError, InternalError
 
 log = logging.getLogger("domsnap.requests")
 
-Ctx = grpc.aio.ServicerContext[Any, Any]
-Handler = grpc.RpcMethodHandler[Any, Any]
-Unary = Callable[[Any, Ctx], Awaitable[Any]]
-Streaming = Callable[[Any, Ctx], AsyncIterator[Any]]
+if TYPE_CHECKING:  # the stubs' generics do not exist at run time
+    Ctx = grpc.aio.ServicerContext[Any, Any]
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Unary = Callable[[Any, Ctx], Awaitable[Any]]
+    Streaming = Callable[[Any, Ctx], AsyncIterator[Any]]
 
 
 def _to_error(exc: Exception) -> DomsnapError:
@@ -66,7 +67,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = details.method
         if handler.unary_unary is not None:
-            inner = cast(Unary, handler.unary_unary)
+            inner = cast("Unary", handler.unary_unary)
 
             async def unary(request: Any, context: Ctx) -> Any:
                 call = _Call(method, context)
@@ -81,7 +82,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 unary, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
-            inner_stream = cast(Streaming, handler.unary_stream)
+            inner_stream = cast("Streaming", handler.unary_stream)
 
             async def stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
                 call = _Call(method, context)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -15,7 +15,8 @@ from domsnap.agent.snapshot_revert import RevertRequest, snapshot_ref
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 
-Ctx = grpc.aio.ServicerContext[Any, Any]
+if TYPE_CHECKING:  # the stubs' generics do not exist at run time
+    Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 async def _stream(op: Operation) -> AsyncIterator[pb.OperationEvent]:

@@ -113,13 +113,15 @@ class Operation:
 
     async def watch(self) -> AsyncIterator[Event]:
         """Started (as the operation is now), progress from then on, Finished."""
-        q: asyncio.Queue[Event] = asyncio.Queue()
-        yield Started(self)
         if self.state in FINAL:
+            yield Started(self)
             yield Finished(self)
             return
+        # Registered before the first yield: nothing published meanwhile is lost.
+        q: asyncio.Queue[Event] = asyncio.Queue()
         self._watchers.append(q)
         try:
+            yield Started(self)
             while True:
                 event = await q.get()
                 yield event

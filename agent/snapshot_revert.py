@@ -4,6 +4,8 @@ running or paused."""
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -17,6 +19,9 @@ from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Operation
 from domsnap.agent.progress import share
 from domsnap.agent.storage import Backends
+from domsnap.agent.storage.base import Method
+
+log = logging.getLogger(__name__)
 
 
 class RunAfter(StrEnum):
@@ -59,6 +64,10 @@ def _shape(config: DomainConfig) -> dict[str, object]:
     }
 
 
+def _is_revert_overlay(path: Path, vdev: str) -> bool:
+    return re.fullmatch(rf"{re.escape(vdev)}\.r\d+\.qcow2", path.name) is not None
+
+
 class SnapshotRevert:
     def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue) -> None:
         self._driver = driver
@@ -75,6 +84,27 @@ class SnapshotRevert:
         if m.hypervisor_version != version:
             risks.append(f"the memory image was made by {m.hypervisor_version}, this host runs {version}")
         return risks
+
+    def _discarded(self, domain: str, before: DomainConfig, after: DomainConfig) -> list[Path]:
+        """Overlays the domain ran on before the revert that no snapshot needs.
+
+        Reverting discards the domain's state since its snapshot; an overlay
+        that held it is garbage unless a later snapshot froze it (then it is
+        that snapshot's image) or it is what the domain runs on now.
+        """
+        entries = self._catalogue.entries(domain)
+        frozen = {r.image for e in entries for r in e.manifest.disks}
+        overlays = {r.file for e in entries for r in e.manifest.disks
+                    if r.method is Method.EXTERNAL and r.backend == "qcow2"}
+        snapdirs = {e.path for e in entries}
+        out = []
+        for disk in before.disks:
+            old = Path(disk.target)
+            if disk.target in frozen or disk.target == after.disk(disk.vdev).target:
+                continue
+            if disk.target in overlays or (old.parent in snapdirs and _is_revert_overlay(old, disk.vdev)):
+                out.append(old)
+        return out
 
     async def run(self, op: Operation, req: RevertRequest) -> Entry:
         progress = op.phase("validate", 5)
@@ -115,5 +145,9 @@ class SnapshotRevert:
         paused = req.run_after is RunAfter.PAUSED or (req.run_after is RunAfter.SNAPSHOT and m.state == "paused")
         restore_progress = op.phase("restore", 98)
         await self._driver.restore(config, memory, facts=m.facts, paused=paused, progress=restore_progress)
+        if domain is not None:
+            for orphan in self._discarded(m.domain, domain.config, config):
+                log.info("revert: removing %s, the discarded state's overlay", orphan)
+                orphan.unlink(missing_ok=True)
         self._catalogue.set_current(m.domain, m.name)
         return Entry(snapdir, m, current=True)

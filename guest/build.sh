@@ -79,9 +79,11 @@ busybox_identity() {
 # the kernel metapackage gives the same answer as last time.
 apt_lists_id() {
     local f
-    for f in /var/lib/apt/lists/*_Packages* /etc/apt/sources.list /etc/apt/sources.list.d/*; do
-        [[ -e $f ]] && stat -c '%n %s %Y' "$f"
-    done 2>/dev/null | sha256sum | cut -d' ' -f1
+    {
+        for f in /var/lib/apt/lists/*_Packages* /etc/apt/sources.list /etc/apt/sources.list.d/*; do
+            if [[ -e $f ]]; then stat -c '%n %s %Y' "$f" || true; fi
+        done
+    } 2>/dev/null | sha256sum | cut -d' ' -f1
 }
 
 busybox_identity

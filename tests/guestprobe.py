@@ -112,13 +112,19 @@ def read_lines(path: str | os.PathLike[str], offset: int = 0) -> list[str]:
     """The complete lines of the log from byte ``offset`` on, without line ends.
 
     A trailing partial line (still being written) is left out; a missing file
-    reads as no lines.
+    reads as no lines.  An ``offset`` inside a line (taken while the guest
+    was writing it) counts from the start of that line.
     """
     try:
         with open(path, "rb") as f:
-            if offset:
-                f.seek(offset)
-            data = f.read()
+            if offset > 0:
+                back = max(0, offset - 256)
+                f.seek(back)
+                data = f.read()
+                cut = data.rfind(b"\n", 0, offset - back)
+                data = data[cut + 1 :] if cut >= 0 or back == 0 else data[offset - back :]
+            else:
+                data = f.read()
     except FileNotFoundError:
         return []
     end = data.rfind(b"\n")

@@ -13,6 +13,7 @@ from domsnap.agent.errors import InvalidArgument
 DEFAULT_CONFIG_FILE = Path("/etc/domsnap/domsnapd.toml")
 DEFAULT_SOCKET = "unix:/run/domsnap/domsnapd.sock"
 DRIVERS = ("auto", "xen", "qemu")
+LIVE_MODES = ("background", "precopy")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class QemuConfig:
     # Resolved from the `pc` alias at domain creation when empty, and pinned
     # per domain so a memory image always loads into the same machine.
     machine: str = ""
+    # How --live writes memory: "background" (QEMU's background-snapshot:
+    # the state at the start, a pause of the device state only) or "precopy"
+    # (pre-copy to pre-switchover: the state at the end).
+    live_mode: str = "background"
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,8 @@ def load(path: Path | None, **overrides: Any) -> AgentConfig:
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if config.driver not in DRIVERS:
         raise InvalidArgument(f"driver {config.driver!r}: expected one of {', '.join(DRIVERS)}")
+    if config.qemu.live_mode not in LIVE_MODES:
+        raise InvalidArgument(f"[qemu] live_mode {config.qemu.live_mode!r}: expected one of {', '.join(LIVE_MODES)}")
     for addr in config.listen:
         parse_listen(addr)
     return config

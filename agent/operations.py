@@ -11,7 +11,7 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from time import time
@@ -88,6 +88,24 @@ class Operation:
             self._publish(Progress(name, pct, done, total, rate, message))
 
         return report
+
+    def parts(self, until: float, weights: Mapping[str, float]) -> dict[str, StepProgress]:
+        """Phases that interleave (memory and disks, in an order that depends
+        on the mode) share the range up to `until` by weight, e.g. bytes."""
+        base = self.progress.percent
+        span = max(until - base, 0.0)
+        total = sum(weights.values()) or 1.0
+        done = dict.fromkeys(weights, 0.0)
+
+        def sink(name: str) -> StepProgress:
+            def report(fraction: float, bytes_done: int, bytes_total: int, rate: float, message: str) -> None:
+                done[name] = min(max(fraction, 0.0), 1.0)
+                pct = base + span * sum(weights[k] * done[k] for k in weights) / total
+                self._publish(Progress(name, max(pct, self.progress.percent), bytes_done, bytes_total, rate, message))
+
+            return report
+
+        return {name: sink(name) for name in weights}
 
     def check_cancel(self) -> None:
         """Called at step boundaries before the point of no return."""

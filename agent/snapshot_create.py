@@ -101,10 +101,12 @@ class SnapshotCreate:
         plan.snapdir.mkdir(mode=0o700)
         taken: list[DiskRecord] = []
         try:
-            mem_progress = op.phase("memory", 85)
+            copies = sum(Path(r.image).stat().st_size for r in plan.records if r.backend == "raw")
+            sinks = op.parts(95, {"memory": domain.config.memory_mib * MiB, "disks": copies + MiB})
+            mem_progress, disk_progress = sinks["memory"], sinks["disks"]
 
             async def in_pause(block: BlockOps) -> None:
-                disk_progress = op.phase("disks", 90)
+                disk_progress(0.0, 0, 0, 0.0, "guest paused")
                 for i, rec in enumerate(plan.records):
                     backend = self._backends.for_format(rec.format)
                     await backend.take(rec, block, share(disk_progress, i, len(plan.records)))

@@ -127,8 +127,7 @@ class SnapshotRevert:
             raise FailedPrecondition(f"snapshot {m.name}: memory image {memory} is missing or truncated")
         current = domain.config if domain is not None else snap_config
         for rec in m.disks:
-            await self._backends.for_format(rec.format).check(rec)
-            current.disk(rec.vdev)
+            await self._backends.for_format(rec.format).check(rec, current.disk(rec.vdev))
         progress(1.0, 0, 0, 0.0, "snapshot complete" + (f"; forced past: {'; '.join(risks)}" if risks else ""))
         op.commit()
 
@@ -138,9 +137,8 @@ class SnapshotRevert:
         disk_progress = op.phase("disks", 40)
         disks = {d.vdev: d for d in snap_config.disks}
         for i, rec in enumerate(m.disks):
-            now = current.disk(rec.vdev) if domain is not None else disks[rec.vdev]
             disks[rec.vdev] = await self._backends.for_format(rec.format).revert(
-                rec, now, share(disk_progress, i, len(m.disks)))
+                rec, current.disk(rec.vdev), share(disk_progress, i, len(m.disks)))
         config = snap_config.with_disks([disks[d.vdev] for d in snap_config.disks])
         paused = req.run_after is RunAfter.PAUSED or (req.run_after is RunAfter.SNAPSHOT and m.state == "paused")
         restore_progress = op.phase("restore", 98)

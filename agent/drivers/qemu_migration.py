@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,16 @@ class _Rate:
         return done / max(time.monotonic() - self._t0, 1e-6)
 
 
+class LiveMode(StrEnum):
+    # Pre-copy while the guest runs, stopping at pre-switchover: the image
+    # holds the state at the end; the pause grows with the dirty rate.
+    PRECOPY = "precopy"
+    # QEMU's background-snapshot: stop, disks, then RAM is written
+    # copy-on-write while the guest runs: the image holds the state at the
+    # start; the pause is the device state only, whatever the dirty rate.
+    BACKGROUND = "background"
+
+
 async def save(
     qmp: QmpSession,
     memory: Path,
@@ -65,33 +76,29 @@ async def save(
     was_running: bool,
     in_pause: Callable[[], Awaitable[None]],
     progress: StepProgress,
+    mode: LiveMode = LiveMode.BACKGROUND,
 ) -> SaveResult:
     """Write the memory image; run `in_pause` at the instant it captures; leave
     the guest in the run state it had (running again when `was_running`)."""
+    # A paused guest has nothing to gain from a live save, and background
+    # snapshots resume the guest by themselves (QEMU 7.2): paused ones take
+    # the plain path.
+    background = live and was_running and mode is LiveMode.BACKGROUND
     await qmp.execute("migrate-set-capabilities", {"capabilities": [
-        {"capability": "pause-before-switchover", "state": True},
+        {"capability": "pause-before-switchover", "state": not background},
+        {"capability": "background-snapshot", "state": background},
     ]})  # fmt: skip
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
     fd = _open_new(memory)
     stopped = resumed = None
     try:
         async with qmp.listen("STOP", "RESUME") as events:
-            if was_running and not live:
-                await qmp.execute("stop")
             await qmp.send_fd(FDNAME, fd)
-            await qmp.execute("migrate", {"uri": f"fd:{FDNAME}"})
-            try:
-                await _until_pre_switchover(qmp, fd, live=live, progress=progress)
-                await in_pause()
-                await qmp.execute("migrate-continue", {"state": "pre-switchover"})
-                await _until_completed(qmp)
-            except BaseException:
-                await _cancel(qmp)
-                raise
-            finally:
-                if was_running:
-                    # cont also reactivates the disks QEMU handed over at completion.
-                    await qmp.execute("cont")
+            if background:
+                await _save_background(qmp, fd, in_pause, progress)
+            else:
+                await _save_precopy(qmp, fd, live=live and was_running, was_running=was_running,
+                                    in_pause=in_pause, progress=progress)
             size = os.fstat(fd).st_size
             for event in events.clear():
                 if event["event"] == "STOP" and stopped is None:
@@ -109,41 +116,71 @@ async def save(
     return SaveResult(size, stopped, resumed)
 
 
+async def _save_precopy(
+    qmp: QmpSession, fd: int, *, live: bool, was_running: bool, in_pause: Callable[[], Awaitable[None]],
+    progress: StepProgress,
+) -> None:
+    if was_running and not live:
+        await qmp.execute("stop")
+    try:
+        await qmp.execute("migrate", {"uri": f"fd:{FDNAME}"})
+        await _wait(qmp, fd, "pre-switchover", live=live, progress=progress)
+        await in_pause()
+        await qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        await _wait(qmp, fd, "completed", live=live, progress=progress)
+    except BaseException:
+        await _cancel(qmp)
+        raise
+    finally:
+        if was_running:
+            # cont also reactivates the disks QEMU handed over at completion.
+            await qmp.execute("cont")
+
+
+async def _save_background(
+    qmp: QmpSession, fd: int, in_pause: Callable[[], Awaitable[None]], progress: StepProgress
+) -> None:
+    await qmp.execute("stop")
+    try:
+        await in_pause()
+        await qmp.execute("migrate", {"uri": f"fd:{FDNAME}"})
+    except BaseException:
+        await qmp.execute("cont")
+        raise
+    # From here QEMU resumes the guest itself as soon as the device state is
+    # saved; if the stream fails later the guest just keeps running.
+    try:
+        await _wait(qmp, fd, "completed", live=False, progress=progress)
+    except BaseException:
+        await _cancel(qmp)
+        raise
+
+
 def _stamp(event: Mapping[str, Any]) -> float:
     t = event["timestamp"]
     return float(t["seconds"]) + float(t["microseconds"]) / 1e6
 
 
-async def _until_pre_switchover(qmp: QmpSession, fd: int, *, live: bool, progress: StepProgress) -> None:
+async def _wait(qmp: QmpSession, fd: int, until: str, *, live: bool, progress: StepProgress) -> None:
     rate = _Rate()
     while True:
         info = await qmp.execute("query-migrate")
         status = info.get("status")
-        if status == "pre-switchover":
+        if status == until:
             return
-        if status in ("failed", "cancelled"):
+        if status in ("failed", "cancelled") or (status == "completed" and until != "completed"):
             _raise_failed(info, "writing the memory image")
         ram = info.get("ram", {})
         total = int(ram.get("total", 0))
         # The file position is shared with QEMU's copy of the descriptor:
         # exactly the bytes written so far.
         written = os.lseek(fd, 0, os.SEEK_CUR)
-        if total:
+        if total and status == "active":
             remaining = int(ram.get("remaining", total))
             fraction = 1 - remaining / total if live else min(written / total, 1.0)
             progress(min(fraction, 0.99), written, total, rate.of(written), f"memory: {status}")
-        await asyncio.sleep(POLL)
-
-
-async def _until_completed(qmp: QmpSession) -> None:
-    while True:
-        info = await qmp.execute("query-migrate")
-        status = info.get("status")
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled"):
-            _raise_failed(info, "writing the memory image")
-        await asyncio.sleep(POLL / 10)
+        # Fine-grained near the end: the guest may be stopped and waiting.
+        await asyncio.sleep(POLL if status == "active" else POLL / 10)
 
 
 async def _cancel(qmp: QmpSession) -> None:

@@ -82,8 +82,9 @@ class DiskBackend(ABC):
         """Remove what `take` made, leaving the disk as it was before it; idempotent."""
 
     @abstractmethod
-    async def check(self, record: DiskRecord) -> None:
-        """Everything a revert to `record` needs is present; NotFound otherwise."""
+    async def check(self, record: DiskRecord, current: DiskSpec) -> None:
+        """A revert of `current` to `record` can be done: what it needs is
+        present (NotFound otherwise) and it would harm no other snapshot."""
 
     @abstractmethod
     async def revert(self, record: DiskRecord, current: DiskSpec, progress: StepProgress) -> DiskSpec:

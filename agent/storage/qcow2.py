@@ -70,13 +70,6 @@ class Qcow2Backend(DiskBackend):
 
     async def revert(self, record: DiskRecord, current: DiskSpec, progress: StepProgress) -> DiskSpec:
         if record.method is Method.INTERNAL:
-            if current.target != record.image:
-                raise FailedPrecondition(
-                    f"disk {record.vdev}: the domain now runs on {current.target}, an overlay over "
-                    f"{record.image}; applying tag {record.tag!r} there would corrupt the snapshots taken since"
-                )
-            if record.tag not in await self.tags(record.image):
-                raise NotFound(f"disk {record.vdev}: {record.image} has no snapshot tagged {record.tag!r}")
             await self._run(qemu_img.snapshot_apply(self._img, record.image, record.tag), timeout=TIMEOUT)
             progress(1.0, 0, 0, 0.0, f"{record.vdev}: tag {record.tag} applied")
             return current
@@ -87,13 +80,18 @@ class Qcow2Backend(DiskBackend):
         progress(1.0, 0, 0, 0.0, f"{record.vdev}: new overlay {fresh.name}")
         return dataclasses.replace(current, target=str(fresh), format="qcow2")
 
-    async def check(self, record: DiskRecord) -> None:
-        """Everything the revert needs is there."""
+    async def check(self, record: DiskRecord, current: DiskSpec) -> None:
         if not Path(record.image).is_file():
             raise NotFound(f"disk {record.vdev}: image {record.image} is missing")
-        if record.method is Method.INTERNAL and record.tag not in await self.tags(record.image):
+        if record.method is not Method.INTERNAL:
+            return
+        if current.target != record.image:
+            raise FailedPrecondition(
+                f"disk {record.vdev}: the domain now runs on {current.target}, an overlay over "
+                f"{record.image}; applying tag {record.tag!r} there would corrupt the snapshots taken since"
+            )
+        if record.tag not in await self.tags(record.image):
             raise NotFound(f"disk {record.vdev}: {record.image} has no snapshot tagged {record.tag!r}")
-
 
 def _fresh_overlay_path(first: Path) -> Path:
     n = 1

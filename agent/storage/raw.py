@@ -43,7 +43,7 @@ class RawBackend(DiskBackend):
     async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
         Path(record.file).unlink(missing_ok=True)
 
-    async def check(self, record: DiskRecord) -> None:
+    async def check(self, record: DiskRecord, current: DiskSpec) -> None:
         if not Path(record.file).is_file():
             raise NotFound(f"disk {record.vdev}: the copy {record.file} is missing")
 

@@ -3,6 +3,7 @@ and real QEMU guests (TCG) built from Debian packages by guest/build.sh."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import pytest
 
 from domsnap.v1 import domsnap_pb2 as pb
 from tests import guestprobe
-from tests.harness import Agent, guest_config, make_disk
+from tests.harness import Agent, guest_config, kvm_boots, make_disk
 
 __all__ = ["Agent", "BootGuest", "Guest"]
 
@@ -60,10 +61,19 @@ def guest_image() -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
-def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+def accel(guest_image: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> str:
+    """TCG unless a short test boot under KVM succeeds (DOMSNAP_TEST_ACCEL overrides)."""
+    forced = os.environ.get("DOMSNAP_TEST_ACCEL")
+    if forced:
+        return forced
+    return "kvm" if kvm_boots(*guest_image, tmp_path_factory.mktemp("kvm")) else "tcg"
+
+
+@pytest.fixture(scope="session")
+def agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator[Agent]:
     # Short base path: unix socket paths are limited to 108 bytes.
     base = tmp_path_factory.mktemp("agent")
-    a = Agent(base)
+    a = Agent(base, config_toml=f'[qemu]\naccel = "{accel}"\n')
     a.start()
     yield a
     stub = a.stub()

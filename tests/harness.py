@@ -119,3 +119,29 @@ def guest_config(name: str, kernel: Path, ramdisk: Path, disks: dict[str, tuple[
         f"disk = [ {specs} ]\n"
         f'serial = "file:{serial}"\n'
     )
+
+
+def kvm_boots(kernel: Path, ramdisk: Path, workdir: Path, timeout: float = 8.0) -> bool:
+    """Whether the test guest reaches READY under KVM within `timeout`.
+
+    /dev/kvm can exist where KVM guests stall and die (a nested module that
+    cannot run them); only a real boot tells.
+    """
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    serial = workdir / "kvm-probe.log"
+    proc = subprocess.Popen(
+        ["qemu-system-x86_64", "-accel", "kvm", "-machine", "pc", "-m", "128", "-nodefaults", "-display", "none",
+         "-kernel", str(kernel), "-initrd", str(ramdisk), "-append", "console=ttyS0 quiet panic=-1",
+         "-serial", f"file:{serial}", "-no-reboot"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if serial.exists() and b"READY" in serial.read_bytes():
+                return True
+            time.sleep(0.1)
+        return False
+    finally:
+        proc.kill()
+        proc.wait()

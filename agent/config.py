@@ -33,6 +33,13 @@ class QemuConfig:
 
 
 @dataclass(frozen=True)
+class TestingConfig:
+    # Lets DOMSNAP_KILL_AT make the agent SIGKILL itself at a journal step;
+    # never set outside tests.
+    fault_injection: bool = False
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     listen: tuple[str, ...] = (DEFAULT_SOCKET,)
     state_dir: Path = Path("/var/lib/domsnap")
@@ -40,6 +47,7 @@ class AgentConfig:
     driver: str = "auto"
     log_level: str = "info"
     qemu: QemuConfig = field(default_factory=QemuConfig)
+    testing: TestingConfig = field(default_factory=TestingConfig)
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,8 @@ def _section(cls: type[Any], data: dict[str, Any], where: str) -> dict[str, Any]
             raise InvalidArgument(f"{where}: unknown setting {key!r}")
         if key == "qemu":
             out[key] = QemuConfig(**_section(QemuConfig, value, f"{where} [qemu]"))
+        elif key == "testing":
+            out[key] = TestingConfig(**_section(TestingConfig, value, f"{where} [testing]"))
         elif key == "listen":
             out[key] = tuple([value] if isinstance(value, str) else value)
         elif key in ("state_dir", "snapshot_root"):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from domsnap.agent.errors import FailedPrecondition, NotFound
-from domsnap.agent.storage.base import DiskRecord, Method
+from domsnap.agent.storage.base import DiskRecord
 
 MANIFEST = "snapshot.json"
 MEMORY = "memory.save"
@@ -42,7 +42,7 @@ class Manifest:
 
     def to_json(self) -> str:
         data: dict[str, Any] = {"format": FORMAT, "version": VERSION, **asdict(self)}
-        data["disks"] = [asdict(d) for d in self.disks]
+        data["disks"] = [d.to_dict() for d in self.disks]
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -53,7 +53,7 @@ class Manifest:
                 raise ValueError("not a domsnap manifest")
             if (version := data.pop("version")) != VERSION:
                 raise ValueError(f"manifest version {version}, this agent reads {VERSION}")
-            data["disks"] = tuple(DiskRecord(**{**d, "method": Method(d["method"])}) for d in data["disks"])
+            data["disks"] = tuple(DiskRecord.from_dict(d) for d in data["disks"])
             return cls(**data)
         except (ValueError, KeyError, TypeError) as err:
             raise FailedPrecondition(f"{where}: not a valid snapshot manifest ({err})") from err
@@ -67,6 +67,10 @@ def write(directory: Path, manifest: Manifest) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, directory / MANIFEST)
     fsync_dir(directory)
+
+
+def exists(directory: Path) -> bool:
+    return (directory / MANIFEST).is_file()
 
 
 def read(directory: Path) -> Manifest:

@@ -62,6 +62,8 @@ async def serve(config: AgentConfig, driver: Hypervisor | None = None, *, ready:
 
     version = await driver.probe()
     await driver.start()
+    if recovered := await service.recover():
+        log.info("journal: %d interrupted operation(s) dealt with", recovered)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("driver %s ready: %s", driver.name, version)

@@ -3,6 +3,7 @@ the gRPC servicer only translates."""
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,15 @@ from domsnap.agent.config import AgentConfig
 from domsnap.agent.domain import Domain, DomainConfig
 from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import NotFound, Unimplemented
+from domsnap.agent.journal import Journal
 from domsnap.agent.operations import Operation, Operations, OpKind
 from domsnap.agent.snapshot_create import CreateRequest, SnapshotCreate
 from domsnap.agent.snapshot_revert import RevertRequest, SnapshotRevert
 from domsnap.agent.storage import Backends
 
 API_VERSION = "domsnap.v1"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,12 +42,29 @@ class AgentService:
         self.driver = driver
         self.operations = Operations()
         self.catalogue = Catalogue(config.state_dir)
-        self._create = SnapshotCreate(driver, backends, self.catalogue, config.snapshot_root)
-        self._revert = SnapshotRevert(driver, backends, self.catalogue)
+        self.journal = Journal(config.state_dir, fault_injection=config.testing.fault_injection)
+        self._create = SnapshotCreate(driver, backends, self.catalogue, self.journal, config.snapshot_root)
+        self._revert = SnapshotRevert(driver, backends, self.catalogue, self.journal)
 
     async def info(self) -> AgentInfo:
         return AgentInfo(__version__, self.driver.name, await self.driver.probe(), socket.gethostname(),
                          self.config.snapshot_root, self.driver.capabilities())
+
+    async def recover(self) -> int:
+        """Finish or roll back what a dead agent left in the journal; returns how many."""
+        entries = self.journal.pending()
+        for entry in entries:
+            procedure = self._create if entry.kind == "create" else self._revert
+            try:
+                outcome = await procedure.recover(entry)
+            except Exception:
+                log.exception("recovery of %s %s on %s failed; its journal entry is kept", entry.kind,
+                              entry.snapshot, entry.domain)
+                continue
+            self.journal.finish(entry)
+            log.info("recovered %s of snapshot %s on domain %s (operation %s): %s", entry.kind, entry.snapshot,
+                     entry.domain, entry.op_id, outcome)
+        return len(entries)
 
     # --------------------------------------------------------------- domains
 

@@ -19,6 +19,8 @@ from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain, RunState
 from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from domsnap.agent.journal import Entry as JournalEntry
+from domsnap.agent.journal import Journal
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.names import check_name, default_snapshot_name
 from domsnap.agent.operations import Operation
@@ -85,10 +87,12 @@ class _Plan:
 
 
 class SnapshotCreate:
-    def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue, snapshot_root: Path) -> None:
+    def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue, journal: Journal,
+                 snapshot_root: Path) -> None:
         self._driver = driver
         self._backends = backends
         self._catalogue = catalogue
+        self._journal = journal
         self._root = snapshot_root
 
     async def run(self, op: Operation, req: CreateRequest) -> Entry:
@@ -98,9 +102,21 @@ class SnapshotCreate:
         progress(1.0, 0, 0, 0.0, f"{len(plan.records)} disk(s), memory {domain.config.memory_mib} MiB")
         op.check_cancel()
         created = time.time()
-        plan.snapdir.mkdir(mode=0o700)
-        taken: list[DiskRecord] = []
+        journal = JournalEntry(op.id, "create", domain.name, req.name, op.request_id, data={
+            "snapdir": str(plan.snapdir), "memory": str(plan.memory),
+            "records": [r.to_dict() for r in plan.records],
+            "was_running": domain.state is RunState.RUNNING,
+        })
+        self._journal.begin(journal)
+
+        def step(name: str) -> None:
+            if not op.committed:
+                op.check_cancel()
+            self._journal.step(journal, name)
+
         try:
+            step("mkdir")
+            plan.snapdir.mkdir(mode=0o700)
             copies = sum(Path(r.image).stat().st_size for r in plan.records if r.backend == "raw")
             sinks = op.parts(95, {"memory": domain.config.memory_mib * MiB, "disks": copies + MiB})
             mem_progress, disk_progress = sinks["memory"], sinks["disks"]
@@ -108,10 +124,11 @@ class SnapshotCreate:
             async def in_pause(block: BlockOps) -> None:
                 disk_progress(0.0, 0, 0, 0.0, "guest paused")
                 for i, rec in enumerate(plan.records):
+                    step(f"disk:{rec.vdev}")
                     backend = self._backends.for_format(rec.format)
                     await backend.take(rec, block, share(disk_progress, i, len(plan.records)))
-                    taken.append(rec)
 
+            step("checkpoint")
             result = await self._driver.checkpoint(domain, plan.memory, live=req.live, in_pause=in_pause,
                                                    progress=mem_progress)
             op.phase("manifest", 99)
@@ -125,14 +142,59 @@ class SnapshotCreate:
                 facts=self._driver.facts(domain), parent=self._catalogue.current(domain.name),
                 downtime=result.downtime, agent_version=__version__,
             )
+            step("manifest")
             op.commit()
             manifest.write(plan.snapdir, m)
         except BaseException:
-            await self._rollback(domain, plan, taken)
+            await self.rollback(journal)
+            self._journal.finish(journal)
             raise
-        self._catalogue.register(domain.name, req.name, plan.snapdir)
-        self._catalogue.set_current(domain.name, req.name)
+        step("register")
+        self._register(journal)
+        self._journal.finish(journal)
         return Entry(plan.snapdir, m, current=True)
+
+    def _register(self, journal: JournalEntry) -> None:
+        self._catalogue.register(journal.domain, journal.snapshot, Path(journal.data["snapdir"]))
+        self._catalogue.set_current(journal.domain, journal.snapshot)
+
+    async def recover(self, journal: JournalEntry) -> str:
+        """Finish (manifest written) or roll back a create a dead agent left."""
+        if journal.reached("manifest") and manifest.exists(Path(journal.data["snapdir"])):
+            self._register(journal)
+            return "completed"
+        await self.rollback(journal)
+        return "rolled back"
+
+    async def rollback(self, journal: JournalEntry) -> None:
+        """Leave no trace of the create: no tag, overlay, copy, image or
+        directory, and the domain in the run state it had."""
+        data = journal.data
+        try:
+            domain: Domain | None = await self._driver.lookup(journal.domain)
+        except NotFound:
+            domain = None
+        block = None
+        if domain is not None:
+            # A save a dead agent left may still hold the guest stopped.
+            await self._driver.abandon_transfers(domain.name)
+            block = self._driver.block_ops(domain.name)
+        records = [DiskRecord.from_dict(r) for r in data["records"]]
+        for rec in reversed(records):
+            if not journal.reached(f"disk:{rec.vdev}"):
+                continue
+            try:
+                await self._backends.for_format(rec.format).undo(rec, block)
+            except Exception:
+                log.exception("rollback: could not undo the snapshot of disk %s", rec.vdev)
+        if domain is not None and data["was_running"]:
+            now = await self._driver.lookup(domain.name)
+            if now.state is RunState.PAUSED:
+                await self._driver.unpause(domain.name)
+        with contextlib.suppress(FileNotFoundError):
+            Path(data["memory"]).unlink()
+        if journal.reached("mkdir"):
+            shutil.rmtree(data["snapdir"], ignore_errors=True)
 
     async def _plan(self, domain: Domain, req: CreateRequest) -> _Plan:
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):
@@ -177,17 +239,3 @@ class SnapshotCreate:
         free = st.f_bavail * st.f_frsize
         if need > free:
             raise ResourceExhausted(f"{where} has {free // MiB} MiB free; this snapshot needs about {need // MiB} MiB")
-
-    async def _rollback(self, domain: Domain, plan: _Plan, taken: list[DiskRecord]) -> None:
-        block = None
-        with contextlib.suppress(Exception):
-            block = self._driver.block_ops(domain.name)
-        for rec in reversed(taken):
-            try:
-                await self._backends.for_format(rec.format).undo(rec, block)
-            except Exception:
-                log.exception("rollback: could not undo the snapshot of disk %s", rec.vdev)
-        with contextlib.suppress(FileNotFoundError):
-            plan.memory.unlink()
-        shutil.rmtree(plan.snapdir, ignore_errors=True)
-

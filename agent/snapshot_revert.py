@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from domsnap.agent import xlcfg
+from domsnap.agent import manifest, xlcfg
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain, DomainConfig
 from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from domsnap.agent.journal import Entry as JournalEntry
+from domsnap.agent.journal import Journal
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Operation
-from domsnap.agent.progress import share
+from domsnap.agent.progress import StepProgress, ignore_progress, share
 from domsnap.agent.storage import Backends
 from domsnap.agent.storage.base import Method
 
@@ -69,10 +72,11 @@ def _is_revert_overlay(path: Path, vdev: str) -> bool:
 
 
 class SnapshotRevert:
-    def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue) -> None:
+    def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue, journal: Journal) -> None:
         self._driver = driver
         self._backends = backends
         self._catalogue = catalogue
+        self._journal = journal
 
     def risks(self, m: Manifest, snap_config: DomainConfig, domain: Domain | None, version: str) -> list[str]:
         risks = []
@@ -129,23 +133,67 @@ class SnapshotRevert:
         for rec in m.disks:
             await self._backends.for_format(rec.format).check(rec, current.disk(rec.vdev))
         progress(1.0, 0, 0, 0.0, "snapshot complete" + (f"; forced past: {'; '.join(risks)}" if risks else ""))
+        paused = req.run_after is RunAfter.PAUSED or (req.run_after is RunAfter.SNAPSHOT and m.state == "paused")
+        journal = JournalEntry(op.id, "revert", m.domain, m.name, op.request_id, data={
+            "snapdir": str(snapdir), "current_config": current.to_text(), "paused": paused,
+        })
+        self._journal.begin(journal)
+        # The point of no return: from here a failure leaves the journal for
+        # the next agent start to finish the revert.
         op.commit()
+        try:
+            self._journal.step(journal, "destroy")
+            op.phase("destroy", 10)
+            if domain is not None:
+                await self._driver.destroy(domain.name)
+            await self._apply(journal, m, op.phase("disks", 40), lambda: op.phase("restore", 98))
+        except Exception:
+            # Reported to the caller, who decides what next; only an agent
+            # that dies (or is stopped) mid-way leaves the entry to recovery.
+            self._journal.finish(journal)
+            raise
+        return Entry(snapdir, m, current=True)
 
-        op.phase("destroy", 10)
-        if domain is not None:
-            await self._driver.destroy(domain.name)
-        disk_progress = op.phase("disks", 40)
+    async def _apply(self, journal: JournalEntry, m: Manifest, disk_progress: StepProgress,
+                     restore_phase: Callable[[], StepProgress]) -> None:
+        """Everything after the domain is gone: disks, memory, bookkeeping."""
+        snap_config = DomainConfig.parse(m.domain_config, source=f"{journal.data['snapdir']}/snapshot.json")
+        current = DomainConfig.parse(journal.data["current_config"], source="<journal>")
         disks = {d.vdev: d for d in snap_config.disks}
         for i, rec in enumerate(m.disks):
+            self._journal.step(journal, f"disk:{rec.vdev}")
             disks[rec.vdev] = await self._backends.for_format(rec.format).revert(
                 rec, current.disk(rec.vdev), share(disk_progress, i, len(m.disks)))
         config = snap_config.with_disks([disks[d.vdev] for d in snap_config.disks])
-        paused = req.run_after is RunAfter.PAUSED or (req.run_after is RunAfter.SNAPSHOT and m.state == "paused")
-        restore_progress = op.phase("restore", 98)
-        await self._driver.restore(config, memory, facts=m.facts, paused=paused, progress=restore_progress)
+        self._journal.step(journal, "restore")
+        await self._driver.restore(config, Path(m.memory_file), facts=m.facts, paused=journal.data["paused"],
+                                   progress=restore_phase())
+        self._journal.step(journal, "restored")
+        self._finish(journal, current, config)
+
+    def _finish(self, journal: JournalEntry, before: DomainConfig, after: DomainConfig) -> None:
+        self._catalogue.set_current(journal.domain, journal.snapshot)
+        for orphan in self._discarded(journal.domain, before, after):
+            log.info("revert: removing %s, the discarded state's overlay", orphan)
+            orphan.unlink(missing_ok=True)
+        self._journal.finish(journal)
+
+    async def recover(self, journal: JournalEntry) -> str:
+        """Finish a revert a dead agent left past its point of no return."""
+        if not journal.reached("destroy"):
+            return "nothing to do"
+        snapdir = Path(journal.data["snapdir"])
+        m = manifest.read(snapdir)
+        current = DomainConfig.parse(journal.data["current_config"], source="<journal>")
+        try:
+            domain = await self._driver.lookup(journal.domain)
+        except NotFound:
+            domain = None
+        if journal.reached("restored") and domain is not None:
+            self._finish(journal, current, domain.config)
+            return "completed"
         if domain is not None:
-            for orphan in self._discarded(m.domain, domain.config, config):
-                log.info("revert: removing %s, the discarded state's overlay", orphan)
-                orphan.unlink(missing_ok=True)
-        self._catalogue.set_current(m.domain, m.name)
-        return Entry(snapdir, m, current=True)
+            # The old domain half destroyed, or a restore cut short.
+            await self._driver.destroy(domain.name)
+        await self._apply(journal, m, ignore_progress, lambda: ignore_progress)
+        return "completed"

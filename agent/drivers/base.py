@@ -75,6 +75,11 @@ class Hypervisor(ABC):
         leave the domain in the run state it had before."""
 
     @abstractmethod
+    async def abandon_transfers(self, name: str) -> None:
+        """Cancel a memory save a dead agent left running (the guest may be
+        stopped, waiting for it); the guest's run state is then the caller's."""
+
+    @abstractmethod
     def facts(self, domain: Domain) -> dict[str, str]:
         """What a memory image of this domain needs to be restored (e.g. QEMU's machine type)."""
 

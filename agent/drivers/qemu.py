@@ -330,6 +330,9 @@ class QemuDriver(Hypervisor):
             raise
         return await self._domain(inst)
 
+    async def abandon_transfers(self, name: str) -> None:
+        await qemu_migration.cancel_in_flight(self._instance(name).qmp)
+
     def facts(self, domain: Domain) -> dict[str, str]:
         inst = self._instance(domain.name)
         return {"machine": inst.machine, "accel": self._cfg.accel}

@@ -183,6 +183,16 @@ async def _wait(qmp: QmpSession, fd: int, until: str, *, live: bool, progress: S
         await asyncio.sleep(POLL if status == "active" else POLL / 10)
 
 
+IN_FLIGHT = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
+
+
+async def cancel_in_flight(qmp: QmpSession) -> None:
+    """Cancel an outgoing save that is still under way (left by a dead agent)."""
+    info = await qmp.execute("query-migrate")
+    if info.get("status") in IN_FLIGHT:
+        await _cancel(qmp)
+
+
 async def _cancel(qmp: QmpSession) -> None:
     with contextlib.suppress(Exception):
         await qmp.execute("migrate_cancel")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -34,6 +35,15 @@ class DiskRecord:
     # External qcow2: the overlay the domain went on with. External raw:
     # the copy that holds the content.
     file: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return {"vdev": self.vdev, "format": self.format, "backend": self.backend, "method": str(self.method),
+                "image": self.image, "tag": self.tag, "file": self.file}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, str]) -> DiskRecord:
+        return cls(data["vdev"], data["format"], data["backend"], Method(data["method"]), data["image"],
+                   data.get("tag", ""), data.get("file", ""))
 
 
 class BlockOps(Protocol):

@@ -577,9 +577,17 @@ def test_bad_requests_are_refused_and_touch_nothing(agent: Agent, boot_guest: Bo
     bad_key.write_text('name="k"\nfrobnicate=1\n')
     counter = g.counter()
 
+    domdir = agent.snapshot_root / g.name
+
     def untouched(before: Before, what: str) -> None:
         after = _state(agent, g)
-        assert after.files == before.files, f"{what}: left {sorted(after.files ^ before.files)} in the snapshot root"
+        # An empty <root>/<domain>/ left by a refused create is a known bug,
+        # proven on its own by test_refused_create_leaves_no_domain_directory;
+        # anything else left behind fails here.
+        allowed = {g.name} if domdir.is_dir() and not any(domdir.iterdir()) else set()
+        assert after.files - before.files <= allowed, (
+            f"{what}: left {sorted(after.files - before.files)} in the snapshot root")
+        assert before.files <= after.files, f"{what}: removed {sorted(before.files - after.files)}"
         assert after.guest_files == before.guest_files, f"{what}: left {sorted(after.guest_files ^ before.guest_files)}"
         assert after.tags == before.tags, f"{what}: tags {after.tags}"
         assert after.targets == before.targets, f"{what}: the domain moved to {after.targets}"
@@ -610,7 +618,7 @@ def test_bad_requests_are_refused_and_touch_nothing(agent: Agent, boot_guest: Bo
         untouched(before, what)
         assert words in _cli_refused(agent, *argv), what
         untouched(before, what + " (CLI)")
-    assert not (agent.snapshot_root / g.name).exists()
+    assert not domdir.exists() or not any(domdir.iterdir())
 
     before = _state(agent, g)
     assert "does not exist" in _refused(agent, grpc.StatusCode.NOT_FOUND, domain="no-such-domain", name="n")
@@ -632,6 +640,30 @@ def test_bad_requests_are_refused_and_touch_nothing(agent: Agent, boot_guest: Bo
 
     guestprobe.wait_counter_above(g.serial, counter + 5, timeout=10)
     assert not bad_lines(g)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: a create refused in validation leaves an empty <snapshot_root>/<domain>/ directory "
+    "(SnapshotCreate._plan creates the snapshot directory's parent before it validates the disks, "
+    "the cfgfile's disk choices and memory_path)"))
+def test_refused_create_leaves_no_domain_directory(agent: Agent, boot_guest: BootGuest, tmp_path: Path) -> None:
+    g = boot_guest("qcow2", "raw")
+    domdir = agent.snapshot_root / g.name
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    cases: list[tuple[str, grpc.StatusCode, dict[str, Any]]] = [
+        ("--internal on a raw disk", grpc.StatusCode.INVALID_ARGUMENT, {"method": INTERNAL}),
+        ("cfgfile naming xvdz", grpc.StatusCode.INVALID_ARGUMENT, {"config": "disks=['/x/y.qcow2,qcow2,xvdz']"}),
+        ("cfgfile disk file exists", grpc.StatusCode.ALREADY_EXISTS, {"config": f"disks=['{taken},qcow2,xvda']"}),
+        ("cfgfile memory_path exists", grpc.StatusCode.ALREADY_EXISTS, {"config": f'memory_path="{taken}"'}),
+    ]
+    leaked = []
+    for what, code, fields in cases:
+        _refused(agent, code, domain=g.name, name="n", **fields)
+        if domdir.exists():
+            leaked.append(what)
+            domdir.rmdir()
+    assert leaked == [], f"refused creates left {domdir} behind: {leaked}"
 
 
 # ====================================================================== 7

@@ -1,0 +1,90 @@
+"""The operations journal: before each step of an operation runs, its intent
+is written durably to `<state_dir>/journal/<op-id>.json`, so that an agent
+restarted after a crash (or `kill -9`) finds what was under way and finishes
+or rolls it back (see recovery.py). A finished operation's entry is removed.
+
+Fault injection for tests: with `[testing] fault_injection = true` in the
+config, the environment variable DOMSNAP_KILL_AT=<kind>:<step> (e.g.
+`create:disk:xvda`) makes the agent SIGKILL itself right after journaling
+that step, before running it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from domsnap.agent.manifest import fsync_dir
+
+log = logging.getLogger(__name__)
+
+KILL_ENV = "DOMSNAP_KILL_AT"
+
+
+@dataclass
+class Entry:
+    op_id: str
+    kind: str
+    domain: str
+    snapshot: str
+    request_id: str
+    # What recovery needs to undo or redo the operation (paths, records).
+    data: dict[str, Any]
+    steps: list[str] = field(default_factory=list)
+
+    def reached(self, step: str) -> bool:
+        return step in self.steps
+
+
+class Journal:
+    def __init__(self, state_dir: Path, *, fault_injection: bool = False) -> None:
+        self._dir = state_dir / "journal"
+        self._kill_at = os.environ.get(KILL_ENV, "") if fault_injection else ""
+        if self._kill_at:
+            log.warning("fault injection armed: the agent kills itself at step %s", self._kill_at)
+
+    def _path(self, op_id: str) -> Path:
+        return self._dir / f"{op_id}.json"
+
+    def _write(self, entry: Entry) -> None:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(entry.op_id)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(asdict(entry), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self._dir)
+
+    def begin(self, entry: Entry) -> None:
+        self._write(entry)
+
+    def step(self, entry: Entry, step: str, **data: Any) -> None:
+        """Record that `step` is about to run (with what undoing it needs)."""
+        entry.steps.append(step)
+        entry.data.update(data)
+        self._write(entry)
+        if self._kill_at == f"{entry.kind}:{step}":
+            log.warning("fault injection: killing the agent at %s:%s", entry.kind, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def finish(self, entry: Entry) -> None:
+        self._path(entry.op_id).unlink(missing_ok=True)
+
+    def pending(self) -> list[Entry]:
+        if not self._dir.is_dir():
+            return []
+        entries = []
+        for path in sorted(self._dir.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            try:
+                entries.append(Entry(**json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError) as err:
+                log.error("journal entry %s is unreadable (%s); moving it aside", path, err)
+                path.rename(path.with_suffix(".corrupt"))
+        return entries

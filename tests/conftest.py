@@ -87,39 +87,49 @@ class BootGuest(Protocol):
     def __call__(self, *formats: str, memory: int = 128, name: str | None = None, wait: bool = True) -> Guest: ...
 
 
+def start_guest(agent: Agent, image: tuple[Path, Path], folder: Path, *formats: str, memory: int = 128,
+                name: str | None = None, wait: bool = True) -> Guest:
+    """Create a domain with one fresh disk per format (xvda, xvdb, ...) and
+    wait until the guest has checked every disk once."""
+    name = name or f"t{uuid.uuid4().hex[:8]}"
+    folder = folder / name
+    folder.mkdir()
+    disks = {}
+    for i, fmt in enumerate(formats):
+        vdev = "xvd" + "abcdefgh"[i]
+        path = folder / f"{vdev}.{fmt}"
+        make_disk(path, fmt)
+        disks[vdev] = (path, fmt)
+    serial = folder / "serial.log"
+    cfg = folder / "guest.cfg"
+    cfg.write_text(guest_config(name, *image, disks, serial, memory=memory))
+    agent.cli("create", str(cfg), check=True)
+    g = Guest(agent, name, folder, disks, serial)
+    if wait:
+        guestprobe.wait_ready(serial, timeout=60)
+        for vdev in disks:
+            guestprobe.wait_disk_ok(serial, "v" + vdev[2:], timeout=30)
+    return g
+
+
+def destroy_all(agent: Agent, guests: list[Guest]) -> None:
+    stub = agent.stub()
+    for g in guests:
+        try:
+            stub.DestroyDomain(pb.DestroyDomainRequest(domain=g.name), timeout=60)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+
+
 @pytest.fixture
 def boot_guest(agent: Agent, guest_image: tuple[Path, Path], tmp_path: Path) -> Iterator[BootGuest]:
     """Boot a fresh guest with the given disk formats; destroyed afterwards."""
     made: list[Guest] = []
 
     def boot(*formats: str, memory: int = 128, name: str | None = None, wait: bool = True) -> Guest:
-        name = name or f"t{uuid.uuid4().hex[:8]}"
-        folder = tmp_path / name
-        folder.mkdir()
-        disks = {}
-        for i, fmt in enumerate(formats):
-            vdev = "xvd" + "abcdefgh"[i]
-            path = folder / f"{vdev}.{fmt}"
-            make_disk(path, fmt)
-            disks[vdev] = (path, fmt)
-        serial = folder / "serial.log"
-        cfg = folder / "guest.cfg"
-        cfg.write_text(guest_config(name, *guest_image, disks, serial, memory=memory))
-        agent.cli("create", str(cfg), check=True)
-        g = Guest(agent, name, folder, disks, serial)
-        made.append(g)
-        if wait:
-            guestprobe.wait_ready(serial, timeout=60)
-            # One full disk check cycle, so every disk holds a counter.
-            for vdev in disks:
-                guestprobe.wait_disk_ok(serial, "v" + vdev[2:], timeout=30)
-        return g
+        made.append(start_guest(agent, guest_image, tmp_path, *formats, memory=memory, name=name, wait=wait))
+        return made[-1]
 
     yield boot
-    stub = agent.stub()
-    for g in made:
-        try:
-            stub.DestroyDomain(pb.DestroyDomainRequest(domain=g.name), timeout=60)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.NOT_FOUND:
-                raise
+    destroy_all(agent, made)

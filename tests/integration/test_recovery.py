@@ -1,0 +1,131 @@
+"""The agent killed (SIGKILL) at every journaled step of create and revert,
+then restarted: it must roll back or finish, and DESIGN.md's invariants must
+hold on the real guest and on disk."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from domsnap.agent.journal import KILL_ENV
+from domsnap.v1 import domsnap_pb2 as pb
+from tests import guestprobe
+from tests.conftest import Guest, start_guest
+from tests.harness import Agent
+
+pytestmark = [pytest.mark.guest, pytest.mark.slow]
+
+CREATE_STEPS = ["mkdir", "checkpoint", "disk:xvda", "disk:xvdb", "manifest", "register"]
+REVERT_STEPS = ["destroy", "disk:xvda", "disk:xvdb", "restore", "restored"]
+
+
+@pytest.fixture(scope="module")
+def fault_agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator[Agent]:
+    a = Agent(tmp_path_factory.mktemp("fault"),
+              config_toml=f'[qemu]\naccel = "{accel}"\n[testing]\nfault_injection = true\n')
+    a.start()
+    yield a
+    if a.proc is None:
+        a.start()
+    stub = a.stub()
+    for d in stub.ListDomains(pb.ListDomainsRequest(), timeout=30).domains:
+        stub.DestroyDomain(pb.DestroyDomainRequest(domain=d.name), timeout=60)
+    a.stop()
+
+
+def run_until_killed(agent: Agent, step: str, call: pb.CreateSnapshotRequest | pb.RevertSnapshotRequest) -> None:
+    """Arm the kill at `step`, make the call, see the agent die, start it again (recovery runs)."""
+    agent.env[KILL_ENV] = step
+    agent.restart()
+    stub = agent.stub()
+    with pytest.raises(grpc.RpcError):
+        if isinstance(call, pb.CreateSnapshotRequest):
+            list(stub.CreateSnapshot(call, timeout=120))
+        else:
+            list(stub.RevertSnapshot(call, timeout=120))
+    assert agent.proc is not None
+    assert agent.proc.wait(timeout=60) == -9, f"the agent did not die at {step}"
+    agent.proc = None
+    del agent.env[KILL_ENV]
+    agent.start()
+
+
+def tags(image: Path) -> list[str]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(image)], capture_output=True, text=True,
+                         check=True)
+    return [s["name"] for s in json.loads(out.stdout).get("snapshots", [])]
+
+
+def assert_running_and_consistent(g: Guest, since: int) -> None:
+    assert g.domain().state == pb.DOMAIN_STATE_RUNNING
+    start = guestprobe.last_counter(g.serial) or 0
+    guestprobe.wait_counter_above(g.serial, start + 3, timeout=20)
+    guestprobe.wait_disk_ok(g.serial, "vda", timeout=20, offset=since)
+    assert not guestprobe.mismatches(g.serial, since), "the guest saw a disk that does not match its memory"
+
+
+def counter_after_rewind(lines: list[str]) -> int | None:
+    """The first counter printed after the counter went backwards (a revert)."""
+    values = [int(line[2:]) for line in lines if line.startswith("C ")]
+    return next((v for prev, v in itertools.pairwise(values) if v < prev), None)
+
+
+@pytest.mark.parametrize(("live", "method"), [(False, pb.SNAPSHOT_METHOD_DEFAULT), (True, pb.SNAPSHOT_METHOD_EXTERNAL)])
+def test_create_killed_at_every_step(fault_agent: Agent, guest_image: tuple[Path, Path], tmp_path: Path,
+                                     live: bool, method: pb.SnapshotMethod.ValueType) -> None:
+    """xvda is qcow2 (internal by default, or an external overlay), xvdb raw (a copy)."""
+    g = start_guest(fault_agent, guest_image, tmp_path, "qcow2", "raw")
+    root = fault_agent.snapshot_root / g.name
+    xvda = g.disks["xvda"][0]
+    for step in CREATE_STEPS:
+        name = f"k-{step.replace(':', '-')}-{int(live)}"
+        before = g.domain()
+        mark = g.mark()
+        req = pb.CreateSnapshotRequest(domain=g.name, name=name, live=live, method=method,
+                                       request_id=uuid.uuid4().hex)
+        run_until_killed(fault_agent, f"create:{step}", req)
+
+        listed = [s.name for s in fault_agent.stub().ListSnapshots(
+            pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots]
+        after = g.domain()
+        if step == "register":  # the manifest was written: the snapshot is complete and kept
+            assert name in listed
+            snap = fault_agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot=name), timeout=30)
+            assert snap.current and snap.memory.size_bytes > 0
+            assert (root / name / "snapshot.json").is_file()
+        else:  # rolled back: no trace anywhere
+            assert name not in listed, step
+            assert not (root / name).exists(), f"{step}: snapshot directory left behind"
+            assert name not in tags(xvda), f"{step}: qcow2 tag left behind"
+            assert [d.target for d in after.disks] == [d.target for d in before.disks], (
+                f"{step}: the domain did not go back to its own disks")
+        assert not list((fault_agent.state_dir / "journal").glob("*.json")), "journal entry left behind"
+        assert_running_and_consistent(g, mark)
+
+
+def test_revert_killed_at_every_step(fault_agent: Agent, guest_image: tuple[Path, Path], tmp_path: Path) -> None:
+    g = start_guest(fault_agent, guest_image, tmp_path, "qcow2", "raw")
+    c_before = g.counter()
+    g.create_snapshot(name="base")
+    c_after = g.counter()
+    for step in REVERT_STEPS:
+        guestprobe.wait_counter_above(g.serial, c_after + 20, timeout=20)
+        mark = g.mark()
+        run_until_killed(fault_agent, f"revert:{step}", pb.RevertSnapshotRequest(
+            domain=g.name, snapshot="base", request_id=uuid.uuid4().hex))
+        # Past its point of no return a revert is finished by the next agent.
+        d = g.domain()
+        assert d.state == pb.DOMAIN_STATE_RUNNING, step
+        first = guestprobe.wait_for(g.serial, counter_after_rewind, timeout=20, offset=mark,
+                                    what="the counter going back to the snapshot's")
+        assert c_before + 1 <= first <= c_after + 1, f"{step}: the guest went on from {first}"
+        snap = fault_agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot="base"), timeout=30)
+        assert snap.current
+        assert_running_and_consistent(g, mark)

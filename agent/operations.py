@@ -73,6 +73,7 @@ class Operation:
     committed: bool = False
     _watchers: list[asyncio.Queue[Event]] = field(default_factory=list)
     _cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
 
     # --------------------------------------------------------- for the body
 
@@ -173,6 +174,7 @@ class Operations:
             self._by_request[request_id] = op
         self._busy[domain] = op
         task = asyncio.get_running_loop().create_task(self._run(op, body), name=f"op-{op.id}")
+        op._task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._forget_old()
@@ -192,6 +194,10 @@ class Operations:
         op.state = OpState.RUNNING
         try:
             op.result = await body(op)
+        except asyncio.CancelledError:
+            if not op._cancel.is_set():
+                raise  # the agent is shutting down: the journal has the rest
+            op.error = Cancelled(f"operation {op.id} was cancelled and rolled back")
         except DomsnapError as err:
             op.error = err
             log.log(logging.INFO if err.caller_fault else logging.ERROR, "operation %s (%s %s) failed: %s",
@@ -226,6 +232,10 @@ class Operations:
             raise FailedPrecondition(f"operation {op.id} is past its point of no return ({op.progress.phase})")
         op._cancel.set()
         op.state = OpState.CANCELLING
+        # Interrupts whatever the operation awaits (a memory save, a copy);
+        # its rollback runs on the way out.
+        if op._task is not None:
+            op._task.cancel()
         return op
 
     def _forget_old(self) -> None:

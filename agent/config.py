@@ -46,6 +46,9 @@ class AgentConfig:
     snapshot_root: Path = Path("/var/lib/domsnap/snapshots")
     driver: str = "auto"
     log_level: str = "info"
+    # Longest backing chain an external snapshot may make (each external
+    # snapshot adds one image that every read may go through).
+    max_chain_depth: int = 32
     qemu: QemuConfig = field(default_factory=QemuConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
 

@@ -42,7 +42,7 @@ async def serve(config: AgentConfig, driver: Hypervisor | None = None, *, ready:
     driver = driver or make_driver(config)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     config.snapshot_root.mkdir(parents=True, exist_ok=True)
-    service = AgentService(config, driver, Backends(qemu_img=config.qemu.img))
+    service = AgentService(config, driver, Backends(qemu_img=config.qemu.img, max_chain=config.max_chain_depth))
 
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     domsnap_pb2_grpc.add_SnapshotAgentServicer_to_server(SnapshotAgentServicer(service), server)

@@ -7,22 +7,29 @@ import logging
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from domsnap import __version__
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.config import AgentConfig
 from domsnap.agent.domain import Domain, DomainConfig
 from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import NotFound, Unimplemented
+from domsnap.agent.errors import NotFound
+from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
 from domsnap.agent.operations import Operation, Operations, OpKind
 from domsnap.agent.snapshot_create import CreateRequest, SnapshotCreate
+from domsnap.agent.snapshot_delete import SnapshotDelete
 from domsnap.agent.snapshot_revert import RevertRequest, SnapshotRevert
 from domsnap.agent.storage import Backends
 
 API_VERSION = "domsnap.v1"
 
 log = logging.getLogger(__name__)
+
+
+class _Recoverable(Protocol):
+    async def recover(self, journal: JournalEntry) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,9 @@ class AgentService:
         self.journal = Journal(config.state_dir, fault_injection=config.testing.fault_injection)
         self._create = SnapshotCreate(driver, backends, self.catalogue, self.journal, config.snapshot_root)
         self._revert = SnapshotRevert(driver, backends, self.catalogue, self.journal)
+        self._delete = SnapshotDelete(driver, backends, self.catalogue, self.journal)
+        self._procedures: dict[str, _Recoverable] = {
+            "create": self._create, "revert": self._revert, "delete": self._delete}
 
     async def info(self) -> AgentInfo:
         return AgentInfo(__version__, self.driver.name, await self.driver.probe(), socket.gethostname(),
@@ -54,7 +64,7 @@ class AgentService:
         """Finish or roll back what a dead agent left in the journal; returns how many."""
         entries = self.journal.pending()
         for entry in entries:
-            procedure = self._create if entry.kind == "create" else self._revert
+            procedure = self._procedures[entry.kind]
             try:
                 outcome = await procedure.recover(entry)
             except Exception:
@@ -127,5 +137,7 @@ class AgentService:
         path, m = self.catalogue.resolve(name, ref)
         return Entry(path, m, self.catalogue.current(name) == m.name)
 
-    async def delete_snapshot(self, domain: str, ref: str, request_id: str) -> Operation:
-        raise Unimplemented("snapshot-delete is not implemented by this agent yet")
+    async def delete_snapshot(self, domain: str, ref: str, children: bool, request_id: str) -> Operation:
+        name = await self._domain_name(domain)
+        return self.operations.start(OpKind.DELETE, name, ref, request_id,
+                                     lambda op: self._delete.run(op, name, ref, children))

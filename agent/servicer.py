@@ -78,7 +78,7 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
 
     async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
-        op = await self._s.delete_snapshot(request.domain, request.snapshot, request.request_id)
+        op = await self._s.delete_snapshot(request.domain, request.snapshot, request.children, request.request_id)
         async for ev in _stream(op):
             yield ev
 

@@ -13,9 +13,9 @@ from domsnap.agent.storage.raw import RawBackend
 class Backends:
     """The backend owning each disk format."""
 
-    def __init__(self, *, qemu_img: str = "qemu-img", run: Runner = runner.run) -> None:
+    def __init__(self, *, qemu_img: str = "qemu-img", run: Runner = runner.run, max_chain: int = 32) -> None:
         self._by_format: dict[str, DiskBackend] = {}
-        for backend in (Qcow2Backend(qemu_img, run), RawBackend()):
+        for backend in (Qcow2Backend(qemu_img, run, max_chain), RawBackend()):
             for fmt in backend.formats:
                 self._by_format[fmt] = backend
 

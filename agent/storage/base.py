@@ -91,6 +91,15 @@ class DiskBackend(ABC):
     async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
         """Remove what `take` made, leaving the disk as it was before it; idempotent."""
 
+    async def chain(self, image: str) -> list[str]:
+        """The files `image` reads through (itself first); formats without
+        backing files have only themselves."""
+        return [image]
+
+    async def delete(self, record: DiskRecord, block: BlockOps | None, active: bool) -> None:
+        """Remove what lives inside an image for this record (a tag); files are
+        the caller's. `active`: the image is the running domain's top layer."""
+
     @abstractmethod
     async def check(self, record: DiskRecord, current: DiskSpec) -> None:
         """A revert of `current` to `record` can be done: what it needs is

@@ -23,9 +23,10 @@ class Qcow2Backend(DiskBackend):
     methods = frozenset({Method.INTERNAL, Method.EXTERNAL})
     default_method = Method.INTERNAL
 
-    def __init__(self, img: str = "qemu-img", run: Runner = runner.run) -> None:
+    def __init__(self, img: str = "qemu-img", run: Runner = runner.run, max_chain: int = 32) -> None:
         self._img = img
         self._run = run
+        self._max_chain = max_chain
 
     async def tags(self, image: str) -> list[str]:
         out = await self._run(qemu_img.info(self._img, image), timeout=TIMEOUT)
@@ -38,6 +39,11 @@ class Qcow2Backend(DiskBackend):
             if name in await self.tags(disk.target):
                 raise AlreadyExists(f"disk {disk.vdev}: {disk.target} already has a snapshot tagged {name!r}")
             return DiskRecord(disk.vdev, disk.format, self.name, method, disk.target, tag=name)
+        depth = len(await self.chain(disk.target)) + 1
+        if depth > self._max_chain:
+            raise FailedPrecondition(
+                f"disk {disk.vdev}: an external snapshot would make a backing chain of {depth} images, over the "
+                f"limit of {self._max_chain} (max_chain_depth); delete older snapshots or use --internal")
         overlay = snapdir / f"{disk.vdev}.qcow2"
         return DiskRecord(disk.vdev, disk.format, self.name, method, disk.target, file=str(overlay))
 
@@ -79,6 +85,18 @@ class Qcow2Backend(DiskBackend):
         await self._run(qemu_img.create_overlay(self._img, fresh, record.image, record.format), timeout=TIMEOUT)
         progress(1.0, 0, 0, 0.0, f"{record.vdev}: new overlay {fresh.name}")
         return dataclasses.replace(current, target=str(fresh), format="qcow2")
+
+    async def chain(self, image: str) -> list[str]:
+        out = await self._run(qemu_img.backing_chain(self._img, image), timeout=TIMEOUT)
+        return qemu_img.parse_chain(out.stdout)
+
+    async def delete(self, record: DiskRecord, block: BlockOps | None, active: bool) -> None:
+        if record.method is not Method.INTERNAL or record.tag not in await self.tags(record.image):
+            return
+        if active and block is not None:
+            await block.delete_internal_snapshot(record.vdev, record.tag)
+        else:
+            await self._run(qemu_img.snapshot_delete(self._img, record.image, record.tag), timeout=TIMEOUT)
 
     async def check(self, record: DiskRecord, current: DiskSpec) -> None:
         if not Path(record.image).is_file():

@@ -12,6 +12,18 @@ def info(binary: str, image: Path | str) -> list[str]:
     return [binary, "info", "-U", "--output=json", str(image)]
 
 
+def backing_chain(binary: str, image: Path | str) -> list[str]:
+    return [binary, "info", "-U", "--backing-chain", "--output=json", str(image)]
+
+
+def parse_chain(text: str) -> list[str]:
+    """The files of an image's backing chain, the image first."""
+    data = json.loads(text)
+    if not isinstance(data, list):
+        raise ValueError("qemu-img info --backing-chain: expected a JSON list")
+    return [str(d["filename"]) for d in data]
+
+
 def snapshot_create(binary: str, image: Path | str, tag: str) -> list[str]:
     return [binary, "snapshot", "-c", tag, str(image)]
 

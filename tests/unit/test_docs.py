@@ -19,7 +19,7 @@ import textwrap
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
-from dataclasses import MISSING, Field, fields
+from dataclasses import MISSING, Field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,7 @@ def test_domsnap_page_documents_the_global_options_exit_codes_and_files() -> Non
     sections = _sections(_render("domsnap.1"))
     for option in _option_strings(cli._top_parser()):
         assert _mentions(sections["GLOBAL OPTIONS"], option), f"domsnap.1: global option {option} missing"
-    codes = _entries(sections["EXIT STATUS"])
+    codes = [tag.split()[0] for tag in _entries(sections["EXIT STATUS"])]
     for code in (
         commands.EXIT_OK,
         commands.EXIT_ERROR,
@@ -224,6 +224,8 @@ def test_domsnapd_page_documents_every_flag_and_default() -> None:
 def _toml(value: object) -> str:
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return str(value).lower()
     return f'"{value}"'
 
 
@@ -236,14 +238,19 @@ def _default(f: Field[Any]) -> object:
 
 def test_cfg_page_documents_every_agent_setting_with_its_default() -> None:
     sections = _sections(_render("domsnap.cfg.5"))
-    settings = _entries(sections["AGENT CONFIGURATION FILE"])
-    tables = {"": agent_config.AgentConfig, "qemu": agent_config.QemuConfig}
-    for table, cls in tables.items():
-        for f in fields(cls):
-            if f.name in tables:
-                continue
+    section = sections["AGENT CONFIGURATION FILE"]
+    settings = _entries(section)
+    for f in fields(agent_config.AgentConfig):
+        default = _default(f)
+        if is_dataclass(default):
+            # A [table] of its own: its heading, then each of its settings.
+            assert re.search(rf"^ {{3}}The \[{f.name}\] table$", section, re.M), f"domsnap.cfg.5: no [{f.name}]"
+            for g in fields(default):
+                body = _entry(settings, g.name)
+                assert f"Default: {_toml(_default(g))}" in body, f"domsnap.cfg.5: [{f.name}] {g.name}: no default"
+        else:
             body = _entry(settings, f.name)
-            assert f"Default: {_toml(_default(f))}" in body, f"domsnap.cfg.5: {table}.{f.name}: no default"
+            assert f"Default: {_toml(default)}" in body, f"domsnap.cfg.5: {f.name}: no default"
     for word in (*agent_config.DRIVERS, *agent_config.LIVE_MODES):
         assert _mentions(sections["AGENT CONFIGURATION FILE"], f'"{word}"'), f"domsnap.cfg.5: {word} missing"
 
@@ -297,14 +304,16 @@ def _bash(script: str, *args: str, cwd: Path | None = None, env: dict[str, str] 
     return proc.stdout
 
 
-def complete(words: Sequence[str], *, line: str | None = None, cword: int | None = None, cwd: Path | None = None) -> list[str]:
+def complete(
+    words: Sequence[str], *, line: str | None = None, cword: int | None = None, cwd: Path | None = None
+) -> list[str]:
     """What _domsnap offers for the last word (or word `cword`) of `words`."""
     env = {"CWORD": str(len(words) - 1 if cword is None else cword)}
     if line is not None:
         env["LINE"] = line
     out = _bash(
         'COMP_WORDS=("$@"); COMP_CWORD=$CWORD\n'
-        'if [[ -n ${LINE+set} ]]; then COMP_LINE=$LINE; COMP_POINT=${#LINE}; fi\n'
+        "if [[ -n ${LINE+set} ]]; then COMP_LINE=$LINE; COMP_POINT=${#LINE}; fi\n"
         '_domsnap; printf "%s\\n" "${COMPREPLY[@]}"',
         *words,
         cwd=cwd,
@@ -325,7 +334,7 @@ def test_completes_the_options_each_parser_accepts() -> None:
     for verb in cli.VERB_LIST:
         offered = complete(["domsnap", "--json", verb.name, "x", "-"])
         assert set(offered) == _option_strings(cli._verb_parser(verb)), verb.name
-    assert complete(["domsnap", "snapshot-revert", "web", "--r"]) == ["--running"]
+    assert complete(["domsnap", "snapshot-revert", "web", "--ru"]) == ["--running"]
 
 
 def test_an_options_value_is_not_completed_as_something_else() -> None:

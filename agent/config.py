@@ -30,6 +30,10 @@ class QemuConfig:
     # the state at the start, a pause of the device state only) or "precopy"
     # (pre-copy to pre-switchover: the state at the end).
     live_mode: str = "background"
+    # Cap on the memory image's write rate in bytes/s, to spare a busy
+    # host's disk; 0 writes as fast as the disk takes it (QEMU's own default
+    # cap, 32 MiB/s, is always lifted).
+    max_bandwidth: int = 0
 
 
 @dataclass(frozen=True)

@@ -293,7 +293,7 @@ class QemuDriver(Hypervisor):
         saved = await qemu_migration.save(
             inst.qmp, memory, live=live, was_running=domain.state is RunState.RUNNING,
             in_pause=lambda: in_pause(block), progress=progress,
-            mode=qemu_migration.LiveMode(self._cfg.live_mode),
+            mode=qemu_migration.LiveMode(self._cfg.live_mode), bandwidth=self._cfg.max_bandwidth,
         )
         if domain.state is RunState.PAUSED:
             await self._repark(inst, memory, progress)

@@ -77,9 +77,11 @@ async def save(
     in_pause: Callable[[], Awaitable[None]],
     progress: StepProgress,
     mode: LiveMode = LiveMode.BACKGROUND,
+    bandwidth: int = 0,
 ) -> SaveResult:
     """Write the memory image; run `in_pause` at the instant it captures; leave
-    the guest in the run state it had (running again when `was_running`)."""
+    the guest in the run state it had (running again when `was_running`).
+    `bandwidth` caps the write in bytes/s (0: as fast as the disk takes it)."""
     # A paused guest has nothing to gain from a live save, and background
     # snapshots resume the guest by themselves (QEMU 7.2): paused ones take
     # the plain path.
@@ -88,7 +90,7 @@ async def save(
         {"capability": "pause-before-switchover", "state": not background},
         {"capability": "background-snapshot", "state": background},
     ]})  # fmt: skip
-    await qmp.execute("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": bandwidth or UNLIMITED_BANDWIDTH})
     fd = _open_new(memory)
     stopped = resumed = None
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +26,7 @@ from domsnap.agent.snapshot_revert import RevertRequest, SnapshotRevert
 from domsnap.agent.storage import Backends
 
 API_VERSION = "domsnap.v1"
+REMEMBERED_ANSWERS = 1000
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class AgentService:
         self._create = SnapshotCreate(driver, backends, self.catalogue, self.journal, config.snapshot_root)
         self._revert = SnapshotRevert(driver, backends, self.catalogue, self.journal)
         self._delete = SnapshotDelete(driver, backends, self.catalogue, self.journal)
+        self._answers: OrderedDict[str, Domain] = OrderedDict()
         self._procedures: dict[str, _Recoverable] = {
             "create": self._create, "revert": self._revert, "delete": self._delete}
 
@@ -84,26 +88,52 @@ class AgentService:
     async def get_domain(self, ref: str) -> Domain:
         return await self.driver.lookup(ref)
 
-    async def create_domain(self, text: str, overrides: tuple[str, ...], *, paused: bool) -> Domain:
-        config = DomainConfig.parse(text, overrides)
-        self.operations.check_idle(config.name)
-        return await self.driver.create(config, paused=paused)
+    async def _once(self, request_id: str, call: Callable[[], Awaitable[Domain]]) -> Domain:
+        """A retried request (same request_id) gets the first one's answer
+        instead of being done twice."""
+        if not request_id:
+            return await call()
+        if (seen := self._answers.get(request_id)) is not None:
+            return seen
+        result = await call()
+        self._answers[request_id] = result
+        while len(self._answers) > REMEMBERED_ANSWERS:
+            self._answers.popitem(last=False)
+        return result
 
-    async def destroy_domain(self, ref: str) -> Domain:
-        domain = await self.driver.lookup(ref)
-        self.operations.check_idle(domain.name)
-        await self.driver.destroy(domain.name)
-        return domain
+    async def create_domain(self, text: str, overrides: tuple[str, ...], *, paused: bool, request_id: str = "",
+                            ) -> Domain:
+        async def create() -> Domain:
+            config = DomainConfig.parse(text, overrides)
+            self.operations.check_idle(config.name)
+            return await self.driver.create(config, paused=paused)
 
-    async def pause_domain(self, ref: str) -> Domain:
-        domain = await self.driver.lookup(ref)
-        self.operations.check_idle(domain.name)
-        return await self.driver.pause(domain.name)
+        return await self._once(request_id, create)
 
-    async def unpause_domain(self, ref: str) -> Domain:
-        domain = await self.driver.lookup(ref)
-        self.operations.check_idle(domain.name)
-        return await self.driver.unpause(domain.name)
+    async def destroy_domain(self, ref: str, request_id: str = "") -> Domain:
+        async def destroy() -> Domain:
+            domain = await self.driver.lookup(ref)
+            self.operations.check_idle(domain.name)
+            await self.driver.destroy(domain.name)
+            return domain
+
+        return await self._once(request_id, destroy)
+
+    async def pause_domain(self, ref: str, request_id: str = "") -> Domain:
+        async def pause() -> Domain:
+            domain = await self.driver.lookup(ref)
+            self.operations.check_idle(domain.name)
+            return await self.driver.pause(domain.name)
+
+        return await self._once(request_id, pause)
+
+    async def unpause_domain(self, ref: str, request_id: str = "") -> Domain:
+        async def unpause() -> Domain:
+            domain = await self.driver.lookup(ref)
+            self.operations.check_idle(domain.name)
+            return await self.driver.unpause(domain.name)
+
+        return await self._once(request_id, unpause)
 
     # ------------------------------------------------------------- snapshots
 
@@ -128,9 +158,12 @@ class AgentService:
                 return ref
             raise
 
-    def list_snapshots(self, domain: str) -> list[Entry]:
-        domains = [domain] if domain else self.catalogue.domains()
+    async def list_snapshots(self, domain: str) -> list[Entry]:
+        domains = [await self._domain_name(domain)] if domain else self.catalogue.domains()
         return [e for d in domains for e in self.catalogue.entries(d)]
+
+    async def list_operations(self, domain: str) -> list[Operation]:
+        return self.operations.list(await self._domain_name(domain) if domain else "")
 
     async def get_snapshot(self, domain: str, ref: str) -> Entry:
         name = await self._domain_name(domain)

@@ -47,17 +47,18 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
         return convert.domain(d, self._busy(d.name))
 
     async def CreateDomain(self, request: pb.CreateDomainRequest, context: Ctx) -> pb.Domain:
-        d = await self._s.create_domain(request.config, tuple(request.overrides), paused=request.paused)
+        d = await self._s.create_domain(request.config, tuple(request.overrides), paused=request.paused,
+                                        request_id=request.request_id)
         return convert.domain(d)
 
     async def DestroyDomain(self, request: pb.DestroyDomainRequest, context: Ctx) -> pb.Domain:
-        return convert.domain(await self._s.destroy_domain(request.domain))
+        return convert.domain(await self._s.destroy_domain(request.domain, request.request_id))
 
     async def PauseDomain(self, request: pb.PauseDomainRequest, context: Ctx) -> pb.Domain:
-        return convert.domain(await self._s.pause_domain(request.domain))
+        return convert.domain(await self._s.pause_domain(request.domain, request.request_id))
 
     async def UnpauseDomain(self, request: pb.UnpauseDomainRequest, context: Ctx) -> pb.Domain:
-        return convert.domain(await self._s.unpause_domain(request.domain))
+        return convert.domain(await self._s.unpause_domain(request.domain, request.request_id))
 
     async def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
@@ -92,11 +93,11 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
 
     async def ListOperations(self, request: pb.ListOperationsRequest, context: Ctx) -> pb.ListOperationsResponse:
         return pb.ListOperationsResponse(
-            operations=[convert.operation(op) for op in self._s.operations.list(request.domain)])
+            operations=[convert.operation(op) for op in await self._s.list_operations(request.domain)])
 
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Ctx) -> pb.ListSnapshotsResponse:
         return pb.ListSnapshotsResponse(
-            snapshots=[convert.snapshot(e) for e in self._s.list_snapshots(request.domain)])
+            snapshots=[convert.snapshot(e) for e in await self._s.list_snapshots(request.domain)])
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: Ctx) -> pb.Snapshot:
         return convert.snapshot(await self._s.get_snapshot(request.domain, request.snapshot))

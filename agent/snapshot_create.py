@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from domsnap import __version__
-from domsnap.agent import manifest, xlcfg
+from domsnap.agent import manifest, snapshot_cfg, xlcfg
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain, RunState
 from domsnap.agent.drivers.base import Hypervisor
@@ -34,6 +34,15 @@ MiB = 1 << 20
 
 
 @dataclass(frozen=True)
+class DiskChoice:
+    method: Method
+    # The external snapshot's file ("" for the default place) and its format
+    # ("" for whatever the backend makes).
+    file: str = ""
+    format: str = ""
+
+
+@dataclass(frozen=True)
 class CreateRequest:
     domain: str
     name: str
@@ -41,8 +50,8 @@ class CreateRequest:
     method: Method | None
     path: str
     description: str
-    # Per-disk choices from a snapshot cfgfile: vdev -> (method, external file or "").
-    disk_choices: Mapping[str, tuple[Method, str]]
+    # Per-disk choices from a snapshot cfgfile, by vdev.
+    disk_choices: Mapping[str, DiskChoice]
     memory_path: str
 
 
@@ -51,13 +60,9 @@ def parse_request(
     cfg_text: str, overrides: tuple[str, ...],
 ) -> CreateRequest:
     """Merge the request's fields over the snapshot cfgfile (the fields win)."""
-    cfg = xlcfg.parse(cfg_text, overrides, source="<snapshot cfgfile>") if cfg_text or overrides else {}
-    unknown = set(cfg) - {"name", "description", "memory_path", "disks"}
-    if unknown:
-        raise InvalidArgument(f"snapshot cfgfile: unknown setting(s) {', '.join(sorted(unknown))} "
-                              "(known: name, description, memory_path, disks)")
+    cfg = snapshot_cfg.read(cfg_text, overrides)
     name = name or xlcfg.get_str(cfg, "name", "") or default_snapshot_name()
-    choices: dict[str, tuple[Method, str]] = {}
+    choices: dict[str, DiskChoice] = {}
     for spec in xlcfg.get_list(cfg, "disks", []):
         # The thread's syntax: '/path/file,format,vdev' is external to that
         # file, ',,vdev' (empty path) is internal.
@@ -65,13 +70,11 @@ def parse_request(
         if len(parts) != 3 or not parts[2]:
             raise InvalidArgument(f"snapshot cfgfile: disks entry {spec!r}: expected 'PATH,FORMAT,VDEV' "
                                   "(empty PATH for an internal snapshot)")
-        file, _fmt, vdev = parts
+        file, fmt, vdev = parts
         if file and not file.startswith("/"):
             raise InvalidArgument(f"snapshot cfgfile: disks entry {spec!r}: the path must be absolute")
-        choices[vdev] = (Method.EXTERNAL if file else Method.INTERNAL, file)
+        choices[vdev] = DiskChoice(Method.EXTERNAL if file else Method.INTERNAL, file, fmt)
     memory_path = xlcfg.get_str(cfg, "memory_path", "")
-    if memory_path and not memory_path.startswith("/"):
-        raise InvalidArgument(f"snapshot cfgfile: memory_path {memory_path!r} must be absolute")
     return CreateRequest(
         domain=domain, name=check_name("snapshot", name), live=live, method=method,
         path=path, description=description or xlcfg.get_str(cfg, "description", ""),
@@ -216,15 +219,21 @@ class SnapshotCreate:
                                   f"{domain.name} does not have")
         records = []
         for disk in domain.config.disks:
-            if disk.access in ("r", "ro"):
+            choice = req.disk_choices.get(disk.vdev)
+            if disk.access == "ro":
+                if choice is not None:
+                    raise InvalidArgument(f"snapshot cfgfile: disk {disk.vdev} is read-only; it has no snapshot")
                 continue  # nothing a guest can change
             backend = self._backends.for_format(disk.format)
-            method, file = req.disk_choices.get(disk.vdev, (req.method, ""))
+            method = choice.method if choice is not None else req.method
             rec = await backend.plan(disk, backend.choose(disk, method), snapdir, req.name)
-            if file:
-                if os.path.lexists(file):
-                    raise AlreadyExists(f"disk {disk.vdev}: {file} already exists")
-                rec = replace(rec, file=file)
+            if choice is not None and choice.format and choice.format != (made := Path(rec.file).suffix[1:]):
+                raise InvalidArgument(f"snapshot cfgfile: disk {disk.vdev}: its {rec.method} snapshot is a "
+                                      f"{made or 'tag'}, not {choice.format}")
+            if choice is not None and choice.file:
+                if os.path.lexists(choice.file):
+                    raise AlreadyExists(f"disk {disk.vdev}: {choice.file} already exists")
+                rec = replace(rec, file=choice.file)
             records.append(rec)
         memory = Path(req.memory_path) if req.memory_path else snapdir / manifest.MEMORY
         if os.path.lexists(memory):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from domsnap.agent import manifest, xlcfg
+from domsnap.agent import manifest, snapshot_cfg, xlcfg
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain, DomainConfig
 from domsnap.agent.drivers.base import Hypervisor
@@ -46,7 +46,7 @@ def snapshot_ref(snapshot: str, cfg_text: str, overrides: tuple[str, ...]) -> st
     """What names the snapshot: the field, or a cfgfile's `name` or `memory_path`."""
     if snapshot:
         return snapshot
-    cfg = xlcfg.parse(cfg_text, overrides, source="<snapshot cfgfile>") if cfg_text or overrides else {}
+    cfg = snapshot_cfg.read(cfg_text, overrides)
     if name := xlcfg.get_str(cfg, "name", ""):
         return name
     if memory := xlcfg.get_str(cfg, "memory_path", ""):

@@ -2,8 +2,10 @@
 agent launches (daemonized, so they outlive it) and drives through QMP.
 
 Each domain has a folder `<state_dir>/qemu/<name>/` holding its config,
-`runtime.json` (domid, pinned machine type), the QMP socket, the pid file and
-its console log.
+`runtime.json` (domid, pinned machine type), the QMP socket and the pid file.
+Its serial console goes to `<state_dir>/qemu/console/<name>.log` unless its
+config says otherwise: outside the folder, so that it outlives the domain
+(as xl's consoles do under /var/log/xen/console) and spans reverts.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from domsnap.agent.runner import Runner
 log = logging.getLogger(__name__)
 
 LAUNCH_TIMEOUT = 60.0
+CONSOLE_DIR = "console"
 QUIT_TIMEOUT = 10.0
 _STATES = {
     "running": RunState.RUNNING,
@@ -58,7 +61,8 @@ class _Instance:
 
     @property
     def paths(self) -> qemu_argv.LaunchPaths:
-        return qemu_argv.LaunchPaths(self.folder / "qmp.sock", self.folder / "qemu.pid", self.folder / "console.log")
+        console = self.folder.parent / CONSOLE_DIR / f"{self.config.name}.log"
+        return qemu_argv.LaunchPaths(self.folder / "qmp.sock", self.folder / "qemu.pid", console)
 
     def pid(self) -> int | None:
         try:
@@ -125,7 +129,8 @@ class QemuDriver(Hypervisor):
 
     async def start(self) -> None:
         self._root.mkdir(parents=True, exist_ok=True)
-        for folder in sorted(p for p in self._root.iterdir() if p.is_dir()):
+        (self._root / CONSOLE_DIR).mkdir(exist_ok=True)
+        for folder in sorted(p for p in self._root.iterdir() if p.is_dir() and p.name != CONSOLE_DIR):
             try:
                 inst = self._load(folder)
             except (OSError, ValueError, KeyError) as err:
@@ -198,7 +203,8 @@ class QemuDriver(Hypervisor):
 
     def _check_disks(self, config: DomainConfig) -> None:
         for disk in config.disks:
-            if not Path(disk.target).exists():
+            qemu_argv.qemu_format(disk)
+            if not Path(disk.target).is_file() and not Path(disk.target).is_block_device():
                 raise NotFound(f"disk {disk.vdev}: {disk.target} does not exist")
 
     async def _launch(
@@ -210,9 +216,10 @@ class QemuDriver(Hypervisor):
                 raise AlreadyExists(f"domain {config.name!r} already exists")
             self._check_disks(config)
             folder = self._root / config.name
-            # A re-launched domain keeps its folder (and its console log).
+            # A re-launched domain keeps its folder.
             fresh = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
+            (self._root / CONSOLE_DIR).mkdir(exist_ok=True)
             for stale in ("qmp.sock", "qemu.pid"):
                 (folder / stale).unlink(missing_ok=True)
             inst = _Instance(domid or self._next_domid(), machine or self._machine, config, folder,
@@ -232,6 +239,8 @@ class QemuDriver(Hypervisor):
         return inst
 
     async def create(self, config: DomainConfig, *, paused: bool) -> Domain:
+        if ignored := sorted(set(config.settings) - qemu_argv.KEYS):
+            log.warning("domain %s: the qemu driver ignores %s", config.name, ", ".join(ignored))
         inst = await self._launch(config, paused=paused, incoming=False)
         return await self._domain(inst)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from domsnap.agent.domain import DomainConfig
 from domsnap.agent.errors import InvalidArgument
+from domsnap.agent.xldisk import DiskSpec
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,20 @@ class LaunchPaths:
 def _opt(value: str) -> str:
     # QEMU's option parser splits on commas; a literal comma is written twice.
     return value.replace(",", ",,")
+
+
+# The xl.cfg keys this driver acts on.
+KEYS = frozenset({"name", "memory", "vcpus", "kernel", "ramdisk", "extra", "disk", "serial"})
+
+# xl's disk format names as QEMU's block drivers know them.
+_FORMATS = {"raw": "raw", "qcow2": "qcow2", "qcow": "qcow", "qed": "qed", "vhd": "vpc"}
+
+
+def qemu_format(disk: DiskSpec) -> str:
+    if disk.devtype == "cdrom" or disk.format not in _FORMATS:
+        raise InvalidArgument(f"disk {disk.vdev}: the qemu driver runs disks of format "
+                              f"{', '.join(sorted(_FORMATS))}, not {disk.devtype or disk.format}")
+    return _FORMATS[disk.format]
 
 
 def _serial(config: DomainConfig, default: Path) -> Path:
@@ -64,7 +79,7 @@ def launch(
     argv += ["-serial", "chardev:serial0"]
     for disk in config.disks:
         ro = ",readonly=on" if disk.access in ("r", "ro") else ""
-        argv += ["-drive", f"file={_opt(disk.target)},format={disk.format},if=none,id={disk.vdev}{ro}"]
+        argv += ["-drive", f"file={_opt(disk.target)},format={qemu_format(disk)},if=none,id={disk.vdev}{ro}"]
         argv += ["-device", f"virtio-blk-pci,drive={disk.vdev},id={disk.vdev}-dev"]
     argv += ["-qmp", f"unix:{_opt(str(paths.qmp_socket))},server=on,wait=off"]
     argv += ["-pidfile", str(paths.pidfile), "-daemonize"]

@@ -96,6 +96,7 @@ class DiskBackend(ABC):
         backing files have only themselves."""
         return [image]
 
+    @abstractmethod
     async def delete(self, record: DiskRecord, block: BlockOps | None, active: bool) -> None:
         """Remove what lives inside an image for this record (a tag); files are
         the caller's. `active`: the image is the running domain's top layer."""

@@ -43,6 +43,9 @@ class RawBackend(DiskBackend):
     async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
         Path(record.file).unlink(missing_ok=True)
 
+    async def delete(self, record: DiskRecord, block: BlockOps | None, active: bool) -> None:
+        """Nothing lives inside a raw image; its copy is a file, which the caller removes."""
+
     async def check(self, record: DiskRecord, current: DiskSpec) -> None:
         if not Path(record.file).is_file():
             raise NotFound(f"disk {record.vdev}: the copy {record.file} is missing")

@@ -128,7 +128,7 @@ class SnapshotCreate:
                 disk_progress(0.0, 0, 0, 0.0, "guest paused")
                 for i, rec in enumerate(plan.records):
                     step(f"disk:{rec.vdev}")
-                    backend = self._backends.for_format(rec.format)
+                    backend = self._backends.for_record(rec)
                     await backend.take(rec, block, share(disk_progress, i, len(plan.records)))
 
             step("checkpoint")
@@ -187,7 +187,7 @@ class SnapshotCreate:
             if not journal.reached(f"disk:{rec.vdev}"):
                 continue
             try:
-                await self._backends.for_format(rec.format).undo(rec, block)
+                await self._backends.for_record(rec).undo(rec, block)
             except Exception:
                 log.exception("rollback: could not undo the snapshot of disk %s", rec.vdev)
         if domain is not None and data["was_running"]:
@@ -224,7 +224,7 @@ class SnapshotCreate:
                 if choice is not None:
                     raise InvalidArgument(f"snapshot cfgfile: disk {disk.vdev} is read-only; it has no snapshot")
                 continue  # nothing a guest can change
-            backend = self._backends.for_format(disk.format)
+            backend = self._backends.for_disk(disk)
             method = choice.method if choice is not None else req.method
             rec = await backend.plan(disk, backend.choose(disk, method), snapdir, req.name)
             if choice is not None and choice.format and choice.format != (made := Path(rec.file).suffix[1:]):

@@ -22,7 +22,7 @@ from domsnap.agent.journal import Journal
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Operation
 from domsnap.agent.storage import Backends
-from domsnap.agent.storage.base import Method
+from domsnap.agent.storage.base import DiskBackend, Method
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,9 @@ class SnapshotDelete:
         for rec in m.disks:
             if rec.method is not Method.INTERNAL or dom is None:
                 continue
-            top = dom.config.disk(rec.vdev).target
-            if rec.image != top and rec.image in await self._backends.for_format(rec.format).chain(top):
+            disk = dom.config.disk(rec.vdev)
+            top = disk.target
+            if rec.image != top and rec.image in await self._backends.for_disk(disk).chain(top):
                 raise FailedPrecondition(
                     f"snapshot {m.name}: its tag lives in {rec.image}, now a read-only backing image of the running "
                     f"domain's disk {rec.vdev}; it can be deleted once domain {dom.name} is stopped")
@@ -98,7 +99,7 @@ class SnapshotDelete:
         block = self._driver.block_ops(dom.name) if dom is not None else None
         for rec in m.disks:
             active = dom is not None and dom.config.disk(rec.vdev).target == rec.image
-            await self._backends.for_format(rec.format).delete(rec, block, active)
+            await self._backends.for_record(rec).delete(rec, block, active)
         self._journal.step(journal, "files")
         with contextlib.suppress(FileNotFoundError):
             Path(m.memory_file).unlink()
@@ -112,16 +113,16 @@ class SnapshotDelete:
 
     async def _in_use(self, m: Manifest, dom: Domain | None) -> set[str]:
         """Every file a disk chain of the domain or of another snapshot reads."""
-        heads: list[tuple[str, str]] = []
+        heads: list[tuple[str, DiskBackend]] = []
         if dom is not None:
-            heads += [(d.target, d.format) for d in dom.config.disks]
+            heads += [(d.target, self._backends.for_disk(d)) for d in dom.config.disks]
         for e in self._catalogue.entries(m.domain):
-            heads += [(f, r.format) for r in e.manifest.disks for f in (r.image, r.file) if f]
+            heads += [(f, self._backends.for_record(r)) for r in e.manifest.disks for f in (r.image, r.file) if f]
         used: set[str] = set()
-        for image, fmt in heads:
+        for image, backend in heads:
             if image in used or not os.path.exists(image):
                 continue
-            used.update(await self._backends.for_format(fmt).chain(image))
+            used.update(await backend.chain(image))
         return used
 
     async def _remove_unused_files(self, m: Manifest, snapdir: Path, dom: Domain | None) -> None:

@@ -131,7 +131,7 @@ class SnapshotRevert:
             raise FailedPrecondition(f"snapshot {m.name}: memory image {memory} is missing or truncated")
         current = domain.config if domain is not None else snap_config
         for rec in m.disks:
-            await self._backends.for_format(rec.format).check(rec, current.disk(rec.vdev))
+            await self._backends.for_record(rec).check(rec, current.disk(rec.vdev))
         progress(1.0, 0, 0, 0.0, "snapshot complete" + (f"; forced past: {'; '.join(risks)}" if risks else ""))
         paused = req.run_after is RunAfter.PAUSED or (req.run_after is RunAfter.SNAPSHOT and m.state == "paused")
         journal = JournalEntry(op.id, "revert", m.domain, m.name, op.request_id, data={
@@ -162,7 +162,7 @@ class SnapshotRevert:
         disks = {d.vdev: d for d in snap_config.disks}
         for i, rec in enumerate(m.disks):
             self._journal.step(journal, f"disk:{rec.vdev}")
-            disks[rec.vdev] = await self._backends.for_format(rec.format).revert(
+            disks[rec.vdev] = await self._backends.for_record(rec).revert(
                 rec, current.disk(rec.vdev), share(disk_progress, i, len(m.disks)))
         config = snap_config.with_disks([disks[d.vdev] for d in snap_config.disks])
         self._journal.step(journal, "restore")

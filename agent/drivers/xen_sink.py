@@ -20,6 +20,7 @@ stream still under way: the sink exits and xl gives up, resuming the domain).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import socket
@@ -41,10 +42,9 @@ RELEASE: Final = "release"
 
 
 def _say(control: socket.socket, *words: object) -> None:
-    try:
+    # If the agent went away, xl resumes the domain once we exit anyway.
+    with contextlib.suppress(OSError):
         control.sendall((" ".join(str(w) for w in words) + "\n").encode())
-    except OSError:
-        pass  # the agent went away; xl will resume the domain once we exit
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -66,7 +66,7 @@ def restore(path: Path | str, *, paused: bool, config_path: Path | str | None = 
     argv = [xl, "restore"] + (["-p"] if paused else [])
     if config_path is not None:
         argv.append(_path(config_path))
-    return argv + [_path(path)]
+    return [*argv, _path(path)]
 
 
 def create(cfg_path: Path | str, *, paused: bool, xl: str = XL) -> list[str]:
@@ -123,6 +123,13 @@ class XlListEntry:
     vcpus: int
     state: RunState
     cpu_seconds: float
+    # The six state letters as printed ("-b----", "---ss-").
+    flags: str = "------"
+
+    @property
+    def suspended(self) -> bool:
+        """Shut down for a suspend: a save stopped it and nothing resumed it yet."""
+        return self.flags[3] == "s" and self.flags[4] == "s"
 
 
 # printf("%-40s %5d %5lu %5d     %c%c%c%c%c%c  %8.1f", ...): the name may be
@@ -134,7 +141,7 @@ _LIST_ROW: Final = re.compile(
 
 
 def _run_state(flags: str) -> RunState:
-    running, _blocked, paused, shutdown, reason, dying = flags
+    paused, shutdown, reason, dying = flags[2], flags[3], flags[4], flags[5]
     if shutdown == "s" or dying == "d":
         return RunState.CRASHED if reason == "c" else RunState.SHUTDOWN
     if paused == "p":
@@ -150,7 +157,7 @@ def parse_list(text: str) -> list[XlListEntry]:
         if m is None:
             raise ValueError(f"xl list: unexpected row {line!r}")
         entries.append(XlListEntry(m["name"], int(m["domid"]), int(m["mem"]), int(m["vcpus"]),
-                                   _run_state(m["state"]), float(m["time"])))
+                                   _run_state(m["state"]), float(m["time"]), m["state"]))
     return entries
 
 

@@ -1,34 +1,43 @@
-"""Storage backends by disk format."""
+"""Storage backends: which one owns a disk, and which one made a record."""
 
 from __future__ import annotations
 
 from domsnap.agent import runner
 from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.runner import Runner
-from domsnap.agent.storage.base import DiskBackend
+from domsnap.agent.storage.base import DiskBackend, DiskRecord
+from domsnap.agent.storage.lvm import LvmBackend, is_logical_volume
 from domsnap.agent.storage.qcow2 import Qcow2Backend
 from domsnap.agent.storage.raw import RawBackend
+from domsnap.agent.storage.vhd import VhdBackend
+from domsnap.agent.xldisk import DiskSpec
 
 
 class Backends:
-    """The backend owning each disk format."""
-
     def __init__(self, *, qemu_img: str = "qemu-img", run: Runner = runner.run, max_chain: int = 32) -> None:
+        self._lvm = LvmBackend(run)
         self._by_format: dict[str, DiskBackend] = {}
-        for backend in (Qcow2Backend(qemu_img, run, max_chain), RawBackend()):
+        self._by_name: dict[str, DiskBackend] = {self._lvm.name: self._lvm}
+        for backend in (Qcow2Backend(qemu_img, run, max_chain), RawBackend(), VhdBackend(run=run, max_chain=max_chain)):
+            self._by_name[backend.name] = backend
             for fmt in backend.formats:
                 self._by_format[fmt] = backend
 
-    def for_format(self, fmt: str) -> DiskBackend:
+    def for_disk(self, disk: DiskSpec) -> DiskBackend:
+        """The backend owning a disk: by its format, and LVM for a raw logical volume."""
+        if disk.format == "raw" and is_logical_volume(disk.target):
+            return self._lvm
         try:
-            return self._by_format[fmt]
+            return self._by_format[disk.format]
         except KeyError:
             raise InvalidArgument(
-                f"no storage backend handles {fmt!r} disks here (known: {', '.join(sorted(self._by_format))})"
+                f"disk {disk.vdev}: no storage backend handles {disk.format!r} disks "
+                f"(known: {', '.join(sorted(self._by_format))})"
             ) from None
 
-    def by_name(self, name: str) -> DiskBackend:
-        for backend in self._by_format.values():
-            if backend.name == name:
-                return backend
-        raise InvalidArgument(f"unknown storage backend {name!r}")
+    def for_record(self, record: DiskRecord) -> DiskBackend:
+        """The backend that made a snapshot's disk record."""
+        try:
+            return self._by_name[record.backend]
+        except KeyError:
+            raise InvalidArgument(f"disk {record.vdev}: unknown storage backend {record.backend!r}") from None

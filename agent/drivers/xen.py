@@ -1,0 +1,396 @@
+"""The xen driver: domains of the local Xen host, driven through `xl` (argv
+lists through the runner, built by xl_argv; never a shell of ours).
+
+Memory images are what `xl save` writes. Non-live: `xl save -p` leaves the
+domain paused after the image is complete; the disks are snapshotted then,
+and the domain resumed. Live: `xl migrate` into our sink (xen_live,
+xen_sink), the disks snapshotted while the domain is suspended at the end of
+the stream. Restore: `xl restore -p`, then `xl unpause` unless asked to stay
+paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+from domsnap.agent import runner
+from domsnap.agent.domain import Domain, DomainConfig, RunState
+from domsnap.agent.drivers import xen_live, xen_stream, xl_argv
+from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause
+from domsnap.agent.drivers.xen_block import XenBlockOps
+from domsnap.agent.drivers.xen_config import domain_config
+from domsnap.agent.drivers.xl_argv import XlDomain, XlListEntry
+from domsnap.agent.errors import (
+    AlreadyExists,
+    CommandError,
+    FailedPrecondition,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from domsnap.agent.progress import StepProgress
+from domsnap.agent.runner import CommandResult, Runner
+
+log = logging.getLogger(__name__)
+
+MiB: Final = 1 << 20
+QUERY_TIMEOUT: Final = 30.0
+CONTROL_TIMEOUT: Final = 60.0
+CREATE_TIMEOUT: Final = 180.0
+# How long an interrupted live save may take to resume its domain (xl waits
+# up to 2 s for the sink, then resumes).
+ABANDON_WAIT: Final = 10.0
+RUN_DIR: Final = Path("/var/run/xen")
+SINK_COMMAND: Final = (sys.executable, "-m", "domsnap.agent.drivers.xen_sink")
+# What xl and libxl print when a guest does not answer the suspend request
+# (xl_saverestore.c, libxl_stream_write.c, libxl_dom_suspend.c).
+PauseStep = Callable[[], Awaitable[None]]
+_NO_SUSPEND: Final = (
+    "domain did not respond to suspend request", "guest did not suspend, timed out",
+    "guest didn't acknowledge suspend",
+)
+
+
+def _transfer_timeout(memory_mib: int) -> float:
+    # Generous: the lab's TCG dom0 saved 512 MiB in 5 s; 8 MiB/s is the floor here.
+    return 120.0 + memory_mib / 8
+
+
+def _create_private(path: Path) -> None:
+    """Create the image file 0600 before xl opens it (xl would make it 0644,
+    readable by all, and guest memory holds secrets); xl truncates, keeping the mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError as err:
+        raise AlreadyExists(f"memory image {path} already exists") from err
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with open(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _disks_of(saved: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    return {str(d.get("vdev")): (str(d.get("pdev_path", "")), str(d.get("format", "raw")))
+            for d in saved.get("disks", [])}
+
+
+class XenDriver(Hypervisor):
+    name = "xen"
+
+    def __init__(
+        self, state_dir: Path, run: Runner = runner.run, *, xl: str = xl_argv.XL, run_dir: Path = RUN_DIR,
+        sink_command: Sequence[str] = SINK_COMMAND,
+    ) -> None:
+        self._dir = state_dir / "xen"
+        self._run = run
+        self._xl_bin = xl
+        self._run_dir = run_dir
+        self._sink = tuple(sink_command)
+        self._info: dict[str, str] = {}
+        # The libxl config last seen per domain name: block_ops and facts are
+        # synchronous and need a domain's domid, type and disk backends.
+        self._known: dict[str, XlDomain] = {}
+
+    async def _xl(self, argv: list[str], *, timeout: float = CONTROL_TIMEOUT) -> CommandResult:
+        return await self._run(argv, timeout=timeout)
+
+    # ------------------------------------------------------------ agent side
+
+    async def probe(self) -> str:
+        out = await self._xl(xl_argv.info(xl=self._xl_bin), timeout=QUERY_TIMEOUT)
+        self._info = xl_argv.parse_info(out.stdout)
+        return f"Xen {self._info.get('xen_version', 'unknown')}"
+
+    async def start(self) -> None:
+        # Domains live in Xen, not in the agent: nothing to re-attach. A sink
+        # orphaned by a dead agent saw its control socket close and exited,
+        # and xl resumed the domain.
+        self._dir.mkdir(parents=True, exist_ok=True)
+
+    async def close(self) -> None:
+        """No connection outlives a call (QMP sessions are per operation)."""
+
+    def _virt_caps(self) -> set[str]:
+        return set(self._info.get("virt_caps", "").split())
+
+    def capabilities(self) -> list[str]:
+        caps = self._virt_caps()
+        live = [f"live:{t}" for t in ("pv", "pvh", "hvm") if self._live_refusal(t, caps) is None]
+        # External snapshots here are copies (raw files, LVs): xen_block explains why
+        # qcow2 and vhd disks cannot move onto overlays under a running domain.
+        return (["live", *live] if live else []) + ["internal", "external:copy", "format:qcow2", "format:raw"]
+
+    # --------------------------------------------------------------- domains
+
+    async def _table(self, ref: str | int | None) -> list[XlListEntry]:
+        try:
+            out = await self._xl(xl_argv.list_(ref, xl=self._xl_bin), timeout=QUERY_TIMEOUT)
+        except CommandError as err:
+            if ref is not None and ("invalid domain identifier" in err.stderr or "does not exist" in err.stderr):
+                raise NotFound(f"domain {ref!r} does not exist") from err
+            raise
+        return xl_argv.parse_list(out.stdout)
+
+    async def _configs(self, ref: int | None) -> dict[int, XlDomain]:
+        out = await self._xl(xl_argv.list_long(ref, xl=self._xl_bin), timeout=QUERY_TIMEOUT)
+        return {d.domid: d for d in xl_argv.parse_list_long(out.stdout)}
+
+    def _domain(self, row: XlListEntry, xd: XlDomain) -> Domain:
+        config = domain_config(xd)
+        self._known[config.name] = xd
+        return Domain(row.domid, config, row.state, row.cpu_seconds)
+
+    async def list_domains(self) -> list[Domain]:
+        rows = await self._table(None)
+        configs = await self._configs(None)
+        domains = []
+        for row in rows:
+            xd = configs.get(row.domid)
+            # dom0 is the host, not a guest; a dying domain has no config left.
+            if row.domid == 0 or xd is None:
+                continue
+            try:
+                domains.append(self._domain(row, xd))
+            except (InvalidArgument, ValueError) as err:
+                log.warning("skipping domain %s (id %d): %s", row.name, row.domid, err)
+        return domains
+
+    async def lookup(self, ref: str) -> Domain:
+        rows = await self._table(ref)
+        if not rows or rows[0].domid == 0:
+            raise NotFound(f"domain {ref!r} is not a guest domain")
+        row = rows[0]
+        xd = (await self._configs(row.domid)).get(row.domid)
+        if xd is None:
+            raise NotFound(f"domain {ref!r} (id {row.domid}) has no configuration left (it is being destroyed)")
+        return self._domain(row, xd)
+
+    def _config_path(self, name: str) -> Path:
+        return self._dir / f"{name}.cfg"
+
+    async def create(self, config: DomainConfig, *, paused: bool) -> Domain:
+        try:
+            await self._table(config.name)
+        except NotFound:
+            pass
+        else:
+            raise AlreadyExists(f"domain {config.name!r} already exists")
+        path = self._config_path(config.name)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        _write_private(path, config.to_text())
+        await self._xl(xl_argv.create(path, paused=paused, xl=self._xl_bin), timeout=CREATE_TIMEOUT)
+        return await self.lookup(config.name)
+
+    async def destroy(self, name: str) -> None:
+        domain = await self.lookup(name)
+        await self._xl(xl_argv.destroy(domain.domid, xl=self._xl_bin))
+        self._known.pop(domain.name, None)
+
+    async def pause(self, name: str) -> Domain:
+        domain = await self.lookup(name)
+        await self._xl(xl_argv.pause(domain.domid, xl=self._xl_bin))
+        return await self.lookup(str(domain.domid))
+
+    async def unpause(self, name: str) -> Domain:
+        domain = await self.lookup(name)
+        await self._xl(xl_argv.unpause(domain.domid, xl=self._xl_bin))
+        return await self.lookup(str(domain.domid))
+
+    def _xl_domain(self, name: str) -> XlDomain:
+        try:
+            return self._known[name]
+        except KeyError:
+            raise NotFound(f"domain {name!r} is unknown to the xen driver (look it up first)") from None
+
+    def block_ops(self, name: str) -> XenBlockOps:
+        xd = self._xl_domain(name)
+        return XenBlockOps(name, xd.domid, {d.vdev: d for d in xd.disks}, self._run_dir)
+
+    def facts(self, domain: Domain) -> dict[str, str]:
+        xd = self._xl_domain(domain.name)
+        return {"type": xd.type, "xen_version": self._info.get("xen_version", "")}
+
+    # ------------------------------------------------------------- snapshots
+
+    def _live_refusal(self, domain_type: str, caps: set[str]) -> str | None:
+        """Why Xen cannot track this guest's dirty pages (log-dirty mode), or None."""
+        if domain_type == "pv" and "shadow" not in caps:
+            return "a PV guest's dirty pages can only be tracked with shadow paging, which this Xen lacks"
+        if domain_type != "pv" and not caps & {"hap", "shadow"}:
+            return f"a {domain_type.upper()} guest needs hardware-assisted or shadow paging, which this host lacks"
+        return None
+
+    async def checkpoint(
+        self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress
+    ) -> CheckpointResult:
+        if domain.state not in (RunState.RUNNING, RunState.PAUSED):
+            raise FailedPrecondition(f"domain {domain.name} is {domain.state}; only a running or paused one "
+                                     "can be snapshotted")
+        xd = self._xl_domain(domain.name)
+        if xd.domid != domain.domid:
+            raise FailedPrecondition(f"domain {domain.name} was restarted (id {domain.domid} is now {xd.domid}) "
+                                     "since it was looked up; try again")
+        block = self.block_ops(domain.name)
+        # A paused guest makes no progress to pre-copy against: save it as is.
+        if live and domain.state is RunState.RUNNING:
+            if not self._info:
+                await self.probe()
+            why = self._live_refusal(xd.type, self._virt_caps())
+            if why is not None:
+                raise FailedPrecondition(
+                    f"domain {domain.name}: no live snapshot: {why} (xl info virt_caps: "
+                    f"{self._info.get('virt_caps', '?')}). Take a non-live snapshot instead."
+                )
+            return await self._live(domain, memory, lambda: in_pause(block), progress)
+        return await self._save(domain, memory, lambda: in_pause(block), progress)
+
+    async def _live(
+        self, domain: Domain, memory: Path, in_pause: PauseStep, progress: StepProgress
+    ) -> CheckpointResult:
+        def argv_for(control: Path) -> list[str]:
+            return xl_argv.migrate_to_sink(domain.domid, [*self._sink, str(memory), str(control)],
+                                           xl=self._xl_bin)
+
+        try:
+            saved = await xen_live.live_save(
+                self._run, argv_for, domain=domain.name, in_pause=in_pause, progress=progress,
+                expected_bytes=domain.config.memory_mib * MiB,
+                timeout=_transfer_timeout(domain.config.memory_mib),
+            )
+            await asyncio.to_thread(_fsync, memory)
+        except BaseException:
+            memory.unlink(missing_ok=True)
+            raise
+        after = await self.lookup(str(domain.domid))
+        if after.state is not RunState.RUNNING:
+            raise InternalError(f"domain {domain.name} is {after.state} after its live snapshot; "
+                                "xl did not resume it")
+        return CheckpointResult(saved.memory_bytes, saved.downtime)
+
+    def _save_progress(self, progress: StepProgress) -> Callable[[str], None]:
+        page = int(self._info.get("xen_pagesize", "4096"))
+        t0 = time.monotonic()
+
+        def on_line(line: str) -> None:
+            pages = xl_argv.parse_save_progress(line)
+            if pages is not None:
+                done, total = pages[0] * page, pages[1] * page
+                rate = done / max(time.monotonic() - t0, 1e-6)
+                progress(min(done / total, 0.99), done, total, rate, "memory: saving")
+
+        return on_line
+
+    async def _save(
+        self, domain: Domain, memory: Path, in_pause: PauseStep, progress: StepProgress
+    ) -> CheckpointResult:
+        domid = domain.domid
+        was_running = domain.state is RunState.RUNNING
+        _create_private(memory)
+        t0 = time.monotonic()
+        try:
+            if not was_running:
+                # Suspending is cooperative (the guest's kernel answers the
+                # request), so a paused guest runs for that moment; -p pauses
+                # it again as soon as the image is complete.
+                await self._xl(xl_argv.unpause(domid, xl=self._xl_bin))
+            try:
+                await self._run(xl_argv.save(domid, memory, paused=True, xl=self._xl_bin),
+                                timeout=_transfer_timeout(domain.config.memory_mib),
+                                on_stderr_line=self._save_progress(progress))
+            except CommandError as err:
+                # xl resumed the domain; a paused one goes back to pause.
+                if not was_running:
+                    with contextlib.suppress(CommandError):
+                        await self._xl(xl_argv.pause(domid, xl=self._xl_bin))
+                raise self._save_failure(domain.name, err) from err
+            try:
+                await in_pause()
+            finally:
+                if was_running:
+                    await self._xl(xl_argv.unpause(domid, xl=self._xl_bin))
+            downtime = time.monotonic() - t0
+            await asyncio.to_thread(_fsync, memory)
+        except BaseException:
+            memory.unlink(missing_ok=True)
+            raise
+        size = memory.stat().st_size
+        progress(1.0, size, size, 0.0, "memory image written")
+        return CheckpointResult(size, downtime)
+
+    async def abandon_transfers(self, name: str) -> None:
+        """A live save of a dead agent ends by itself: its sink sees the
+        control socket close and exits, and xl (which ignores SIGPIPE while
+        migrating) resumes the domain. A non-live `xl save` that lost its
+        stderr dies of SIGPIPE at its next progress line; if it had suspended
+        the domain, no xl command resumes it, and that is said plainly."""
+        deadline = time.monotonic() + ABANDON_WAIT
+        while (rows := await self._table(name)) and rows[0].suspended:
+            if time.monotonic() >= deadline:
+                raise FailedPrecondition(
+                    f"domain {name} was left suspended by an interrupted save and xl has no command to resume "
+                    "it; restore it from a memory image, or destroy it"
+                )
+            await asyncio.sleep(0.5)
+
+    def _save_failure(self, name: str, err: CommandError) -> Exception:
+        if any(text in err.stderr for text in _NO_SUSPEND):
+            return FailedPrecondition(
+                f"domain {name}: the guest did not answer Xen's suspend request, so no memory image could be "
+                "taken (its kernel must support Xen suspend; a PVH guest needs tsc_mode=\"native\")"
+            )
+        if "No space left on device" in err.stderr:
+            return ResourceExhausted(f"domain {name}: the disk holding the memory image is full")
+        return err
+
+    async def restore(
+        self, config: DomainConfig, memory: Path, *, facts: Mapping[str, str], paused: bool,
+        progress: StepProgress,
+    ) -> Domain:
+        try:
+            saved = xen_stream.read_config(memory)
+        except (OSError, ValueError) as err:
+            raise FailedPrecondition(f"{memory} is not a restorable xl save image: {err}") from err
+        # The image carries libxl's complete config; a config file of ours
+        # carries less (xen_config), so it is written only when disks moved.
+        config_path = None
+        if _disks_of(saved) != {d.vdev: (d.target, d.format) for d in config.disks}:
+            config_path = self._config_path(config.name)
+            self._dir.mkdir(parents=True, exist_ok=True)
+            _write_private(config_path, config.to_text())
+        size = memory.stat().st_size
+        await self._run(xl_argv.restore(memory, paused=True, config_path=config_path, xl=self._xl_bin),
+                        timeout=_transfer_timeout(config.memory_mib))
+        try:
+            domain = await self.lookup(config.name)
+            if not paused:
+                await self._xl(xl_argv.unpause(domain.domid, xl=self._xl_bin))
+                domain = await self.lookup(str(domain.domid))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.destroy(config.name)
+            raise
+        progress(1.0, size, size, 0.0, "memory image loaded")
+        return domain

@@ -1,0 +1,97 @@
+"""Disk operations on the images of a Xen domain.
+
+In Xen 4.17 libxl serves every image *file* (qcow2, vhd, raw) with qdisk, a
+QEMU per domain: `phy` (blkback) only takes raw block devices and blktap is
+gone (libxl_device.c: disk_try_backend). QEMU opens those files with locking
+off (QEMU hw/block/xen-block.c), so `qemu-img` on them is not stopped, and
+changes metadata under a QEMU that caches it: the lab saw `qemu-img snapshot
+-c` "succeed" on a running domain's qcow2.
+Snapshots of those images therefore go through that QEMU, over the QMP socket
+libxl gives it, `/var/run/xen/qmp-libxl-<domid>`, naming the node QEMU's xen
+block backend created: `<vdev>-<driver>` (xen_block_blockdev_add), where the
+driver comes from libxl's `params` prefix (qcow2, vhd -> vpc, aio -> raw).
+
+Block devices (LVs) bypass QEMU; their backend snapshots them through LVM,
+which suspends the device-mapper table around it, so they need nothing here.
+
+External snapshots are refused: QEMU could switch a disk onto a new overlay,
+but libxl's stored config and xenstore would still name the old image, so the
+next `xl list -l`, a reboot of the domain or its next save would silently go
+back to the frozen image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+from domsnap.agent.drivers.qmp import QmpSession
+from domsnap.agent.drivers.xl_argv import XlDisk
+from domsnap.agent.errors import FailedPrecondition, NotFound
+
+# libxl__device_disk_string_of_format, then QEMU's renaming in xen_block_drive_create.
+_QEMU_DRIVERS: Final = {"qcow2": "qcow2", "qcow": "qcow", "qed": "qed", "vhd": "vpc", "raw": "raw"}
+
+
+def qmp_socket(run_dir: Path, domid: int) -> Path:
+    """libxl__qemu_qmp_path: the device model's QMP socket of a domain."""
+    return run_dir / f"qmp-libxl-{domid}"
+
+
+def node_name(disk: XlDisk) -> str:
+    try:
+        return f"{disk.vdev}-{_QEMU_DRIVERS[disk.format]}"
+    except KeyError:
+        raise FailedPrecondition(f"disk {disk.vdev}: QEMU serves no {disk.format!r} images") from None
+
+
+class XenBlockOps:
+    """BlockOps for one domain. Each call opens its own QMP connection and
+    closes it: QEMU serves one QMP client at a time on that socket, and libxl
+    needs it for its own work (saving and resuming the device model)."""
+
+    def __init__(self, name: str, domid: int, disks: Mapping[str, XlDisk], run_dir: Path) -> None:
+        self._name = name
+        self._domid = domid
+        self._disks = disks
+        self._socket = qmp_socket(run_dir, domid)
+
+    def _qdisk(self, vdev: str) -> XlDisk:
+        disk = self._disks.get(vdev)
+        if disk is None:
+            raise NotFound(f"domain {self._name} has no disk {vdev}")
+        if disk.backend != "qdisk":
+            raise FailedPrecondition(
+                f"disk {vdev} of domain {self._name} is served by the {disk.backend} backend, not by QEMU; "
+                "only images QEMU holds take qcow2 snapshots"
+            )
+        return disk
+
+    async def _execute(self, command: str, args: Mapping[str, object]) -> None:
+        session = QmpSession(self._socket, f"{self._name} (domid {self._domid})")
+        try:
+            await session.execute(command, args)
+        finally:
+            await session.close()
+
+    async def internal_snapshot(self, vdev: str, tag: str) -> None:
+        node = node_name(self._qdisk(vdev))
+        await self._execute("blockdev-snapshot-internal-sync", {"device": node, "name": tag})
+
+    async def delete_internal_snapshot(self, vdev: str, tag: str) -> None:
+        node = node_name(self._qdisk(vdev))
+        await self._execute("blockdev-snapshot-delete-internal-sync", {"device": node, "name": tag})
+
+    def _no_external(self, vdev: str) -> FailedPrecondition:
+        return FailedPrecondition(
+            f"disk {vdev} of domain {self._name}: external snapshots of disks a running Xen domain uses "
+            "are not supported (libxl would keep naming the frozen image); take an internal snapshot "
+            "(qcow2) instead"
+        )
+
+    async def external_snapshot(self, vdev: str, overlay: Path, fmt: str) -> None:
+        raise self._no_external(vdev)
+
+    async def drop_overlay(self, vdev: str, backing: Path, fmt: str) -> None:
+        raise self._no_external(vdev)

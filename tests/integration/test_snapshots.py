@@ -377,6 +377,7 @@ def test_revert_brings_ram_and_disk_back_to_the_snapshot_instant(
         assert fresh not in (str(image), str(snapdir / "xvda.qcow2")), "a revert must not reuse an overlay"
         assert Path(fresh).parent == snapdir
         assert img_info(fresh)["full-backing-filename"] == str(image)
+        assert not (snapdir / "xvda.qcow2").exists(), "the discarded state's overlay is left behind"
         # The frozen image still holds the snapshot's disk.
         assert guestprobe.disk_counter(image, "qcow2") == seen.first_ok("vda")
     else:
@@ -447,6 +448,10 @@ def test_revert_again_and_between_two_snapshots(agent: Agent, boot_guest: BootGu
         now = disk_target(g)
         assert Path(now).parent == Path(s2.snap.path)
         assert img_info(now)["full-backing-filename"] == str(s1_overlay)
+        # No orphans: of the overlays the domain ran on, only the one s2
+        # froze and the one it runs on now are left.
+        overlays = {p for s in (s1, s2) for p in Path(s.snap.path).glob("*.qcow2")}
+        assert overlays == {s1_overlay, Path(now)}, sorted(map(str, overlays))
     # Both still listed, s2 current.
     listed = agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots
     assert [(s.name, s.current) for s in listed] == [("s1", False), ("s2", True)]
@@ -516,6 +521,7 @@ def test_paused_domain_snapshots_revert_paused_unless_told(agent: Agent, boot_gu
 
 def test_running_domain_keeps_running_through_creates(agent: Agent, boot_guest: BootGuest) -> None:
     g = boot_guest("qcow2")
+    offset = g.mark()
     for live in (False, True):
         c_before = g.counter()
         events = g.create_snapshot(live=live) if not live else g.create_snapshot(live=live, name="live-one")
@@ -528,6 +534,10 @@ def test_running_domain_keeps_running_through_creates(agent: Agent, boot_guest: 
         assert d.state == RUNNING
         assert d.busy_with_operation == ""
         guestprobe.wait_counter_above(g.serial, c_before + 10, timeout=10)
+    # Paused briefly, never restarted: one counter after the other.
+    counters = guestprobe.serial_counters(g.serial, offset)
+    assert counters == list(range(counters[0], counters[0] + len(counters))), counters
+    assert "READY" not in g.lines_since(offset)
     assert not bad_lines(g)
 
 

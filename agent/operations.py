@@ -160,12 +160,17 @@ class Operations:
         self._busy: dict[str, Operation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def replay(self, request_id: str, kind: OpKind, domain: str) -> Operation | None:
+        """The operation a request with this request_id started before, if any."""
+        if not request_id or (seen := self._by_request.get(request_id)) is None:
+            return None
+        if (seen.kind, seen.domain) != (kind, domain):
+            raise FailedPrecondition(f"request_id {request_id!r} was already used for {seen.kind} on domain "
+                                     f"{seen.domain}")
+        return seen
+
     def start(self, kind: OpKind, domain: str, snapshot: str, request_id: str, body: Body) -> Operation:
-        if request_id and (seen := self._by_request.get(request_id)) is not None:
-            if (seen.kind, seen.domain) != (kind, domain):
-                raise FailedPrecondition(
-                    f"request_id {request_id!r} was already used for {seen.kind} on domain {seen.domain}"
-                )
+        if (seen := self.replay(request_id, kind, domain)) is not None:
             return seen
         self.check_idle(domain)
         op = Operation(uuid.uuid4().hex[:16], kind, domain, snapshot, request_id)

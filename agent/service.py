@@ -139,15 +139,22 @@ class AgentService:
 
     async def create_snapshot(self, req: CreateRequest, request_id: str) -> Operation:
         domain = await self.driver.lookup(req.domain)
-        req = CreateRequest(**{**req.__dict__, "domain": domain.name})
+        if (seen := self.operations.replay(request_id, OpKind.CREATE, domain.name)) is not None:
+            return seen
+        # Validated before the operation exists: a refusal is one plain error.
+        self.operations.check_idle(domain.name)
+        plan = await self._create.prepare(domain, req)
         return self.operations.start(OpKind.CREATE, domain.name, req.name, request_id,
-                                     lambda op: self._create.run(op, req))
+                                     lambda op: self._create.run(op, req, plan))
 
     async def revert_snapshot(self, req: RevertRequest, request_id: str) -> Operation:
         name = await self._domain_name(req.domain)
-        req = RevertRequest(name, req.snapshot, req.run_after, req.force)
-        return self.operations.start(OpKind.REVERT, name, req.snapshot, request_id,
-                                     lambda op: self._revert.run(op, req))
+        if (seen := self.operations.replay(request_id, OpKind.REVERT, name)) is not None:
+            return seen
+        self.operations.check_idle(name)
+        plan = await self._revert.prepare(RevertRequest(name, req.snapshot, req.run_after, req.force))
+        return self.operations.start(OpKind.REVERT, name, plan.manifest.name, request_id,
+                                     lambda op: self._revert.run(op, plan))
 
     async def _domain_name(self, ref: str) -> str:
         """A running domain's name, or a name the catalogue knows (a gone domain can be reverted)."""
@@ -172,5 +179,9 @@ class AgentService:
 
     async def delete_snapshot(self, domain: str, ref: str, children: bool, request_id: str) -> Operation:
         name = await self._domain_name(domain)
-        return self.operations.start(OpKind.DELETE, name, ref, request_id,
-                                     lambda op: self._delete.run(op, name, ref, children))
+        if (seen := self.operations.replay(request_id, OpKind.DELETE, name)) is not None:
+            return seen
+        self.operations.check_idle(name)
+        plan = await self._delete.prepare(name, ref, children)
+        return self.operations.start(OpKind.DELETE, name, plan.doomed[-1].manifest.name, request_id,
+                                     lambda op: self._delete.run(op, plan))

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -83,7 +84,8 @@ def parse_request(
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
+    domain: Domain
     snapdir: Path
     memory: Path
     records: tuple[DiskRecord, ...]
@@ -98,11 +100,14 @@ class SnapshotCreate:
         self._journal = journal
         self._root = snapshot_root
 
-    async def run(self, op: Operation, req: CreateRequest) -> Entry:
-        progress = op.phase("validate", 5)
-        domain = await self._driver.lookup(req.domain)
-        plan = await self._plan(domain, req)
-        progress(1.0, 0, 0, 0.0, f"{len(plan.records)} disk(s), memory {domain.config.memory_mib} MiB")
+    async def prepare(self, domain: Domain, req: CreateRequest) -> Plan:
+        """Validate everything; touches nothing, so a refusal leaves no trace."""
+        return await self._plan(domain, req)
+
+    async def run(self, op: Operation, req: CreateRequest, plan: Plan) -> Entry:
+        domain = plan.domain
+        op.phase("validate", 5)(1.0, 0, 0, 0.0,
+                                f"{len(plan.records)} disk(s), memory {domain.config.memory_mib} MiB")
         op.check_cancel()
         created = time.time()
         journal = JournalEntry(op.id, "create", domain.name, req.name, op.request_id, data={
@@ -119,6 +124,7 @@ class SnapshotCreate:
 
         try:
             step("mkdir")
+            plan.snapdir.parent.mkdir(parents=True, exist_ok=True)
             plan.snapdir.mkdir(mode=0o700)
             copies = sum(Path(r.image).stat().st_size for r in plan.records if r.backend == "raw")
             sinks = op.parts(95, {"memory": domain.config.memory_mib * MiB, "disks": copies + MiB})
@@ -199,7 +205,7 @@ class SnapshotCreate:
         if journal.reached("mkdir"):
             shutil.rmtree(data["snapdir"], ignore_errors=True)
 
-    async def _plan(self, domain: Domain, req: CreateRequest) -> _Plan:
+    async def _plan(self, domain: Domain, req: CreateRequest) -> Plan:
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):
             raise FailedPrecondition(f"domain {domain.name} is {domain.state}: only a running or paused domain "
                                      "can be snapshotted")
@@ -212,7 +218,6 @@ class SnapshotCreate:
             raise AlreadyExists(f"snapshot path {snapdir} already exists")
         if req.path and not snapdir.parent.is_dir():
             raise NotFound(f"snapshot path {snapdir}: its parent directory does not exist")
-        snapdir.parent.mkdir(parents=True, exist_ok=True)
         unknown = set(req.disk_choices) - {d.vdev for d in domain.config.disks}
         if unknown:
             raise InvalidArgument(f"snapshot cfgfile names disk(s) {', '.join(sorted(unknown))} that domain "
@@ -238,13 +243,23 @@ class SnapshotCreate:
         memory = Path(req.memory_path) if req.memory_path else snapdir / manifest.MEMORY
         if os.path.lexists(memory):
             raise AlreadyExists(f"memory image {memory} already exists")
-        self._check_space(domain, snapdir.parent, records)
-        return _Plan(snapdir, memory, tuple(records))
+        self._check_space(domain, memory, records)
+        return Plan(domain, snapdir, memory, tuple(records))
 
-    def _check_space(self, domain: Domain, where: Path, records: list[DiskRecord]) -> None:
-        need = domain.config.memory_mib * MiB + sum(
-            Path(r.image).stat().st_blocks * 512 for r in records if r.backend == "raw")
-        st = os.statvfs(where)
-        free = st.f_bavail * st.f_frsize
-        if need > free:
-            raise ResourceExhausted(f"{where} has {free // MiB} MiB free; this snapshot needs about {need // MiB} MiB")
+    def _check_space(self, domain: Domain, memory: Path, records: list[DiskRecord]) -> None:
+        """Enough room on each filesystem a new file goes to (the memory image
+        may need up to the guest's RAM; a copy, the image's allocated bytes)."""
+        needs = [(memory, domain.config.memory_mib * MiB)]
+        needs += [(Path(r.file), Path(r.image).stat().st_blocks * 512) for r in records if r.backend == "raw"]
+        need: Counter[int] = Counter()
+        place: dict[int, Path] = {}
+        for path, size in needs:
+            where = next(p for p in path.parents if p.exists())
+            dev = where.stat().st_dev
+            place.setdefault(dev, where)
+            need[dev] += size
+        for dev, size in need.items():
+            st = os.statvfs(place[dev])
+            if size > (free := st.f_bavail * st.f_frsize):
+                raise ResourceExhausted(f"{place[dev]} has {free // MiB} MiB free; this snapshot needs about "
+                                        f"{size // MiB} MiB there")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from domsnap.agent import manifest
@@ -25,6 +26,14 @@ from domsnap.agent.storage import Backends
 from domsnap.agent.storage.base import DiskBackend, Method
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeletePlan:
+    domain: str
+    # Descendants before their parents.
+    doomed: tuple[Entry, ...]
+    dom: Domain | None
 
 
 class SnapshotDelete:
@@ -56,14 +65,18 @@ class SnapshotDelete:
         except NotFound:
             return None
 
-    async def run(self, op: Operation, domain: str, ref: str, children: bool) -> None:
-        progress = op.phase("validate", 5)
+    async def prepare(self, domain: str, ref: str, children: bool) -> DeletePlan:
+        """What to delete, checked before anything is touched."""
         path, m = self._catalogue.resolve(domain, ref)
         doomed = self._doomed(domain, Entry(path, m, self._catalogue.current(domain) == m.name), children)
         dom = await self._domain(domain)
         for e in doomed:
             await self._check(e.manifest, dom)
-        progress(1.0, 0, 0, 0.0, ", ".join(e.manifest.name for e in doomed))
+        return DeletePlan(domain, tuple(doomed), dom)
+
+    async def run(self, op: Operation, plan: DeletePlan) -> None:
+        domain, doomed, dom = plan.domain, plan.doomed, plan.dom
+        op.phase("validate", 5)(1.0, 0, 0, 0.0, ", ".join(e.manifest.name for e in doomed))
         op.commit()
         sink = op.phase("delete", 99)
         for i, e in enumerate(doomed):

@@ -71,6 +71,17 @@ def _is_revert_overlay(path: Path, vdev: str) -> bool:
     return re.fullmatch(rf"{re.escape(vdev)}\.r\d+\.qcow2", path.name) is not None
 
 
+@dataclass(frozen=True)
+class RevertPlan:
+    snapdir: Path
+    manifest: Manifest
+    # None when the domain no longer exists (a forced revert recreates it).
+    domain: Domain | None
+    current: DomainConfig
+    paused: bool
+    risks: tuple[str, ...]
+
+
 class SnapshotRevert:
     def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue, journal: Journal) -> None:
         self._driver = driver
@@ -110,8 +121,8 @@ class SnapshotRevert:
                 out.append(old)
         return out
 
-    async def run(self, op: Operation, req: RevertRequest) -> Entry:
-        progress = op.phase("validate", 5)
+    async def prepare(self, req: RevertRequest) -> RevertPlan:
+        """Validate everything (snapshot complete, files present, risks); touches nothing."""
         snapdir, m = self._catalogue.resolve(req.domain, req.snapshot)
         if m.driver != self._driver.name:
             raise FailedPrecondition(f"snapshot {m.name} was taken by the {m.driver} driver; this agent runs "
@@ -132,14 +143,19 @@ class SnapshotRevert:
         current = domain.config if domain is not None else snap_config
         for rec in m.disks:
             await self._backends.for_record(rec).check(rec, current.disk(rec.vdev))
-        progress(1.0, 0, 0, 0.0, "snapshot complete" + (f"; forced past: {'; '.join(risks)}" if risks else ""))
         paused = req.run_after is RunAfter.PAUSED or (req.run_after is RunAfter.SNAPSHOT and m.state == "paused")
+        return RevertPlan(snapdir, m, domain, current, paused, tuple(risks))
+
+    async def run(self, op: Operation, plan: RevertPlan) -> Entry:
+        snapdir, m, domain, current, paused = plan.snapdir, plan.manifest, plan.domain, plan.current, plan.paused
+        op.phase("validate", 5)(1.0, 0, 0, 0.0, "snapshot complete" + (
+            f"; forced past: {'; '.join(plan.risks)}" if plan.risks else ""))
         journal = JournalEntry(op.id, "revert", m.domain, m.name, op.request_id, data={
             "snapdir": str(snapdir), "current_config": current.to_text(), "paused": paused,
         })
         self._journal.begin(journal)
-        # The point of no return: from here a failure leaves the journal for
-        # the next agent start to finish the revert.
+        # The point of no return: past it a cancel is refused, and an agent
+        # that dies leaves the journal for the next one to finish the revert.
         op.commit()
         try:
             self._journal.step(journal, "destroy")

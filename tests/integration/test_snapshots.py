@@ -602,11 +602,7 @@ def test_bad_requests_are_refused_and_touch_nothing(agent: Agent, boot_guest: Bo
 
     def untouched(before: Before, what: str) -> None:
         after = _state(agent, g)
-        # An empty <root>/<domain>/ left by a refused create is a known bug,
-        # proven on its own by test_refused_create_leaves_no_domain_directory;
-        # anything else left behind fails here.
-        allowed = {g.name} if domdir.is_dir() and not any(domdir.iterdir()) else set()
-        assert after.files - before.files <= allowed, (
+        assert after.files == before.files, (
             f"{what}: left {sorted(after.files - before.files)} in the snapshot root")
         assert before.files <= after.files, f"{what}: removed {sorted(before.files - after.files)}"
         assert after.guest_files == before.guest_files, f"{what}: left {sorted(after.guest_files ^ before.guest_files)}"
@@ -663,10 +659,6 @@ def test_bad_requests_are_refused_and_touch_nothing(agent: Agent, boot_guest: Bo
     assert not bad_lines(g)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: a create refused in validation leaves an empty <snapshot_root>/<domain>/ directory "
-    "(SnapshotCreate._plan creates the snapshot directory's parent before it validates the disks, "
-    "the cfgfile's disk choices and memory_path)"))
 def test_refused_create_leaves_no_domain_directory(agent: Agent, boot_guest: BootGuest, tmp_path: Path) -> None:
     g = boot_guest("qcow2", "raw")
     domdir = agent.snapshot_root / g.name
@@ -687,10 +679,6 @@ def test_refused_create_leaves_no_domain_directory(agent: Agent, boot_guest: Boo
     assert leaked == [], f"refused creates left {domdir} behind: {leaked}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: a create that the agent refuses in its validate phase (a method a disk cannot do, an "
-    "unknown disk in the cfgfile, a duplicate name, an existing path) has already started an operation, so "
-    "the CLI prints `operation ...` and `validate 0%` lines before the error instead of one line"))
 def test_refused_create_prints_only_the_error(agent: Agent, boot_guest: BootGuest) -> None:
     g = boot_guest("raw")
     out = agent.cli("snapshot-create", g.name, "--name", "n", "--internal")

@@ -13,8 +13,9 @@ hold a google.rpc.ErrorInfo (domain "domsnap.dev", a stable `reason`).
                        names line and column), a method a disk cannot do
   NOT_FOUND            unknown domain, snapshot or operation
   ALREADY_EXISTS       snapshot name or path already taken, domain exists
-  FAILED_PRECONDITION  the state does not allow it (e.g. pause a paused
-                       domain, a risky revert without `force`)
+  FAILED_PRECONDITION  the state does not allow it (e.g. a snapshot of a
+                       shut-down domain, a risky revert without `force`,
+                       a cancel past the point of no return)
   ABORTED              the domain is busy with another operation (the
                        message names it)
   RESOURCE_EXHAUSTED   the disk filled up; nothing was left behind
@@ -786,8 +787,10 @@ class Progress(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     phase: _builtins.str
-    """Short stable phase name: "validate", "pause", "memory", "disks",
-    "resume", "manifest", "destroy", "restore", ...
+    """Short stable phase name. create: "validate", "memory", "disks" (the
+    two interleave: their order depends on live or not), "manifest",
+    "done"; revert: "validate", "destroy", "disks", "restore", "done";
+    delete: "validate", "delete", "done".
     """
     percent: _builtins.float
     """Of the whole operation, 0..100."""

@@ -13,8 +13,9 @@ hold a google.rpc.ErrorInfo (domain "domsnap.dev", a stable `reason`).
                        names line and column), a method a disk cannot do
   NOT_FOUND            unknown domain, snapshot or operation
   ALREADY_EXISTS       snapshot name or path already taken, domain exists
-  FAILED_PRECONDITION  the state does not allow it (e.g. pause a paused
-                       domain, a risky revert without `force`)
+  FAILED_PRECONDITION  the state does not allow it (e.g. a snapshot of a
+                       shut-down domain, a risky revert without `force`,
+                       a cancel past the point of no return)
   ABORTED              the domain is busy with another operation (the
                        message names it)
   RESOURCE_EXHAUSTED   the disk filled up; nothing was left behind

@@ -62,12 +62,15 @@ async def run(
     """Run `argv` to completion; kill it and raise CommandError after `timeout`."""
     _check_argv(argv)
     log.debug("run %s", argv)
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:  # not installed, not executable
+        raise CommandError(argv, 127, "", f"{argv[0]}: {exc.strerror}") from exc
     assert proc.stdout is not None and proc.stderr is not None
     out: list[str] = []
     err: list[str] = []

@@ -1,0 +1,45 @@
+"""The process runner: argv only, a timeout always, failures as CommandError."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from domsnap.agent.errors import CommandError, InvalidArgument
+from domsnap.agent.runner import run
+
+
+def test_output_and_stderr_lines_are_returned_and_followed() -> None:
+    seen: list[str] = []
+    out = asyncio.run(run(["sh", "-c", "echo out; echo err1 >&2; echo err2 >&2"], timeout=10,
+                          on_stderr_line=seen.append))
+    assert (out.rc, out.stdout, seen) == (0, "out\n", ["err1", "err2"])
+
+
+def test_failure_keeps_argv_status_and_last_stderr_line() -> None:
+    with pytest.raises(CommandError) as err:
+        asyncio.run(run(["sh", "-c", "echo first >&2; echo last words >&2; exit 3"], timeout=10))
+    assert err.value.rc == 3 and err.value.argv[0] == "sh"
+    assert err.value.message == "sh exited with status 3: last words"
+
+
+def test_timeout_kills_the_process() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(CommandError) as err:
+        asyncio.run(run(["sleep", "30"], timeout=0.3))
+    assert err.value.rc is None and "timed out" in err.value.message
+    assert time.monotonic() - t0 < 5
+
+
+def test_missing_program_is_a_command_error() -> None:
+    with pytest.raises(CommandError) as err:
+        asyncio.run(run(["/nonexistent/qemu-system-x86_64", "--version"], timeout=5))
+    assert err.value.rc == 127 and "No such file or directory" in err.value.message
+
+
+@pytest.mark.parametrize("argv", [[], ["echo", "a\0b"]])
+def test_malformed_argv_is_refused(argv: list[str]) -> None:
+    with pytest.raises(InvalidArgument):
+        asyncio.run(run(argv, timeout=5))

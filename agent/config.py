@@ -1,4 +1,9 @@
-"""Agent configuration: defaults, then the TOML file, then command-line flags."""
+"""Agent configuration: defaults, then the TOML file, then command-line flags.
+
+Listening follows the security rules of the design: a unix socket by default
+(mode 0660, group `socket_group`); TCP only with TLS and client certificates
+(`[tls]`), except plain TCP on loopback when `allow_plaintext_loopback` says so.
+"""
 
 from __future__ import annotations
 
@@ -44,10 +49,43 @@ class TestingConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """The agent's certificate and key, and the CA that issues its clients' certificates."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class RolesConfig:
+    """Client certificate identities by role: `CN=<subject common name>` or
+    `SAN=<a subject alternative name>`; `loopback` stands for every caller
+    of a plain-TCP loopback listener."""
+
+    admin: tuple[str, ...] = ()
+    read_only: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     listen: tuple[str, ...] = (DEFAULT_SOCKET,)
     state_dir: Path = Path("/var/lib/domsnap")
     snapshot_root: Path = Path("/var/lib/domsnap/snapshots")
+    # Where snapshot files may go; empty: snapshot_root alone.
+    snapshot_roots: tuple[Path, ...] = ()
+    # The unix socket's group: its members may connect, read-only.
+    socket_group: str = "domsnap"
+    # Members of this group connecting on the unix socket are admins (root always is).
+    admin_group: str = ""
+    # Plain TCP on a loopback address; callers there are `loopback` in [roles].
+    allow_plaintext_loopback: bool = False
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
     driver: str = "auto"
     log_level: str = "info"
     # Longest backing chain an external snapshot may make (each external
@@ -56,14 +94,20 @@ class AgentConfig:
     qemu: QemuConfig = field(default_factory=QemuConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
 
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """The snapshot roots: `snapshot_roots`, else `snapshot_root` alone."""
+        return self.snapshot_roots or (self.snapshot_root,)
+
 
 @dataclass(frozen=True)
 class ListenAddress:
-    """`unix:/path` or a loopback `HOST:PORT`."""
+    """`unix:/path` or `HOST:PORT` (port 0: the OS picks one)."""
 
     unix_path: Path | None = None
     host: str = ""
     port: int = 0
+    loopback: bool = False
 
     @property
     def grpc_target(self) -> str:
@@ -81,17 +125,50 @@ def parse_listen(addr: str) -> ListenAddress:
         return ListenAddress(unix_path=path)
     host, sep, port = addr.rpartition(":")
     host = host.strip("[]")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise InvalidArgument(f"listen address {addr!r}: expected unix:/path or HOST:PORT")
     try:
         ip = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host)
     except ValueError as err:
         raise InvalidArgument(f"listen address {addr!r}: {host!r} is not an IP address") from err
-    if not ip.is_loopback:
-        # Plain TCP beyond loopback would hand root-equivalent control to the
-        # network; TLS arrives with the security work.
-        raise InvalidArgument(f"listen address {addr!r}: plain TCP is only allowed on loopback")
-    return ListenAddress(host=str(ip), port=int(port))
+    return ListenAddress(host=str(ip), port=int(port), loopback=ip.is_loopback)
+
+
+def check_listen(config: AgentConfig) -> None:
+    """Every listen address parses, and TCP is TLS unless plain loopback was allowed."""
+    for addr in config.listen:
+        listen = parse_listen(addr)
+        if listen.unix_path is not None or config.tls.enabled:
+            continue
+        if not listen.loopback:
+            # Plain TCP would hand root-equivalent control to the network.
+            raise InvalidArgument(
+                f"listen address {addr!r}: TCP needs TLS with client certificates: set [tls] cert, key and "
+                "client_ca, or listen on a unix socket")
+        if not config.allow_plaintext_loopback:
+            raise InvalidArgument(
+                f"listen address {addr!r}: plain TCP, even on loopback, lets any local user in: set [tls] cert, "
+                "key and client_ca, or allow_plaintext_loopback = true (and give `loopback` a role in [roles])")
+
+
+_SECTIONS: dict[str, type[Any]] = {"qemu": QemuConfig, "testing": TestingConfig, "tls": TlsConfig,
+                                   "roles": RolesConfig}
+
+
+def _convert(kind: str, value: Any, where: str) -> Any:
+    """A TOML value as the field's declared type (the dataclasses' annotations are strings)."""
+    if kind in ("str", "bool", "int") and type(value).__name__ != kind:
+        raise InvalidArgument(f"{where}: expected {'an' if kind == 'int' else 'a'} {kind}, not {value!r}")
+    if kind in ("Path", "Path | None"):
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(f"{where}: expected a path, not {value!r}")
+        return Path(value)
+    if kind.startswith("tuple["):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+            raise InvalidArgument(f"{where}: expected a list of strings, not {value!r}")
+        return tuple(Path(v) for v in items) if kind == "tuple[Path, ...]" else tuple(items)
+    return value
 
 
 def _section(cls: type[Any], data: dict[str, Any], where: str) -> dict[str, Any]:
@@ -100,17 +177,30 @@ def _section(cls: type[Any], data: dict[str, Any], where: str) -> dict[str, Any]
     for key, value in data.items():
         if key not in known:
             raise InvalidArgument(f"{where}: unknown setting {key!r}")
-        if key == "qemu":
-            out[key] = QemuConfig(**_section(QemuConfig, value, f"{where} [qemu]"))
-        elif key == "testing":
-            out[key] = TestingConfig(**_section(TestingConfig, value, f"{where} [testing]"))
-        elif key == "listen":
-            out[key] = tuple([value] if isinstance(value, str) else value)
-        elif key in ("state_dir", "snapshot_root"):
-            out[key] = Path(value)
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise InvalidArgument(f"{where}: {key} must be a [{key}] section")
+            out[key] = _SECTIONS[key](**_section(_SECTIONS[key], value, f"{where} [{key}]"))
         else:
-            out[key] = value
+            out[key] = _convert(str(known[key].type), value, f"{where}: {key}")
     return out
+
+
+def _check_security(config: AgentConfig) -> None:
+    tls = config.tls
+    given = [name for name in ("cert", "key", "client_ca") if getattr(tls, name) is not None]
+    if given and len(given) != 3:
+        # Client certificates are always required: no CA, no TLS.
+        raise InvalidArgument(f"[tls] needs cert, key and client_ca together (got only {', '.join(given)})")
+    for role, entries in (("admin", config.roles.admin), ("read_only", config.roles.read_only)):
+        for entry in entries:
+            if entry != "loopback" and not (entry.startswith(("CN=", "SAN=")) and entry.partition("=")[2]):
+                raise InvalidArgument(f"[roles] {role}: {entry!r}: expected CN=<common name>, SAN=<name> or loopback")
+    for root in config.roots:
+        if not root.is_absolute():
+            raise InvalidArgument(f"snapshot_roots: {str(root)!r} must be an absolute path")
+    if config.snapshot_roots and not any(config.snapshot_root.is_relative_to(r) for r in config.snapshot_roots):
+        raise InvalidArgument(f"snapshot_root {config.snapshot_root} must lie inside one of snapshot_roots")
 
 
 def load(path: Path | None, **overrides: Any) -> AgentConfig:
@@ -130,6 +220,6 @@ def load(path: Path | None, **overrides: Any) -> AgentConfig:
         raise InvalidArgument(f"driver {config.driver!r}: expected one of {', '.join(DRIVERS)}")
     if config.qemu.live_mode not in LIVE_MODES:
         raise InvalidArgument(f"[qemu] live_mode {config.qemu.live_mode!r}: expected one of {', '.join(LIVE_MODES)}")
-    for addr in config.listen:
-        parse_listen(addr)
+    _check_security(config)
+    check_listen(config)
     return config

@@ -114,9 +114,16 @@ def progress(p: Progress) -> pb.Progress:
                        bytes_per_second=p.bytes_per_second, message=p.message, time=timestamp(p.time))
 
 
+# An error travels in trailing metadata twice (grpc-message and the status
+# details), and clients refuse metadata over 8 KiB: a message that quotes a
+# caller's oversized input is cut.
+MAX_ERROR_MESSAGE = 1024
+
+
 def error_status(err: DomsnapError) -> status_pb2.Status:
     info = error_details_pb2.ErrorInfo(reason=type(err).__name__, domain=ERROR_DOMAIN)
-    status = status_pb2.Status(code=err.code.value[0], message=err.message)
+    message = err.message if len(err.message) <= MAX_ERROR_MESSAGE else err.message[:MAX_ERROR_MESSAGE] + "…"
+    status = status_pb2.Status(code=err.code.value[0], message=message)
     status.details.add().Pack(info)
     return status
 

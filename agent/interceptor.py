@@ -1,7 +1,11 @@
-"""The one place errors become gRPC statuses, and one log line per request."""
+"""The one place errors become gRPC statuses, and one log line per request.
+
+Every request is checked against the size limits (limits.py) first.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -10,8 +14,10 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc_status import rpc_status
 
+from domsnap.agent.auth import current_caller
 from domsnap.agent.convert import error_status
 from domsnap.agent.errors import DomsnapError, InternalError
+from domsnap.agent.limits import check_request
 
 log = logging.getLogger("domsnap.requests")
 
@@ -52,8 +58,8 @@ class _Call:
         await self.context.abort_with_status(rpc_status.to_status(error_status(err)))
 
     def _log(self, code: grpc.StatusCode, message: str = "") -> None:
-        log.info("rpc method=%s peer=%s code=%s ms=%.1f%s", self.method, self.context.peer(), code.name,
-                 (time.monotonic() - self.started) * 1000, f" error={message!r}" if message else "")
+        log.info("rpc method=%s caller=%s code=%s ms=%.1f%s", self.method, current_caller() or self.context.peer(),
+                 code.name, (time.monotonic() - self.started) * 1000, f" error={message!r}" if message else "")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -72,6 +78,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request: Any, context: Ctx) -> Any:
                 call = _Call(method, context)
                 try:
+                    check_request(request)
                     response = await inner(request, context)
                 except Exception as exc:
                     await call.fail(exc)
@@ -81,12 +88,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
+        # (A streaming handler that writes with context.write() instead, like
+        # health's Watch, passes as it is.)
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
             inner_stream = cast("Streaming", handler.unary_stream)
 
             async def stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
                 call = _Call(method, context)
                 try:
+                    check_request(request)
                     async for item in inner_stream(request, context):
                         yield item
                 except Exception as exc:

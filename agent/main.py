@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help=f"TOML config file (default {agent_config.DEFAULT_CONFIG_FILE})")
     p.add_argument("--listen", action="append", metavar="ADDR",
-                   help="unix:/path or HOST:PORT (loopback only); repeatable "
+                   help="unix:/path or HOST:PORT (TCP: TLS per [tls], or plain on loopback with "
+                        "allow_plaintext_loopback); repeatable "
                         f"(default {agent_config.DEFAULT_SOCKET})")
     p.add_argument("--state-dir", type=Path, help="where the agent keeps its state")
     p.add_argument("--snapshot-root", type=Path, help="default parent of snapshot directories")

@@ -1,26 +1,36 @@
 """domsnapd's gRPC server: the SnapshotAgent service, health and reflection
-on every listen address; SERVING only once the driver answered a probe."""
+on every listen address; SERVING only once the driver answered a probe.
+
+Unix sockets are served through `UnixListener` (the peer's credentials give
+its role); TCP through TLS with client certificates required, or plain on
+loopback when the config allows it. Interceptors: auth (roles, audit) first,
+then errors (statuses, the request log, request size limits).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 import signal
+import ssl
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from domsnap.agent.config import AgentConfig, parse_listen
+from domsnap.agent import limits
+from domsnap.agent.auth import AuthInterceptor, Authorizer
+from domsnap.agent.config import AgentConfig, TlsConfig, parse_listen
 from domsnap.agent.drivers import make_driver
 from domsnap.agent.drivers.base import Hypervisor
+from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.interceptor import ErrorInterceptor
 from domsnap.agent.service import AgentService
 from domsnap.agent.servicer import SnapshotAgentServicer
 from domsnap.agent.storage import Backends
+from domsnap.agent.unix_socket import PeerTable, UnixListener, group_id, prepare_socket_path, private_socket_path
 from domsnap.v1 import domsnap_pb2, domsnap_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -29,36 +39,115 @@ SERVICE_NAME = domsnap_pb2.DESCRIPTOR.services_by_name["SnapshotAgent"].full_nam
 DRAIN_SECONDS = 30.0
 
 
-def _bind(server: grpc.aio.Server, addr: str) -> None:
-    listen = parse_listen(addr)
-    if listen.unix_path is not None:
-        listen.unix_path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-        with contextlib.suppress(FileNotFoundError):
-            listen.unix_path.unlink()
-    server.add_insecure_port(listen.grpc_target)
+def _read(tls: TlsConfig, name: str) -> bytes:
+    path = getattr(tls, name)
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise InvalidArgument(f"[tls] {name} {path}: {err.strerror}") from err
+
+
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """TLS with client certificates required, checked here so that a bad file fails the start, not a handshake."""
+    cert, key, client_ca = (_read(tls, name) for name in ("cert", "key", "client_ca"))
+    try:
+        ssl.create_default_context(purpose=ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(tls.cert), str(tls.key))
+    except ssl.SSLError as err:
+        raise InvalidArgument(f"[tls] cert {tls.cert} and key {tls.key}: {err.reason or err} "
+                              "(not a certificate and its key?)") from err
+    try:
+        ssl.create_default_context().load_verify_locations(cadata=client_ca.decode(errors="replace"))
+    except (ssl.SSLError, ValueError) as err:
+        raise InvalidArgument(f"[tls] client_ca {tls.client_ca}: no CA certificate in it") from err
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=True)
+
+
+class _Listeners:
+    """Every listen address bound to the server; the unix ones through their relay."""
+
+    def __init__(self, config: AgentConfig, server: grpc.aio.Server, peers: PeerTable) -> None:
+        self._config = config
+        self._server = server
+        self._peers = peers
+        self.unix: list[UnixListener] = []
+        self.bound: list[str] = []
+        self._private: Path | None = None
+
+    def bind_tcp(self) -> None:
+        creds = server_credentials(self._config.tls) if self._config.tls.enabled else None
+        for addr in self._config.listen:
+            listen = parse_listen(addr)
+            if listen.unix_path is not None:
+                continue
+            if creds is not None:
+                port = self._server.add_secure_port(listen.grpc_target, creds)
+                kind = "TLS, client certificates required"
+            else:
+                port = self._server.add_insecure_port(listen.grpc_target)
+                kind = "plain TCP: any local user may connect, as `loopback` in [roles]"
+            if port == 0:
+                raise InvalidArgument(f"listen address {addr!r}: cannot bind")
+            host = f"[{listen.host}]" if ":" in listen.host else listen.host
+            self.bound.append(f"{host}:{port} ({kind})")
+
+    def bind_unix(self, socket_gid: int | None) -> None:
+        for addr in self._config.listen:
+            path = parse_listen(addr).unix_path
+            if path is None:
+                continue
+            # The directory first: the private socket goes beside the first public one.
+            prepare_socket_path(path, socket_gid)
+            if self._private is None:
+                self._private = private_socket_path(path)
+                self._server.add_insecure_port(f"unix:{self._private}")
+            self.unix.append(UnixListener(path, self._private, self._peers, socket_gid))
+
+    async def start_unix(self) -> None:
+        for listener in self.unix:
+            await listener.start()
+            self.bound.append(f"unix:{listener.public}")
+
+    async def close(self) -> None:
+        for listener in self.unix:
+            await listener.close()
+        if self._private is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._private.unlink()
+            with contextlib.suppress(OSError):
+                self._private.parent.rmdir()
 
 
 async def serve(config: AgentConfig, driver: Hypervisor | None = None, *, ready: asyncio.Event | None = None) -> None:
-    driver = driver or make_driver(config)
+    driver = driver or await make_driver(config)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     config.snapshot_root.mkdir(parents=True, exist_ok=True)
     service = AgentService(config, driver, Backends(qemu_img=config.qemu.img, max_chain=config.max_chain_depth))
 
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    socket_gid = group_id(config.socket_group, "socket_group")
+    peers = PeerTable()
+    authorizer = Authorizer(config.roles, peers=peers, admin_gid=group_id(config.admin_group, "admin_group"),
+                            socket_gid=socket_gid)
+    server = grpc.aio.server(
+        interceptors=[AuthInterceptor(authorizer), ErrorInterceptor()],
+        options=[("grpc.max_receive_message_length", limits.MAX_REQUEST_BYTES)],
+    )
     domsnap_pb2_grpc.add_SnapshotAgentServicer_to_server(SnapshotAgentServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    for addr in config.listen:
-        _bind(server, addr)
+    listeners = _Listeners(config, server, peers)
+    listeners.bind_tcp()
+    listeners.bind_unix(socket_gid)
     await server.start()
-    for addr in config.listen:
-        if (path := parse_listen(addr).unix_path) is not None:
-            # Only root and the socket's group may drive an agent that runs as root.
-            os.chmod(path, 0o660)
-    log.info("listening on %s", ", ".join(config.listen))
+    try:
+        await listeners.start_unix()
+    except BaseException:
+        await listeners.close()
+        await server.stop(grace=None)
+        raise
+    log.info("listening on %s", ", ".join(listeners.bound))
 
     version = await driver.probe()
     await driver.start()
@@ -82,8 +171,5 @@ async def serve(config: AgentConfig, driver: Hypervisor | None = None, *, ready:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await service.operations.drain(DRAIN_SECONDS)
         await server.stop(grace=2)
+        await listeners.close()
         await driver.close()
-        for addr in config.listen:
-            if (path := parse_listen(addr).unix_path) is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    Path(path).unlink()

@@ -53,7 +53,8 @@ class AgentService:
         self.operations = Operations()
         self.catalogue = Catalogue(config.state_dir)
         self.journal = Journal(config.state_dir, fault_injection=config.testing.fault_injection)
-        self._create = SnapshotCreate(driver, backends, self.catalogue, self.journal, config.snapshot_root)
+        self._create = SnapshotCreate(driver, backends, self.catalogue, self.journal, config.snapshot_root,
+                                      config.roots, config.state_dir)
         self._revert = SnapshotRevert(driver, backends, self.catalogue, self.journal)
         self._delete = SnapshotDelete(driver, backends, self.catalogue, self.journal)
         self._answers: OrderedDict[str, Domain] = OrderedDict()

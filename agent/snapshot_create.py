@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from domsnap.agent.journal import Journal
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.names import check_name, default_snapshot_name
 from domsnap.agent.operations import Operation
+from domsnap.agent.paths import confine
 from domsnap.agent.progress import share
 from domsnap.agent.storage import Backends
 from domsnap.agent.storage.base import BlockOps, DiskRecord, Method
@@ -93,12 +94,15 @@ class Plan:
 
 class SnapshotCreate:
     def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue, journal: Journal,
-                 snapshot_root: Path) -> None:
+                 snapshot_root: Path, roots: Sequence[Path], state_dir: Path) -> None:
         self._driver = driver
         self._backends = backends
         self._catalogue = catalogue
         self._journal = journal
         self._root = snapshot_root
+        self._roots = tuple(roots)
+        # The agent's own state is never a place for snapshot files.
+        self._forbidden = (state_dir,)
 
     async def prepare(self, domain: Domain, req: CreateRequest) -> Plan:
         """Validate everything; touches nothing, so a refusal leaves no trace."""
@@ -211,9 +215,8 @@ class SnapshotCreate:
                                      "can be snapshotted")
         if self._catalogue.path_of(domain.name, req.name) is not None:
             raise AlreadyExists(f"domain {domain.name} already has a snapshot named {req.name!r}")
-        snapdir = Path(req.path) if req.path else self._root / domain.name / req.name
-        if not snapdir.is_absolute():
-            raise InvalidArgument(f"snapshot path {req.path!r} must be absolute")
+        snapdir = confine(req.path or str(self._root / domain.name / req.name), self._roots, self._forbidden,
+                          what="snapshot path")
         if os.path.lexists(snapdir):
             raise AlreadyExists(f"snapshot path {snapdir} already exists")
         if req.path and not snapdir.parent.is_dir():
@@ -236,11 +239,13 @@ class SnapshotCreate:
                 raise InvalidArgument(f"snapshot cfgfile: disk {disk.vdev}: its {rec.method} snapshot is a "
                                       f"{made or 'tag'}, not {choice.format}")
             if choice is not None and choice.file:
-                if os.path.lexists(choice.file):
-                    raise AlreadyExists(f"disk {disk.vdev}: {choice.file} already exists")
-                rec = replace(rec, file=choice.file)
+                file = confine(choice.file, self._roots, self._forbidden, what=f"disk {disk.vdev}'s snapshot file")
+                if os.path.lexists(file):
+                    raise AlreadyExists(f"disk {disk.vdev}: {file} already exists")
+                rec = replace(rec, file=str(file))
             records.append(rec)
-        memory = Path(req.memory_path) if req.memory_path else snapdir / manifest.MEMORY
+        memory = (confine(req.memory_path, self._roots, self._forbidden, what="memory_path") if req.memory_path
+                  else snapdir / manifest.MEMORY)
         if os.path.lexists(memory):
             raise AlreadyExists(f"memory image {memory} already exists")
         self._check_space(domain, memory, records)

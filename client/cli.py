@@ -253,7 +253,7 @@ VERB_LIST: tuple[Verb, ...] = (
 VERBS = {verb.name: verb for verb in VERB_LIST}
 
 # Where the global options land; they may come again after the subcommand.
-_GLOBAL_DESTS = ("address", "json", "timeout", "request_id")
+_GLOBAL_DESTS = ("address", "json", "timeout", "request_id", "ca", "cert", "key")
 
 
 def _address(text: str) -> connection.Address:
@@ -310,6 +310,13 @@ def _add_global_options(parser: argparse.ArgumentParser, *, repeated: bool) -> N
         metavar="ID",
         **opts(None, "the id of a mutating request, to retry it without doing it twice (default: random)"),
     )
+    env = connection.TlsFiles.from_env()
+    for flag, default, what, var in (
+        ("--ca", env.ca, "the CA that signed the agent's certificate (TCP)", connection.CA_ENV),
+        ("--cert", env.cert, "our client certificate (TCP; PEM)", connection.CERT_ENV),
+        ("--key", env.key, "our client certificate's private key (TCP; PEM)", connection.KEY_ENV),
+    ):
+        parser.add_argument(flag, metavar="FILE", **opts(default, f"{what} (default: ${var})"))
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -317,7 +324,8 @@ def _top_parser() -> argparse.ArgumentParser:
     listing = "\n".join(f" {v.name:<{width}}{v.help}" for v in VERB_LIST)
     parser = argparse.ArgumentParser(
         prog="domsnap",
-        usage="domsnap [-H ADDR] [--json] [-t SECONDS] [--request-id ID] <subcommand> [args]",
+        usage="domsnap [-H ADDR] [--ca FILE --cert FILE --key FILE] [--json] [-t SECONDS] [--request-id ID] "
+              "<subcommand> [args]",
         description=f"domsnap full list of subcommands:\n\n{listing}",
         epilog="'domsnap help <subcommand>' or 'domsnap <subcommand> --help' shows its synopsis.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -383,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         json=options["json"],
         timeout=options["timeout"],
         request_id=options["request_id"],
+        tls=connection.TlsFiles(options["ca"], options["cert"], options["key"]),
         out=sys.stdout,
         err=sys.stderr,
     )

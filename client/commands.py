@@ -47,6 +47,8 @@ class Session:
     timeout: float
     # Set by --request-id so that a script can retry a mutation safely.
     request_id: str | None = None
+    # Used on TCP only: a unix socket needs no certificate.
+    tls: connection.TlsFiles = field(default_factory=connection.TlsFiles)
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
     _channel: grpc.Channel | None = field(default=None, init=False, repr=False)
@@ -56,9 +58,19 @@ class Session:
     def agent(self) -> pb_grpc.SnapshotAgentStub:
         # Opened on first use: `help` must work without an agent.
         if self._stub is None:
-            self._channel = connection.open_channel(self.address)
+            credentials = None
+            if self.uses_tls:
+                try:
+                    credentials = connection.channel_credentials(self.tls)
+                except connection.TlsError as err:
+                    raise CliError(f"TLS: {err}") from err
+            self._channel = connection.open_channel(self.address, credentials)
             self._stub = connection.stub(self._channel)
         return self._stub
+
+    @property
+    def uses_tls(self) -> bool:
+        return not self.address.local and self.tls.enabled
 
     def close(self) -> None:
         if self._channel is not None:
@@ -104,7 +116,11 @@ class Session:
             and self._channel is not None
             and not connection.is_reachable(self._channel)
         ):
+            if self.uses_tls and (tls := connection.tls_failure(details, self.address, self.tls)) is not None:
+                return f"TLS: {tls}"
             reason = connection.connect_failure_reason(details)
+            if not self.address.local and not self.uses_tls and "refused" not in reason:
+                reason += " (an agent on TCP speaks TLS: give --ca, --cert and --key)"
             return f"cannot reach the agent at {self.address.text}: {reason}"
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return f"the agent did not answer within {self.timeout:g} s ({details})"

@@ -16,11 +16,11 @@
 _domsnap_commands="list create destroy pause unpause snapshot-create snapshot-revert snapshot-list snapshot-info snapshot-delete watch cancel operations info help"
 
 # Accepted before the subcommand and, except --version, after it too.
-_domsnap_global_opts="-H --json -t --timeout --request-id -h --help"
+_domsnap_global_opts="-H --json -t --timeout --request-id --ca --cert --key -h --help"
 _domsnap_top_only_opts="--version"
 
 # Options that take a value: the next word is not an option or a positional.
-_domsnap_value_opts="-H -t --timeout --request-id --name --path --description"
+_domsnap_value_opts="-H -t --timeout --request-id --ca --cert --key --name --path --description"
 
 # The options of one subcommand.
 _domsnap_verb_opts() {
@@ -84,7 +84,7 @@ _domsnap_reassemble() {
 }
 
 # Prints the values of one top-level key ("name", "id") of the objects that
-# `domsnap [-H ADDR] --json ARGS...` lists, one per line; nothing on failure.
+# `domsnap [-H ADDR] [--ca/--cert/--key FILE] --json ARGS...` lists, one per line; nothing on failure.
 # domsnap prints JSON with an indent of 2, so an object's own keys are the
 # lines indented by 4; the names it lists never need JSON escapes.
 _domsnap_query() {
@@ -99,7 +99,7 @@ _domsnap_query() {
     if [[ -n $host ]]; then
         run+=(-H "$host")
     fi
-    run+=(-t 2 --json "$@")
+    run+=("${tls[@]}" -t 2 --json "$@")
     if type -P timeout >/dev/null 2>&1; then
         run=(timeout 3 "${run[@]}")
     fi
@@ -128,12 +128,14 @@ _domsnap() {
     # The words before the current one: the subcommand, the positionals so
     # far, and the agent's address.
     local verb="" host="" value_for="" w i
-    local -a args=()
+    local -a args=() tls=()
     for ((i = 1; i < cword; i++)); do
         w=${words[i]}
         if [[ -n $value_for ]]; then
             if [[ $value_for == -H ]]; then
                 host=$w
+            elif [[ $value_for == --ca || $value_for == --cert || $value_for == --key ]]; then
+                tls+=("$value_for" "$w")
             fi
             value_for=""
             continue
@@ -159,6 +161,8 @@ _domsnap() {
         if [[ $value_for == --path ]]; then
             compopt -o filenames 2>/dev/null
             _domsnap_add -d
+        elif [[ $value_for == --ca || $value_for == --cert || $value_for == --key ]]; then
+            _domsnap_files
         fi
     elif [[ $cur == -* ]]; then
         local opts=$_domsnap_global_opts

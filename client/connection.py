@@ -1,13 +1,18 @@
-"""Where the agent is and how to talk to it: the `-H ADDR` syntax and the channel.
+"""Where the agent is and how to talk to it: the `-H ADDR` syntax, TLS and the channel.
 
-TLS is not wired yet; `open_channel` takes the credentials so that the later
-change only has to build them, not touch the callers.
+A unix socket is plain (the agent knows who we are from the kernel); TCP is
+TLS with our client certificate whenever `--ca`, `--cert` or `--key` (or
+their DOMSNAP_* variables) are given, else plain (an agent allows that on
+loopback only, and only when configured to).
 """
 
 from __future__ import annotations
 
+import _ssl
 import os
 import re
+import ssl
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -17,6 +22,9 @@ from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 DEFAULT_ADDRESS = "unix:/run/domsnap/domsnapd.sock"
 ADDRESS_ENV = "DOMSNAP_HOST"
 ADDRESS_SYNTAX = "unix:PATH, HOST:PORT or [IPV6]:PORT"
+CA_ENV = "DOMSNAP_CA"
+CERT_ENV = "DOMSNAP_CERT"
+KEY_ENV = "DOMSNAP_KEY"
 
 _HOST_PORT = re.compile(r"^(?:\[[^\[\]\s/]+\]|[^:\[\]\s/]+):(?P<port>\d{1,5})$")
 
@@ -54,6 +62,118 @@ def parse_address(text: str) -> Address:
 
 def default_address() -> str:
     return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """--ca (the CA that signed the agent's certificate), --cert and --key (ours)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca or self.cert or self.key)
+
+    @classmethod
+    def from_env(cls) -> TlsFiles:
+        return cls(os.environ.get(CA_ENV) or None, os.environ.get(CERT_ENV) or None,
+                   os.environ.get(KEY_ENV) or None)
+
+
+class TlsError(Exception):
+    """A TLS setup the client can tell is wrong before (or without) the agent's word."""
+
+
+def _read(option: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise TlsError(f"cannot read {option} {path}: {err.strerror}") from err
+
+
+def certificate_dates(path: str) -> tuple[float, float] | None:
+    """(notBefore, notAfter) of a PEM certificate file, as epoch seconds; None if unknown."""
+    decode = getattr(_ssl, "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        info = decode(path)
+        return ssl.cert_time_to_seconds(info["notBefore"]), ssl.cert_time_to_seconds(info["notAfter"])
+    except (ssl.SSLError, OSError, KeyError, ValueError):
+        return None
+
+
+def certificate_subject(path: str) -> str:
+    """`CN=...` of a PEM certificate file, or "" if it cannot be told."""
+    decode = getattr(_ssl, "_test_decode_cert", None)
+    try:
+        info = decode(path) if decode is not None else {}
+    except (ssl.SSLError, OSError):
+        return ""
+    for rdn in info.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return f"CN={value}"
+    return ""
+
+
+def channel_credentials(tls: TlsFiles, now: float | None = None) -> grpc.ChannelCredentials:
+    """Our certificate and the agent's CA as gRPC credentials; TlsError for a
+    file that cannot be read, a key that is not the certificate's, or a
+    certificate that has expired or is not valid yet."""
+    if bool(tls.cert) != bool(tls.key):
+        raise TlsError("--cert and --key go together (or DOMSNAP_CERT and DOMSNAP_KEY)")
+    ca = _read("--ca", tls.ca) if tls.ca else None
+    if ca is not None:
+        try:
+            ssl.create_default_context(cadata=ca.decode(errors="replace"))
+        except (ssl.SSLError, ValueError) as err:
+            raise TlsError(f"--ca {tls.ca}: no CA certificate in it") from err
+    cert = key = None
+    if tls.cert and tls.key:
+        cert, key = _read("--cert", tls.cert), _read("--key", tls.key)
+        try:
+            ssl.create_default_context(ssl.Purpose.SERVER_AUTH).load_cert_chain(tls.cert, tls.key)
+        except ssl.SSLError as err:
+            raise TlsError(f"--cert {tls.cert} and --key {tls.key}: {err.reason or err} "
+                           "(is the key the certificate's?)") from err
+        dates = certificate_dates(tls.cert)
+        now = time.time() if now is None else now
+        if dates is not None and now > dates[1]:
+            raise TlsError(f"the client certificate {tls.cert} expired on {_day(dates[1])}")
+        if dates is not None and now < dates[0]:
+            raise TlsError(f"the client certificate {tls.cert} is not valid before {_day(dates[0])}")
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def _day(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def tls_failure(details: str, address: Address, tls: TlsFiles) -> str | None:
+    """What a failed TLS connection means, from gRPC's error text; None if it is not a TLS failure.
+
+    The agent checks our certificate during the handshake and just closes the
+    connection on one it does not accept; our side names what it rejected in
+    the agent's certificate.
+    """
+    verify = re.search(r"CERTIFICATE_VERIFY_FAILED: ([^:]+)", details)
+    if verify is not None:
+        ca = f"--ca {tls.ca}" if tls.ca else "the system's CAs (no --ca given)"
+        return f"the agent's certificate at {address.text} is not trusted by {ca}: {verify[1].strip()}"
+    if "Peer name" in details and "not in peer certificate" in details:
+        return f"the agent's certificate is not for {address.text.rsplit(':', 1)[0]}: {connect_failure_reason(details)}"
+    if re.search(r"handshake failed|Socket closed|Connection reset|Broken pipe", details, re.IGNORECASE):
+        if not (tls.cert and tls.key):
+            return (f"the agent at {address.text} closed the connection during the handshake: it requires a "
+                    "client certificate: give --cert and --key (or DOMSNAP_CERT and DOMSNAP_KEY)")
+        who = certificate_subject(tls.cert)
+        return (f"the agent at {address.text} refused the client certificate {tls.cert}"
+                f"{f' ({who})' if who else ''}: not issued by the CA it trusts for clients, or expired")
+    return None
 
 
 def open_channel(address: Address, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:

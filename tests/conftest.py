@@ -73,7 +73,11 @@ def accel(guest_image: tuple[Path, Path], tmp_path_factory: pytest.TempPathFacto
 def agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator[Agent]:
     # Short base path: unix socket paths are limited to 108 bytes.
     base = tmp_path_factory.mktemp("agent")
-    a = Agent(base, config_toml=f'[qemu]\naccel = "{accel}"\n')
+    # Snapshot paths must lie inside a snapshot root (agent/paths.py): the
+    # tests name directories under their own tmp_path, so the root is pytest's
+    # whole base temp directory, which holds the agent's snapshot_root too.
+    roots = f'snapshot_roots = ["{tmp_path_factory.getbasetemp()}"]\n'
+    a = Agent(base, config_toml=f'{roots}[qemu]\naccel = "{accel}"\n')
     a.start()
     yield a
     stub = a.stub()

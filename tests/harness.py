@@ -29,6 +29,8 @@ class Agent:
     env: dict[str, str] = field(default_factory=dict)
     # TOML for the agent's config file; empty, the host's /etc/domsnap must not leak in.
     config_toml: str = ""
+    # More --listen addresses besides the unix socket (which the harness uses).
+    extra_listen: tuple[str, ...] = ()
 
     @property
     def sock(self) -> Path:
@@ -55,6 +57,8 @@ class Agent:
         config.write_text(self.config_toml)
         argv = [str(BIN / "domsnapd"), "--config", str(config), "--listen", self.address,
                 "--state-dir", str(self.state_dir), "--snapshot-root", str(self.snapshot_root), "--driver", "qemu"]
+        for addr in self.extra_listen:
+            argv += ["--listen", addr]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         self.wait_serving()

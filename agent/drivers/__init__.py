@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 from domsnap.agent.config import AgentConfig
 from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import Unimplemented
+from domsnap.agent.drivers.qemu import QemuDriver
+from domsnap.agent.drivers.xen import XenDriver
+from domsnap.agent.errors import DomsnapError
+
+log = logging.getLogger(__name__)
 
 
-def _qemu(config: AgentConfig) -> Hypervisor:
-    from domsnap.agent.drivers.qemu import QemuDriver
-
+async def make_driver(config: AgentConfig) -> Hypervisor:
+    if config.driver == "qemu":
+        return QemuDriver(config.qemu, config.state_dir)
+    xen = XenDriver(config.state_dir)
+    if config.driver == "xen":
+        return xen
+    if shutil.which("xl"):
+        try:
+            version = await xen.probe()
+        except (DomsnapError, OSError) as err:
+            log.info("driver auto: xl is installed but `xl info` fails (%s); using qemu", err)
+        else:
+            log.info("driver auto: %s answers; using xen", version)
+            return xen
     return QemuDriver(config.qemu, config.state_dir)
-
-
-def make_driver(config: AgentConfig) -> Hypervisor:
-    name = config.driver
-    if name == "auto":
-        # The xen driver is not built yet; until it is, a Xen host is
-        # reported clearly instead of being driven by the wrong driver.
-        name = "xen" if shutil.which("xl") else "qemu"
-    if name == "xen":
-        raise Unimplemented("the xen driver is not available in this version of domsnapd; use driver = \"qemu\"")
-    return _qemu(config)

@@ -177,7 +177,8 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A 100 MiB tmpfs: room for some things, not for everything."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mnt)], check=True)
+    # mode=0755: a world-writable snapshot directory is refused (anyone could swap files in it).
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m,mode=0755", "tmpfs", str(mnt)], check=True)
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=True)
 

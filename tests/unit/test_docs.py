@@ -222,10 +222,14 @@ def test_domsnapd_page_documents_every_flag_and_default() -> None:
 
 
 def _toml(value: object) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
     return f'"{value}"'
 
 

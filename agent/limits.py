@@ -1,0 +1,79 @@
+"""Size limits of every request field, checked before a request reaches the servicer.
+
+One table, by field name, covers every string field of every domsnap.v1
+request (a unit test fails when a new one is missing); the messages of other
+services (health, reflection) get `DEFAULT_STRING`. `check_request` also
+refuses NUL characters, which no name, path or cfg text may hold, and enum
+numbers the proto does not define. The server's maximum message size follows
+from the same numbers.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from domsnap.agent.errors import InvalidArgument
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+NAME = 64  # domain and snapshot names ([A-Za-z0-9._-]{1,64}), domids
+ID = 128  # request and operation ids, chosen by clients
+PATH = 4096  # PATH_MAX
+TEXT = 4096  # free text: a description
+CFG = 1 * MiB  # a cfg file's text
+OVERRIDE = PATH  # one KEY=VALUE setting
+MAX_OVERRIDES = 256
+DEFAULT_STRING = 4096
+
+# Bytes (UTF-8) per string, by field name.
+STRING_LIMITS: dict[str, int] = {
+    "domain": NAME,
+    "name": NAME,
+    "request_id": ID,
+    "operation_id": ID,
+    # A snapshot's name or its directory.
+    "snapshot": PATH,
+    "path": PATH,
+    "description": TEXT,
+    "config": CFG,
+    "overrides": OVERRIDE,
+}
+# Items per repeated field, by field name.
+REPEATED_LIMITS: dict[str, int] = {"overrides": MAX_OVERRIDES}
+DEFAULT_REPEATED = 256
+
+# The largest valid request (CreateSnapshotRequest: cfg text, every override,
+# a path, names, ids, a description) with room for protobuf's framing.
+MAX_REQUEST_BYTES = CFG + MAX_OVERRIDES * (OVERRIDE + 8) + PATH + TEXT + 3 * NAME + 2 * ID + 64 * KiB
+
+
+def check_request(msg: Message) -> None:
+    """InvalidArgument naming the first field over its limit, holding a NUL, or an unknown enum value."""
+    for field, value in msg.ListFields():
+        name = field.name
+        values = list(value) if field.is_repeated else [value]
+        if field.is_repeated:
+            most = REPEATED_LIMITS.get(name, DEFAULT_REPEATED)
+            if len(values) > most:
+                raise InvalidArgument(f"{name}: {len(values)} items, at most {most}")
+        for item in values:
+            if field.type == FieldDescriptor.TYPE_STRING:
+                _check_string(name, item)
+            elif field.type == FieldDescriptor.TYPE_BYTES and len(item) > STRING_LIMITS.get(name, DEFAULT_STRING):
+                raise InvalidArgument(f"{name}: {len(item)} bytes, at most {STRING_LIMITS.get(name, DEFAULT_STRING)}")
+            elif field.type == FieldDescriptor.TYPE_ENUM and field.enum_type is not None \
+                    and field.enum_type.values_by_number.get(item) is None:
+                raise InvalidArgument(f"{name}: {item} is not a {field.enum_type.name} value")
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                check_request(item)
+
+
+def _check_string(name: str, text: str) -> None:
+    limit = STRING_LIMITS.get(name, DEFAULT_STRING)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise InvalidArgument(f"{name}: {size} bytes, at most {limit}")
+    if "\0" in text:
+        raise InvalidArgument(f"{name}: contains a NUL character")

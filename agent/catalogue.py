@@ -9,12 +9,12 @@ domain's present state descends from.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from domsnap.agent import manifest
 from domsnap.agent.errors import DomsnapError, NotFound
+from domsnap.agent.fsutil import write_atomic
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.names import check_domain_name, check_name
 
@@ -28,16 +28,6 @@ class Entry:
     path: Path
     manifest: Manifest
     current: bool
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    manifest.fsync_dir(path.parent)
 
 
 class Catalogue:
@@ -56,7 +46,7 @@ class Catalogue:
     def register(self, domain: str, name: str, path: Path) -> None:
         d = self._dir(domain)
         d.mkdir(parents=True, exist_ok=True)
-        _write_atomic(d / check_name("snapshot", name), f"{path}\n")
+        write_atomic(d / check_name("snapshot", name), f"{path}\n")
 
     def unregister(self, domain: str, name: str) -> None:
         (self._dir(domain) / check_name("snapshot", name)).unlink(missing_ok=True)
@@ -70,7 +60,7 @@ class Catalogue:
     def set_current(self, domain: str, name: str) -> None:
         d = self._dir(domain)
         d.mkdir(parents=True, exist_ok=True)
-        _write_atomic(d / CURRENT, f"{name}\n")
+        write_atomic(d / CURRENT, f"{name}\n")
 
     def resolve(self, domain: str, ref: str) -> tuple[Path, Manifest]:
         """A snapshot by name (in the domain's index) or by its directory."""

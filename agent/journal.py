@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domsnap.agent.manifest import fsync_dir
+from domsnap.agent.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,7 @@ class Journal:
 
     def _write(self, entry: Entry) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
-        path = self._path(entry.op_id)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(entry), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self._dir)
+        write_atomic(self._path(entry.op_id), json.dumps(asdict(entry)), mode=0o600)
 
     def begin(self, entry: Entry) -> None:
         self._write(entry)

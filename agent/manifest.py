@@ -5,12 +5,12 @@ a directory without a valid manifest is no snapshot."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from domsnap.agent.errors import FailedPrecondition, NotFound
+from domsnap.agent.fsutil import write_atomic
 from domsnap.agent.storage.base import DiskRecord
 
 MANIFEST = "snapshot.json"
@@ -60,13 +60,7 @@ class Manifest:
 
 
 def write(directory: Path, manifest: Manifest) -> None:
-    tmp = directory / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(manifest.to_json())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST)
-    fsync_dir(directory)
+    write_atomic(directory / MANIFEST, manifest.to_json())
 
 
 def exists(directory: Path) -> bool:
@@ -80,11 +74,3 @@ def read(directory: Path) -> Manifest:
     except FileNotFoundError:
         raise NotFound(f"{directory} holds no snapshot (no {MANIFEST})") from None
     return Manifest.from_json(text, str(path))
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -29,6 +29,7 @@ from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause
 from domsnap.agent.drivers.qemu_block import QmpBlockOps
 from domsnap.agent.drivers.qmp import QmpSession
 from domsnap.agent.errors import AlreadyExists, FailedPrecondition, NotFound
+from domsnap.agent.fsutil import write_atomic
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.runner import Runner
 
@@ -96,15 +97,6 @@ def _cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class QemuDriver(Hypervisor):
     name = "qemu"
 
@@ -159,8 +151,8 @@ class QemuDriver(Hypervisor):
                          QmpSession(folder / "qmp.sock", config.name))
 
     def _save(self, inst: _Instance) -> None:
-        _write_atomic(inst.folder / "config.cfg", inst.config.to_text())
-        _write_atomic(inst.folder / "runtime.json", json.dumps({"domid": inst.domid, "machine": inst.machine}))
+        write_atomic(inst.folder / "config.cfg", inst.config.to_text())
+        write_atomic(inst.folder / "runtime.json", json.dumps({"domid": inst.domid, "machine": inst.machine}))
 
     def _next_domid(self) -> int:
         counter = self._root / "next-domid"
@@ -168,7 +160,7 @@ class QemuDriver(Hypervisor):
             domid = int(counter.read_text())
         except (OSError, ValueError):
             domid = 1
-        _write_atomic(counter, str(domid + 1))
+        write_atomic(counter, str(domid + 1))
         return domid
 
     # --------------------------------------------------------------- domains

@@ -19,6 +19,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/domsnap/domsnapd.toml")
 DEFAULT_SOCKET = "unix:/run/domsnap/domsnapd.sock"
 DRIVERS = ("auto", "xen", "qemu")
 LIVE_MODES = ("background", "precopy")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,14 @@ class RolesConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint: off when `listen` is empty. Unauthenticated,
+    so a loopback HOST:PORT or a unix socket only."""
+
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     listen: tuple[str, ...] = (DEFAULT_SOCKET,)
     state_dir: Path = Path("/var/lib/domsnap")
@@ -92,6 +101,7 @@ class AgentConfig:
     # snapshot adds one image that every read may go through).
     max_chain_depth: int = 32
     qemu: QemuConfig = field(default_factory=QemuConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
 
     @property
@@ -151,8 +161,18 @@ def check_listen(config: AgentConfig) -> None:
                 "key and client_ca, or allow_plaintext_loopback = true (and give `loopback` a role in [roles])")
 
 
+def parse_metrics_listen(addr: str) -> ListenAddress:
+    """`[metrics] listen`: a unix socket or a loopback HOST:PORT; anything else is refused."""
+    listen = parse_listen(addr)
+    if listen.unix_path is None and not listen.loopback:
+        raise InvalidArgument(f"[metrics] listen {addr!r}: the metrics endpoint has no authentication: use a "
+                              "loopback address (127.0.0.1:9464) or unix:/path, and let a local scraper or "
+                              "proxy carry it further")
+    return listen
+
+
 _SECTIONS: dict[str, type[Any]] = {"qemu": QemuConfig, "testing": TestingConfig, "tls": TlsConfig,
-                                   "roles": RolesConfig}
+                                   "roles": RolesConfig, "metrics": MetricsConfig}
 
 
 def _convert(kind: str, value: Any, where: str) -> Any:
@@ -218,8 +238,16 @@ def load(path: Path | None, **overrides: Any) -> AgentConfig:
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if config.driver not in DRIVERS:
         raise InvalidArgument(f"driver {config.driver!r}: expected one of {', '.join(DRIVERS)}")
+    if config.log_level not in LOG_LEVELS:
+        raise InvalidArgument(f"log_level {config.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    if config.max_chain_depth < 1:
+        raise InvalidArgument(f"max_chain_depth {config.max_chain_depth}: expected at least 1")
+    if config.qemu.max_bandwidth < 0:
+        raise InvalidArgument(f"[qemu] max_bandwidth {config.qemu.max_bandwidth}: expected 0 or more bytes/s")
     if config.qemu.live_mode not in LIVE_MODES:
         raise InvalidArgument(f"[qemu] live_mode {config.qemu.live_mode!r}: expected one of {', '.join(LIVE_MODES)}")
     _check_security(config)
     check_listen(config)
+    if config.metrics.listen:
+        parse_metrics_listen(config.metrics.listen)
     return config

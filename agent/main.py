@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, help="where the agent keeps its state")
     p.add_argument("--snapshot-root", type=Path, help="default parent of snapshot directories")
     p.add_argument("--driver", choices=agent_config.DRIVERS, help="hypervisor driver")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", choices=agent_config.LOG_LEVELS)
     p.add_argument("--version", action="version", version=f"domsnapd {__version__}")
     return p
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from time import time
-from typing import Any
+from typing import Any, Protocol
 
 from domsnap.agent.errors import Busy, Cancelled, DomsnapError, FailedPrecondition, InternalError, NotFound
 from domsnap.agent.progress import Progress, StepProgress
@@ -153,8 +153,18 @@ class Operation:
 Body = Callable[[Operation], Awaitable[Any]]
 
 
+class Observer(Protocol):
+    """Told when an operation starts running and when it has finished (the
+    metrics); it must not raise, and what it raises is logged and dropped."""
+
+    def started(self, op: Operation) -> None: ...
+
+    def finished(self, op: Operation) -> None: ...
+
+
 class Operations:
-    def __init__(self) -> None:
+    def __init__(self, observer: Observer | None = None) -> None:
+        self._observer = observer
         self._ops: OrderedDict[str, Operation] = OrderedDict()
         self._by_request: dict[str, Operation] = {}
         self._busy: dict[str, Operation] = {}
@@ -195,8 +205,17 @@ class Operations:
     def busy_with(self, domain: str) -> Operation | None:
         return self._busy.get(domain)
 
+    def _tell(self, op: Operation, *, finished: bool) -> None:
+        if self._observer is None:
+            return
+        try:
+            (self._observer.finished if finished else self._observer.started)(op)
+        except Exception:
+            log.exception("operation observer failed on operation %s", op.id)
+
     async def _run(self, op: Operation, body: Body) -> None:
         op.state = OpState.RUNNING
+        self._tell(op, finished=False)
         try:
             op.result = await body(op)
         except asyncio.CancelledError:
@@ -218,6 +237,7 @@ class Operations:
             op._finish(OpState.SUCCEEDED)
         else:
             op._finish(OpState.CANCELLED if isinstance(op.error, Cancelled) else OpState.FAILED)
+        self._tell(op, finished=True)
 
     def get(self, op_id: str) -> Operation:
         try:

@@ -5,6 +5,11 @@ Unix sockets are served through `UnixListener` (the peer's credentials give
 its role); TCP through TLS with client certificates required, or plain on
 loopback when the config allows it. Interceptors: auth (roles, audit) first,
 then errors (statuses, the request log, request size limits).
+
+Under systemd (Type=notify) the agent says READY=1 once health is SERVING,
+feeds the watchdog from its event loop and says STOPPING=1 on SIGTERM
+(agent/sdnotify.py). `[metrics] listen` adds the Prometheus endpoint
+(agent/metrics.py), fed by the operations and the journal's recovery.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from domsnap.agent.drivers import make_driver
 from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.interceptor import ErrorInterceptor
+from domsnap.agent.metrics import Metrics, MetricsServer
+from domsnap.agent.sdnotify import Notifier
 from domsnap.agent.service import AgentService
 from domsnap.agent.servicer import SnapshotAgentServicer
 from domsnap.agent.storage import Backends
@@ -117,11 +124,24 @@ class _Listeners:
                 self._private.parent.rmdir()
 
 
-async def serve(config: AgentConfig, driver: Hypervisor | None = None, *, ready: asyncio.Event | None = None) -> None:
+async def serve(config: AgentConfig, driver: Hypervisor | None = None, *, ready: asyncio.Event | None = None,
+                notifier: Notifier | None = None) -> None:
+    notifier = notifier or Notifier.from_environment()
+    notifier.start_watchdog()
+    try:
+        await _serve(config, driver, ready, notifier)
+    finally:
+        await notifier.stop_watchdog()
+
+
+async def _serve(config: AgentConfig, driver: Hypervisor | None, ready: asyncio.Event | None,
+                 notifier: Notifier) -> None:
     driver = driver or await make_driver(config)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     config.snapshot_root.mkdir(parents=True, exist_ok=True)
-    service = AgentService(config, driver, Backends(qemu_img=config.qemu.img, max_chain=config.max_chain_depth))
+    metrics = Metrics(driver.name) if config.metrics.listen else None
+    service = AgentService(config, driver, Backends(qemu_img=config.qemu.img, max_chain=config.max_chain_depth),
+                           observer=metrics)
 
     socket_gid = group_id(config.socket_group, "socket_group")
     peers = PeerTable()
@@ -140,9 +160,12 @@ async def serve(config: AgentConfig, driver: Hypervisor | None = None, *, ready:
     listeners = _Listeners(config, server, peers)
     listeners.bind_tcp()
     listeners.bind_unix(socket_gid)
+    metrics_server = MetricsServer(metrics, config.metrics.listen, socket_gid) if metrics is not None else None
     await server.start()
     try:
         await listeners.start_unix()
+        if metrics_server is not None:
+            log.info("metrics on %s", await metrics_server.start())
     except BaseException:
         await listeners.close()
         await server.stop(grace=None)
@@ -153,9 +176,12 @@ async def serve(config: AgentConfig, driver: Hypervisor | None = None, *, ready:
     await driver.start()
     if recovered := await service.recover():
         log.info("journal: %d interrupted operation(s) dealt with", recovered)
+        if metrics is not None:
+            metrics.recovered(recovered)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("driver %s ready: %s", driver.name, version)
+    notifier.ready(f"serving on {', '.join(listeners.bound)}; driver {driver.name}: {version}")
     if ready is not None:
         ready.set()
 
@@ -167,9 +193,12 @@ async def serve(config: AgentConfig, driver: Hypervisor | None = None, *, ready:
         await stop.wait()
     finally:
         log.info("shutting down")
+        notifier.stopping("draining operations")
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await service.operations.drain(DRAIN_SECONDS)
         await server.stop(grace=2)
         await listeners.close()
+        if metrics_server is not None:
+            await metrics_server.close()
         await driver.close()

@@ -19,7 +19,7 @@ from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import NotFound
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
-from domsnap.agent.operations import Operation, Operations, OpKind
+from domsnap.agent.operations import Observer, Operation, Operations, OpKind
 from domsnap.agent.snapshot_create import CreateRequest, SnapshotCreate
 from domsnap.agent.snapshot_delete import SnapshotDelete
 from domsnap.agent.snapshot_revert import RevertRequest, SnapshotRevert
@@ -47,10 +47,11 @@ class AgentInfo:
 
 
 class AgentService:
-    def __init__(self, config: AgentConfig, driver: Hypervisor, backends: Backends) -> None:
+    def __init__(self, config: AgentConfig, driver: Hypervisor, backends: Backends,
+                 observer: Observer | None = None) -> None:
         self.config = config
         self.driver = driver
-        self.operations = Operations()
+        self.operations = Operations(observer)
         self.catalogue = Catalogue(config.state_dir)
         self.journal = Journal(config.state_dir, fault_injection=config.testing.fault_injection)
         self._create = SnapshotCreate(driver, backends, self.catalogue, self.journal, config.snapshot_root,

@@ -11,6 +11,7 @@ people type.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -59,6 +60,8 @@ class Verb:
     handler: Handler
     # Longer text for `domsnap help <name>`.
     details: str = ""
+    # Runs against several agents at once (`-H a,b,...`), results grouped per agent.
+    many_hosts: bool = False
 
 
 def _domain(help_text: str = "a domain name or domid") -> Arg:
@@ -88,6 +91,7 @@ VERB_LIST: tuple[Verb, ...] = (
             arg("domains", nargs="*", metavar="<Domain>", help="domain names or domids; default: all"),
         ),
         commands.cmd_list,
+        many_hosts=True,
     ),
     Verb(
         "create",
@@ -194,6 +198,7 @@ VERB_LIST: tuple[Verb, ...] = (
             arg("--tree", action="store_true", help="draw each domain's snapshots as parent/child trees"),
         ),
         commands.cmd_snapshot_list,
+        many_hosts=True,
     ),
     Verb(
         "snapshot-info",
@@ -240,6 +245,7 @@ VERB_LIST: tuple[Verb, ...] = (
         "Get information about the agent and its hypervisor",
         (),
         commands.cmd_info,
+        many_hosts=True,
     ),
     Verb(
         "help",
@@ -256,9 +262,9 @@ VERBS = {verb.name: verb for verb in VERB_LIST}
 _GLOBAL_DESTS = ("address", "json", "timeout", "request_id", "ca", "cert", "key")
 
 
-def _address(text: str) -> connection.Address:
+def _addresses(text: str) -> tuple[connection.Address, ...]:
     try:
-        return connection.parse_address(text)
+        return connection.parse_addresses(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
 
@@ -290,10 +296,10 @@ def _add_global_options(parser: argparse.ArgumentParser, *, repeated: bool) -> N
         "-H",
         dest="address",
         metavar="ADDR",
-        type=_address,
+        type=_addresses,
         **opts(
             connection.default_address(),
-            f"the agent: {connection.ADDRESS_SYNTAX} (default: ${connection.ADDRESS_ENV}, "
+            f"the agent: {connection.ADDRESS_LIST_SYNTAX} (default: ${connection.ADDRESS_ENV}, "
             f"else {connection.DEFAULT_ADDRESS})",
         ),
     )
@@ -386,8 +392,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(ns, int):
         return ns
     options = {dest: getattr(ns, dest, getattr(parsed, dest)) for dest in _GLOBAL_DESTS}
+    addresses: tuple[connection.Address, ...] = options["address"]
+    handler = verb.handler
+    if len(addresses) > 1:
+        if not verb.many_hosts:
+            several = ", ".join(v.name for v in VERB_LIST if v.many_hosts)
+            return _parse_error(parser, f"-H names {len(addresses)} agents; only {several} run on several")
+        handler = functools.partial(commands.run_on_hosts, verb.handler, addresses)
     session = Session(
-        address=options["address"],
+        address=addresses[0],
         json=options["json"],
         timeout=options["timeout"],
         request_id=options["request_id"],
@@ -395,13 +408,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         out=sys.stdout,
         err=sys.stderr,
     )
-    return _run(verb, parser, session, ns)
+    return _run(handler, parser, session, ns)
 
 
-def _run(verb: Verb, parser: argparse.ArgumentParser, session: Session, ns: argparse.Namespace) -> int:
+def _run(handler: Handler, parser: argparse.ArgumentParser, session: Session, ns: argparse.Namespace) -> int:
     """Run a handler; every failure becomes one stderr line and an exit status."""
     try:
-        return verb.handler(session, ns)
+        return handler(session, ns)
     except UsageError as err:
         return _parse_error(parser, str(err))
     except grpc.RpcError as err:

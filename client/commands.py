@@ -7,12 +7,14 @@ session and the parsed arguments and returns the exit status.
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 import grpc
 
@@ -21,6 +23,9 @@ from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 
 from . import connection, progress, views
 from .connection import Address
+
+if TYPE_CHECKING:
+    from .api import Client
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -70,7 +75,12 @@ class Session:
 
     @property
     def uses_tls(self) -> bool:
-        return not self.address.local and self.tls.enabled
+        return connection.uses_tls(self.address, self.tls)
+
+    def attach(self, channel: grpc.Channel) -> None:
+        """Talk over a channel opened elsewhere (the client library's, in a fan-out)."""
+        self._channel = channel
+        self._stub = connection.stub(channel)
 
     def close(self) -> None:
         if self._channel is not None:
@@ -395,3 +405,55 @@ def cmd_operations(s: Session, ns: argparse.Namespace) -> int:
     else:
         s.print_lines(views.operation_table(response.operations))
     return EXIT_OK
+
+
+# ------------------------------------------------------- several agents ----
+
+# Agents asked at once by `-H a,b,...`; each gets --timeout seconds.
+FAN_OUT_LIMIT = 16
+
+
+def run_on_hosts(handler: Handler, addresses: Sequence[Address], s: Session, ns: argparse.Namespace) -> int:
+    """One read-only command on several agents (the client library's fan_out).
+
+    Text: each agent's output under an `ADDR:` line, in the order given;
+    JSON: one object, {ADDR: {"result": ...} or {"error": {"code", "message"}}}.
+    An agent that fails, cannot be reached or does not answer within
+    --timeout gets one line on stderr and never holds up the others; the
+    exit status is 1 if any failed.
+    """
+    # The client library, loaded only for the commands that need it.
+    from . import errors
+    from .fanout import fan_out
+
+    def call(client: Client) -> str:
+        out = io.StringIO()
+        host = Session(address=client.address, json=s.json, timeout=s.timeout, request_id=s.request_id,
+                       tls=s.tls, out=out, err=io.StringIO())
+        host.attach(client.channel)
+        try:
+            handler(host, ns)
+        except grpc.RpcError as err:
+            code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+            raise errors.error_class(code)(host.rpc_error_message(err), code=code,
+                                           address=client.address.text) from err
+        return out.getvalue()
+
+    results = fan_out([a.text for a in addresses], call, limit=FAN_OUT_LIMIT, deadline=s.timeout,
+                      ca=s.tls.ca, cert=s.tls.cert, key=s.tls.key)
+    document: dict[str, object] = {}
+    first = True
+    for address, result in results.items():
+        if result.error is not None:
+            message = result.error.message if isinstance(result.error, errors.DomsnapError) else str(result.error)
+            code = result.error.code.name if isinstance(result.error, errors.DomsnapError) else "UNKNOWN"
+            document[address] = {"error": {"code": code, "message": message}}
+            s.err.write(f"domsnap: {address}: {message}\n")
+        elif s.json:
+            document[address] = {"result": json.loads(result.value or "null")}
+        else:
+            s.out.write(("" if first else "\n") + f"{address}:\n{result.value}")
+            first = False
+    if s.json:
+        s.print_json(document)
+    return EXIT_ERROR if any(not r.ok for r in results.values()) else EXIT_OK

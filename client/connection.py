@@ -22,6 +22,8 @@ from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 DEFAULT_ADDRESS = "unix:/run/domsnap/domsnapd.sock"
 ADDRESS_ENV = "DOMSNAP_HOST"
 ADDRESS_SYNTAX = "unix:PATH, HOST:PORT or [IPV6]:PORT"
+# Several agents at once (list, info and snapshot-list): comma-separated addresses.
+ADDRESS_LIST_SYNTAX = f"{ADDRESS_SYNTAX}; several, comma-separated, for list, info and snapshot-list"
 CA_ENV = "DOMSNAP_CA"
 CERT_ENV = "DOMSNAP_CERT"
 KEY_ENV = "DOMSNAP_KEY"
@@ -58,6 +60,14 @@ def parse_address(text: str) -> Address:
     if match is None or not 0 < int(match["port"]) < 65536:
         raise ValueError(f"{text!r} is not {ADDRESS_SYNTAX}")
     return Address(text=text, target=text, local=False)
+
+
+def parse_addresses(text: str) -> tuple[Address, ...]:
+    """`ADDR[,ADDR...]`: several agents, for the commands that fan out (list, info, snapshot-list)."""
+    parts = [part.strip() for part in text.split(",")]
+    if any(not part for part in parts):
+        raise ValueError(f"{text!r}: an empty address in the list (ADDR,ADDR,...)")
+    return tuple(dict.fromkeys(parse_address(part) for part in parts))
 
 
 def default_address() -> str:
@@ -176,10 +186,22 @@ def tls_failure(details: str, address: Address, tls: TlsFiles) -> str | None:
     return None
 
 
+def uses_tls(address: Address, tls: TlsFiles) -> bool:
+    """TLS on TCP whenever a TLS file is given; a unix socket never needs it."""
+    return not address.local and tls.enabled
+
+
 def open_channel(address: Address, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
     if credentials is not None:
         return grpc.secure_channel(address.target, credentials)
     return grpc.insecure_channel(address.target)
+
+
+def open_aio_channel(address: Address, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """The same channel for asyncio (the client library's AsyncClient)."""
+    if credentials is not None:
+        return grpc.aio.secure_channel(address.target, credentials)
+    return grpc.aio.insecure_channel(address.target)
 
 
 def stub(channel: grpc.Channel) -> pb_grpc.SnapshotAgentStub:

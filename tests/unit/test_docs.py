@@ -247,10 +247,12 @@ def test_cfg_page_documents_every_agent_setting_with_its_default() -> None:
     for f in fields(agent_config.AgentConfig):
         default = _default(f)
         if is_dataclass(default):
-            # A [table] of its own: its heading, then each of its settings.
-            assert re.search(rf"^ {{3}}The \[{f.name}\] table$", section, re.M), f"domsnap.cfg.5: no [{f.name}]"
+            # A [table] of its own: its heading, then each of its settings,
+            # looked up under that heading (`listen` is also a top-level key).
+            table = re.search(rf"^ {{3}}The \[{f.name}\] table$(.*?)(?=^ {{3}}\S|\Z)", section, re.M | re.S)
+            assert table is not None, f"domsnap.cfg.5: no [{f.name}]"
             for g in fields(default):
-                body = _entry(settings, g.name)
+                body = _entry(_entries(table.group(1)), g.name)
                 assert f"Default: {_toml(_default(g))}" in body, f"domsnap.cfg.5: [{f.name}] {g.name}: no default"
         else:
             body = _entry(settings, f.name)

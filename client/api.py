@@ -1,0 +1,198 @@
+"""The client library for controllers, synchronous: one `Client` per agent.
+
+    from domsnap.client import Client
+
+    with Client("unix:/run/domsnap/domsnapd.sock") as agent:
+        snap = agent.create_snapshot("web", on_progress=lambda p: print(p.phase, p.percent))
+
+Addresses are those of `domsnap -H`: `unix:PATH`, `HOST:PORT`, `[IPV6]:PORT`
+(default: $DOMSNAP_HOST, else the agent's default socket). On TCP, `ca`,
+`cert` and `key` (paths of PEM files) make the connection mutual TLS.
+Results are the API's messages (domsnap.v1: Domain, Snapshot, Operation);
+failures raise the exceptions of `domsnap.client.errors`. Unary calls give up
+after `timeout` seconds; operation streams run as long as their operation
+unless given a timeout. Every mutating call has a `request_id` (default: a
+fresh one): repeating a call with the same id returns the first one's
+operation instead of starting another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Generator, Iterator, Sequence
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+
+from domsnap.v1 import domsnap_pb2 as pb
+from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
+
+from . import calls, connection, errors
+from .calls import DEFAULT_TIMEOUT, Method, ProgressCallback, RunState
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class Client:
+    """A connection to one agent. Thread-safe; close it (or use `with`) when done."""
+
+    def __init__(self, address: str | None = None, *, ca: str | None = None, cert: str | None = None,
+                 key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.address = calls.parse(address)
+        self.tls = connection.TlsFiles(ca, cert, key)
+        self.timeout = timeout
+        self.channel = connection.open_channel(self.address, calls.credentials(self.address, self.tls))
+        self.stub = pb_grpc.SnapshotAgentStub(self.channel)
+
+    def close(self) -> None:
+        """Close the channel; calls still running on it end with Cancelled."""
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.address.text!r})"
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _call(self, method: Callable[..., Resp], request: object, timeout: float | None) -> Resp:
+        try:
+            return method(request, timeout=timeout if timeout is not None else self.timeout)
+        except grpc.RpcError as err:
+            raise errors.from_rpc_error(err, self.address, self.tls) from err
+
+    def _stream(self, start: Callable[..., Iterator[pb.OperationEvent]], request: object,
+                timeout: float | None) -> Generator[pb.OperationEvent, None, None]:
+        """An operation's events up to `finished`; the call is cancelled if the caller stops early."""
+        stream = start(request, timeout=timeout)
+        outcome = calls.Outcome(self.address, None)
+        try:
+            for event in stream:
+                yield event
+                if outcome.see(event):
+                    return
+        except grpc.RpcError as err:
+            raise outcome.broken(err, self.tls) from err
+        finally:
+            stream.cancel()  # type: ignore[attr-defined]
+
+    def _wait(self, events: Generator[pb.OperationEvent, None, None],
+              on_progress: ProgressCallback | None) -> pb.Operation:
+        outcome = calls.Outcome(self.address, on_progress)
+        # Closed even when on_progress raises: the call is cancelled then and there.
+        with contextlib.closing(events):
+            for event in events:
+                outcome.see(event)
+        return outcome.result()
+
+    # ------------------------------------------------------------------ agent
+
+    def info(self, *, timeout: float | None = None) -> pb.AgentInfo:
+        return self._call(self.stub.GetAgentInfo, pb.GetAgentInfoRequest(), timeout)
+
+    # ---------------------------------------------------------------- domains
+
+    def list_domains(self, *, timeout: float | None = None) -> list[pb.Domain]:
+        return list(self._call(self.stub.ListDomains, pb.ListDomainsRequest(), timeout).domains)
+
+    def get_domain(self, domain: str, *, timeout: float | None = None) -> pb.Domain:
+        """A domain by name or domid."""
+        return self._call(self.stub.GetDomain, pb.GetDomainRequest(domain=domain), timeout)
+
+    # -------------------------------------------------------------- snapshots
+
+    def list_snapshots(self, domain: str = "", *, timeout: float | None = None) -> list[pb.Snapshot]:
+        """One domain's snapshots, or every domain's."""
+        return list(self._call(self.stub.ListSnapshots, pb.ListSnapshotsRequest(domain=domain), timeout).snapshots)
+
+    def get_snapshot(self, domain: str, snapshot: str, *, timeout: float | None = None) -> pb.Snapshot:
+        """A snapshot by name, or by its directory (an absolute path on the agent's host)."""
+        return self._call(self.stub.GetSnapshot, pb.GetSnapshotRequest(domain=domain, snapshot=snapshot), timeout)
+
+    def create_snapshot_events(self, domain: str, *, name: str = "", live: bool = False, method: Method | None = None,
+                               path: str = "", description: str = "", config: str = "",
+                               overrides: Sequence[str] = (), request_id: str | None = None,
+                               timeout: float | None = None) -> Generator[pb.OperationEvent, None, None]:
+        """The create's events: `started` (the operation's id), `progress`..., `finished`.
+
+        A request the agent refuses raises before the first event; an
+        operation that fails ends with a `finished` event that holds its
+        error (`create_snapshot` raises it instead).
+        """
+        request = calls.create_request(domain, name=name, live=live, method=method, path=path,
+                                       description=description, config=config, overrides=overrides,
+                                       request_id=request_id)
+        return self._stream(self.stub.CreateSnapshot, request, timeout)
+
+    def create_snapshot(self, domain: str, *, name: str = "", live: bool = False, method: Method | None = None,
+                        path: str = "", description: str = "", config: str = "", overrides: Sequence[str] = (),
+                        request_id: str | None = None, on_progress: ProgressCallback | None = None,
+                        timeout: float | None = None) -> pb.Snapshot:
+        """Snapshot the domain (RAM and every disk at one instant); the new Snapshot.
+
+        `method`: "internal", "external", or None for each disk's cheapest.
+        `on_progress` is called with each pb.Progress as the operation goes.
+        """
+        events = self.create_snapshot_events(domain, name=name, live=live, method=method, path=path,
+                                             description=description, config=config, overrides=overrides,
+                                             request_id=request_id, timeout=timeout)
+        return self._wait(events, on_progress).result
+
+    def revert_snapshot_events(self, domain: str, snapshot: str = "", *, run_state: RunState | None = None,
+                               force: bool = False, config: str = "", overrides: Sequence[str] = (),
+                               request_id: str | None = None, timeout: float | None = None,
+                               ) -> Generator[pb.OperationEvent, None, None]:
+        request = calls.revert_request(domain, snapshot, run_state=run_state, force=force, config=config,
+                                       overrides=overrides, request_id=request_id)
+        return self._stream(self.stub.RevertSnapshot, request, timeout)
+
+    def revert_snapshot(self, domain: str, snapshot: str = "", *, run_state: RunState | None = None,
+                        force: bool = False, config: str = "", overrides: Sequence[str] = (),
+                        request_id: str | None = None, on_progress: ProgressCallback | None = None,
+                        timeout: float | None = None) -> pb.Snapshot:
+        """Take the domain back to the snapshot; the Snapshot it is now at.
+
+        `run_state`: "running", "paused", or None for the state at the
+        snapshot. `force` allows the risky reverts FailedPrecondition names.
+        """
+        events = self.revert_snapshot_events(domain, snapshot, run_state=run_state, force=force, config=config,
+                                             overrides=overrides, request_id=request_id, timeout=timeout)
+        return self._wait(events, on_progress).result
+
+    def delete_snapshot(self, domain: str, snapshot: str, *, children: bool = False, request_id: str | None = None,
+                        on_progress: ProgressCallback | None = None, timeout: float | None = None) -> pb.Operation:
+        """Delete a snapshot (and with `children`, those taken on top of it); the finished Operation."""
+        request = calls.delete_request(domain, snapshot, children=children, request_id=request_id)
+        return self._wait(self._stream(self.stub.DeleteSnapshot, request, timeout), on_progress)
+
+    # ------------------------------------------------------------- operations
+
+    def watch(self, operation_id: str, *, timeout: float | None = None,
+              ) -> Generator[pb.OperationEvent, None, None]:
+        """Re-attach to an operation: `started` (as it is now), its progress, `finished`."""
+        return self._stream(self.stub.WatchOperation, pb.WatchOperationRequest(operation_id=operation_id), timeout)
+
+    def wait(self, operation_id: str, *, on_progress: ProgressCallback | None = None,
+             timeout: float | None = None) -> pb.Operation:
+        """Re-attach to an operation and wait for its end; the finished Operation, or its error."""
+        return self._wait(self.watch(operation_id, timeout=timeout), on_progress)
+
+    def cancel(self, operation_id: str, *, timeout: float | None = None) -> pb.Operation:
+        """Ask an operation to stop and roll back; FailedPrecondition past its point of no return."""
+        return self._call(self.stub.CancelOperation, pb.CancelOperationRequest(operation_id=operation_id), timeout)
+
+    def list_operations(self, domain: str = "", *, timeout: float | None = None) -> list[pb.Operation]:
+        return list(self._call(self.stub.ListOperations, pb.ListOperationsRequest(domain=domain), timeout).operations)
+
+
+def connect(address: str | None = None, *, ca: str | None = None, cert: str | None = None, key: str | None = None,
+            timeout: float | None = DEFAULT_TIMEOUT) -> Client:
+    """A Client for the agent at `address` (the connection itself is made on the first call)."""
+    return Client(address, ca=ca, cert=cert, key=key, timeout=timeout)

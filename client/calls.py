@@ -1,0 +1,130 @@
+"""What the sync (api.py) and asyncio (aio.py) clients share: the channel's
+credentials, the requests they build, and how an operation's last event
+becomes a result or an error. No I/O here."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import grpc
+
+from domsnap.v1 import domsnap_pb2 as pb
+
+from . import connection, errors
+
+Method = Literal["internal", "external"]
+RunState = Literal["running", "paused"]
+ProgressCallback = Callable[[pb.Progress], object]
+DEFAULT_TIMEOUT = 30.0
+
+_METHODS: dict[Method | None, pb.SnapshotMethod.ValueType] = {
+    None: pb.SNAPSHOT_METHOD_DEFAULT,
+    "internal": pb.SNAPSHOT_METHOD_INTERNAL,
+    "external": pb.SNAPSHOT_METHOD_EXTERNAL,
+}
+_RUN_STATES: dict[RunState | None, pb.RunStateAfterRevert.ValueType] = {
+    None: pb.RUN_STATE_AFTER_REVERT_SNAPSHOT,
+    "running": pb.RUN_STATE_AFTER_REVERT_RUNNING,
+    "paused": pb.RUN_STATE_AFTER_REVERT_PAUSED,
+}
+
+
+def parse(address: str | None) -> connection.Address:
+    try:
+        return connection.parse_address(address or connection.default_address())
+    except ValueError as err:
+        raise errors.InvalidArgument(str(err)) from err
+
+
+def credentials(address: connection.Address, tls: connection.TlsFiles) -> grpc.ChannelCredentials | None:
+    if not connection.uses_tls(address, tls):
+        return None
+    try:
+        return connection.channel_credentials(tls)
+    except connection.TlsError as err:
+        raise errors.TlsError(str(err), address=address.text) from err
+
+
+def _request_id(request_id: str | None) -> str:
+    return request_id or str(uuid.uuid4())
+
+
+def _method(value: Method | None) -> pb.SnapshotMethod.ValueType:
+    if value not in _METHODS:
+        raise errors.InvalidArgument(f"method {value!r}: expected 'internal', 'external' or None (per disk)")
+    return _METHODS[value]
+
+
+def _run_state(value: RunState | None) -> pb.RunStateAfterRevert.ValueType:
+    if value not in _RUN_STATES:
+        raise errors.InvalidArgument(f"run_state {value!r}: expected 'running', 'paused' or None (as at the "
+                                     "snapshot)")
+    return _RUN_STATES[value]
+
+
+def create_request(domain: str, *, name: str = "", live: bool = False, method: Method | None = None, path: str = "",
+                   description: str = "", config: str = "", overrides: Sequence[str] = (),
+                   request_id: str | None = None) -> pb.CreateSnapshotRequest:
+    return pb.CreateSnapshotRequest(
+        request_id=_request_id(request_id), domain=domain, name=name, live=live,
+        method=_method(method),
+        path=path, description=description, config=config, overrides=list(overrides))
+
+
+def revert_request(domain: str, snapshot: str = "", *, run_state: RunState | None = None, force: bool = False,
+                   config: str = "", overrides: Sequence[str] = (), request_id: str | None = None,
+                   ) -> pb.RevertSnapshotRequest:
+    return pb.RevertSnapshotRequest(
+        request_id=_request_id(request_id), domain=domain, snapshot=snapshot, config=config,
+        overrides=list(overrides), run_state=_run_state(run_state), force=force)
+
+
+def delete_request(domain: str, snapshot: str, *, children: bool = False, request_id: str | None = None,
+                   ) -> pb.DeleteSnapshotRequest:
+    return pb.DeleteSnapshotRequest(request_id=_request_id(request_id), domain=domain, snapshot=snapshot,
+                                    children=children)
+
+
+class Outcome:
+    """Follows one operation's events: progress to the callback, the end as a result or an error."""
+
+    def __init__(self, address: connection.Address, on_progress: ProgressCallback | None) -> None:
+        self._address = address
+        self._on_progress = on_progress
+        self.operation_id = ""
+        self.finished: pb.Operation | None = None
+
+    def see(self, event: pb.OperationEvent) -> bool:
+        """Take one event; True once the operation has finished."""
+        kind = event.WhichOneof("event")
+        if kind == "started":
+            self.operation_id = event.started.id
+        elif kind == "progress" and self._on_progress is not None:
+            self._on_progress(event.progress)
+        elif kind == "finished":
+            self.finished = event.finished
+            return True
+        return False
+
+    def result(self) -> pb.Operation:
+        """The finished operation if it succeeded; its error otherwise."""
+        op = self.finished
+        if op is None:
+            raise errors.Unavailable(
+                f"the stream of operation {self.operation_id or '?'} ended before the operation did; it may go on: "
+                "watch it again", address=self._address.text, operation_id=self.operation_id)
+        if op.state != pb.OPERATION_STATE_SUCCEEDED:
+            raise errors.from_status(op.error, address=self._address.text, operation_id=op.id)
+        return op
+
+    def broken(self, err: grpc.RpcError, tls: connection.TlsFiles) -> errors.DomsnapError:
+        """A stream that failed: the refusal of the request, or a connection lost midway."""
+        error = errors.from_rpc_error(err, self._address, tls)
+        error.operation_id = self.operation_id
+        return error
+
+
+def is_finished(event: pb.OperationEvent) -> bool:
+    return event.WhichOneof("event") == "finished"

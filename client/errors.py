@@ -1,0 +1,174 @@
+"""The client library's errors: one small tree, one class per gRPC status
+code the agent uses, each carrying the agent's message.
+
+    DomsnapError
+    ├── InvalidArgument      INVALID_ARGUMENT, OUT_OF_RANGE
+    ├── NotFound             NOT_FOUND
+    ├── AlreadyExists        ALREADY_EXISTS
+    ├── FailedPrecondition   FAILED_PRECONDITION
+    ├── Busy                 ABORTED: the domain is busy with another operation
+    ├── ResourceExhausted    RESOURCE_EXHAUSTED
+    ├── PermissionDenied     PERMISSION_DENIED, UNAUTHENTICATED
+    ├── Cancelled            CANCELLED
+    ├── Unimplemented        UNIMPLEMENTED
+    ├── Unavailable          UNAVAILABLE: the agent cannot be reached, or its hypervisor does not answer
+    │   └── TlsError         our TLS files are wrong, or the agent refused our certificate
+    ├── DeadlineExceeded     DEADLINE_EXCEEDED: no answer in time
+    └── InternalError        INTERNAL, UNKNOWN, DATA_LOSS
+
+An operation that failed (its stream's `finished` event carries a
+google.rpc.Status) raises the same classes, with its `operation_id`. The
+original grpc.RpcError, when there is one, is the exception's __cause__.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from . import connection
+
+
+class DomsnapError(Exception):
+    """Base of every error the client library raises."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, reason: str = "", address: str = "",
+                 operation_id: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        # The agent's stable name for the error (google.rpc.ErrorInfo.reason), e.g. "Busy".
+        self.reason = reason
+        # The agent it came from ("" when unknown), and the operation that failed.
+        self.address = address
+        self.operation_id = operation_id
+
+
+class InvalidArgument(DomsnapError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(DomsnapError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(DomsnapError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(DomsnapError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Busy(DomsnapError):
+    """The domain is busy with another operation (the message names it)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class ResourceExhausted(DomsnapError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class PermissionDenied(DomsnapError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Cancelled(DomsnapError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unimplemented(DomsnapError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Unavailable(DomsnapError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class TlsError(Unavailable):
+    """A TLS setup that cannot work: a file, a key, a certificate, or the agent's refusal of it."""
+
+
+class DeadlineExceeded(DomsnapError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class InternalError(DomsnapError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[DomsnapError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ABORTED: Busy,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: PermissionDenied,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.INTERNAL: InternalError,
+    grpc.StatusCode.UNKNOWN: InternalError,
+    grpc.StatusCode.DATA_LOSS: InternalError,
+}
+_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_class(code: grpc.StatusCode) -> type[DomsnapError]:
+    return _BY_CODE.get(code, DomsnapError)
+
+
+def _reason(status: status_pb2.Status | None) -> str:
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
+def from_status(status: status_pb2.Status, *, address: str = "", operation_id: str = "") -> DomsnapError:
+    """The error of a finished operation (its google.rpc.Status)."""
+    code = _BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
+    message = " ".join(status.message.split()) or f"operation {operation_id} ended with {code.name}"
+    return error_class(code)(message, code=code, reason=_reason(status), address=address,
+                             operation_id=operation_id)
+
+
+def from_rpc_error(err: grpc.RpcError, address: connection.Address | None = None,
+                   tls: connection.TlsFiles | None = None) -> DomsnapError:
+    """A failed call as the library's error, the agent's message kept.
+
+    Only a connect failure is reworded (gRPC's text for it is long and the
+    same for every cause): "cannot reach the agent at ADDR: <OS reason>",
+    or what is wrong with TLS when TLS was used.
+    """
+    # grpc.Call (sync) and grpc.aio.AioRpcError both have code(), details() and trailing_metadata().
+    has_status = callable(getattr(err, "code", None))
+    code: grpc.StatusCode = err.code() if has_status else grpc.StatusCode.UNKNOWN
+    details = " ".join(((err.details() if has_status else str(err)) or "").split())
+    status = None
+    if has_status:
+        try:
+            status = rpc_status.from_call(err)
+        except (ValueError, AttributeError):
+            status = None
+    where = address.text if address is not None else ""
+    cls = error_class(code)
+    message = details or code.name.lower().replace("_", " ")
+    if code == grpc.StatusCode.UNAVAILABLE and address is not None:
+        uses_tls = tls is not None and tls.enabled and not address.local
+        failure = connection.tls_failure(details, address, tls) if uses_tls and tls is not None else None
+        if failure is not None:
+            cls, message = TlsError, failure
+        elif "failed to connect" in details.lower():
+            message = f"cannot reach the agent at {address.text}: {connection.connect_failure_reason(details)}"
+    return cls(message, code=code, reason=_reason(status), address=where)

@@ -172,9 +172,19 @@ async def _serve(config: AgentConfig, driver: Hypervisor | None, ready: asyncio.
         raise
     log.info("listening on %s", ", ".join(listeners.bound))
 
-    version = await driver.probe()
-    await driver.start()
-    if recovered := await service.recover():
+    try:
+        version = await driver.probe()
+        await driver.start()
+        recovered = await service.recover()
+    except BaseException:
+        # No hypervisor to drive (not installed, not answering): leave no
+        # socket behind for clients to find dead.
+        await server.stop(grace=None)
+        await listeners.close()
+        if metrics_server is not None:
+            await metrics_server.close()
+        raise
+    if recovered:
         log.info("journal: %d interrupted operation(s) dealt with", recovered)
         if metrics is not None:
             metrics.recovered(recovered)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,6 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from domsnap.v1 import domsnap_pb2 as pb
 from tests import guestprobe
 from tests.conftest import Agent, BootGuest
+from tests.harness import BIN
 
 pytestmark = pytest.mark.guest
 
@@ -117,3 +120,18 @@ def test_unreachable_agent_is_one_clear_line(agent: Agent, tmp_path: pytest.Temp
     out = gone.cli("list")
     assert out.returncode == 1
     assert out.stderr.startswith(f"domsnap: cannot reach the agent at {gone.address}")
+
+
+def test_agent_without_its_hypervisor_says_so_and_leaves_no_socket(tmp_path: Path) -> None:
+    config = tmp_path / "domsnapd.toml"
+    config.write_text('[qemu]\nbinary = "/nonexistent/qemu-system-x86_64"\n')
+    sock = tmp_path / "s.sock"
+    out = subprocess.run([str(BIN / "domsnapd"), "--config", str(config), "--driver", "qemu",
+                          "--listen", f"unix:{sock}", "--state-dir", str(tmp_path / "state"),
+                          "--snapshot-root", str(tmp_path / "snaps")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "domsnapd: /nonexistent/qemu-system-x86_64 exited with status 127: "
+        "/nonexistent/qemu-system-x86_64: No such file or directory")
+    assert "Traceback" not in out.stderr
+    assert not sock.exists()

@@ -112,30 +112,26 @@ class AgentService:
 
         return await self._once(request_id, create)
 
-    async def destroy_domain(self, ref: str, request_id: str = "") -> Domain:
-        async def destroy() -> Domain:
+    async def _domain_call(self, ref: str, request_id: str,
+                           action: Callable[[str], Awaitable[Domain | None]]) -> Domain:
+        """A lifecycle call on an idle domain; answers the domain as it is after
+        (or, when the action returns nothing, as it was before)."""
+
+        async def call() -> Domain:
             domain = await self.driver.lookup(ref)
             self.operations.check_idle(domain.name)
-            await self.driver.destroy(domain.name)
-            return domain
+            return await action(domain.name) or domain
 
-        return await self._once(request_id, destroy)
+        return await self._once(request_id, call)
+
+    async def destroy_domain(self, ref: str, request_id: str = "") -> Domain:
+        return await self._domain_call(ref, request_id, self.driver.destroy)
 
     async def pause_domain(self, ref: str, request_id: str = "") -> Domain:
-        async def pause() -> Domain:
-            domain = await self.driver.lookup(ref)
-            self.operations.check_idle(domain.name)
-            return await self.driver.pause(domain.name)
-
-        return await self._once(request_id, pause)
+        return await self._domain_call(ref, request_id, self.driver.pause)
 
     async def unpause_domain(self, ref: str, request_id: str = "") -> Domain:
-        async def unpause() -> Domain:
-            domain = await self.driver.lookup(ref)
-            self.operations.check_idle(domain.name)
-            return await self.driver.unpause(domain.name)
-
-        return await self._once(request_id, unpause)
+        return await self._domain_call(ref, request_id, self.driver.unpause)
 
     # ------------------------------------------------------------- snapshots
 

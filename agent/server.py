@@ -30,7 +30,7 @@ from domsnap.agent.auth import AuthInterceptor, Authorizer
 from domsnap.agent.config import AgentConfig, TlsConfig, parse_listen
 from domsnap.agent.drivers import make_driver
 from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import InvalidArgument
+from domsnap.agent.errors import FailedPrecondition, InvalidArgument
 from domsnap.agent.interceptor import ErrorInterceptor
 from domsnap.agent.metrics import Metrics, MetricsServer
 from domsnap.agent.sdnotify import Notifier
@@ -86,14 +86,17 @@ class _Listeners:
             listen = parse_listen(addr)
             if listen.unix_path is not None:
                 continue
-            if creds is not None:
-                port = self._server.add_secure_port(listen.grpc_target, creds)
-                kind = "TLS, client certificates required"
-            else:
-                port = self._server.add_insecure_port(listen.grpc_target)
-                kind = "plain TCP: any local user may connect, as `loopback` in [roles]"
+            try:
+                if creds is not None:
+                    port = self._server.add_secure_port(listen.grpc_target, creds)
+                    kind = "TLS, client certificates required"
+                else:
+                    port = self._server.add_insecure_port(listen.grpc_target)
+                    kind = "plain TCP: any local user may connect, as `loopback` in [roles]"
+            except RuntimeError as err:  # grpc's way of saying the port is taken
+                raise FailedPrecondition(f"listen address {addr!r}: cannot bind (in use?): {err}") from err
             if port == 0:
-                raise InvalidArgument(f"listen address {addr!r}: cannot bind")
+                raise FailedPrecondition(f"listen address {addr!r}: cannot bind (in use?)")
             host = f"[{listen.host}]" if ":" in listen.host else listen.host
             self.bound.append(f"{host}:{port} ({kind})")
 

@@ -29,14 +29,14 @@ def _opt(value: str) -> str:
 KEYS = frozenset({"name", "memory", "vcpus", "kernel", "ramdisk", "extra", "disk", "serial"})
 
 # xl's disk format names as QEMU's block drivers know them.
-_FORMATS = {"raw": "raw", "qcow2": "qcow2", "qcow": "qcow", "qed": "qed", "vhd": "vpc"}
+FORMATS = {"raw": "raw", "qcow2": "qcow2", "qcow": "qcow", "qed": "qed", "vhd": "vpc"}
 
 
 def qemu_format(disk: DiskSpec) -> str:
-    if disk.devtype == "cdrom" or disk.format not in _FORMATS:
+    if disk.devtype == "cdrom" or disk.format not in FORMATS:
         raise InvalidArgument(f"disk {disk.vdev}: the qemu driver runs disks of format "
-                              f"{', '.join(sorted(_FORMATS))}, not {disk.devtype or disk.format}")
-    return _FORMATS[disk.format]
+                              f"{', '.join(sorted(FORMATS))}, not {disk.devtype or disk.format}")
+    return FORMATS[disk.format]
 
 
 def _serial(config: DomainConfig, default: Path) -> Path:

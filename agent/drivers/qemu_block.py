@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from domsnap.agent.drivers import qemu_argv
 from domsnap.agent.drivers.qmp import QmpSession
 from domsnap.agent.errors import InternalError
 
@@ -29,7 +30,8 @@ class QmpBlockOps:
         # backing file and format, and switches the device onto it atomically.
         await self._qmp.execute(
             "blockdev-snapshot-sync",
-            {"device": vdev, "snapshot-file": str(overlay), "format": fmt, "mode": "absolute-paths"},
+            {"device": vdev, "snapshot-file": str(overlay), "format": qemu_argv.FORMATS.get(fmt, fmt),
+             "mode": "absolute-paths"},
         )
         self._on_move(vdev, str(overlay), fmt)
 

@@ -224,13 +224,25 @@ def _str(obj: Mapping[str, Any], *keys: str) -> str:
     return ""
 
 
+def _implied_backend(fmt: str) -> str:
+    """The backend libxl must have chosen when the config names none.
+
+    Real Xen 4.17 keeps the user's config: `xl list -l` shows no "backend"
+    unless the xl.cfg set backendtype= (captured in the Xen lab). libxl
+    (libxl_device.c: disk_try_backend) gives `phy` only raw images and has no
+    blktap any more, so a qcow2, qcow, qed or vhd image is always served by
+    qdisk; a raw one may be either (phy for block devices and, through a
+    loop device, for files)."""
+    return "qdisk" if fmt != "raw" else "unknown"
+
+
 def _disk(d: Mapping[str, Any]) -> XlDisk:
     # Xen 4.1's libxl called these physpath/virtpath.
     return XlDisk(
         vdev=_str(d, "vdev", "virtpath"),
         target=_str(d, "pdev_path", "physpath"),
         format=_str(d, "format") or "raw",
-        backend=_str(d, "backend") or "unknown",
+        backend=_str(d, "backend") or _implied_backend(_str(d, "format") or "raw"),
         readwrite=bool(d.get("readwrite", 0)),
         cdrom=bool(d.get("is_cdrom", 0)),
     )

@@ -6,11 +6,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from domsnap.agent.errors import AlreadyExists, ResourceExhausted
+from domsnap.agent.errors import AlreadyExists, Cancelled, ResourceExhausted
 
 FICLONE = 0x40049409
 CHUNK = 8 << 20
@@ -32,10 +33,12 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     return extents
 
 
-def copy_image(src: Path, dst: Path, progress: Callable[[int, int, float], None]) -> bool:
+def copy_image(src: Path, dst: Path, progress: Callable[[int, int, float], None],
+               stop: threading.Event | None = None) -> bool:
     """Copy `src` to the new file `dst` (fsynced); returns True when it was a reflink.
 
-    Blocking: run it in a thread. `dst` must not exist; on any failure it is removed.
+    Blocking: run it in a thread; setting `stop` ends it (Cancelled) within a
+    chunk. `dst` must not exist; on any failure it is removed.
     """
     with open(src, "rb") as fin:
         size = os.fstat(fin.fileno()).st_size
@@ -44,7 +47,7 @@ def copy_image(src: Path, dst: Path, progress: Callable[[int, int, float], None]
         except FileExistsError as err:
             raise AlreadyExists(f"{dst} already exists") from err
         try:
-            reflinked = _copy(fin.fileno(), fdout, size, progress)
+            reflinked = _copy(fin.fileno(), fdout, size, progress, stop)
             os.fsync(fdout)
         except OSError as err:
             os.close(fdout)
@@ -60,7 +63,8 @@ def copy_image(src: Path, dst: Path, progress: Callable[[int, int, float], None]
     return reflinked
 
 
-def _copy(fdin: int, fdout: int, size: int, progress: Callable[[int, int, float], None]) -> bool:
+def _copy(fdin: int, fdout: int, size: int, progress: Callable[[int, int, float], None],
+          stop: threading.Event | None) -> bool:
     try:
         fcntl.ioctl(fdout, FICLONE, fdin)
     except OSError:
@@ -76,6 +80,8 @@ def _copy(fdin: int, fdout: int, size: int, progress: Callable[[int, int, float]
     for start, end in extents:
         pos = start
         while pos < end:
+            if stop is not None and stop.is_set():
+                raise Cancelled("the copy was stopped")
             n = os.copy_file_range(fdin, fdout, min(CHUNK, end - pos), pos, pos)
             if n == 0:
                 break

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 from domsnap.agent.errors import NotFound
@@ -20,7 +22,17 @@ async def _copy(src: Path, dst: Path, vdev: str, progress: StepProgress) -> None
     def report(done: int, total: int, rate: float) -> None:
         loop.call_soon_threadsafe(progress, done / max(total, 1), done, total, rate, f"{vdev}: copying")
 
-    await asyncio.to_thread(copy_image, src, dst, report)
+    stop = threading.Event()
+    copying = loop.run_in_executor(None, copy_image, src, dst, report, stop)
+    try:
+        await asyncio.shield(copying)
+    except asyncio.CancelledError:
+        # The thread cannot be cancelled from outside: tell it, and wait until
+        # it has stopped and removed its half copy before rolling back.
+        stop.set()
+        with contextlib.suppress(Exception):
+            await copying
+        raise
 
 
 class RawBackend(DiskBackend):

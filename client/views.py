@@ -12,6 +12,10 @@ from typing import Any
 
 from google.protobuf import json_format, message, timestamp_pb2
 
+# An operation's error holds a google.rpc.ErrorInfo packed in an Any: JSON
+# output can only render it once its type is known to the descriptor pool.
+from google.rpc import error_details_pb2  # noqa: F401
+
 from domsnap.v1 import domsnap_pb2 as pb
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")

@@ -7,14 +7,18 @@ import shutil
 
 from domsnap.agent.config import AgentConfig
 from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.drivers.qemu import QemuDriver
-from domsnap.agent.drivers.xen import XenDriver
 from domsnap.agent.errors import DomsnapError
 
 log = logging.getLogger(__name__)
 
 
 async def make_driver(config: AgentConfig) -> Hypervisor:
+    # Imported here, not at the package's top: `python -m
+    # domsnap.agent.drivers.xen_sink` (the live-snapshot sink xl runs) must
+    # not find its own module imported already by its package.
+    from domsnap.agent.drivers.qemu import QemuDriver
+    from domsnap.agent.drivers.xen import XenDriver
+
     if config.driver == "qemu":
         return QemuDriver(config.qemu, config.state_dir)
     xen = XenDriver(config.state_dir)

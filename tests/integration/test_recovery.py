@@ -40,7 +40,10 @@ def fault_agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterato
     a.stop()
 
 
-def run_until_killed(agent: Agent, step: str, call: pb.CreateSnapshotRequest | pb.RevertSnapshotRequest) -> None:
+Call = pb.CreateSnapshotRequest | pb.RevertSnapshotRequest | pb.DeleteSnapshotRequest
+
+
+def run_until_killed(agent: Agent, step: str, call: Call) -> None:
     """Arm the kill at `step`, make the call, see the agent die, start it again (recovery runs)."""
     agent.env[KILL_ENV] = step
     agent.restart()
@@ -48,8 +51,10 @@ def run_until_killed(agent: Agent, step: str, call: pb.CreateSnapshotRequest | p
     with pytest.raises(grpc.RpcError):
         if isinstance(call, pb.CreateSnapshotRequest):
             list(stub.CreateSnapshot(call, timeout=120))
-        else:
+        elif isinstance(call, pb.RevertSnapshotRequest):
             list(stub.RevertSnapshot(call, timeout=120))
+        else:
+            list(stub.DeleteSnapshot(call, timeout=120))
     assert agent.proc is not None
     assert agent.proc.wait(timeout=60) == -9, f"the agent did not die at {step}"
     agent.proc = None
@@ -129,3 +134,32 @@ def test_revert_killed_at_every_step(fault_agent: Agent, guest_image: tuple[Path
         snap = fault_agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot="base"), timeout=30)
         assert snap.current
         assert_running_and_consistent(g, mark)
+
+
+DELETE_STEPS = ["unregister", "disks", "files"]
+
+
+def test_delete_killed_at_every_step(fault_agent: Agent, guest_image: tuple[Path, Path], tmp_path: Path) -> None:
+    """A delete past its point of no return is finished by the next agent; the
+    snapshots it did not delete stay intact and revertable."""
+    g = start_guest(fault_agent, guest_image, tmp_path, "qcow2", "raw")
+    xvda = g.disks["xvda"][0]
+    g.create_snapshot(name="keep")
+    for step in DELETE_STEPS:
+        name = f"d-{step}"
+        g.create_snapshot(name=name)
+        snapdir = fault_agent.snapshot_root / g.name / name
+        assert name in tags(xvda) and snapdir.is_dir()
+        run_until_killed(fault_agent, f"delete:{step}", pb.DeleteSnapshotRequest(
+            domain=g.name, snapshot=name, request_id=uuid.uuid4().hex))
+        listed = [s.name for s in fault_agent.stub().ListSnapshots(
+            pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots]
+        assert name not in listed, step
+        assert name not in tags(xvda), f"{step}: tag left behind"
+        assert not snapdir.exists(), f"{step}: {sorted(p.name for p in snapdir.iterdir())} left behind"
+        assert "keep" in listed and "keep" in tags(xvda)
+        assert not list((fault_agent.state_dir / "journal").glob("*.json")), "journal entry left behind"
+    mark = g.mark()
+    g.revert("keep")
+    guestprobe.wait_disk_ok(g.serial, "vda", timeout=20, offset=mark)
+    assert not guestprobe.mismatches(g.serial, mark)

@@ -106,14 +106,26 @@ class QemuDriver(Hypervisor):
         self._run = run
         self._instances: dict[str, _Instance] = {}
         self._version = ""
+        self._probed: tuple[str, int, int] | None = None
         self._machine = config.machine
         self._create_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ agent side
 
     async def probe(self) -> str:
+        # Asked on every create, revert and GetAgentInfo: run the binary only
+        # when it changed (an upgrade), not each time.
+        binary = shutil.which(self._cfg.binary) or self._cfg.binary
+        try:
+            st = os.stat(binary)
+            stamp: tuple[str, int, int] | None = (binary, st.st_ino, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp == self._probed:
+            return self._version
         out = await self._run(qemu_argv.version(self._cfg.binary), timeout=10)
         self._version = qemu_argv.parse_version(out.stdout)
+        self._probed = stamp
         if not self._machine:
             out = await self._run(qemu_argv.machine_help(self._cfg.binary), timeout=10)
             self._machine = qemu_argv.parse_machine_alias(out.stdout)

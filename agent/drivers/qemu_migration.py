@@ -19,12 +19,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from qemu.qmp import EventListener
+
 from domsnap.agent.drivers.qmp import QmpSession
-from domsnap.agent.errors import AlreadyExists, InternalError, ResourceExhausted
+from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InternalError, ResourceExhausted
 from domsnap.agent.progress import StepProgress
 
 FDNAME = "domsnap-memory"
 POLL = 0.1
+# Live pre-copy: the first downtime limit QEMU aims at, doubled with each
+# pass over memory up to the last.
+FIRST_DOWNTIME_MS = 20
+LAST_DOWNTIME_MS = 10_000
 # QEMU caps migration at 32 MiB/s by default; a memory image should go at disk speed.
 UNLIMITED_BANDWIDTH = 1 << 40
 
@@ -76,7 +82,7 @@ async def save(
     was_running: bool,
     in_pause: Callable[[], Awaitable[None]],
     progress: StepProgress,
-    mode: LiveMode = LiveMode.BACKGROUND,
+    mode: LiveMode = LiveMode.PRECOPY,
     bandwidth: int = 0,
 ) -> SaveResult:
     """Write the memory image; run `in_pause` at the instant it captures; leave
@@ -89,18 +95,23 @@ async def save(
     await qmp.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "pause-before-switchover", "state": not background},
         {"capability": "background-snapshot", "state": background},
+        # MIGRATION events wake the agent the moment the guest is stopped at
+        # pre-switchover, instead of at its next poll.
+        {"capability": "events", "state": True},
     ]})  # fmt: skip
-    await qmp.execute("migrate-set-parameters", {"max-bandwidth": bandwidth or UNLIMITED_BANDWIDTH})
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": bandwidth or UNLIMITED_BANDWIDTH,
+                                                 "downtime-limit": FIRST_DOWNTIME_MS})
     fd = _open_new(memory)
     stopped = resumed = None
     try:
-        async with qmp.listen("STOP", "RESUME") as events:
+        async with qmp.listen("STOP", "RESUME") as events, qmp.listen("MIGRATION") as changes:
             await qmp.send_fd(FDNAME, fd)
+            watch = _Watch(qmp, fd, changes, progress)
             if background:
-                await _save_background(qmp, fd, in_pause, progress)
+                await _save_background(qmp, watch, in_pause)
             else:
-                await _save_precopy(qmp, fd, live=live and was_running, was_running=was_running,
-                                    in_pause=in_pause, progress=progress)
+                await _save_precopy(qmp, watch, live=live and was_running, was_running=was_running,
+                                    in_pause=in_pause)
             size = os.fstat(fd).st_size
             for event in events.clear():
                 if event["event"] == "STOP" and stopped is None:
@@ -119,29 +130,26 @@ async def save(
 
 
 async def _save_precopy(
-    qmp: QmpSession, fd: int, *, live: bool, was_running: bool, in_pause: Callable[[], Awaitable[None]],
-    progress: StepProgress,
+    qmp: QmpSession, watch: _Watch, *, live: bool, was_running: bool, in_pause: Callable[[], Awaitable[None]],
 ) -> None:
     if was_running and not live:
         await qmp.execute("stop")
     try:
         await qmp.execute("migrate", {"uri": f"fd:{FDNAME}"})
-        await _wait(qmp, fd, "pre-switchover", live=live, progress=progress)
+        await watch.until("pre-switchover", live=live)
         await in_pause()
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
-        await _wait(qmp, fd, "completed", live=live, progress=progress)
+        await watch.until("completed", live=live)
     except BaseException:
         await _cancel(qmp)
         raise
     finally:
         if was_running:
             # cont also reactivates the disks QEMU handed over at completion.
-            await qmp.execute("cont")
+            await _cont(qmp)
 
 
-async def _save_background(
-    qmp: QmpSession, fd: int, in_pause: Callable[[], Awaitable[None]], progress: StepProgress
-) -> None:
+async def _save_background(qmp: QmpSession, watch: _Watch, in_pause: Callable[[], Awaitable[None]]) -> None:
     await qmp.execute("stop")
     try:
         await in_pause()
@@ -152,10 +160,23 @@ async def _save_background(
     # From here QEMU resumes the guest itself as soon as the device state is
     # saved; if the stream fails later the guest just keeps running.
     try:
-        await _wait(qmp, fd, "completed", live=False, progress=progress)
+        await watch.until("completed", live=False)
     except BaseException:
         await _cancel(qmp)
         raise
+
+
+async def _cont(qmp: QmpSession) -> None:
+    """`cont`, retried while QEMU still finalizes a migration it reported completed."""
+    for _ in range(50):
+        try:
+            await qmp.execute("cont")
+            return
+        except FailedPrecondition as err:
+            if "not finalized" not in err.message:
+                raise
+            await asyncio.sleep(0.01)
+    await qmp.execute("cont")
 
 
 def _stamp(event: Mapping[str, Any]) -> float:
@@ -163,26 +184,51 @@ def _stamp(event: Mapping[str, Any]) -> float:
     return float(t["seconds"]) + float(t["microseconds"]) / 1e6
 
 
-async def _wait(qmp: QmpSession, fd: int, until: str, *, live: bool, progress: StepProgress) -> None:
-    rate = _Rate()
-    while True:
-        info = await qmp.execute("query-migrate")
-        status = info.get("status")
-        if status == until:
-            return
-        if status in ("failed", "cancelled") or (status == "completed" and until != "completed"):
-            _raise_failed(info, "writing the memory image")
-        ram = info.get("ram", {})
-        total = int(ram.get("total", 0))
-        # The file position is shared with QEMU's copy of the descriptor:
-        # exactly the bytes written so far.
-        written = os.lseek(fd, 0, os.SEEK_CUR)
-        if total and status == "active":
-            remaining = int(ram.get("remaining", total))
-            fraction = 1 - remaining / total if live else min(written / total, 1.0)
-            progress(min(fraction, 0.99), written, total, rate.of(written), f"memory: {status}")
-        # Fine-grained near the end: the guest may be stopped and waiting.
-        await asyncio.sleep(POLL if status == "active" else POLL / 10)
+class _Watch:
+    """Follows a save: progress while it runs, and (live pre-copy) a downtime
+    limit that starts small and doubles with each pass over memory, so that
+    an idle guest converges with a pause of a few ms and a busy one still
+    converges."""
+
+    def __init__(self, qmp: QmpSession, fd: int, changes: EventListener, progress: StepProgress) -> None:
+        self._qmp = qmp
+        self._fd = fd
+        self._changes = changes
+        self._progress = progress
+        self._rate = _Rate()
+        self._downtime = FIRST_DOWNTIME_MS
+        self._passes = 0
+
+    async def until(self, wanted: str, *, live: bool) -> None:
+        while True:
+            info = await self._qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == wanted:
+                return
+            if status in ("failed", "cancelled") or (status == "completed" and wanted != "completed"):
+                _raise_failed(info, "writing the memory image")
+            ram = info.get("ram", {})
+            if live and status == "active":
+                await self._adapt(int(ram.get("dirty-sync-count", 0)))
+            total = int(ram.get("total", 0))
+            # The file position is shared with QEMU's copy of the descriptor:
+            # exactly the bytes written so far.
+            written = os.lseek(self._fd, 0, os.SEEK_CUR)
+            if total and status == "active":
+                remaining = int(ram.get("remaining", total))
+                fraction = 1 - remaining / total if live else min(written / total, 1.0)
+                self._progress(min(fraction, 0.99), written, total, self._rate.of(written), f"memory: {status}")
+            # Woken by the next status change, or after POLL to report progress.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changes.get(), POLL)
+
+    async def _adapt(self, passes: int) -> None:
+        # Another pass over memory (dirty-sync-count went up): the last limit
+        # was too tight for this guest's dirty rate.
+        if self._passes and passes > self._passes and self._downtime < LAST_DOWNTIME_MS:
+            self._downtime = min(self._downtime * 2, LAST_DOWNTIME_MS)
+            await self._qmp.execute("migrate-set-parameters", {"downtime-limit": self._downtime})
+        self._passes = max(self._passes, passes)
 
 
 IN_FLIGHT = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
@@ -210,6 +256,9 @@ async def load(qmp: QmpSession, memory: Path, *, progress: StepProgress) -> None
     fd = os.open(memory, os.O_RDONLY | os.O_CLOEXEC)
     try:
         total = os.fstat(fd).st_size
+        # QEMU's loader reads in small pieces on one thread: read ahead for it.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         await qmp.send_fd(FDNAME, fd)
         await qmp.execute("migrate-incoming", {"uri": f"fd:{FDNAME}"})
         rate = _Rate()

@@ -250,24 +250,9 @@ class _Guard:
 
     def wrap_stream(self, inner: Callable[..., Any]) -> Callable[[Any, Ctx], Any]:
         if not inspect.isasyncgenfunction(inner):
-            # A handler that writes with context.write() and returns.
-            async def writer(request: Any, context: Ctx) -> Any:
-                caller = await self._admit(request, context)
-                code = grpc.StatusCode.UNKNOWN
-                try:
-                    result = await inner(request, context)
-                    code = grpc.StatusCode.OK
-                    return result
-                except grpc.aio.AbortError:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                except BaseException as exc:
-                    code = _code_of(exc)
-                    raise
-                finally:
-                    self._audit(caller, _unary_request(request), code)
-
-            return writer
+            # A handler that writes with context.write() and returns: awaited
+            # like a unary one.
+            return self.wrap_unary(inner)
 
         async def stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
             caller = await self._admit(request, context)

@@ -567,7 +567,7 @@ def table(r: R) -> str:
         m("nonlive lv pause"),
     )
     for load in ("idle", "busy"):
-        for mode, label in (("bg", "background-snapshot (default)"), ("pre", "precopy")):
+        for mode, label in (("bg", "background-snapshot"), ("pre", "precopy (default)")):
             row(
                 f"live create, {load} guest, domsnap {label}: guest pause",
                 f"live {load} ds-{mode} pause",

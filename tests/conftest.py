@@ -3,6 +3,7 @@ and real QEMU guests (TCG) built from Debian packages by guest/build.sh."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from domsnap.v1 import domsnap_pb2 as pb
 from tests import guestprobe
 from tests.harness import Agent, guest_config, kvm_boots, make_disk
 
-__all__ = ["Agent", "BootGuest", "Guest"]
+__all__ = ["Agent", "BootGuest", "Guest", "destroy_all", "own_agent", "start_guest"]
 
 
 
@@ -71,19 +72,29 @@ def accel(guest_image: tuple[Path, Path], tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="session")
 def agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator[Agent]:
-    # Short base path: unix socket paths are limited to 108 bytes.
-    base = tmp_path_factory.mktemp("agent")
     # Snapshot paths must lie inside a snapshot root (agent/paths.py): the
     # tests name directories under their own tmp_path, so the root is pytest's
     # whole base temp directory, which holds the agent's snapshot_root too.
     roots = f'snapshot_roots = ["{tmp_path_factory.getbasetemp()}"]\n'
-    a = Agent(base, config_toml=f'{roots}[qemu]\naccel = "{accel}"\n')
+    with own_agent(tmp_path_factory.mktemp("agent"), accel, top=roots) as a:
+        yield a
+
+
+@contextlib.contextmanager
+def own_agent(base: Path, accel: str, *, top: str = "", qemu: str = "", tables: str = "") -> Iterator[Agent]:
+    """A running agent with its own config (top-level settings, [qemu] ones,
+    further tables); afterwards every domain it runs is destroyed."""
+    # A short base path: unix socket paths are limited to 108 bytes.
+    a = Agent(base, config_toml=f'{top}[qemu]\naccel = "{accel}"\n{qemu}{tables}')
     a.start()
-    yield a
-    stub = a.stub()
-    for d in stub.ListDomains(pb.ListDomainsRequest(), timeout=30).domains:
-        stub.DestroyDomain(pb.DestroyDomainRequest(domain=d.name), timeout=60)
-    if a.proc is not None:
+    try:
+        yield a
+    finally:
+        if a.proc is None:  # a test left it stopped (killed on purpose)
+            a.start()
+        stub = a.stub()
+        for d in stub.ListDomains(pb.ListDomainsRequest(), timeout=30).domains:
+            stub.DestroyDomain(pb.DestroyDomainRequest(domain=d.name), timeout=60)
         a.stop()
 
 

@@ -37,6 +37,7 @@ from domsnap.agent.errors import (
     NotFound,
     ResourceExhausted,
 )
+from domsnap.agent.fsutil import fsync_path, write_atomic
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.runner import CommandResult, Runner
 
@@ -72,24 +73,6 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     except FileExistsError as err:
         raise AlreadyExists(f"memory image {path} already exists") from err
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    with open(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _disks_of(saved: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
@@ -200,7 +183,7 @@ class XenDriver(Hypervisor):
             raise AlreadyExists(f"domain {config.name!r} already exists")
         path = self._config_path(config.name)
         self._dir.mkdir(parents=True, exist_ok=True)
-        _write_private(path, config.to_text())
+        write_atomic(path, config.to_text(), mode=0o600)
         await self._xl(xl_argv.create(path, paused=paused, xl=self._xl_bin), timeout=CREATE_TIMEOUT)
         return await self.lookup(config.name)
 
@@ -280,7 +263,7 @@ class XenDriver(Hypervisor):
                 expected_bytes=domain.config.memory_mib * MiB,
                 timeout=_transfer_timeout(domain.config.memory_mib),
             )
-            await asyncio.to_thread(_fsync, memory)
+            await asyncio.to_thread(fsync_path, memory)
         except BaseException:
             memory.unlink(missing_ok=True)
             raise
@@ -332,7 +315,7 @@ class XenDriver(Hypervisor):
                 if was_running:
                     await self._xl(xl_argv.unpause(domid, xl=self._xl_bin))
             downtime = time.monotonic() - t0
-            await asyncio.to_thread(_fsync, memory)
+            await asyncio.to_thread(fsync_path, memory)
         except BaseException:
             memory.unlink(missing_ok=True)
             raise
@@ -379,7 +362,7 @@ class XenDriver(Hypervisor):
         if _disks_of(saved) != {d.vdev: (d.target, d.format) for d in config.disks}:
             config_path = self._config_path(config.name)
             self._dir.mkdir(parents=True, exist_ok=True)
-            _write_private(config_path, config.to_text())
+            write_atomic(config_path, config.to_text(), mode=0o600)
         size = memory.stat().st_size
         await self._run(xl_argv.restore(memory, paused=True, config_path=config_path, xl=self._xl_bin),
                         timeout=_transfer_timeout(config.memory_mib))

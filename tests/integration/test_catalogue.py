@@ -18,7 +18,7 @@ import pytest
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 from tests import guestprobe
-from tests.conftest import BootGuest, Guest, destroy_all, start_guest
+from tests.conftest import BootGuest, Guest, destroy_all, own_agent, start_guest
 from tests.harness import Agent
 
 pytestmark = [pytest.mark.guest]
@@ -104,13 +104,8 @@ def test_delete_internal_removes_tag_and_directory(agent: Agent, boot_guest: Boo
 @pytest.fixture(scope="module")
 def slow_agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator[Agent]:
     """Memory images written at 8 MB/s, so that an operation can be caught mid-way."""
-    a = Agent(tmp_path_factory.mktemp("slow"), config_toml=f'[qemu]\naccel = "{accel}"\nmax_bandwidth = 8000000\n')
-    a.start()
-    yield a
-    stub = a.stub()
-    for d in stub.ListDomains(pb.ListDomainsRequest(), timeout=30).domains:
-        stub.DestroyDomain(pb.DestroyDomainRequest(domain=d.name), timeout=60)
-    a.stop()
+    with own_agent(tmp_path_factory.mktemp("slow"), accel, qemu="max_bandwidth = 8000000\n") as a:
+        yield a
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from domsnap.agent.journal import KILL_ENV
 from domsnap.v1 import domsnap_pb2 as pb
-from tests.conftest import Guest, destroy_all, start_guest
+from tests.conftest import Guest, destroy_all, own_agent, start_guest
 from tests.harness import Agent
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -49,16 +49,9 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 @pytest.fixture(scope="module")
 def metrics_agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator[Agent]:
     base = tmp_path_factory.mktemp("metrics")
-    a = Agent(base, config_toml=f'[metrics]\nlisten = "unix:{base}/metrics.sock"\n'
-                                f'[qemu]\naccel = "{accel}"\n[testing]\nfault_injection = true\n')
-    a.start()
-    yield a
-    if a.proc is None:
-        a.start()
-    stub = a.stub()
-    for d in stub.ListDomains(pb.ListDomainsRequest(), timeout=30).domains:
-        stub.DestroyDomain(pb.DestroyDomainRequest(domain=d.name), timeout=60)
-    a.stop()
+    with own_agent(base, accel, top=f'[metrics]\nlisten = "unix:{base}/metrics.sock"\n',
+                   tables="[testing]\nfault_injection = true\n") as a:
+        yield a
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 from domsnap.agent.journal import KILL_ENV
 from domsnap.v1 import domsnap_pb2 as pb
 from tests import guestprobe
-from tests.conftest import Guest, start_guest
+from tests.conftest import Guest, own_agent, start_guest
 from tests.harness import Agent
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]
@@ -28,16 +28,8 @@ REVERT_STEPS = ["destroy", "disk:xvda", "disk:xvdb", "restore", "restored"]
 
 @pytest.fixture(scope="module")
 def fault_agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator[Agent]:
-    a = Agent(tmp_path_factory.mktemp("fault"),
-              config_toml=f'[qemu]\naccel = "{accel}"\n[testing]\nfault_injection = true\n')
-    a.start()
-    yield a
-    if a.proc is None:
-        a.start()
-    stub = a.stub()
-    for d in stub.ListDomains(pb.ListDomainsRequest(), timeout=30).domains:
-        stub.DestroyDomain(pb.DestroyDomainRequest(domain=d.name), timeout=60)
-    a.stop()
+    with own_agent(tmp_path_factory.mktemp("fault"), accel, tables="[testing]\nfault_injection = true\n") as a:
+        yield a
 
 
 Call = pb.CreateSnapshotRequest | pb.RevertSnapshotRequest | pb.DeleteSnapshotRequest

@@ -598,12 +598,11 @@ def main() -> int:
     only = set()
     for arg in Path("/proc/cmdline").read_text().split():
         if arg.startswith("domsnap.labtests="):
-            only = set(arg.split("=", 1)[1].split(","))
+            only = set(arg.split("=", 1)[1].split("+"))
     info = run("setup", "xl-info", ["xl", "info"], 60)
     caps = re.search(r"^virt_caps\s*:\s*(.*)$", info.out, re.M)
     ver = re.search(r"^xen_version\s*:\s*(.*)$", info.out, re.M)
     say(f"LABINFO xen_version={ver[1] if ver else '?'} virt_caps={caps[1].replace(' ', ',') if caps else '?'}")
-
     log = open("/var/log/domsnapd.log", "w")  # noqa: SIM115
     agent = subprocess.Popen(
         [DOMSNAPD, "--driver", "xen", "--listen", SOCK, "--state-dir", "/var/lib/domsnap",

@@ -23,10 +23,10 @@ from typing import Any, Final
 
 from domsnap.agent import runner
 from domsnap.agent.domain import Domain, DomainConfig, RunState
-from domsnap.agent.drivers import xen_live, xen_stream, xl_argv
+from domsnap.agent.drivers import xen_feed, xen_live, xen_stream, xl_argv
 from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause
 from domsnap.agent.drivers.xen_block import XenBlockOps
-from domsnap.agent.drivers.xen_config import domain_config
+from domsnap.agent.drivers.xen_config import domain_config, with_fresh_genid
 from domsnap.agent.drivers.xl_argv import XlDomain, XlListEntry
 from domsnap.agent.errors import (
     AlreadyExists,
@@ -353,19 +353,26 @@ class XenDriver(Hypervisor):
         progress: StepProgress,
     ) -> Domain:
         try:
-            saved = xen_stream.read_config(memory)
+            header = xen_stream.read_header(memory)
+            saved = header.config()
         except (OSError, ValueError) as err:
             raise FailedPrecondition(f"{memory} is not a restorable xl save image: {err}") from err
+        size = memory.stat().st_size
+        timeout = _transfer_timeout(config.memory_mib)
         # The image carries libxl's complete config; a config file of ours
         # carries less (xen_config), so it is written only when disks moved.
-        config_path = None
         if _disks_of(saved) != {d.vdev: (d.target, d.format) for d in config.disks}:
             config_path = self._config_path(config.name)
             self._dir.mkdir(parents=True, exist_ok=True)
             write_atomic(config_path, config.to_text(), mode=0o600)
-        size = memory.stat().st_size
-        await self._run(xl_argv.restore(memory, paused=True, config_path=config_path, xl=self._xl_bin),
-                        timeout=_transfer_timeout(config.memory_mib))
+            await self._run(xl_argv.restore(memory, paused=True, config_path=config_path, xl=self._xl_bin),
+                            timeout=timeout)
+        elif (fresh := with_fresh_genid(saved)) is not None:
+            async with xen_feed.fifo_source(memory, header.with_config(fresh), header.stream_offset,
+                                            self._dir) as source:
+                await self._run(xl_argv.restore(source, paused=True, xl=self._xl_bin), timeout=timeout)
+        else:
+            await self._run(xl_argv.restore(memory, paused=True, xl=self._xl_bin), timeout=timeout)
         try:
             domain = await self.lookup(config.name)
             if not paused:

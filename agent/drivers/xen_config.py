@@ -11,6 +11,8 @@ only falls back to this one when they did (see XenDriver.restore).
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -56,6 +58,34 @@ def _build_value(b_info: Mapping[str, Any], domain_type: str, key: str) -> str:
     return str(value) if value else ""
 
 
+GENID_LEN: Final = 16
+
+
+def vm_genid(config: Mapping[str, Any]) -> bytes | None:
+    """The VM generation ID of an HVM domain's libxl config (JSON: 16 byte
+    values under b_info's `type.hvm`), None when the domain has none."""
+    value = config.get("b_info", {}).get("type.hvm", {}).get("ms_vm_genid")
+    if isinstance(value, list) and len(value) == GENID_LEN and all(isinstance(b, int) for b in value) and any(value):
+        return bytes(value)
+    return None
+
+
+def with_fresh_genid(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A copy of the config with a new random VM generation ID, or None when
+    the domain has none. A reverted guest that uses one must see it change
+    (the point of the ID); libxl writes the config's value into the guest on
+    every restore, and `xl restore` of an image takes the config the image
+    carries, with the old value, so the agent must give it a new one."""
+    if vm_genid(config) is None:
+        return None
+    fresh = copy.deepcopy(dict(config))
+    new = os.urandom(GENID_LEN)
+    while not any(new):
+        new = os.urandom(GENID_LEN)
+    fresh["b_info"]["type.hvm"]["ms_vm_genid"] = list(new)
+    return fresh
+
+
 def domain_config(dom: XlDomain) -> DomainConfig:
     b_info: Mapping[str, Any] = dom.config.get("b_info", {})
     settings: dict[str, xlcfg.Value] = {"name": dom.name, "type": dom.type}
@@ -77,6 +107,9 @@ def domain_config(dom: XlDomain) -> DomainConfig:
     for action in _ACTIONS:
         if what := dom.config.get(action):
             settings[action] = _ACTION_NAMES.get(str(what), str(what))
+    if vm_genid(dom.config) is not None:
+        # xl_parse.c draws a new ID for "generate" on every create or restore.
+        settings["ms_vm_genid"] = "generate"
     settings["disk"] = [disk_spec(d).to_spec() for d in dom.disks]
     if dom.nics:
         settings["vif"] = [vif_spec(n) for n in dom.nics]

@@ -209,23 +209,57 @@ class StreamParser:
         self._body(length, "libxc", self._libxc_record)
 
 
-def read_config(image: Path) -> dict[str, Any]:
-    """The libxl domain config (JSON) an xl save image carries in its header."""
+@dataclass(frozen=True)
+class XlHeader:
+    """xl's header of a save image: its flags, the domain config's JSON text,
+    what follows the config in the optional data, and where the libxl stream
+    starts."""
+
+    mandatory: int
+    optional_flags: int
+    config_text: bytes
+    trailer: bytes
+    stream_offset: int
+
+    def config(self) -> dict[str, Any]:
+        config = json.loads(self.config_text.rstrip(b"\0").decode())
+        if not isinstance(config, dict):
+            raise StreamError("the domain config is not a JSON object")
+        return config
+
+    def with_config(self, config: dict[str, Any]) -> bytes:
+        """This header, carrying `config` instead (xl_saverestore.c writes the
+        config NUL-terminated, its length counting the NUL)."""
+        text = json.dumps(config, indent=4).encode() + b"\0"
+        optional = struct.pack("<I", len(text)) + text + self.trailer
+        return XL_HEADER.pack(XL_MAGIC, XL_BYTEORDER, self.mandatory, self.optional_flags, len(optional)) + optional
+
+
+def read_header(image: Path) -> XlHeader:
     with open(image, "rb") as f:
         head = f.read(XL_HEADER.size)
         if len(head) < XL_HEADER.size:
             raise StreamError(f"{image}: too short for an xl save image")
-        magic, order, mandatory, _optional, optlen = XL_HEADER.unpack(head)
+        magic, order, mandatory, optional_flags, optlen = XL_HEADER.unpack(head)
         if magic != XL_MAGIC or order != XL_BYTEORDER:
             raise StreamError(f"{image}: not an xl save image of this architecture")
         if not mandatory & 1:
             raise StreamError(f"{image}: its domain config is not JSON (made by an xl older than 4.5?)")
         optional = f.read(optlen)
-    if len(optional) < 4:
+    if len(optional) < 4 or len(optional) < optlen:
         raise StreamError(f"{image}: the header carries no domain config")
     (length,) = struct.unpack("<I", optional[:4])
-    text = optional[4 : 4 + length].rstrip(b"\0").decode()
-    config = json.loads(text)
-    if not isinstance(config, dict):
-        raise StreamError(f"{image}: the domain config is not a JSON object")
-    return config
+    if 4 + length > len(optional):
+        raise StreamError(f"{image}: the domain config runs past the header")
+    return XlHeader(mandatory, optional_flags, optional[4 : 4 + length], optional[4 + length :],
+                    XL_HEADER.size + optlen)
+
+
+def read_config(image: Path) -> dict[str, Any]:
+    """The libxl domain config (JSON) an xl save image carries in its header."""
+    try:
+        return read_header(image).config()
+    except StreamError as err:
+        if str(err).startswith(str(image)):
+            raise
+        raise StreamError(f"{image}: {err}") from None

@@ -302,8 +302,9 @@ class GuestDied(StepFailed):
 
 def boot(test: str, g: Guest) -> float:
     """Boot the domU; once more if its kernel died on the way. Under TCG a
-    PVH domU's kernel oopses early in boot now and then (2 boots of ~60),
-    before domsnap did anything but `xl create`: that is the emulator, and
+    PVH domU's kernel oopses early in boot now and then (once in the ~20
+    boots of the first two runs with a one-vCPU dom0), before domsnap did
+    anything but `xl create`: that is the emulator, and
     what this lab tests starts after the boot. Each retry is reported
     (LABINFO boot_retry) with the dead boot's console."""
     try:
@@ -653,6 +654,7 @@ def main() -> int:
     caps = re.search(r"^virt_caps\s*:\s*(.*)$", info.out, re.M)
     ver = re.search(r"^xen_version\s*:\s*(.*)$", info.out, re.M)
     say(f"LABINFO xen_version={ver[1] if ver else '?'} virt_caps={caps[1].replace(' ', ',') if caps else '?'}")
+
     log = open("/var/log/domsnapd.log", "w")  # noqa: SIM115
     agent = subprocess.Popen(
         [DOMSNAPD, "--driver", "xen", "--listen", SOCK, "--state-dir", "/var/lib/domsnap",

@@ -7,6 +7,7 @@ is tested elsewhere. What is checked here is what the CLI sends and prints.
 from __future__ import annotations
 
 import _thread
+import gc
 import io
 import json
 import os
@@ -744,12 +745,18 @@ def test_ctrl_c_detaches(agent: Agent, capsys: pytest.CaptureFixture[str]) -> No
         # By now the client has read the events and blocks on the next one.
         time.sleep(0.2)
         _thread.interrupt_main()
-        # Generous: ending the stream before the client detached would make
-        # it report an unfinished stream instead (seen once on a loaded CI machine).
-        left.wait(60)
+        # A KeyboardInterrupt raised inside a finalizer that happens to run
+        # at that moment is swallowed by Python ("Exception ignored in"); a
+        # user would press Ctrl-C again, and so does this test (seen in the
+        # full suite, whose earlier tests leave garbage behind).
+        for _ in range(10):
+            if left.wait(3):
+                break
+            _thread.interrupt_main()
 
     agent.fake.events = create_events()[:3]
     agent.fake.after_events = interrupt_then_wait
+    gc.collect()  # fewer finalizers left to run while the interrupt arrives
     assert agent.run("snapshot-create", "web") == 130
     err = capsys.readouterr().err.splitlines()[-1]
     assert err == (

@@ -253,13 +253,3 @@ def read_header(image: Path) -> XlHeader:
         raise StreamError(f"{image}: the domain config runs past the header")
     return XlHeader(mandatory, optional_flags, optional[4 : 4 + length], optional[4 + length :],
                     XL_HEADER.size + optlen)
-
-
-def read_config(image: Path) -> dict[str, Any]:
-    """The libxl domain config (JSON) an xl save image carries in its header."""
-    try:
-        return read_header(image).config()
-    except StreamError as err:
-        if str(err).startswith(str(image)):
-            raise
-        raise StreamError(f"{image}: {err}") from None

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from domsnap.agent.drivers.xen_stream import StreamError, StreamParser, read_config
+from domsnap.agent.drivers.xen_stream import StreamError, StreamParser, read_header
 from tests.unit.xen_fakes import (
     CONFIG,
     libxc_headers,
@@ -146,10 +146,10 @@ def test_non_zero_padding_is_refused() -> None:
         parse(_garbled(at, b"\x01"))
 
 
-def test_read_config_gives_the_json_config_of_an_image(tmp_path: Path) -> None:
+def test_read_header_gives_the_json_config_of_an_image(tmp_path: Path) -> None:
     image = tmp_path / "memory.save"
     image.write_bytes(STREAM)
-    assert read_config(image) == CONFIG
+    assert read_header(image).config() == CONFIG
 
 
 @pytest.mark.parametrize(
@@ -160,11 +160,11 @@ def test_read_config_gives_the_json_config_of_an_image(tmp_path: Path) -> None:
         (xl_header(CONFIG, mandatory=0b10), "not JSON"),
     ],
 )
-def test_read_config_refuses_other_files(tmp_path: Path, content: bytes, message: str) -> None:
+def test_read_header_refuses_other_files(tmp_path: Path, content: bytes, message: str) -> None:
     image = tmp_path / "memory.save"
     image.write_bytes(content)
     with pytest.raises(StreamError, match=message):
-        read_config(image)
+        read_header(image)
 
 
 def test_the_config_json_ends_with_its_nul_as_xl_writes_it() -> None:

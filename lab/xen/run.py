@@ -46,7 +46,11 @@ XEN_ARGS = ("com1=115200,8n1 console=com1 dom0_mem=2048M,max:2048M dom0_max_vcpu
             "loglvl=warning guest_loglvl=warning")
 DOM0_ARGS = "console=hvc0 loglevel=4"
 # `max`: TCG emulates AMD-V with nested paging, which PVH guests need.
-CPU = os.environ.get("DOMSNAP_XENLAB_CPU", "max")
+# Without AVX: QEMU 7.2's TCG offers AVX/AVX2, and now and then a PVH domU's
+# first process died of #UD on a VEX instruction (`vmovd`, glibc's AVX2
+# string functions chosen from CPUID) that its CPUID had promised. Without
+# it in the CPUID, glibc picks its SSE variants.
+CPU = os.environ.get("DOMSNAP_XENLAB_CPU", "max,-avx,-avx2,-fma,-f16c")
 ACCEL = os.environ.get("DOMSNAP_XENLAB_ACCEL", "tcg,thread=multi,tb-size=512")
 
 

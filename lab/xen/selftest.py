@@ -301,12 +301,12 @@ class GuestDied(StepFailed):
 
 
 def boot(test: str, g: Guest) -> float:
-    """Boot the domU; once more if its kernel died on the way. Under TCG a
-    PVH domU's kernel oopses early in boot now and then (once in the ~20
-    boots of the first two runs with a one-vCPU dom0), before domsnap did
-    anything but `xl create`: that is the emulator, and
-    what this lab tests starts after the boot. Each retry is reported
-    (LABINFO boot_retry) with the dead boot's console."""
+    """Boot the domU; once more if its kernel died on the way: a safety net
+    for the emulator, not for domsnap (the boot comes before domsnap does
+    anything but `xl create`; what the lab tests starts after it). While TCG
+    offered AVX, a PVH domU's init died of #UD about once in 20 boots (see
+    run.py's CPU). Each retry is reported (LABINFO boot_retry) with the dead
+    boot's console."""
     try:
         return boot_once(test, g)
     except GuestDied as e:
@@ -654,6 +654,8 @@ def main() -> int:
     caps = re.search(r"^virt_caps\s*:\s*(.*)$", info.out, re.M)
     ver = re.search(r"^xen_version\s*:\s*(.*)$", info.out, re.M)
     say(f"LABINFO xen_version={ver[1] if ver else '?'} virt_caps={caps[1].replace(' ', ',') if caps else '?'}")
+    flags = re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
+    say(f"LABINFO dom0_avx={'yes' if flags and ' avx' in flags[1] else 'no'}")
 
     log = open("/var/log/domsnapd.log", "w")  # noqa: SIM115
     agent = subprocess.Popen(

@@ -41,7 +41,9 @@ DEB_CACHE=$OUT/debs
 
 log() { printf 'guest/build.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-have() { command -v "$1" >/dev/null 2>&1; }
+DEBS_LIB=$SRC_DIR/../scripts/lib/debs.sh
+# shellcheck source=../scripts/lib/debs.sh
+. "$DEBS_LIB"
 
 finish() {
     printf 'kernel=%s\nramdisk=%s\n' "$KERNEL_OUT" "$RAMDISK_OUT"
@@ -49,8 +51,6 @@ finish() {
 }
 
 outputs_exist() { [[ -s $KERNEL_OUT && -s $RAMDISK_OUT && -s $STAMP ]]; }
-
-sha_of() { sha256sum "$@" | cut -d' ' -f1; }
 
 [[ -r $INIT_SRC ]] || die "missing $INIT_SRC"
 mkdir -p "$OUT"
@@ -75,20 +75,9 @@ busybox_identity() {
     BUSYBOX_ID="busybox-static=download"
 }
 
-# Fingerprint of the apt package lists: if it is unchanged, a resolution of
-# the kernel metapackage gives the same answer as last time.
-apt_lists_id() {
-    local f
-    {
-        for f in /var/lib/apt/lists/*_Packages* /etc/apt/sources.list /etc/apt/sources.list.d/*; do
-            if [[ -e $f ]]; then stat -c '%n %s %Y' "$f" || true; fi
-        done
-    } 2>/dev/null | sha256sum | cut -d' ' -f1
-}
-
 busybox_identity
 BUSYBOX_QID=$BUSYBOX_ID
-SCRIPT_SHA=$(sha_of "$SELF")
+SCRIPT_SHA=$(cat "$SELF" "$DEBS_LIB" | sha_of -)
 INIT_SHA=$(sha_of "$INIT_SRC")
 QUICK_KEY="v1 build=$SCRIPT_SHA init=$INIT_SHA $BUSYBOX_QID lists=$(apt_lists_id)"
 
@@ -98,7 +87,6 @@ if [[ ${DOMSNAP_GUEST_FORCE:-0} != 1 ]] && outputs_exist && [[ -f $QUICK_STAMP ]
 fi
 
 # ---------------------------------------------------------------- resolve
-apt_quiet() { "$@" -o APT::Sandbox::User=root; }
 
 # Prints "PACKAGE VERSION" of the versioned kernel package the metapackage
 # depends on, e.g. "linux-image-6.1.0-56-cloud-amd64 6.1.192-2".
@@ -163,31 +151,10 @@ trap 'rm -rf "$TMP"' EXIT
 # ---------------------------------------------------------------- download
 mkdir -p "$DEB_CACHE"
 
-# Prints the path of PKG_VERSION_*.deb in the cache, downloading it if needed.
-fetch_deb() {
-    local pkg=$1 ver=$2 f
-    local fver=${ver//:/%3a}
-    for f in "$DEB_CACHE/${pkg}_${fver}_"*.deb; do
-        if [[ -s $f ]] && dpkg-deb -f "$f" Package >/dev/null 2>&1; then
-            printf '%s\n' "$f"
-            return 0
-        fi
-    done
-    log "downloading $pkg=$ver"
-    (cd "$TMP" && apt_quiet apt-get download -q "$pkg=$ver" >&2) || return 1
-    for f in "$TMP/${pkg}_${fver}_"*.deb; do
-        [[ -s $f ]] || continue
-        mv "$f" "$DEB_CACHE/"
-        printf '%s\n' "$DEB_CACHE/${f##*/}"
-        return 0
-    done
-    return 1
-}
-
-KDEB=$(fetch_deb "$KPKG" "$KVER") || die "apt-get download $KPKG=$KVER failed"
+KDEB=$(fetch_deb "$DEB_CACHE" "$TMP" "$KPKG" "$KVER") || die "apt-get download $KPKG=$KVER failed"
 
 if [[ -z $BUSYBOX_SRC ]]; then
-    BBDEB=$(fetch_deb busybox-static "$BBVER") || die "apt-get download busybox-static=$BBVER failed"
+    BBDEB=$(fetch_deb "$DEB_CACHE" "$TMP" busybox-static "$BBVER") || die "apt-get download busybox-static=$BBVER failed"
     dpkg-deb -x "$BBDEB" "$TMP/bb"
     BUSYBOX_SRC=$TMP/bb/bin/busybox
     [[ -x $BUSYBOX_SRC ]] || die "no bin/busybox in $BBDEB"

@@ -53,8 +53,9 @@ die() {
     log "error: $*"
     exit 1
 }
-have() { command -v "$1" >/dev/null 2>&1; }
-sha_of() { sha256sum "$@" | cut -d' ' -f1; }
+DEBS_LIB=$REPO/scripts/lib/debs.sh
+# shellcheck source=../../scripts/lib/debs.sh
+. "$DEBS_LIB"
 now() { date +%s.%N; }
 T_START=$(now)
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
@@ -68,15 +69,6 @@ finish() {
     printf 'xen=%s\ndom0_kernel=%s\ndom0_initrd=%s\nversions=%s\n' \
         "$OUT/xen" "$OUT/vmlinuz-dom0" "$OUT/dom0.cpio" "$(cat "$OUT/versions" 2>/dev/null)"
     exit 0
-}
-
-apt_lists_id() {
-    local f
-    {
-        for f in /var/lib/apt/lists/*_Packages* /etc/apt/sources.list /etc/apt/sources.list.d/*; do
-            if [[ -e $f ]]; then stat -c '%n %s %Y' "$f" || true; fi
-        done
-    } 2>/dev/null | sha256sum | cut -d' ' -f1
 }
 
 # The project's runtime dependencies (pyproject.toml [project] dependencies).
@@ -97,7 +89,7 @@ project_id() {
             LC_ALL=C sort | while IFS= read -r f; do
             if [[ -L $f ]]; then printf '%s -> %s\n' "$f" "$(readlink "$f")"; else printf '%s %s\n' "$f" "$(sha_of "$f")"; fi
         done
-        for f in "$SELF" "$LAB_DIR/dom0-init" "$LAB_DIR/selftest.py" "$REPO/guest/init"; do
+        for f in "$SELF" "$DEBS_LIB" "$LAB_DIR/dom0-init" "$LAB_DIR/selftest.py" "$REPO/guest/init"; do
             printf '%s %s\n' "${f##*/}" "$(sha_of "$f")"
         done
         printf 'guest %s\n' "$(cat "$GUEST_STAMP" 2>/dev/null)"
@@ -112,7 +104,7 @@ GUEST_RAMDISK=$(sed -n 's/^ramdisk=//p' <<<"$GUEST_OUT")
 GUEST_STAMP=$(dirname "$GUEST_KERNEL")/stamp
 [[ -s $GUEST_KERNEL && -s $GUEST_RAMDISK ]] || die "guest/build.sh gave no kernel/ramdisk"
 
-SCRIPT_SHA=$(sha_of "$SELF")
+SCRIPT_SHA=$(cat "$SELF" "$DEBS_LIB" | sha_of -)
 DEPS=$(project_deps)
 DEPS_SHA=$(printf '%s\n' "$DEPS" | sha_of -)
 BASE_QUICK_KEY="v1 build=$SCRIPT_SHA deps=$DEPS_SHA lists=$(apt_lists_id)"
@@ -196,25 +188,6 @@ trap cleanup EXIT
 
 DEBS=$OUT/debs
 mkdir -p "$DEBS" "$OUT/debcache"
-fetch_deb() { # PKG VERSION -> path in the cache
-    local pkg=$1 ver=$2 f fver=${2//:/%3a}
-    for f in "$DEBS/${pkg}_${fver}_"*.deb; do
-        [[ -s $f ]] && dpkg-deb -f "$f" Package >/dev/null 2>&1 && {
-            printf '%s\n' "$f"
-            return 0
-        }
-    done
-    log "downloading $pkg=$ver"
-    (cd "$TMP" && apt-get download -q -o APT::Sandbox::User=root "$pkg=$ver" >&2) || return 1
-    for f in "$TMP/${pkg}_${fver}_"*.deb; do
-        [[ -s $f ]] || continue
-        mv "$f" "$DEBS/"
-        printf '%s\n' "$DEBS/${f##*/}"
-        return 0
-    done
-    return 1
-}
-
 mirror() {
     if [[ -n ${DOMSNAP_XENLAB_MIRROR:-} ]]; then
         printf '%s\n' "$DOMSNAP_XENLAB_MIRROR"
@@ -249,7 +222,7 @@ build_base() {
     log "building the base layer ($VERSIONS) into $OUT"
     local t0 hvdeb kdeb root=$TMP/root kx=$TMP/kernel f kuname moddir d
     t0=$(now)
-    kdeb=$(fetch_deb "$KPKG" "$KVER") || die "apt-get download $KPKG=$KVER failed"
+    kdeb=$(fetch_deb "$DEBS" "$TMP" "$KPKG" "$KVER") || die "apt-get download $KPKG=$KVER failed"
 
     # The dom0 kernel and its modules.
     dpkg-deb -x "$kdeb" "$kx"
@@ -298,7 +271,7 @@ EOS
     HV_VER=$UTILS_VER
     VERSIONS="$XEN_HV_PKG=$HV_VER xen-utils-4.17=$UTILS_VER qemu-system-xen=$QEMU_VER $KPKG=$KVER"
     local hvdeb
-    hvdeb=$(fetch_deb "$XEN_HV_PKG" "$HV_VER") ||
+    hvdeb=$(fetch_deb "$DEBS" "$TMP" "$XEN_HV_PKG" "$HV_VER") ||
         die "apt-get download $XEN_HV_PKG=$HV_VER (the version of the root's xen-utils-4.17) failed"
     # The hypervisor: QEMU's multiboot loader needs it uncompressed.
     dpkg-deb -x "$hvdeb" "$TMP/hv"
@@ -389,7 +362,7 @@ build_domu_initrd() { # DEST
     mkdir -p "$g"
     (cd "$g" && gzip -dc "$GUEST_RAMDISK" | cpio --quiet -idm) || die "cannot unpack $GUEST_RAMDISK"
     read -r kpkg kver kuname <"$g/etc/domsnap-kernel" || die "$GUEST_RAMDISK has no /etc/domsnap-kernel"
-    kdeb=$(fetch_deb "$kpkg" "$kver") || die "apt-get download $kpkg=$kver failed"
+    kdeb=$(fetch_deb "$DEBS" "$TMP" "$kpkg" "$kver") || die "apt-get download $kpkg=$kver failed"
     dpkg-deb -x "$kdeb" "$TMP/ck"
     grep -q '^CONFIG_XEN_PV=y' "$TMP/ck/boot/config-$kuname" || die "$kpkg cannot boot as a Xen PV domU"
     grep -q '^CONFIG_XEN_PVH=y' "$TMP/ck/boot/config-$kuname" || die "$kpkg cannot boot as a Xen PVH domU"

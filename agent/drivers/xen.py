@@ -358,21 +358,19 @@ class XenDriver(Hypervisor):
         except (OSError, ValueError) as err:
             raise FailedPrecondition(f"{memory} is not a restorable xl save image: {err}") from err
         size = memory.stat().st_size
-        timeout = _transfer_timeout(config.memory_mib)
         # The image carries libxl's complete config; a config file of ours
         # carries less (xen_config), so it is written only when disks moved.
+        config_path = None
+        source: contextlib.AbstractAsyncContextManager[Path] = contextlib.nullcontext(memory)
         if _disks_of(saved) != {d.vdev: (d.target, d.format) for d in config.disks}:
             config_path = self._config_path(config.name)
             self._dir.mkdir(parents=True, exist_ok=True)
             write_atomic(config_path, config.to_text(), mode=0o600)
-            await self._run(xl_argv.restore(memory, paused=True, config_path=config_path, xl=self._xl_bin),
-                            timeout=timeout)
         elif (fresh := with_fresh_genid(saved)) is not None:
-            async with xen_feed.fifo_source(memory, header.with_config(fresh), header.stream_offset,
-                                            self._dir) as source:
-                await self._run(xl_argv.restore(source, paused=True, xl=self._xl_bin), timeout=timeout)
-        else:
-            await self._run(xl_argv.restore(memory, paused=True, xl=self._xl_bin), timeout=timeout)
+            source = xen_feed.fifo_source(memory, header.with_config(fresh), header.stream_offset, self._dir)
+        async with source as path:
+            await self._run(xl_argv.restore(path, paused=True, config_path=config_path, xl=self._xl_bin),
+                            timeout=_transfer_timeout(config.memory_mib))
         try:
             domain = await self.lookup(config.name)
             if not paused:

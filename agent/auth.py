@@ -93,6 +93,8 @@ class Caller:
     role: Role
     # For messages and logs: "CN=ops", "uid=1000(alice) pid=42", "loopback".
     who: str
+    # Who it is across connections (no pid, no port): whose request ids are whose.
+    identity: str = ""
 
 
 _caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("domsnap_caller", default=None)
@@ -102,6 +104,12 @@ def current_caller() -> str:
     """Who makes the call being served, for log lines ("" outside a call)."""
     caller = _caller.get()
     return caller.who if caller is not None else ""
+
+
+def current_identity() -> str:
+    """The stable identity of who makes the call being served ("" outside a call)."""
+    caller = _caller.get()
+    return (caller.identity or caller.who) if caller is not None else ""
 
 
 class Authorizer:
@@ -123,9 +131,9 @@ class Authorizer:
             if cred is None:
                 # Straight onto the private socket, not through our listener.
                 return Caller(Role.NONE, f"unknown unix peer {peer!r}")
-            return Caller(self.unix_role(cred), str(cred))
+            return Caller(self.unix_role(cred), str(cred), f"uid={cred.uid}")
         if peer.startswith(("ipv4:", "ipv6:")) and _is_loopback(peer):
-            return Caller(self._lookup(("loopback",)), f"loopback {peer}")
+            return Caller(self._lookup(("loopback",)), f"loopback {peer}", "loopback")
         return Caller(Role.NONE, f"unauthenticated {peer}")
 
     def unix_role(self, cred: PeerCred) -> Role:

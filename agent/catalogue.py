@@ -92,7 +92,7 @@ class Catalogue:
         of thousands of snapshots then costs a stat each, not a parse."""
         mpath = path / manifest.MANIFEST
         try:
-            st = os.stat(mpath)
+            st = os.lstat(mpath)
         except FileNotFoundError:
             raise NotFound(f"{path} holds no snapshot (no {manifest.MANIFEST})") from None
         key = (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
@@ -82,20 +79,9 @@ def domain(d: Domain, busy_with: str = "") -> pb.Domain:
     )
 
 
-def _size_on_disk(path: Path, extra: list[str]) -> int:
-    total = 0
-    for f in [*(e.path for e in os.scandir(path) if e.is_file(follow_symlinks=False)), *extra]:
-        try:
-            total += os.stat(f).st_blocks * 512
-        except OSError:
-            continue
-    return total
-
-
-def snapshot(entry: Entry) -> pb.Snapshot:
+def snapshot(entry: Entry, size_bytes: int = 0) -> pb.Snapshot:
+    """`size_bytes` from disk_usage, which reads the disk: never here, on the event loop."""
     m = entry.manifest
-    outside = [f for f in [m.memory_file, *(r.file for r in m.disks)]
-               if f and Path(f).parent != entry.path]
     return pb.Snapshot(
         name=m.name, domain=m.domain, path=str(entry.path), description=m.description,
         created_at=timestamp(m.created_at),
@@ -104,7 +90,7 @@ def snapshot(entry: Entry) -> pb.Snapshot:
         disks=[pb.DiskSnapshot(vdev=r.vdev, format=r.format, backend=r.backend, method=_METHOD[r.method],
                                image=r.image, tag=r.tag, file=r.file) for r in m.disks],
         memory=pb.MemoryImage(path=m.memory_file, size_bytes=m.memory_bytes),
-        parent=m.parent, current=entry.current, size_bytes=_size_on_disk(entry.path, outside),
+        parent=m.parent, current=entry.current, size_bytes=size_bytes,
         driver=m.driver, hypervisor_version=m.hypervisor_version, downtime_seconds=m.downtime,
     )
 
@@ -128,7 +114,7 @@ def error_status(err: DomsnapError) -> status_pb2.Status:
     return status
 
 
-def operation(op: Operation) -> pb.Operation:
+def operation(op: Operation, size_bytes: int = 0) -> pb.Operation:
     msg = pb.Operation(
         id=op.id, kind=_KIND[op.kind], domain=op.domain, snapshot=op.snapshot, state=_OP_STATE[op.state],
         request_id=op.request_id, started_at=timestamp(op.started_at), progress=progress(op.progress),
@@ -136,15 +122,15 @@ def operation(op: Operation) -> pb.Operation:
     if op.finished_at is not None:
         msg.finished_at.CopyFrom(timestamp(op.finished_at))
     if isinstance(op.result, Entry):
-        msg.result.CopyFrom(snapshot(op.result))
+        msg.result.CopyFrom(snapshot(op.result, size_bytes))
     if op.error is not None:
         msg.error.CopyFrom(error_status(op.error))
     return msg
 
 
-def event(ev: Started | Progress | Finished) -> pb.OperationEvent:
+def event(ev: Started | Progress | Finished, size_bytes: int = 0) -> pb.OperationEvent:
     if isinstance(ev, Started):
-        return pb.OperationEvent(started=operation(ev.operation))
+        return pb.OperationEvent(started=operation(ev.operation, size_bytes))
     if isinstance(ev, Finished):
-        return pb.OperationEvent(finished=operation(ev.operation))
+        return pb.OperationEvent(finished=operation(ev.operation, size_bytes))
     return pb.OperationEvent(progress=progress(ev))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 
@@ -15,9 +17,11 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
+def write_atomic(path: Path, text: str, *, mode: int = 0o600) -> None:
     """Replace `path` with `text`: written beside it, fsynced, renamed over it,
-    the directory fsynced. A crash leaves the old content or the new, never half."""
+    the directory fsynced. A crash leaves the old content or the new, never half.
+    Private to root and the agent by default: the state dir holds domains'
+    configs and the journal."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     with open(fd, "w") as f:
@@ -26,3 +30,37 @@ def write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+class NotRegularFile(OSError):
+    """What `read_regular` found is a link, fifo, device or socket, or is too big."""
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The content of `path`, if it is a regular file of at most `limit` bytes.
+
+    For files a caller or another user may have planted: a symlink is not
+    followed (ELOOP), opening a fifo does not wait for a writer (O_NONBLOCK),
+    and nothing but a regular file is read, so /dev/zero cannot fill memory;
+    at most `limit` + 1 bytes are ever read, whatever the file grows to.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise NotRegularFile(f"{path} is a symlink") from err
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"{path} is not a regular file")
+        chunks = []
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        if left <= 0:
+            raise NotRegularFile(f"{path} is larger than {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -5,18 +5,23 @@ a directory without a valid manifest is no snapshot."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from domsnap.agent.errors import FailedPrecondition, NotFound
-from domsnap.agent.fsutil import write_atomic
+from domsnap.agent.errors import DomsnapError, FailedPrecondition, NotFound
+from domsnap.agent.fsutil import read_regular, write_atomic
+from domsnap.agent.names import check_domain_name, check_name
 from domsnap.agent.storage.base import DiskRecord
 
 MANIFEST = "snapshot.json"
 MEMORY = "memory.save"
 FORMAT = "domsnap.snapshot"
 VERSION = 1
+# A manifest is a few KiB (the domain's config is at most 1 MiB, as the API
+# takes it); anything larger is not one of ours.
+MAX_BYTES = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,44 @@ class Manifest:
                 raise ValueError("not a domsnap manifest")
             if (version := data.pop("version")) != VERSION:
                 raise ValueError(f"manifest version {version}, this agent reads {VERSION}")
-            data["disks"] = tuple(DiskRecord.from_dict(d) for d in data["disks"])
-            return cls(**data)
-        except (ValueError, KeyError, TypeError) as err:
-            raise FailedPrecondition(f"{where}: not a valid snapshot manifest ({err})") from err
+            if not isinstance(data.get("disks"), list):
+                raise TypeError("disks: not a list")
+            data["disks"] = tuple(_disk(d) for d in data["disks"])
+            m = cls(**data)
+            m._check()
+            return m
+        except (ValueError, KeyError, TypeError, DomsnapError) as err:
+            why = err.message if isinstance(err, DomsnapError) else err
+            raise FailedPrecondition(f"{where}: not a valid snapshot manifest ({why})") from err
+
+    def _check(self) -> None:
+        """Every field of the type it is declared with, names and paths of the
+        form the agent writes: a manifest on disk is anyone's input."""
+        kinds: dict[str, type | tuple[type, ...]] = {"str": str, "float": (int, float), "bool": bool, "int": int}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = kinds.get(str(f.type))
+            if kind is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+                raise TypeError(f"{f.name}: {type(value).__name__}, not {f.type}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in dict(self.facts).items()):
+            raise TypeError("facts: not a map of strings")
+        check_name("snapshot", self.name)
+        check_domain_name(self.domain)
+        if self.parent:
+            check_name("snapshot", self.parent)
+        for path in self.files():
+            if not os.path.isabs(path) or "\0" in path or os.path.normpath(path) != path:
+                raise ValueError(f"path {path!r}: not an absolute, normalized path")
+
+    def files(self) -> list[str]:
+        """Every file the manifest names: memory image, disk images, external snapshot files."""
+        return [self.memory_file, *(f for r in self.disks for f in (r.image, r.file) if f)]
+
+
+def _disk(data: Any) -> DiskRecord:
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise TypeError("disks: each entry must be a map of strings")
+    return DiskRecord.from_dict(data)
 
 
 def write(directory: Path, manifest: Manifest) -> None:
@@ -68,9 +107,16 @@ def exists(directory: Path) -> bool:
 
 
 def read(directory: Path) -> Manifest:
+    """The manifest of `directory`: a regular file, not a link, at most MAX_BYTES (fsutil.read_regular)."""
     path = directory / MANIFEST
     try:
-        text = path.read_text()
+        data = read_regular(path, MAX_BYTES)
     except FileNotFoundError:
         raise NotFound(f"{directory} holds no snapshot (no {MANIFEST})") from None
+    except OSError as err:
+        raise FailedPrecondition(f"{path}: not a snapshot manifest ({err.strerror or err})") from err
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as err:
+        raise FailedPrecondition(f"{path}: not a snapshot manifest (not UTF-8)") from err
     return Manifest.from_json(text, str(path))

@@ -1,8 +1,8 @@
 """Long operations as jobs: states, progress and an abort path, independent of
 any RPC stream. A client that leaves only stops watching; the job goes on.
 
-One operation per domain at a time; a second is refused at once (Busy). A
-request_id seen before returns the operation it started.
+One operation per domain at a time; a second is refused at once (Busy).
+(A retried request gets its first operation back: request_ids.py.)
 """
 
 from __future__ import annotations
@@ -166,27 +166,13 @@ class Operations:
     def __init__(self, observer: Observer | None = None) -> None:
         self._observer = observer
         self._ops: OrderedDict[str, Operation] = OrderedDict()
-        self._by_request: dict[str, Operation] = {}
         self._busy: dict[str, Operation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def replay(self, request_id: str, kind: OpKind, domain: str) -> Operation | None:
-        """The operation a request with this request_id started before, if any."""
-        if not request_id or (seen := self._by_request.get(request_id)) is None:
-            return None
-        if (seen.kind, seen.domain) != (kind, domain):
-            raise FailedPrecondition(f"request_id {request_id!r} was already used for {seen.kind} on domain "
-                                     f"{seen.domain}")
-        return seen
-
     def start(self, kind: OpKind, domain: str, snapshot: str, request_id: str, body: Body) -> Operation:
-        if (seen := self.replay(request_id, kind, domain)) is not None:
-            return seen
         self.check_idle(domain)
         op = Operation(uuid.uuid4().hex[:16], kind, domain, snapshot, request_id)
         self._ops[op.id] = op
-        if request_id:
-            self._by_request[request_id] = op
         self._busy[domain] = op
         task = asyncio.get_running_loop().create_task(self._run(op, body), name=f"op-{op.id}")
         op._task = task
@@ -267,8 +253,6 @@ class Operations:
         finished = [o for o in self._ops.values() if o.state in FINAL]
         for op in finished[: max(len(finished) - KEEP_FINISHED, 0)]:
             del self._ops[op.id]
-            if op.request_id:
-                self._by_request.pop(op.request_id, None)
 
     async def drain(self, timeout: float) -> None:
         """Let running operations finish (agent shutdown)."""

@@ -6,7 +6,8 @@ resolved; the caller creates and writes through that returned path, never
 through the one it was given, so a symlink cannot redirect it later. The
 rules refuse what a root-run agent must never be talked into: a path outside
 the roots, into its own state, onto a device, or through a directory that
-anyone may write.
+someone other than root and the agent's own user owns or may write (who can
+write a directory can swap what lies under it between the check and the use).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def confine(path: str, roots: Sequence[Path], forbidden: Sequence[Path] = (), *,
     unless the matching root itself lies inside that directory; an existing
     file that is not a regular file or directory (device, fifo, socket); an
     unresolvable symlink (a loop); an existing non-directory on the way; a
-    world-writable directory between the root and the path, root included.
+    directory between the root and the path, root and path included, that
+    is owned by another user or writable by another group or by anyone.
     """
     if not path:
         raise InvalidArgument(f"{what}: empty")
@@ -87,14 +89,25 @@ def _check_existing(resolved: Path, root: Path, path: str, what: str) -> None:
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 raise InvalidArgument(f"{what} {path!r}: {current} is a {_kind(st.st_mode)}, "
                                       "not a regular file or directory")
-            if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH:
-                raise InvalidArgument(f"{what} {path!r}: {current} is world-writable")
+            if stat.S_ISDIR(st.st_mode):
+                _check_trusted(st, current, path, what)
             return
         if not stat.S_ISDIR(st.st_mode):
             raise InvalidArgument(f"{what} {path!r}: {current} is not a directory")
-        if st.st_mode & stat.S_IWOTH:
-            raise InvalidArgument(f"{what} {path!r}: {current} is world-writable, so anyone could swap what "
-                                  "lies under it")
+        _check_trusted(st, current, path, what)
+
+
+def _check_trusted(st: os.stat_result, current: Path, path: str, what: str) -> None:
+    """A directory only root and the agent's user may change."""
+    if st.st_mode & stat.S_IWOTH:
+        raise InvalidArgument(f"{what} {path!r}: {current} is world-writable, so anyone could swap what "
+                              "lies under it")
+    if st.st_uid not in (0, os.geteuid()):
+        raise InvalidArgument(f"{what} {path!r}: {current} is owned by uid {st.st_uid}, who could swap what "
+                              "lies under it; only root's and the agent's own directories are used")
+    if st.st_mode & stat.S_IWGRP and st.st_gid not in (0, os.getegid()):
+        raise InvalidArgument(f"{what} {path!r}: {current} is writable by group {st.st_gid}, who could swap "
+                              "what lies under it")
 
 
 def _kind(mode: int) -> str:

@@ -3,9 +3,9 @@ the gRPC servicer only translates."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +19,15 @@ from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import NotFound
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
+from domsnap.agent.ledger import Ledger
 from domsnap.agent.operations import Observer, Operation, Operations, OpKind
+from domsnap.agent.paths import confine
 from domsnap.agent.snapshot_create import CreateRequest, SnapshotCreate
 from domsnap.agent.snapshot_delete import SnapshotDelete
 from domsnap.agent.snapshot_revert import RevertRequest, SnapshotRevert
 from domsnap.agent.storage import Backends
 
 API_VERSION = "domsnap.v1"
-REMEMBERED_ANSWERS = 1000
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,11 @@ class AgentService:
         self.operations = Operations(observer)
         self.catalogue = Catalogue(config.state_dir)
         self.journal = Journal(config.state_dir, fault_injection=config.testing.fault_injection)
-        self._create = SnapshotCreate(driver, backends, self.catalogue, self.journal, config.snapshot_root,
+        ledger = Ledger(config.state_dir)
+        self._create = SnapshotCreate(driver, backends, self.catalogue, self.journal, ledger, config.snapshot_root,
                                       config.roots, config.state_dir)
-        self._revert = SnapshotRevert(driver, backends, self.catalogue, self.journal)
-        self._delete = SnapshotDelete(driver, backends, self.catalogue, self.journal)
-        self._answers: OrderedDict[str, Domain] = OrderedDict()
+        self._revert = SnapshotRevert(driver, backends, self.catalogue, self.journal, ledger)
+        self._delete = SnapshotDelete(driver, backends, self.catalogue, self.journal, ledger)
         self._procedures: dict[str, _Recoverable] = {
             "create": self._create, "revert": self._revert, "delete": self._delete}
 
@@ -90,55 +91,31 @@ class AgentService:
     async def get_domain(self, ref: str) -> Domain:
         return await self.driver.lookup(ref)
 
-    async def _once(self, request_id: str, call: Callable[[], Awaitable[Domain]]) -> Domain:
-        """A retried request (same request_id) gets the first one's answer
-        instead of being done twice."""
-        if not request_id:
-            return await call()
-        if (seen := self._answers.get(request_id)) is not None:
-            return seen
-        result = await call()
-        self._answers[request_id] = result
-        while len(self._answers) > REMEMBERED_ANSWERS:
-            self._answers.popitem(last=False)
-        return result
+    async def create_domain(self, text: str, overrides: tuple[str, ...], *, paused: bool) -> Domain:
+        config = DomainConfig.parse(text, overrides)
+        self.operations.check_idle(config.name)
+        return await self.driver.create(config, paused=paused)
 
-    async def create_domain(self, text: str, overrides: tuple[str, ...], *, paused: bool, request_id: str = "",
-                            ) -> Domain:
-        async def create() -> Domain:
-            config = DomainConfig.parse(text, overrides)
-            self.operations.check_idle(config.name)
-            return await self.driver.create(config, paused=paused)
-
-        return await self._once(request_id, create)
-
-    async def _domain_call(self, ref: str, request_id: str,
-                           action: Callable[[str], Awaitable[Domain | None]]) -> Domain:
+    async def _domain_call(self, ref: str, action: Callable[[str], Awaitable[Domain | None]]) -> Domain:
         """A lifecycle call on an idle domain; answers the domain as it is after
         (or, when the action returns nothing, as it was before)."""
+        domain = await self.driver.lookup(ref)
+        self.operations.check_idle(domain.name)
+        return await action(domain.name) or domain
 
-        async def call() -> Domain:
-            domain = await self.driver.lookup(ref)
-            self.operations.check_idle(domain.name)
-            return await action(domain.name) or domain
+    async def destroy_domain(self, ref: str) -> Domain:
+        return await self._domain_call(ref, self.driver.destroy)
 
-        return await self._once(request_id, call)
+    async def pause_domain(self, ref: str) -> Domain:
+        return await self._domain_call(ref, self.driver.pause)
 
-    async def destroy_domain(self, ref: str, request_id: str = "") -> Domain:
-        return await self._domain_call(ref, request_id, self.driver.destroy)
-
-    async def pause_domain(self, ref: str, request_id: str = "") -> Domain:
-        return await self._domain_call(ref, request_id, self.driver.pause)
-
-    async def unpause_domain(self, ref: str, request_id: str = "") -> Domain:
-        return await self._domain_call(ref, request_id, self.driver.unpause)
+    async def unpause_domain(self, ref: str) -> Domain:
+        return await self._domain_call(ref, self.driver.unpause)
 
     # ------------------------------------------------------------- snapshots
 
     async def create_snapshot(self, req: CreateRequest, request_id: str) -> Operation:
         domain = await self.driver.lookup(req.domain)
-        if (seen := self.operations.replay(request_id, OpKind.CREATE, domain.name)) is not None:
-            return seen
         # Validated before the operation exists: a refusal is one plain error.
         self.operations.check_idle(domain.name)
         plan = await self._create.prepare(domain, req)
@@ -147,10 +124,9 @@ class AgentService:
 
     async def revert_snapshot(self, req: RevertRequest, request_id: str) -> Operation:
         name = await self._domain_name(req.domain)
-        if (seen := self.operations.replay(request_id, OpKind.REVERT, name)) is not None:
-            return seen
         self.operations.check_idle(name)
-        plan = await self._revert.prepare(RevertRequest(name, req.snapshot, req.run_after, req.force))
+        ref = self._confined(req.snapshot)
+        plan = await self._revert.prepare(RevertRequest(name, ref, req.run_after, req.force))
         return self.operations.start(OpKind.REVERT, name, plan.manifest.name, request_id,
                                      lambda op: self._revert.run(op, plan))
 
@@ -163,23 +139,28 @@ class AgentService:
                 return ref
             raise
 
+    def _confined(self, ref: str) -> str:
+        """A snapshot named by its folder: confined to the snapshot roots, as a create's path is."""
+        if "/" not in ref:
+            return ref
+        return str(confine(ref, self.config.roots, (self.config.state_dir,), what="snapshot path"))
+
     async def list_snapshots(self, domain: str) -> list[Entry]:
         domains = [await self._domain_name(domain)] if domain else self.catalogue.domains()
-        return [e for d in domains for e in self.catalogue.entries(d)]
+        # Manifests are read in a thread: the event loop never waits on a disk.
+        return await asyncio.to_thread(lambda: [e for d in domains for e in self.catalogue.entries(d)])
 
     async def list_operations(self, domain: str) -> list[Operation]:
         return self.operations.list(await self._domain_name(domain) if domain else "")
 
     async def get_snapshot(self, domain: str, ref: str) -> Entry:
         name = await self._domain_name(domain)
-        path, m = self.catalogue.resolve(name, ref)
+        path, m = await asyncio.to_thread(self.catalogue.resolve, name, self._confined(ref))
         return Entry(path, m, self.catalogue.current(name) == m.name)
 
     async def delete_snapshot(self, domain: str, ref: str, children: bool, request_id: str) -> Operation:
         name = await self._domain_name(domain)
-        if (seen := self.operations.replay(request_id, OpKind.DELETE, name)) is not None:
-            return seen
         self.operations.check_idle(name)
-        plan = await self._delete.prepare(name, ref, children)
+        plan = await self._delete.prepare(name, self._confined(ref), children)
         return self.operations.start(OpKind.DELETE, name, plan.doomed[-1].manifest.name, request_id,
                                      lambda op: self._delete.run(op, plan))

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-from domsnap.agent import convert
-from domsnap.agent.operations import Finished, Operation
+from domsnap.agent import convert, disk_usage
+from domsnap.agent.auth import current_identity
+from domsnap.agent.catalogue import Entry
+from domsnap.agent.operations import Finished, Operation, Started
+from domsnap.agent.request_ids import RequestIds
 from domsnap.agent.service import AgentService
 from domsnap.agent.snapshot_create import parse_request
 from domsnap.agent.snapshot_revert import RevertRequest, snapshot_ref
@@ -18,11 +23,23 @@ from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 if TYPE_CHECKING:  # the stubs' generics do not exist at run time
     Ctx = grpc.aio.ServicerContext[Any, Any]
 
+T = TypeVar("T")
+
+
+async def _sizes(entries: Sequence[Entry | None]) -> list[int]:
+    """Each snapshot's size on disk (0 for None), counted in a thread: a folder walk never holds up the loop."""
+    return await asyncio.to_thread(lambda: [disk_usage.size_on_disk(e) if e else 0 for e in entries])
+
+
+def _result(op: Operation) -> Entry | None:
+    return op.result if isinstance(op.result, Entry) else None
+
 
 async def _stream(op: Operation) -> AsyncIterator[pb.OperationEvent]:
     """The operation's events; a failed one ends the call with its error."""
     async for ev in op.watch():
-        yield convert.event(ev)
+        size = (await _sizes([_result(ev.operation)]))[0] if isinstance(ev, Started | Finished) else 0
+        yield convert.event(ev, size)
         if isinstance(ev, Finished) and ev.operation.error is not None:
             raise ev.operation.error
 
@@ -30,6 +47,10 @@ async def _stream(op: Operation) -> AsyncIterator[pb.OperationEvent]:
 class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
     def __init__(self, service: AgentService) -> None:
         self._s = service
+        self._ids = RequestIds()
+
+    async def _once(self, rpc: str, request: Message, call: Callable[[], Awaitable[T]]) -> T:
+        return await self._ids.once(current_identity(), rpc, request, call)
 
     async def GetAgentInfo(self, request: pb.GetAgentInfoRequest, context: Ctx) -> pb.AgentInfo:
         return convert.agent_info(await self._s.info())
@@ -47,18 +68,20 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
         return convert.domain(d, self._busy(d.name))
 
     async def CreateDomain(self, request: pb.CreateDomainRequest, context: Ctx) -> pb.Domain:
-        d = await self._s.create_domain(request.config, tuple(request.overrides), paused=request.paused,
-                                        request_id=request.request_id)
+        d = await self._once("CreateDomain", request, lambda: self._s.create_domain(
+            request.config, tuple(request.overrides), paused=request.paused))
         return convert.domain(d)
 
     async def DestroyDomain(self, request: pb.DestroyDomainRequest, context: Ctx) -> pb.Domain:
-        return convert.domain(await self._s.destroy_domain(request.domain, request.request_id))
+        return convert.domain(await self._once("DestroyDomain", request,
+                                               lambda: self._s.destroy_domain(request.domain)))
 
     async def PauseDomain(self, request: pb.PauseDomainRequest, context: Ctx) -> pb.Domain:
-        return convert.domain(await self._s.pause_domain(request.domain, request.request_id))
+        return convert.domain(await self._once("PauseDomain", request, lambda: self._s.pause_domain(request.domain)))
 
     async def UnpauseDomain(self, request: pb.UnpauseDomainRequest, context: Ctx) -> pb.Domain:
-        return convert.domain(await self._s.unpause_domain(request.domain, request.request_id))
+        return convert.domain(await self._once("UnpauseDomain", request,
+                                               lambda: self._s.unpause_domain(request.domain)))
 
     async def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
@@ -67,19 +90,22 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
             path=request.path, description=request.description, cfg_text=request.config,
             overrides=tuple(request.overrides),
         )
-        async for ev in _stream(await self._s.create_snapshot(req, request.request_id)):
+        op = await self._once("CreateSnapshot", request, lambda: self._s.create_snapshot(req, request.request_id))
+        async for ev in _stream(op):
             yield ev
 
     async def RevertSnapshot(self, request: pb.RevertSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
         ref = snapshot_ref(request.snapshot, request.config, tuple(request.overrides))
         req = RevertRequest(request.domain, ref, convert.run_after_from_pb(request.run_state), request.force)
-        async for ev in _stream(await self._s.revert_snapshot(req, request.request_id)):
+        op = await self._once("RevertSnapshot", request, lambda: self._s.revert_snapshot(req, request.request_id))
+        async for ev in _stream(op):
             yield ev
 
     async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
-        op = await self._s.delete_snapshot(request.domain, request.snapshot, request.children, request.request_id)
+        op = await self._once("DeleteSnapshot", request, lambda: self._s.delete_snapshot(
+            request.domain, request.snapshot, request.children, request.request_id))
         async for ev in _stream(op):
             yield ev
 
@@ -92,12 +118,16 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
         return convert.operation(self._s.operations.cancel(request.operation_id))
 
     async def ListOperations(self, request: pb.ListOperationsRequest, context: Ctx) -> pb.ListOperationsResponse:
+        ops = await self._s.list_operations(request.domain)
+        sizes = await _sizes([_result(op) for op in ops])
         return pb.ListOperationsResponse(
-            operations=[convert.operation(op) for op in await self._s.list_operations(request.domain)])
+            operations=[convert.operation(op, n) for op, n in zip(ops, sizes, strict=True)])
 
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Ctx) -> pb.ListSnapshotsResponse:
-        return pb.ListSnapshotsResponse(
-            snapshots=[convert.snapshot(e) for e in await self._s.list_snapshots(request.domain)])
+        entries = await self._s.list_snapshots(request.domain)
+        sizes = await _sizes(entries)
+        return pb.ListSnapshotsResponse(snapshots=[convert.snapshot(e, n) for e, n in zip(entries, sizes, strict=True)])
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: Ctx) -> pb.Snapshot:
-        return convert.snapshot(await self._s.get_snapshot(request.domain, request.snapshot))
+        entry = await self._s.get_snapshot(request.domain, request.snapshot)
+        return convert.snapshot(entry, (await _sizes([entry]))[0])

@@ -22,6 +22,7 @@ from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
+from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.names import check_name, default_snapshot_name
 from domsnap.agent.operations import Operation
@@ -94,11 +95,12 @@ class Plan:
 
 class SnapshotCreate:
     def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue, journal: Journal,
-                 snapshot_root: Path, roots: Sequence[Path], state_dir: Path) -> None:
+                 ledger: Ledger, snapshot_root: Path, roots: Sequence[Path], state_dir: Path) -> None:
         self._driver = driver
         self._backends = backends
         self._catalogue = catalogue
         self._journal = journal
+        self._ledger = ledger
         self._root = snapshot_root
         self._roots = tuple(roots)
         # The agent's own state is never a place for snapshot files.
@@ -168,7 +170,11 @@ class SnapshotCreate:
         return Entry(plan.snapdir, m, current=True)
 
     def _register(self, journal: JournalEntry) -> None:
-        self._catalogue.register(journal.domain, journal.snapshot, Path(journal.data["snapdir"]))
+        data = journal.data
+        records = [DiskRecord.from_dict(r) for r in data["records"]]
+        self._ledger.record(journal.domain, journal.snapshot, Path(data["snapdir"]),
+                            [data["memory"], *(f for r in records for f in (r.image, r.file))])
+        self._catalogue.register(journal.domain, journal.snapshot, Path(data["snapdir"]))
         self._catalogue.set_current(journal.domain, journal.snapshot)
 
     async def recover(self, journal: JournalEntry) -> str:

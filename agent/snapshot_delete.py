@@ -7,6 +7,7 @@ deleted base. Children of a deleted snapshot get its parent as theirs."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -20,6 +21,7 @@ from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import FailedPrecondition, NotFound
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
+from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Operation
 from domsnap.agent.storage import Backends
@@ -37,11 +39,13 @@ class DeletePlan:
 
 
 class SnapshotDelete:
-    def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue, journal: Journal) -> None:
+    def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue, journal: Journal,
+                 ledger: Ledger) -> None:
         self._driver = driver
         self._backends = backends
         self._catalogue = catalogue
         self._journal = journal
+        self._ledger = ledger
 
     def _doomed(self, domain: str, target: Entry, children: bool) -> list[Entry]:
         """The snapshots to delete, descendants before their parents."""
@@ -67,10 +71,11 @@ class SnapshotDelete:
 
     async def prepare(self, domain: str, ref: str, children: bool) -> DeletePlan:
         """What to delete, checked before anything is touched."""
-        path, m = self._catalogue.resolve(domain, ref)
+        path, m = await asyncio.to_thread(self._catalogue.resolve, domain, ref)
         doomed = self._doomed(domain, Entry(path, m, self._catalogue.current(domain) == m.name), children)
         dom = await self._domain(domain)
         for e in doomed:
+            self._ledger.check(e.path, e.manifest, "delete")
             await self._check(e.manifest, dom)
         return DeletePlan(domain, tuple(doomed), dom)
 
@@ -81,7 +86,8 @@ class SnapshotDelete:
         sink = op.phase("delete", 99)
         for i, e in enumerate(doomed):
             journal = JournalEntry(op.id, "delete", domain, e.manifest.name, op.request_id,
-                                   data={"snapdir": str(e.path), "manifest": e.manifest.to_json()})
+                                   data={"snapdir": str(e.path), "manifest": e.manifest.to_json(),
+                                         "registered": self._catalogue.path_of(domain, e.manifest.name) == e.path})
             self._journal.begin(journal)
             await self._delete(journal, dom)
             self._journal.finish(journal)
@@ -103,11 +109,16 @@ class SnapshotDelete:
         m = Manifest.from_json(journal.data["manifest"], "<journal>")
         snapdir = Path(journal.data["snapdir"])
         self._journal.step(journal, "unregister")
-        if self._catalogue.current(m.domain) == m.name:
-            self._catalogue.set_current(m.domain, m.parent)
-        self._catalogue.unregister(m.domain, m.name)
+        # A snapshot named by a folder the catalogue does not know leaves the
+        # catalogue alone: its name may be another snapshot's.
+        registered = journal.data.get("registered", True)
+        if registered:
+            if self._catalogue.current(m.domain) == m.name:
+                self._catalogue.set_current(m.domain, m.parent)
+            self._catalogue.unregister(m.domain, m.name)
         (snapdir / manifest.MANIFEST).unlink(missing_ok=True)
-        self._reparent_children(m)
+        if registered:
+            self._reparent_children(m)
         self._journal.step(journal, "disks")
         block = self._driver.block_ops(dom.name) if dom is not None else None
         for rec in m.disks:
@@ -117,6 +128,8 @@ class SnapshotDelete:
         with contextlib.suppress(FileNotFoundError):
             Path(m.memory_file).unlink()
         await self._remove_unused_files(m, snapdir, dom)
+        if registered:
+            self._ledger.forget(m.domain, m.name)
 
     def _reparent_children(self, m: Manifest) -> None:
         for e in self._catalogue.entries(m.domain):

@@ -4,6 +4,7 @@ running or paused."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import FailedPrecondition, InvalidArgument, NotFound
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
+from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Operation
 from domsnap.agent.progress import StepProgress, ignore_progress, share
@@ -83,11 +85,13 @@ class RevertPlan:
 
 
 class SnapshotRevert:
-    def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue, journal: Journal) -> None:
+    def __init__(self, driver: Hypervisor, backends: Backends, catalogue: Catalogue, journal: Journal,
+                 ledger: Ledger) -> None:
         self._driver = driver
         self._backends = backends
         self._catalogue = catalogue
         self._journal = journal
+        self._ledger = ledger
 
     def risks(self, m: Manifest, snap_config: DomainConfig, domain: Domain | None, version: str) -> list[str]:
         risks = []
@@ -123,10 +127,12 @@ class SnapshotRevert:
 
     async def prepare(self, req: RevertRequest) -> RevertPlan:
         """Validate everything (snapshot complete, files present, risks); touches nothing."""
-        snapdir, m = self._catalogue.resolve(req.domain, req.snapshot)
+        snapdir, m = await asyncio.to_thread(self._catalogue.resolve, req.domain, req.snapshot)
+        self._ledger.check(snapdir, m, "revert to")
         if m.driver != self._driver.name:
             raise FailedPrecondition(f"snapshot {m.name} was taken by the {m.driver} driver; this agent runs "
                                      f"{self._driver.name}")
+        await self._driver.check_facts(m.facts)
         snap_config = DomainConfig.parse(m.domain_config, source=f"{snapdir}/snapshot.json")
         domain: Domain | None
         try:

@@ -84,6 +84,11 @@ class Hypervisor(ABC):
         """What a memory image of this domain needs to be restored (e.g. QEMU's machine type)."""
 
     @abstractmethod
+    async def check_facts(self, facts: Mapping[str, str]) -> None:
+        """Refuse (FailedPrecondition) facts from a manifest that this host cannot restore with,
+        before anything is touched: they reach a command line."""
+
+    @abstractmethod
     async def restore(
         self, config: DomainConfig, memory: Path, *, facts: Mapping[str, str], paused: bool,
         progress: StepProgress,

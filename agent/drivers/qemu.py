@@ -108,6 +108,7 @@ class QemuDriver(Hypervisor):
         self._version = ""
         self._probed: tuple[str, int, int] | None = None
         self._machine = config.machine
+        self._machines: frozenset[str] = frozenset()
         self._create_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ agent side
@@ -126,10 +127,19 @@ class QemuDriver(Hypervisor):
         out = await self._run(qemu_argv.version(self._cfg.binary), timeout=10)
         self._version = qemu_argv.parse_version(out.stdout)
         self._probed = stamp
+        out = await self._run(qemu_argv.machine_help(self._cfg.binary), timeout=10)
+        self._machines = qemu_argv.parse_machines(out.stdout)
         if not self._machine:
-            out = await self._run(qemu_argv.machine_help(self._cfg.binary), timeout=10)
             self._machine = qemu_argv.parse_machine_alias(out.stdout)
         return self._version
+
+    async def check_facts(self, facts: Mapping[str, str]) -> None:
+        await self.probe()
+        machine = facts.get("machine")
+        if machine is not None and machine not in self._machines:
+            shown = machine if len(machine) <= 64 else machine[:64] + "…"
+            raise FailedPrecondition(f"the snapshot's machine type {shown!r} is not one that {self._cfg.binary} "
+                                     "provides (qemu-system -machine help)")
 
     async def start(self) -> None:
         self._root.mkdir(parents=True, exist_ok=True)

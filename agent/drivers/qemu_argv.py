@@ -58,6 +58,9 @@ def launch(
     incoming: bool = False,
 ) -> list[str]:
     """The command line that starts a domain daemonized, or (incoming) waits for a memory image."""
+    if not re.fullmatch(r"[\w.-]+", machine):
+        # A machine type is one word; anything else would add -machine options.
+        raise InvalidArgument(f"machine type {machine!r}: not a machine type name")
     kernel = config.get_str("kernel")
     if kernel is None:
         raise InvalidArgument(f"domain {config.name}: 'kernel' is required (direct kernel boot)")
@@ -102,6 +105,12 @@ def parse_machine_alias(help_text: str, alias: str = "pc") -> str:
     if m is None:
         raise InvalidArgument(f"QEMU lists no machine alias {alias!r}")
     return m.group(1)
+
+
+def parse_machines(help_text: str) -> frozenset[str]:
+    """Every machine type `-machine help` lists (the first word of each line after the title)."""
+    return frozenset(m.group(1) for m in re.finditer(r"^([\w.-]+)\s", help_text, re.MULTILINE)
+                     if m.group(1) != "Supported")
 
 
 def parse_version(text: str) -> str:

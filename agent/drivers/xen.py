@@ -216,6 +216,9 @@ class XenDriver(Hypervisor):
         xd = self._xl_domain(domain.name)
         return {"type": xd.type, "xen_version": self._info.get("xen_version", "")}
 
+    async def check_facts(self, facts: Mapping[str, str]) -> None:
+        """Nothing: xl restore takes no fact to its command line (the image carries its own config)."""
+
     # ------------------------------------------------------------- snapshots
 
     def _live_refusal(self, domain_type: str, caps: set[str]) -> str | None:

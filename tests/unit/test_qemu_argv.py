@@ -21,6 +21,7 @@ disk = [ "format=qcow2, vdev=xvda, target=/var/lib/x,y/a.qcow2",
          "format=raw, vdev=xvdb, access=ro, target=/dev/vg/data" ]
 '''
 PATHS = qemu_argv.LaunchPaths(Path("/s/web1/qmp.sock"), Path("/s/web1/qemu.pid"), Path("/s/console/web1.log"))
+DATA = Path(__file__).parent.parent / "data" / "qemu-7.2"
 
 
 def test_launch_argv_is_exact() -> None:
@@ -91,3 +92,18 @@ def test_qemu_img_output_is_parsed() -> None:
     assert qemu_img.snapshot_tags(info) == ["a", "b c"]
     assert qemu_img.parse_chain('[{"filename": "/tmp/c1.qcow2"}, {"filename": "/tmp/c0.qcow2"}]') == [
         "/tmp/c1.qcow2", "/tmp/c0.qcow2"]
+
+
+def test_machine_types_are_read_from_qemus_recorded_list() -> None:
+    # Recorded from this project's QEMU 7.2 (Debian 12): `qemu-system-x86_64 -machine help`.
+    machines = qemu_argv.parse_machines((DATA / "machine-help.txt").read_text())
+    assert {"pc", "pc-i440fx-7.2", "q35", "microvm", "none"} <= machines
+    assert "Supported" not in machines
+    assert not any("," in m or " " in m for m in machines)
+
+
+@pytest.mark.parametrize("machine", ["pc,accel=kvm", "pc,memory-backend=x", "pc -S", ""])
+def test_a_machine_type_that_is_not_one_word_never_reaches_the_command_line(machine: str) -> None:
+    cfg = DomainConfig.parse(CFG)
+    with pytest.raises(InvalidArgument, match="not a machine type name"):
+        qemu_argv.launch(cfg, binary="q", machine=machine, accel="tcg", paths=PATHS)

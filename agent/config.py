@@ -102,6 +102,9 @@ class AgentConfig:
     # Longest backing chain an external snapshot may make (each external
     # snapshot adds one image that every read may go through).
     max_chain_depth: int = 32
+    # Connections one user (not root, not the agent's user) may hold open on
+    # the unix sockets at once; more are closed as they are accepted.
+    max_connections_per_user: int = 64
     qemu: QemuConfig = field(default_factory=QemuConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
@@ -242,6 +245,8 @@ def load(path: Path | None, **overrides: Any) -> AgentConfig:
         raise InvalidArgument(f"driver {config.driver!r}: expected one of {', '.join(DRIVERS)}")
     if config.log_level not in LOG_LEVELS:
         raise InvalidArgument(f"log_level {config.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    if config.max_connections_per_user < 1:
+        raise InvalidArgument(f"max_connections_per_user {config.max_connections_per_user}: expected at least 1")
     if config.max_chain_depth < 1:
         raise InvalidArgument(f"max_chain_depth {config.max_chain_depth}: expected at least 1")
     if config.qemu.max_bandwidth < 0:

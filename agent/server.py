@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from domsnap.agent import limits
 from domsnap.agent.auth import AuthInterceptor, Authorizer
 from domsnap.agent.config import AgentConfig, TlsConfig, parse_listen
+from domsnap.agent.conn_limit import ConnectionLimit, raise_fd_limit
 from domsnap.agent.drivers import make_driver
 from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import FailedPrecondition, InvalidArgument
@@ -79,6 +80,8 @@ class _Listeners:
         self.unix: list[UnixListener] = []
         self.bound: list[str] = []
         self._private: Path | None = None
+        # One limit for all unix sockets: they share the process's descriptors.
+        self._limit = ConnectionLimit(config.max_connections_per_user, raise_fd_limit())
 
     def bind_tcp(self) -> None:
         creds = server_credentials(self._config.tls) if self._config.tls.enabled else None
@@ -110,7 +113,7 @@ class _Listeners:
             if self._private is None:
                 self._private = private_socket_path(path)
                 self._server.add_insecure_port(f"unix:{self._private}")
-            self.unix.append(UnixListener(path, self._private, self._peers, socket_gid))
+            self.unix.append(UnixListener(path, self._private, self._peers, socket_gid, self._limit))
 
     async def start_unix(self) -> None:
         for listener in self.unix:

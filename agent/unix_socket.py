@@ -26,6 +26,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from domsnap.agent.conn_limit import ConnectionLimit
 from domsnap.agent.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -183,11 +184,13 @@ class PeerTable:
 class UnixListener:
     """The public socket; every connection relayed to the gRPC server's private socket."""
 
-    def __init__(self, public: Path, private: Path, peers: PeerTable, gid: int | None) -> None:
+    def __init__(self, public: Path, private: Path, peers: PeerTable, gid: int | None,
+                 limit: ConnectionLimit) -> None:
         self.public = public
         self._private = private
         self._peers = peers
         self._gid = gid
+        self._limit = limit
         self._server: asyncio.AbstractServer | None = None
         self._relays: set[asyncio.Task[None]] = set()
 
@@ -217,19 +220,28 @@ class UnixListener:
             self.public.unlink()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            cred = peer_credentials(writer.get_extra_info("socket"))
+        except OSError as err:
+            log.debug("connection to %s gone before it was read: %s", self.public, err)
+            writer.close()
+            return
+        if not self._limit.admit(cred.uid):
+            writer.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._relays.add(task)
         try:
-            await self._relay(reader, writer)
+            await self._relay(reader, writer, cred)
         except (OSError, asyncio.IncompleteReadError) as err:
             log.debug("relay from %s ended: %s", self.public, err)
         finally:
             self._relays.discard(task)
+            self._limit.release(cred.uid)
             writer.close()
 
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        cred = peer_credentials(writer.get_extra_info("socket"))
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cred: PeerCred) -> None:
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             upstream.bind("")  # autobind: a fresh abstract name, gRPC's peer for this connection

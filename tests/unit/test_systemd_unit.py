@@ -81,6 +81,8 @@ def test_unit_keeps_what_the_agent_relies_on() -> None:
     assert s["KillMode"] == ["process"]
     assert s["ProtectSystem"] == ["strict"] and s["ProtectHome"] == ["yes"]
     assert s["PrivateTmp"] == ["yes"] and s["NoNewPrivileges"] == ["yes"]
+    # Room for thousands of relayed connections (three descriptors each).
+    assert int(s["LimitNOFILE"][0]) >= 65536
     writable = " ".join(s["ReadWritePaths"]).split()
     for path in ("/var/lib/domsnap", "/run/domsnap", "-/var/lib/domsnap/snapshots"):
         assert path in writable

@@ -105,6 +105,8 @@ class AgentConfig:
     # Connections one user (not root, not the agent's user) may hold open on
     # the unix sockets at once; more are closed as they are accepted.
     max_connections_per_user: int = 64
+    # How long the records of finished operations are kept (listed after a restart).
+    operation_history_days: int = 30
     qemu: QemuConfig = field(default_factory=QemuConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
@@ -245,6 +247,8 @@ def load(path: Path | None, **overrides: Any) -> AgentConfig:
         raise InvalidArgument(f"driver {config.driver!r}: expected one of {', '.join(DRIVERS)}")
     if config.log_level not in LOG_LEVELS:
         raise InvalidArgument(f"log_level {config.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    if config.operation_history_days <= 0:
+        raise InvalidArgument(f"operation_history_days {config.operation_history_days}: expected more than 0")
     if config.max_connections_per_user < 1:
         raise InvalidArgument(f"max_connections_per_user {config.max_connections_per_user}: expected at least 1")
     if config.max_chain_depth < 1:

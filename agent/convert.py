@@ -69,13 +69,13 @@ def agent_info(info: AgentInfo) -> pb.AgentInfo:
     )
 
 
-def domain(d: Domain, busy_with: str = "") -> pb.Domain:
+def domain(d: Domain, busy_with: str = "", problem: str = "") -> pb.Domain:
     return pb.Domain(
         name=d.name, domid=d.domid, memory_mib=d.config.memory_mib, vcpus=d.config.vcpus,
         state=_STATE[d.state], cpu_seconds=d.cpu_seconds,
         disks=[pb.Disk(vdev=x.vdev, target=x.target, format=x.format, read_only=x.access == "ro")
                for x in d.config.disks],
-        config=d.config.to_text(), busy_with_operation=busy_with,
+        config=d.config.to_text(), busy_with_operation=busy_with, problem=problem,
     )
 
 

@@ -6,7 +6,8 @@ or rolls it back (see recovery.py). A finished operation's entry is removed.
 Fault injection for tests: with `[testing] fault_injection = true` in the
 config, the environment variable DOMSNAP_KILL_AT=<kind>:<step> (e.g.
 `create:disk:xvda`) makes the agent SIGKILL itself right after journaling
-that step, before running it.
+that step, before running it; DOMSNAP_FAIL_AT=<kind>:<step>:<n> makes that
+step fail (InternalError) the first n times it is reached.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from domsnap.agent.errors import InternalError
 from domsnap.agent.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
 KILL_ENV = "DOMSNAP_KILL_AT"
+FAIL_ENV = "DOMSNAP_FAIL_AT"
 
 
 @dataclass
@@ -47,6 +50,10 @@ class Journal:
         self._kill_at = os.environ.get(KILL_ENV, "") if fault_injection else ""
         if self._kill_at:
             log.warning("fault injection armed: the agent kills itself at step %s", self._kill_at)
+        fail_at, _, times = (os.environ.get(FAIL_ENV, "") if fault_injection else "").rpartition(":")
+        self._fail_at, self._failures_left = fail_at, int(times) if fail_at else 0
+        if self._fail_at:
+            log.warning("fault injection armed: step %s fails %d time(s)", self._fail_at, self._failures_left)
 
     def _path(self, op_id: str) -> Path:
         return self._dir / f"{op_id}.json"
@@ -66,6 +73,9 @@ class Journal:
         if self._kill_at == f"{entry.kind}:{step}":
             log.warning("fault injection: killing the agent at %s:%s", entry.kind, step)
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._fail_at == f"{entry.kind}:{step}" and self._failures_left > 0:
+            self._failures_left -= 1
+            raise InternalError(f"fault injection: step {entry.kind}:{step} failed")
 
     def finish(self, entry: Entry) -> None:
         self._path(entry.op_id).unlink(missing_ok=True)

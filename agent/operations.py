@@ -162,9 +162,16 @@ class Observer(Protocol):
     def finished(self, op: Operation) -> None: ...
 
 
+class Recorder(Protocol):
+    """Keeps what became of each finished operation beyond the agent's life (op_history.py)."""
+
+    def record(self, op: Operation) -> None: ...
+
+
 class Operations:
-    def __init__(self, observer: Observer | None = None) -> None:
+    def __init__(self, observer: Observer | None = None, recorder: Recorder | None = None) -> None:
         self._observer = observer
+        self._recorder = recorder
         self._ops: OrderedDict[str, Operation] = OrderedDict()
         self._busy: dict[str, Operation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -224,6 +231,15 @@ class Operations:
         else:
             op._finish(OpState.CANCELLED if isinstance(op.error, Cancelled) else OpState.FAILED)
         self._tell(op, finished=True)
+        if self._recorder is not None:
+            self._recorder.record(op)
+
+    def add_finished(self, ops: list[Operation]) -> None:
+        """Operations that finished outside this agent's run (a previous agent's, or recovered), oldest first."""
+        for op in sorted(ops, key=lambda o: o.finished_at or o.started_at):
+            self._ops[op.id] = op
+            self._ops.move_to_end(op.id, last=False)
+        self._forget_old()
 
     def get(self, op_id: str) -> Operation:
         try:

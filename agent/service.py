@@ -9,22 +9,25 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from time import time
 from typing import Protocol
 
 from domsnap import __version__
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.config import AgentConfig
-from domsnap.agent.domain import Domain, DomainConfig
+from domsnap.agent.domain import Domain, DomainConfig, RunState
 from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import NotFound
+from domsnap.agent.errors import DomsnapError, FailedPrecondition, InternalError, NotFound
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
 from domsnap.agent.ledger import Ledger
-from domsnap.agent.operations import Observer, Operation, Operations, OpKind
+from domsnap.agent.op_history import DAY, History
+from domsnap.agent.operations import Observer, Operation, Operations, OpKind, OpState
 from domsnap.agent.paths import confine
+from domsnap.agent.progress import Progress
 from domsnap.agent.snapshot_create import CreateRequest, SnapshotCreate
 from domsnap.agent.snapshot_delete import SnapshotDelete
-from domsnap.agent.snapshot_revert import RevertRequest, SnapshotRevert
+from domsnap.agent.snapshot_revert import RevertRequest, SnapshotRevert, Stranded
 from domsnap.agent.storage import Backends
 
 API_VERSION = "domsnap.v1"
@@ -52,7 +55,8 @@ class AgentService:
                  observer: Observer | None = None) -> None:
         self.config = config
         self.driver = driver
-        self.operations = Operations(observer)
+        self._history = History(config.state_dir, keep=config.operation_history_days * DAY)
+        self.operations = Operations(observer, self._history)
         self.catalogue = Catalogue(config.state_dir)
         self.journal = Journal(config.state_dir, fault_injection=config.testing.fault_injection)
         ledger = Ledger(config.state_dir)
@@ -69,27 +73,54 @@ class AgentService:
 
     async def recover(self) -> int:
         """Finish or roll back what a dead agent left in the journal; returns how many."""
+        self.operations.add_finished(self._history.load())
         entries = self.journal.pending()
         for entry in entries:
             procedure = self._procedures[entry.kind]
+            op = Operation(entry.op_id, OpKind(entry.kind), entry.domain, entry.snapshot, entry.request_id)
             try:
                 outcome = await procedure.recover(entry)
-            except Exception:
+            except Exception as err:
                 log.exception("recovery of %s %s on %s failed; its journal entry is kept", entry.kind,
                               entry.snapshot, entry.domain)
+                self._recovered(op, InternalError(f"the agent stopped during this operation, and the next one "
+                                                  f"could not finish or roll it back: {err}"))
                 continue
             self.journal.finish(entry)
             log.info("recovered %s of snapshot %s on domain %s (operation %s): %s", entry.kind, entry.snapshot,
                      entry.domain, entry.op_id, outcome)
+            self._recovered(op, None if outcome == "completed" else InternalError(
+                f"the agent stopped during this operation; the agent started after it: {outcome}"))
         return len(entries)
+
+    def _recovered(self, op: Operation, error: DomsnapError | None) -> None:
+        """A journaled operation of a dead agent, with the outcome of its recovery, listed and recorded."""
+        op.state, op.error, op.finished_at = (OpState.SUCCEEDED if error is None else OpState.FAILED), error, time()
+        op.progress = Progress("recovered", 100.0, message="finished by the agent started after it")
+        self.operations.add_finished([op])
+        self._history.record(op)
 
     # --------------------------------------------------------------- domains
 
     async def list_domains(self) -> list[Domain]:
-        return await self.driver.list_domains()
+        """The hypervisor's domains, and those a failed revert left destroyed (see `problem`)."""
+        domains = await self.driver.list_domains()
+        running = {d.name for d in domains}
+        return domains + [Domain(0, s.config, RunState.SHUTDOWN) for s in self._revert.all_stranded()
+                          if s.journal.domain not in running]
 
     async def get_domain(self, ref: str) -> Domain:
-        return await self.driver.lookup(ref)
+        try:
+            return await self.driver.lookup(ref)
+        except NotFound:
+            if (stranded := self._revert.stranded(ref)) is None:
+                raise
+            return Domain(0, stranded.config, RunState.SHUTDOWN)
+
+    def problem(self, domain: str) -> str:
+        """What is wrong with a domain that the agent could not set right by itself ("" when nothing)."""
+        stranded = self._revert.stranded(domain)
+        return stranded.reason if stranded is not None else ""
 
     async def create_domain(self, text: str, overrides: tuple[str, ...], *, paused: bool) -> Domain:
         config = DomainConfig.parse(text, overrides)
@@ -125,17 +156,28 @@ class AgentService:
     async def revert_snapshot(self, req: RevertRequest, request_id: str) -> Operation:
         name = await self._domain_name(req.domain)
         self.operations.check_idle(name)
+        if (stranded := self._revert.stranded(name)) is not None:
+            return self._resume_revert(name, req.snapshot, request_id, stranded)
         ref = self._confined(req.snapshot)
         plan = await self._revert.prepare(RevertRequest(name, ref, req.run_after, req.force))
         return self.operations.start(OpKind.REVERT, name, plan.manifest.name, request_id,
                                      lambda op: self._revert.run(op, plan))
+
+    def _resume_revert(self, name: str, ref: str, request_id: str, stranded: Stranded) -> Operation:
+        """A revert of a domain a failed revert left destroyed: only to that snapshot, which it finishes."""
+        snapshot, snapdir = stranded.journal.snapshot, stranded.journal.data["snapdir"]
+        if ref not in (snapshot, snapdir) and ("/" not in ref or self._confined(ref) != snapdir):
+            raise FailedPrecondition(f"domain {name}: {stranded.reason}; snapshot-revert {name} {snapshot} "
+                                     "finishes that first")
+        return self.operations.start(OpKind.REVERT, name, snapshot, request_id,
+                                     lambda op: self._revert.resume(op, stranded))
 
     async def _domain_name(self, ref: str) -> str:
         """A running domain's name, or a name the catalogue knows (a gone domain can be reverted)."""
         try:
             return (await self.driver.lookup(ref)).name
         except NotFound:
-            if ref in self.catalogue.domains():
+            if ref in self.catalogue.domains() or self._revert.stranded(ref) is not None:
                 return ref
             raise
 

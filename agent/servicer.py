@@ -61,11 +61,12 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
 
     async def ListDomains(self, request: pb.ListDomainsRequest, context: Ctx) -> pb.ListDomainsResponse:
         domains = await self._s.list_domains()
-        return pb.ListDomainsResponse(domains=[convert.domain(d, self._busy(d.name)) for d in domains])
+        return pb.ListDomainsResponse(
+            domains=[convert.domain(d, self._busy(d.name), self._s.problem(d.name)) for d in domains])
 
     async def GetDomain(self, request: pb.GetDomainRequest, context: Ctx) -> pb.Domain:
         d = await self._s.get_domain(request.domain)
-        return convert.domain(d, self._busy(d.name))
+        return convert.domain(d, self._busy(d.name), self._s.problem(d.name))
 
     async def CreateDomain(self, request: pb.CreateDomainRequest, context: Ctx) -> pb.Domain:
         d = await self._once("CreateDomain", request, lambda: self._s.create_domain(

@@ -145,7 +145,9 @@ class SnapshotCreate:
 
             step("checkpoint")
             result = await self._driver.checkpoint(domain, plan.memory, live=req.live, in_pause=in_pause,
-                                                   progress=mem_progress)
+                                                   progress=mem_progress,
+                                                   # Past the memory save: journaled, no longer cancellable.
+                                                   step=lambda name: self._journal.step(journal, name))
             op.phase("manifest", 99)
             m = Manifest(
                 name=req.name, domain=domain.name, description=req.description,

@@ -1,10 +1,17 @@
 """snapshot-revert: validate (snapshot complete, files present, risks), then
 destroy the domain, revert every disk, restore memory, and leave the domain
-running or paused."""
+running or paused.
+
+Once the domain is destroyed the only way is forward: a step that fails
+after it is done once more from the journal at once; if that fails too, the
+journal entry stays, the domain is *stranded* (listed, with the reason), the
+agent tries again at its next start, and a repeated snapshot-revert to the
+same snapshot finishes it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Callable
@@ -16,7 +23,7 @@ from domsnap.agent import manifest, snapshot_cfg, xlcfg
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain, DomainConfig
 from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import FailedPrecondition, InvalidArgument, NotFound
+from domsnap.agent.errors import DomsnapError, FailedPrecondition, InternalError, InvalidArgument, NotFound
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
 from domsnap.agent.ledger import Ledger
@@ -74,6 +81,18 @@ def _is_revert_overlay(path: Path, vdev: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Stranded:
+    """A domain a revert destroyed and could not bring back yet."""
+
+    journal: JournalEntry
+    reason: str
+
+    @property
+    def config(self) -> DomainConfig:
+        return DomainConfig.parse(self.journal.data["current_config"], source="<journal>")
+
+
+@dataclass(frozen=True)
 class RevertPlan:
     snapdir: Path
     manifest: Manifest
@@ -92,6 +111,13 @@ class SnapshotRevert:
         self._catalogue = catalogue
         self._journal = journal
         self._ledger = ledger
+        self._stranded: dict[str, Stranded] = {}
+
+    def stranded(self, domain: str) -> Stranded | None:
+        return self._stranded.get(domain)
+
+    def all_stranded(self) -> list[Stranded]:
+        return list(self._stranded.values())
 
     def risks(self, m: Manifest, snap_config: DomainConfig, domain: Domain | None, version: str) -> list[str]:
         risks = []
@@ -156,8 +182,11 @@ class SnapshotRevert:
         snapdir, m, domain, current, paused = plan.snapdir, plan.manifest, plan.domain, plan.current, plan.paused
         op.phase("validate", 5)(1.0, 0, 0, 0.0, "snapshot complete" + (
             f"; forced past: {'; '.join(plan.risks)}" if plan.risks else ""))
+        # The manifest goes into the journal: recovery redoes what was checked
+        # here, whatever the snapshot's folder holds by then.
         journal = JournalEntry(op.id, "revert", m.domain, m.name, op.request_id, data={
             "snapdir": str(snapdir), "current_config": current.to_text(), "paused": paused,
+            "manifest": m.to_json(),
         })
         self._journal.begin(journal)
         # The point of no return: past it a cancel is refused, and an agent
@@ -169,12 +198,36 @@ class SnapshotRevert:
             if domain is not None:
                 await self._driver.destroy(domain.name)
             await self._apply(journal, m, op.phase("disks", 40), lambda: op.phase("restore", 98))
-        except Exception:
-            # Reported to the caller, who decides what next; only an agent
-            # that dies (or is stopped) mid-way leaves the entry to recovery.
-            self._journal.finish(journal)
-            raise
+        except Exception as err:
+            log.warning("revert of %s to %s failed after the domain was destroyed (%s); doing it once more from "
+                        "the journal", m.domain, m.name, _message(err))
+            await self._again(journal, m, op.phase("retry", 98))
         return Entry(snapdir, m, current=True)
+
+    async def resume(self, op: Operation, stranded: Stranded) -> Entry:
+        """A repeated revert of a stranded domain: what the failed one left, done from its journal."""
+        op.commit()
+        journal = stranded.journal
+        m = Manifest.from_json(journal.data["manifest"], "<journal>")
+        await self._again(journal, m, op.phase("restore", 98))
+        return Entry(Path(journal.data["snapdir"]), m, current=True)
+
+    async def _again(self, journal: JournalEntry, m: Manifest, progress: StepProgress) -> None:
+        """The revert from its journal: what a failed step left is destroyed, every step done again.
+        On failure the domain is stranded and the journal entry kept."""
+        try:
+            with contextlib.suppress(NotFound):
+                # A domain half restored.
+                await self._driver.destroy((await self._driver.lookup(journal.domain)).name)
+            await self._apply(journal, m, ignore_progress, lambda: progress)
+        except Exception as err:
+            reason = f"the revert to {m.name} failed after the domain was destroyed: {_message(err)}"
+            self._stranded[journal.domain] = Stranded(journal, reason)
+            log.error("domain %s is stranded: %s; the agent tries again at its next start, and "
+                      "snapshot-revert %s %s finishes it", journal.domain, reason, journal.domain, m.name)
+            cls = type(err) if isinstance(err, DomsnapError) else InternalError
+            raise cls(f"domain {journal.domain}: {reason}; it was tried twice; snapshot-revert {journal.domain} "
+                      f"{m.name} finishes it") from err
 
     async def _apply(self, journal: JournalEntry, m: Manifest, disk_progress: StepProgress,
                      restore_phase: Callable[[], StepProgress]) -> None:
@@ -194,6 +247,7 @@ class SnapshotRevert:
         self._finish(journal, current, config)
 
     def _finish(self, journal: JournalEntry, before: DomainConfig, after: DomainConfig) -> None:
+        self._stranded.pop(journal.domain, None)
         self._catalogue.set_current(journal.domain, journal.snapshot)
         for orphan in self._discarded(journal.domain, before, after):
             log.info("revert: removing %s, the discarded state's overlay", orphan)
@@ -204,8 +258,8 @@ class SnapshotRevert:
         """Finish a revert a dead agent left past its point of no return."""
         if not journal.reached("destroy"):
             return "nothing to do"
-        snapdir = Path(journal.data["snapdir"])
-        m = manifest.read(snapdir)
+        m = (Manifest.from_json(journal.data["manifest"], "<journal>") if "manifest" in journal.data
+             else manifest.read(Path(journal.data["snapdir"])))
         current = DomainConfig.parse(journal.data["current_config"], source="<journal>")
         try:
             domain = await self._driver.lookup(journal.domain)
@@ -214,8 +268,10 @@ class SnapshotRevert:
         if journal.reached("restored") and domain is not None:
             self._finish(journal, current, domain.config)
             return "completed"
-        if domain is not None:
-            # The old domain half destroyed, or a restore cut short.
-            await self._driver.destroy(domain.name)
-        await self._apply(journal, m, ignore_progress, lambda: ignore_progress)
+        # The old domain half destroyed, or a restore cut short.
+        await self._again(journal, m, ignore_progress)
         return "completed"
+
+
+def _message(err: Exception) -> str:
+    return err.message if isinstance(err, DomsnapError) else f"{type(err).__name__}: {err}"

@@ -91,9 +91,13 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]], *, right: frozen
 def domain_table(domains: Iterable[pb.Domain]) -> list[str]:
     """The columns and widths of `xl list`."""
     lines = [f"{'Name':<40} {'ID':>5} {'Mem':>5} {'VCPUs':>5}     {'State':<6}  {'Time(s)':>8}"]
+    domains = list(domains)
+    troubled = [d for d in domains if d.problem]
     for d in domains:
         flags = _STATE_FLAGS.get(d.state, "------")
         lines.append(f"{d.name:<40} {d.domid:>5} {d.memory_mib:>5} {d.vcpus:>5}     {flags:<6}  {d.cpu_seconds:>8.1f}")
+    # Below the table, so that the rows stay as xl prints them.
+    lines += [f"{d.name}: {d.problem}" for d in troubled]
     return lines
 
 

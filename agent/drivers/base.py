@@ -23,6 +23,12 @@ class CheckpointResult:
 # Called once while the guest is stopped at the instant the memory image
 # captures; the disks are snapshotted inside it.
 InPause = Callable[[BlockOps], Awaitable[None]]
+# Told the name of a step of the driver's own before it runs (journaled by the caller).
+Step = Callable[[str], None]
+
+
+def no_step(_name: str) -> None:
+    pass
 
 
 class Hypervisor(ABC):
@@ -69,10 +75,12 @@ class Hypervisor(ABC):
 
     @abstractmethod
     async def checkpoint(
-        self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress
+        self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress,
+        step: Step = no_step,
     ) -> CheckpointResult:
         """Write the memory image and run `in_pause` at the same instant, then
-        leave the domain in the run state it had before."""
+        leave the domain in the run state it had before; `step` is told of
+        the driver's own steps where a crash matters (so fault injection reaches them)."""
 
     @abstractmethod
     async def abandon_transfers(self, name: str) -> None:

@@ -25,18 +25,20 @@ from domsnap.agent import runner
 from domsnap.agent.config import QemuConfig
 from domsnap.agent.domain import Domain, DomainConfig, RunState
 from domsnap.agent.drivers import qemu_argv, qemu_migration
-from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause
+from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause, Step, no_step
 from domsnap.agent.drivers.qemu_block import QmpBlockOps
 from domsnap.agent.drivers.qmp import QmpSession
 from domsnap.agent.errors import AlreadyExists, FailedPrecondition, NotFound
 from domsnap.agent.fsutil import write_atomic
-from domsnap.agent.progress import StepProgress
+from domsnap.agent.progress import StepProgress, ignore_progress
 from domsnap.agent.runner import Runner
 
 log = logging.getLogger(__name__)
 
 LAUNCH_TIMEOUT = 60.0
 CONSOLE_DIR = "console"
+# In a domain's folder while a paused domain is relaunched from its memory image.
+RELAUNCH = "relaunch.json"
 QUIT_TIMEOUT = 10.0
 _STATES = {
     "running": RunState.RUNNING,
@@ -149,6 +151,13 @@ class QemuDriver(Hypervisor):
                 inst = self._load(folder)
             except (OSError, ValueError, KeyError) as err:
                 log.warning("ignoring unreadable domain folder %s: %s", folder, err)
+                continue
+            if (folder / RELAUNCH).exists():
+                try:
+                    await self._finish_relaunch(inst)
+                except Exception:
+                    log.exception("domain %s: the relaunch from its memory image failed; its folder %s and "
+                                  "the image are kept", inst.config.name, folder)
                 continue
             if inst.pid() is None:
                 # Its QEMU died while no agent watched: the domain is gone,
@@ -306,7 +315,8 @@ class QemuDriver(Hypervisor):
     # ------------------------------------------------------------- snapshots
 
     async def checkpoint(
-        self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress
+        self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress,
+        step: Step = no_step,
     ) -> CheckpointResult:
         inst = self._instance(domain.name)
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):
@@ -319,24 +329,51 @@ class QemuDriver(Hypervisor):
             mode=qemu_migration.LiveMode(self._cfg.live_mode), bandwidth=self._cfg.max_bandwidth,
         )
         if domain.state is RunState.PAUSED:
-            await self._repark(inst, memory, progress)
+            await self._repark(inst, memory, progress, step)
         downtime = 0.0
         if saved.stopped_at is not None and saved.resumed_at is not None:
             downtime = max(saved.resumed_at - saved.stopped_at, 0.0)
         return CheckpointResult(saved.memory_bytes, downtime)
 
-    async def _repark(self, inst: _Instance, memory: Path, progress: StepProgress) -> None:
+    async def _repark(self, inst: _Instance, memory: Path, progress: StepProgress, step: Step) -> None:
         """Give a paused domain a fresh QEMU loaded from the image just written.
 
         After a completed save QEMU has handed its disks over (deactivated
         them) and refuses any further migration; a running domain gets them
         back with `cont`, but a paused one must stay paused, so it is
         restarted from its own memory image, which holds exactly its state.
+        Between the stop and the end of the load the domain exists only in
+        that image: the domain's folder says so (RELAUNCH), and an agent that
+        dies meanwhile relaunches it at its next start.
         """
+        write_atomic(inst.folder / RELAUNCH, json.dumps({"memory": str(memory)}))
+        step("repark")
         await self._stop_instance(inst)
+        step("relaunch")
+        await self._relaunch(inst, memory, progress)
+
+    async def _relaunch(self, inst: _Instance, memory: Path, progress: StepProgress) -> None:
         relaunched = await self._launch(inst.config, paused=True, incoming=True, machine=inst.machine,
                                         domid=inst.domid)
         await qemu_migration.load(relaunched.qmp, memory, progress=progress)
+        (inst.folder / RELAUNCH).unlink(missing_ok=True)
+
+    async def _finish_relaunch(self, inst: _Instance) -> None:
+        """A paused domain whose relaunch a dead agent left half done: a QEMU
+        still there (saved, or started but not loaded) goes, a fresh one loads the image."""
+        memory = Path(json.loads((inst.folder / RELAUNCH).read_text())["memory"])
+        if not memory.is_file() and inst.pid() is not None:
+            # Loaded, then the image went with a rolled-back snapshot: the QEMU there is the domain.
+            (inst.folder / RELAUNCH).unlink()
+            self._instances[inst.config.name] = inst
+            return
+        log.warning("domain %s was being relaunched from %s when the agent stopped; relaunching it",
+                    inst.config.name, memory)
+        if (pid := inst.pid()) is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await self._reap(pid)
+        await self._relaunch(inst, memory, ignore_progress)
 
     async def restore(
         self, config: DomainConfig, memory: Path, *, facts: Mapping[str, str], paused: bool,

@@ -24,7 +24,7 @@ from typing import Any, Final
 from domsnap.agent import runner
 from domsnap.agent.domain import Domain, DomainConfig, RunState
 from domsnap.agent.drivers import xen_feed, xen_live, xen_stream, xl_argv
-from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause
+from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause, Step, no_step
 from domsnap.agent.drivers.xen_block import XenBlockOps
 from domsnap.agent.drivers.xen_config import domain_config, with_fresh_genid
 from domsnap.agent.drivers.xl_argv import XlDomain, XlListEntry
@@ -230,7 +230,8 @@ class XenDriver(Hypervisor):
         return None
 
     async def checkpoint(
-        self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress
+        self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress,
+        step: Step = no_step,
     ) -> CheckpointResult:
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):
             raise FailedPrecondition(f"domain {domain.name} is {domain.state}; only a running or paused one "

@@ -445,7 +445,8 @@ def test_thousands_of_idle_connections_cost_one_log_line_and_keep_root_served(la
         health_within(lab.agent, 1.0)
         assert lab.agent.cli("list").returncode == 0
     finally:
-        holder.communicate("", timeout=60)
+        holder.kill()
+        holder.communicate(timeout=60)
     log = lab.agent.log.read_text()
     assert "Too many open files" not in log
     refused = [line for line in log.splitlines() if "connection(s) refused" in line]

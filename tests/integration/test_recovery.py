@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from domsnap.agent.journal import KILL_ENV
+from domsnap.agent.journal import FAIL_ENV, KILL_ENV
 from domsnap.v1 import domsnap_pb2 as pb
 from tests import guestprobe
 from tests.conftest import Guest, own_agent, start_guest
@@ -155,3 +155,111 @@ def test_delete_killed_at_every_step(fault_agent: Agent, guest_image: tuple[Path
     g.revert("keep")
     guestprobe.wait_disk_ok(g.serial, "vda", timeout=20, offset=mark)
     assert not guestprobe.mismatches(g.serial, mark)
+
+
+def restart_with(agent: Agent, fail_at: str | None) -> None:
+    if fail_at is None:
+        agent.env.pop(FAIL_ENV, None)
+    else:
+        agent.env[FAIL_ENV] = fail_at
+    agent.restart()
+
+
+def test_a_revert_failing_after_destroy_is_retried_listed_and_finished(
+        fault_agent: Agent, guest_image: tuple[Path, Path], tmp_path: Path) -> None:
+    """The domain is gone once a revert destroyed it: a failure after that is
+    retried at once; failing twice, the domain is listed with the reason, and a
+    repeated revert, or the next agent, finishes it."""
+    g = start_guest(fault_agent, guest_image, tmp_path, "qcow2", "raw")
+    c_before = g.counter()
+    g.create_snapshot(name="base")
+    c_after = g.counter()
+    g.create_snapshot(name="other")
+    try:
+        def reverted(mark: int) -> None:
+            first = guestprobe.wait_for(g.serial, counter_after_rewind, timeout=20, offset=mark,
+                                        what="the counter going back to the snapshot's")
+            assert c_before + 1 <= first <= c_after + 1
+            assert_running_and_consistent(g, mark)
+            assert not list((fault_agent.state_dir / "journal").glob("*.json")), "journal entry left behind"
+            assert not g.domain().problem
+
+        def mark_before_revert() -> int:
+            # Counters above the snapshot's after the mark: the revert shows as the counter going back.
+            mark = g.mark()
+            guestprobe.wait_counter_above(g.serial, c_after + 20, timeout=20)
+            return mark
+
+        # Fails once: the retry from the journal brings the domain back in the same call.
+        restart_with(fault_agent, "revert:restore:1")
+        mark = mark_before_revert()
+        g.revert("base")
+        reverted(mark)
+
+        # Fails twice: stranded, listed with the reason; a revert elsewhere is refused; the same one finishes it.
+        restart_with(fault_agent, "revert:restore:2")
+        mark = mark_before_revert()
+        with pytest.raises(grpc.RpcError) as err:
+            g.revert("base")
+        assert "it was tried twice; snapshot-revert" in (err.value.details() or "")
+        listed = {d.name: d for d in fault_agent.stub().ListDomains(pb.ListDomainsRequest(), timeout=30).domains}
+        assert listed[g.name].state == pb.DOMAIN_STATE_SHUTDOWN
+        assert listed[g.name].problem.startswith("the revert to base failed after the domain was destroyed: "
+                                                 "fault injection")
+        out = fault_agent.cli("list", check=True)
+        assert f"{g.name}: the revert to base failed after the domain was destroyed" in out.stdout
+        with pytest.raises(grpc.RpcError) as err:
+            g.revert("other")
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"snapshot-revert {g.name} base finishes that first" in (err.value.details() or "")
+        g.revert("base")
+        reverted(mark)
+
+        # Stranded, then the agent restarts: its recovery finishes the revert.
+        restart_with(fault_agent, "revert:restore:2")
+        mark = mark_before_revert()
+        with pytest.raises(grpc.RpcError):
+            g.revert("base")
+        assert g.domain().state == pb.DOMAIN_STATE_SHUTDOWN
+        restart_with(fault_agent, None)
+        reverted(mark)
+    finally:
+        restart_with(fault_agent, None)
+
+
+def test_a_paused_domain_killed_while_relaunched_comes_back(fault_agent: Agent, guest_image: tuple[Path, Path],
+                                                             tmp_path: Path) -> None:
+    """A snapshot of a paused domain ends with its QEMU restarted from the
+    memory image just written; killed before the old QEMU stops or before the
+    new one has loaded the image, the next agent relaunches the domain from
+    that image, paused, before it rolls the snapshot back."""
+    g = start_guest(fault_agent, guest_image, tmp_path, "qcow2")
+    xvda = g.disks["xvda"][0]
+    for step in ("repark", "relaunch"):
+        name = f"p-{step}"
+        fault_agent.cli("pause", g.name, check=True)
+        paused_at = g.counter()
+        domid = g.domain().domid
+        run_until_killed(fault_agent, f"create:{step}", pb.CreateSnapshotRequest(
+            domain=g.name, name=name, request_id=uuid.uuid4().hex))
+        d = g.domain()
+        assert (d.state, d.domid) == (pb.DOMAIN_STATE_PAUSED, domid), step
+        listed = [s.name for s in fault_agent.stub().ListSnapshots(
+            pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots]
+        assert name not in listed and name not in tags(xvda), step
+        assert not (fault_agent.snapshot_root / g.name / name).exists()
+        assert not list((fault_agent.state_dir / "journal").glob("*.json")), "journal entry left behind"
+        assert "relaunching it" in fault_agent.log.read_text()
+        # The killed agent's operation is listed by the next one, with its outcome.
+        ops = {o.snapshot: o for o in fault_agent.stub().ListOperations(pb.ListOperationsRequest(), timeout=30)
+               .operations}
+        assert ops[name].state == pb.OPERATION_STATE_FAILED
+        assert ops[name].error.message == ("the agent stopped during this operation; the agent started after it: "
+                                           "rolled back")
+        mark = g.mark()
+        fault_agent.cli("unpause", g.name, check=True)
+        # It goes on from where it was paused: its memory came back whole.
+        first = guestprobe.wait_for(g.serial, lambda lines: next(
+            (int(x[2:]) for x in lines if x.startswith("C ")), None), timeout=20, offset=mark, what="a counter")
+        assert paused_at < first <= paused_at + 2, (step, paused_at, first)
+        assert_running_and_consistent(g, mark)

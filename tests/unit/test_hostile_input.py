@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from domsnap.agent.errors import FailedPrecondition, InvalidArgument
 from domsnap.agent.fsutil import NotRegularFile, read_regular
 from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
+from domsnap.agent.op_history import History
+from domsnap.agent.operations import Operation, OpKind, OpState
 from domsnap.agent.paths import confine
 from domsnap.agent.request_ids import RequestIds
 from domsnap.agent.storage.base import DiskRecord, Method
@@ -170,3 +173,21 @@ def test_confine_refuses_a_directory_another_user_owns_or_another_group_may_writ
     with pytest.raises(InvalidArgument, match="team is writable by group 65534"):
         confine(str(root / "team" / "snap"), [root])
     assert confine(str(root / "snap"), [root]) == root / "snap"
+
+
+# ------------------------------------------------------------- history ----
+
+def test_finished_operations_are_kept_for_a_while_and_read_back(tmp_path: Path) -> None:
+    history = History(tmp_path, keep=100.0)
+    done = Operation("a1", OpKind.CREATE, "web", "s1", "r1", state=OpState.SUCCEEDED, finished_at=time.time())
+    failed = Operation("a2", OpKind.REVERT, "web", "s1", "", state=OpState.FAILED, finished_at=time.time(),
+                       error=FailedPrecondition("no"))
+    old = Operation("a3", OpKind.DELETE, "web", "s0", "", state=OpState.SUCCEEDED, finished_at=time.time() - 200)
+    for op in (done, failed, old):
+        history.record(op)
+    (tmp_path / "operations" / "junk.json").write_text("{")
+    loaded = {op.id: op for op in history.load()}
+    assert sorted(loaded) == ["a1", "a2"]
+    assert (loaded["a1"].kind, loaded["a1"].state, loaded["a1"].request_id) == (OpKind.CREATE, OpState.SUCCEEDED, "r1")
+    assert isinstance(loaded["a2"].error, FailedPrecondition) and loaded["a2"].error.message == "no"
+    assert sorted(p.name for p in (tmp_path / "operations").iterdir()) == ["a1.json", "a2.json"]

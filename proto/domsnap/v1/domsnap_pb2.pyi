@@ -254,6 +254,7 @@ class Domain(_message.Message):
     DISKS_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     BUSY_WITH_OPERATION_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     domid: _builtins.int
     """As in xl: a number the hypervisor gives the running domain."""
@@ -268,6 +269,11 @@ class Domain(_message.Message):
     """
     busy_with_operation: _builtins.str
     """The operation running on this domain, if any."""
+    problem: _builtins.str
+    """What is wrong that the agent could not set right by itself, if anything:
+    a revert that failed after it destroyed the domain (the domain is then
+    listed as shut down, domid 0, until a repeated revert finishes it).
+    """
     @_builtins.property
     def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Disk]: ...
     def __init__(
@@ -282,10 +288,11 @@ class Domain(_message.Message):
         disks: _abc.Iterable[Global___Disk] | None = ...,
         config: _builtins.str = ...,
         busy_with_operation: _builtins.str = ...,
+        problem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_with_operation", b"busy_with_operation", "config", b"config", "cpu_seconds", b"cpu_seconds", "disks", b"disks", "domid", b"domid", "memory_mib", b"memory_mib", "name", b"name", "state", b"state", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_with_operation", b"busy_with_operation", "config", b"config", "cpu_seconds", b"cpu_seconds", "disks", b"disks", "domid", b"domid", "memory_mib", b"memory_mib", "name", b"name", "problem", b"problem", "state", b"state", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

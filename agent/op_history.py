@@ -1,0 +1,77 @@
+"""What became of operations, kept across agent restarts.
+
+Each finished operation leaves `operations/<id>.json` in the state dir (its
+kind, domain, snapshot, request id, times, outcome and error); so does each
+operation a dead agent left in the journal, once the next agent has
+finished or rolled it back. A new agent lists those of its predecessors with
+their outcome; records older than `keep` seconds (30 days by default, as
+AIP-151 suggests for finished long-running operations) are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from domsnap.agent import errors
+from domsnap.agent.errors import DomsnapError, InternalError
+from domsnap.agent.fsutil import read_regular, write_atomic
+from domsnap.agent.operations import FINAL, Operation, OpKind, OpState
+
+log = logging.getLogger(__name__)
+
+MAX_RECORD = 64 << 10
+DAY = 86400.0
+
+
+def _error(name: str, message: str) -> DomsnapError:
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DomsnapError)):
+        cls = InternalError
+    return cls(message)
+
+
+class History:
+    def __init__(self, state_dir: Path, keep: float = 30 * DAY) -> None:
+        self._dir = state_dir / "operations"
+        self._keep = keep
+
+    def record(self, op: Operation) -> None:
+        """Called once an operation has finished; a failure to write is logged, never raised."""
+        data = {"id": op.id, "kind": str(op.kind), "domain": op.domain, "snapshot": op.snapshot,
+                "request_id": op.request_id, "state": str(op.state), "started_at": op.started_at,
+                "finished_at": op.finished_at, "message": op.progress.message}
+        if op.error is not None:
+            data["error"] = {"class": type(op.error).__name__, "message": op.error.message}
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomic(self._dir / f"{op.id}.json", json.dumps(data))
+        except OSError as err:
+            log.warning("operation %s: its record could not be kept: %s", op.id, err)
+
+    def load(self) -> list[Operation]:
+        """The recorded operations younger than `keep`; older records are removed."""
+        if not self._dir.is_dir():
+            return []
+        now, out = time.time(), []
+        for path in sorted(self._dir.glob("*.json")):
+            try:
+                data = json.loads(read_regular(path, MAX_RECORD))
+                op = Operation(data["id"], OpKind(data["kind"]), data["domain"], data["snapshot"],
+                               data["request_id"], state=OpState(data["state"]), started_at=data["started_at"],
+                               finished_at=data["finished_at"])
+                if op.state not in FINAL:
+                    raise ValueError(f"state {op.state} is not final")
+                if "error" in data:
+                    op.error = _error(data["error"]["class"], data["error"]["message"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.warning("operation record %s is unreadable (%s); removing it", path, err)
+                path.unlink(missing_ok=True)
+                continue
+            if now - (op.finished_at or op.started_at) > self._keep:
+                path.unlink(missing_ok=True)
+                continue
+            out.append(op)
+        return out

@@ -23,7 +23,8 @@ def write_atomic(path: Path, text: str, *, mode: int = 0o600) -> None:
     Private to root and the agent by default: the state dir holds domains'
     configs and the journal."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    # No following a symlink planted at the temporary name.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     with open(fd, "w") as f:
         f.write(text)
         f.flush()

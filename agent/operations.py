@@ -236,7 +236,8 @@ class Operations:
 
     def add_finished(self, ops: list[Operation]) -> None:
         """Operations that finished outside this agent's run (a previous agent's, or recovered), oldest first."""
-        for op in sorted(ops, key=lambda o: o.finished_at or o.started_at):
+        # Before this run's own, oldest first: the oldest are forgotten first.
+        for op in sorted(ops, key=lambda o: o.finished_at or o.started_at, reverse=True):
             self._ops[op.id] = op
             self._ops.move_to_end(op.id, last=False)
         self._forget_old()

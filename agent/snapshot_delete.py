@@ -8,13 +8,12 @@ deleted base. Children of a deleted snapshot get its parent as theirs."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from domsnap.agent import manifest
+from domsnap.agent import dirfd, manifest
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain
 from domsnap.agent.drivers.base import Hypervisor
@@ -116,7 +115,7 @@ class SnapshotDelete:
             if self._catalogue.current(m.domain) == m.name:
                 self._catalogue.set_current(m.domain, m.parent)
             self._catalogue.unregister(m.domain, m.name)
-        (snapdir / manifest.MANIFEST).unlink(missing_ok=True)
+        dirfd.unlink(snapdir / manifest.MANIFEST, snapdir)
         if registered:
             self._reparent_children(m)
         self._journal.step(journal, "disks")
@@ -125,8 +124,7 @@ class SnapshotDelete:
             active = dom is not None and dom.config.disk(rec.vdev).target == rec.image
             await self._backends.for_record(rec).delete(rec, block, active)
         self._journal.step(journal, "files")
-        with contextlib.suppress(FileNotFoundError):
-            Path(m.memory_file).unlink()
+        dirfd.unlink(Path(m.memory_file), snapdir)
         await self._remove_unused_files(m, snapdir, dom)
         if registered:
             self._ledger.forget(m.domain, m.name)
@@ -153,16 +151,18 @@ class SnapshotDelete:
 
     async def _remove_unused_files(self, m: Manifest, snapdir: Path, dom: Domain | None) -> None:
         used = await self._in_use(m, dom)
-        own = {Path(r.file) for r in m.disks if r.file}
-        candidates = set(snapdir.iterdir()) if snapdir.is_dir() else set()
-        for path in sorted(candidates | own):
+
+        def keep(path: Path) -> bool:
             if str(path) in used:
                 log.info("delete %s: keeping %s, a disk chain still reads it", m.name, path)
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        with contextlib.suppress(OSError):
-            snapdir.rmdir()
+                return True
+            return False
+
+        # Files elsewhere are only those the ledger allowed (prepare).
+        for path in sorted({Path(r.file) for r in m.disks if r.file and Path(r.file).parent != snapdir}):
+            if not keep(path):
+                path.unlink(missing_ok=True)
+        dirfd.remove_files(snapdir, keep)
 
     async def recover(self, journal: JournalEntry) -> str:
         """A delete past its point of no return is finished (it is idempotent)."""

@@ -403,6 +403,8 @@ def test_random_manifests_touch_nothing_outside_their_folder(lab: Lab) -> None:
             stub = lab.agent.stub()
             for call, request in (
                     (stub.GetSnapshot, pb.GetSnapshotRequest(domain=lab.guest.name, snapshot=str(folder))),
+                    (stub.RevertSnapshot, pb.RevertSnapshotRequest(domain=lab.guest.name, snapshot=str(folder),
+                                                                   force=True)),
                     (stub.DeleteSnapshot, pb.DeleteSnapshotRequest(domain=lab.guest.name, snapshot=str(folder)))):
                 code, message = code_and_message(call, request, timeout=60)
                 assert code in (grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from domsnap.agent import manifest
+from domsnap.agent import dirfd, manifest
 from domsnap.agent.conn_limit import ConnectionLimit
 from domsnap.agent.errors import FailedPrecondition, InvalidArgument
 from domsnap.agent.fsutil import NotRegularFile, read_regular
@@ -191,3 +191,30 @@ def test_finished_operations_are_kept_for_a_while_and_read_back(tmp_path: Path) 
     assert (loaded["a1"].kind, loaded["a1"].state, loaded["a1"].request_id) == (OpKind.CREATE, OpState.SUCCEEDED, "r1")
     assert isinstance(loaded["a2"].error, FailedPrecondition) and loaded["a2"].error.message == "no"
     assert sorted(p.name for p in (tmp_path / "operations").iterdir()) == ["a1.json", "a2.json"]
+
+
+# ---------------------------------------------------------------- dirfd ----
+
+def test_a_snapshot_folder_swapped_for_a_symlink_loses_nothing_outside(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "snapshot.json").write_text("theirs")
+    (outside / "memory.save").write_text("theirs")
+    folder = tmp_path / "snap"
+    folder.symlink_to(outside)
+    dirfd.unlink(folder / "snapshot.json", folder)
+    dirfd.remove_files(folder, lambda _p: False)
+    assert sorted(p.name for p in outside.iterdir()) == ["memory.save", "snapshot.json"]
+
+
+def test_remove_files_keeps_what_is_used_and_any_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "snap"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("memory.save", "xvda.qcow2", "snapshot.json"):
+        (folder / name).write_text("x")
+    dirfd.unlink(folder / "snapshot.json", folder)
+    dirfd.remove_files(folder, lambda p: p.name == "xvda.qcow2")
+    assert sorted(p.name for p in folder.iterdir()) == ["sub", "xvda.qcow2"]
+    (folder / "sub").rmdir()
+    dirfd.remove_files(folder, lambda _p: False)
+    assert not folder.exists()

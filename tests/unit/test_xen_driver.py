@@ -200,7 +200,7 @@ def test_destroy(tmp_path: Path) -> None:
 def test_the_xl_config_of_a_domain() -> None:
     config = pvguest_config()
     s = config.settings
-    assert (s["name"], s["type"], s["memory"], s["vcpus"]) == ("pvguest", "pv", 128, 1)
+    assert (s["name"], s["type"], s["memory"], s["vcpus"]) == ("pvguest", "pv", "128", "1")
     assert (s["kernel"], s["ramdisk"], s["extra"]) == ("/srv/domsnap/guest/vmlinuz", "/srv/domsnap/guest/initrd.img",
                                                        "console=hvc0 quiet")
     assert (s["on_reboot"], s["on_soft_reset"]) == ("restart", "soft-reset")
@@ -214,7 +214,7 @@ def test_the_xl_config_of_a_domain() -> None:
     assert DomainConfig.parse(config.to_text()) == config
 
     pvh = domain_config(parse_list_long(recorded(X + "xl-list-l-4.json"))[0]).settings
-    assert (pvh["type"], pvh["memory"], pvh["maxmem"], pvh["vcpus"]) == ("pvh", 128, 256, 2)
+    assert (pvh["type"], pvh["memory"], pvh["maxmem"], pvh["vcpus"]) == ("pvh", "128", "256", "2")
     assert (pvh["tsc_mode"], pvh["on_crash"]) == ("native", "preserve")
 
 

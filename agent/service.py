@@ -106,7 +106,7 @@ class AgentService:
     async def create_domain(self, text: str, overrides: tuple[str, ...], *, paused: bool, request_id: str = "",
                             ) -> Domain:
         async def create() -> Domain:
-            config = DomainConfig.parse(text, overrides)
+            config = DomainConfig.parse(text, overrides, xl=self.driver.xl_version)
             self.operations.check_idle(config.name)
             return await self.driver.create(config, paused=paused)
 

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from domsnap.agent.domain import DomainConfig
 from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.xldisk import (
     BACKEND_TYPES,
@@ -157,6 +158,13 @@ def test_parameters_newer_than_the_xl_are_refused_naming_the_version(spec: str) 
         parse_disk(spec)  # Debian 12's 4.17 is the default
     with pytest.raises(InvalidArgument, match=r"\(xl here is 4\.18\)"):
         parse_disk(spec, XlVersion.parse("4.18.2"))
+
+
+def test_domain_configs_follow_the_xl_given() -> None:
+    text = "name = 'g'\ndisk = ['vdev=xvda,untrusted,target=/x']\n"
+    assert DomainConfig.parse(text, xl=XEN_4_19).disks[0].flags == {"untrusted"}
+    with pytest.raises(InvalidArgument, match=r"needs Xen 4\.19"):
+        DomainConfig.parse(text)
 
 
 def test_xl_version_is_read_from_xen_version() -> None:

@@ -500,7 +500,7 @@ def get_str(cfg: Mapping[str, Value], key: str) -> str: ...
 @overload
 def get_str(cfg: Mapping[str, Value], key: str, default: _T) -> str | _T: ...
 def get_str(cfg: Mapping[str, Value], key: str, default: object = _REQUIRED) -> object:
-    """A string setting; a number reads as its decimal text, as in xl."""
+    """A string setting; a number reads as its text as written, as in xl."""
     value = cfg.get(key)
     if value is None:
         return _missing(key, default)

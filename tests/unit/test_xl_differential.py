@@ -67,8 +67,9 @@ class Deliberate:
 
 
 def _repeated(example: Mapping[str, Any]) -> str:
-    pieces = (example["piece"].format(i=i) for i in range(example["count"]))
-    return example["head"] + "".join(pieces) + example["tail"]
+    head: str = example["head"]
+    tail: str = example["tail"]
+    return head + "".join(example["piece"].format(i=i) for i in range(example["count"])) + tail
 
 
 def _deliberate() -> list[Deliberate]:

@@ -9,7 +9,7 @@ from enum import StrEnum
 from domsnap.agent import xlcfg
 from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.names import check_domain_name
-from domsnap.agent.xldisk import DiskSpec, parse_disk
+from domsnap.agent.xldisk import DEFAULT_XL, DiskSpec, XlVersion, parse_disk
 
 
 class RunState(StrEnum):
@@ -30,11 +30,14 @@ class DomainConfig:
     disks: tuple[DiskSpec, ...]
 
     @classmethod
-    def parse(cls, text: str, overrides: Sequence[str] = (), *, source: str = "<config>") -> DomainConfig:
-        return cls.from_settings(xlcfg.parse(text, overrides, source=source))
+    def parse(
+        cls, text: str, overrides: Sequence[str] = (), *, source: str = "<config>", xl: XlVersion = DEFAULT_XL
+    ) -> DomainConfig:
+        """`xl`: the version whose disk-spec grammar applies (the driver's `xl_version`)."""
+        return cls.from_settings(xlcfg.parse(text, overrides, source=source), xl)
 
     @classmethod
-    def from_settings(cls, settings: Mapping[str, xlcfg.Value]) -> DomainConfig:
+    def from_settings(cls, settings: Mapping[str, xlcfg.Value], xl: XlVersion = DEFAULT_XL) -> DomainConfig:
         name = xlcfg.get_str(settings, "name", None)
         if name is None:
             raise InvalidArgument("the domain config has no 'name'")
@@ -44,7 +47,7 @@ class DomainConfig:
             raise InvalidArgument(f"memory={memory}: expected MiB between 16 and 1048576")
         if not 1 <= vcpus <= 512:
             raise InvalidArgument(f"vcpus={vcpus}: expected 1 to 512")
-        disks = tuple(parse_disk(str(d)) for d in xlcfg.get_list(settings, "disk", []))
+        disks = tuple(parse_disk(d, xl) for d in xlcfg.get_list(settings, "disk", []))
         vdevs = [d.vdev for d in disks]
         if len(set(vdevs)) != len(vdevs):
             raise InvalidArgument(f"disk: a virtual device is named twice in {vdevs}")

@@ -123,7 +123,7 @@ class AgentService:
         return stranded.reason if stranded is not None else ""
 
     async def create_domain(self, text: str, overrides: tuple[str, ...], *, paused: bool) -> Domain:
-        config = DomainConfig.parse(text, overrides)
+        config = DomainConfig.parse(text, overrides, xl=self.driver.xl_version)
         self.operations.check_idle(config.name)
         return await self.driver.create(config, paused=paused)
 

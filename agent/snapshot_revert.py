@@ -159,7 +159,8 @@ class SnapshotRevert:
             raise FailedPrecondition(f"snapshot {m.name} was taken by the {m.driver} driver; this agent runs "
                                      f"{self._driver.name}")
         await self._driver.check_facts(m.facts)
-        snap_config = DomainConfig.parse(m.domain_config, source=f"{snapdir}/snapshot.json")
+        snap_config = DomainConfig.parse(m.domain_config, source=f"{snapdir}/snapshot.json",
+                                         xl=self._driver.xl_version)
         domain: Domain | None
         try:
             domain = await self._driver.lookup(req.domain)
@@ -232,8 +233,9 @@ class SnapshotRevert:
     async def _apply(self, journal: JournalEntry, m: Manifest, disk_progress: StepProgress,
                      restore_phase: Callable[[], StepProgress]) -> None:
         """Everything after the domain is gone: disks, memory, bookkeeping."""
-        snap_config = DomainConfig.parse(m.domain_config, source=f"{journal.data['snapdir']}/snapshot.json")
-        current = DomainConfig.parse(journal.data["current_config"], source="<journal>")
+        snap_config = DomainConfig.parse(m.domain_config, source=f"{journal.data['snapdir']}/snapshot.json",
+                                       xl=self._driver.xl_version)
+        current = DomainConfig.parse(journal.data["current_config"], source="<journal>", xl=self._driver.xl_version)
         disks = {d.vdev: d for d in snap_config.disks}
         for i, rec in enumerate(m.disks):
             self._journal.step(journal, f"disk:{rec.vdev}")
@@ -260,7 +262,7 @@ class SnapshotRevert:
             return "nothing to do"
         m = (Manifest.from_json(journal.data["manifest"], "<journal>") if "manifest" in journal.data
              else manifest.read(Path(journal.data["snapdir"])))
-        current = DomainConfig.parse(journal.data["current_config"], source="<journal>")
+        current = DomainConfig.parse(journal.data["current_config"], source="<journal>", xl=self._driver.xl_version)
         try:
             domain = await self._driver.lookup(journal.domain)
         except NotFound:

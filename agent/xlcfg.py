@@ -2,19 +2,19 @@
 
 Domain configs and snapshot cfgfiles both use it. The rule throughout: what
 `parse` accepts, xl accepts with the same meaning, so a file can go to either
-tool. Where libxlu is lax in a way that changes or hides meaning, `parse`
-refuses with a message instead:
+tool (a test holds it to Xen 4.17's libxlu on thousands of inputs). As in
+libxlu, a number keeps its text (`007`, `0x200`: see Number), a setting made
+with `+=` is never read as a number (see Appended), and lists may nest (xl
+reads `vnuma` and `vsnd` so). Where libxlu is lax in a way that changes or
+hides meaning, `parse` refuses with a message instead:
 
-- a number token that is not decimal, `0x` hex or leading-zero octal
-  (libxlu lexes `12abc` or `09` as a number and fails only when it is read);
+- a number token that is not decimal, `0x` hex or leading-zero octal, or is
+  larger than a C long (libxlu lexes `12abc` or `09` as a number and fails
+  only when it is read as one);
 - `\\x` and octal escapes in strings (libxlu rejects every `\\xHH`, and drops
   an octal escape from the string without a word);
-- nested lists (libxlu allows them for `vnuma` only; domsnap does not use it);
-- `+=` on numbers (libxlu concatenates their text, then refuses to read the
-  result as a number).
-
-It is laxer in one harmless way: a comment may end the input without a
-newline.
+- a character libxlu cannot lex as the very last one of the input (libxlu
+  ignores it, where anywhere else it is an error).
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ from typing import Final, NamedTuple, TypeAlias, TypeVar, overload
 from domsnap.agent.errors import InvalidArgument
 
 Scalar: TypeAlias = str | int
-Value: TypeAlias = Scalar | list[Scalar]
+Value: TypeAlias = Scalar | list["Value"]
+# What dump writes: values, and tuples where lists are.
+Writable: TypeAlias = Scalar | Sequence["Writable"]
 
 MAX_TEXT: Final = 1 << 20
 MAX_SETTINGS: Final = 10_000
+MAX_DEPTH: Final = 64
 COMMAND_LINE: Final = "<command line>"
 
 # libxlu's lexer: lower case only, and no leading underscore.
@@ -62,6 +65,16 @@ _ESCAPES: Final = {
 }
 # dump writes double-quoted strings, which need no escaped "'".
 _QUOTE_TABLE: Final = str.maketrans({char: "\\" + code for code, char in _ESCAPES.items() if char != "'"})
+
+
+class Number(str):
+    """An unquoted number as written (`007`, `0x200`): libxlu keeps a number's
+    text, so it reads as that string, and as an integer only through get_int."""
+
+
+class Appended(str):
+    """A string setting made or grown by `+=`: libxlu concatenates the text
+    (`x = 5` then `x += 6` is "56") and never reads such a setting as a number."""
 
 
 class XlCfgError(InvalidArgument):
@@ -116,7 +129,7 @@ _END_OF_STATEMENT: Final = frozenset({_Kind.NEWLINE, _Kind.SEMICOLON, _Kind.EOF}
 
 class _Token(NamedTuple):
     kind: _Kind
-    value: Scalar
+    value: str
     line: int
     column: int
 
@@ -137,9 +150,12 @@ def _abbreviate(text: str, limit: int = 40) -> str:
 class _Lexer:
     """Turns text into tokens on demand, so an error is reported where the parser meets it."""
 
-    def __init__(self, text: str, origin: _Origin) -> None:
+    def __init__(self, text: str, origin: _Origin, terminated: bool) -> None:
         self._text = text
         self._origin = origin
+        # Whether xl reads a newline after this text (it adds one after the
+        # file when overrides follow, and after each override).
+        self._terminated = terminated
         self._pos = 0
         self._line = 1
         self._line_start = 0
@@ -168,13 +184,13 @@ class _Lexer:
         assert match is not None
         self._pos = match.end()
 
-    def _token(self, kind: _Kind, value: Scalar, start: int) -> _Token:
+    def _token(self, kind: _Kind, value: str, start: int) -> _Token:
         return _Token(kind, value, self._line, start - self._line_start + 1)
 
     def _error(self, pos: int, reason: str) -> XlCfgError:
         return self._origin.error(self._line, pos - self._line_start + 1, reason)
 
-    def _advance(self, kind: _Kind, value: Scalar, length: int) -> _Token:
+    def _advance(self, kind: _Kind, value: str, length: int) -> _Token:
         token = self._token(kind, value, self._pos)
         self._pos += length
         return token
@@ -184,6 +200,8 @@ class _Lexer:
         # what lets comments sit between the items of a list.
         token = self._token(_Kind.NEWLINE, "", self._pos)
         end = self._text.find("\n", self._pos)
+        if end < 0 and not self._terminated:
+            raise self._error(self._pos, "a comment at the end of the input needs a newline after it (xl rejects it)")
         if end < 0:
             self._pos = len(self._text)
         else:
@@ -202,10 +220,9 @@ class _Lexer:
         text = match.group()
         if not _NUMBER_TOKEN.fullmatch(text):
             raise self._error(self._pos, _bad_number(text))
-        value = _c_integer(text)
-        if value > _LONG_MAX:
+        if _c_integer(text) > _LONG_MAX:
             raise self._error(self._pos, f"number {_abbreviate(text)} is too large (at most {_LONG_MAX})")
-        return self._advance(_Kind.NUMBER, value, len(text))
+        return self._advance(_Kind.NUMBER, Number(text), len(text))
 
     def _string(self) -> _Token:
         start = self._pos
@@ -283,18 +300,18 @@ class _Settings:
         self.values[key] = value
         self._pieces.pop(key, None)
 
-    def append(self, key: str, value: str | list[Scalar]) -> None:
+    def append(self, key: str, value: Value) -> None:
         old = self.values.get(key)
         if isinstance(old, list) and isinstance(value, list):
             old.extend(value)
         elif isinstance(old, str) and isinstance(value, str):
             self._pieces.setdefault(key, [old]).append(value)
         else:
-            self.assign(key, value)
+            self.assign(key, Appended(value) if isinstance(value, str) else value)
 
     def result(self) -> dict[str, Value]:
         for key, pieces in self._pieces.items():
-            self.values[key] = "".join(pieces)
+            self.values[key] = Appended("".join(pieces))
         self._pieces.clear()
         return self.values
 
@@ -302,8 +319,8 @@ class _Settings:
 class _Parser:
     """Recursive descent over libxlu's grammar, stopping at the first error."""
 
-    def __init__(self, text: str, origin: _Origin, settings: _Settings) -> None:
-        self._lexer = _Lexer(text, origin)
+    def __init__(self, text: str, origin: _Origin, settings: _Settings, *, terminated: bool) -> None:
+        self._lexer = _Lexer(text, origin, terminated)
         self._origin = origin
         self._settings = settings
 
@@ -352,27 +369,29 @@ class _Parser:
         if token.kind in (_Kind.STRING, _Kind.NUMBER):
             return token.value
         if token.kind is _Kind.OPEN:
-            return self._list(token)
+            return self._list(token, 1)
         raise self._error(token, f"expected a value after {operator.value!r}{_found_instead(token)}")
 
-    def _list(self, opening: _Token) -> list[Scalar]:
-        items: list[Scalar] = []
+    def _list(self, opening: _Token, depth: int) -> list[Value]:
+        if depth > MAX_DEPTH:
+            raise self._error(opening, f"lists nested too deeply (the limit is {MAX_DEPTH})")
+        items: list[Value] = []
         while True:
             token = self._skip_newlines()
             if token.kind is _Kind.CLOSE:
                 return items
-            items.append(self._item(token, opening))
+            items.append(self._item(token, opening, depth))
             token = self._skip_newlines()
             if token.kind is _Kind.CLOSE:
                 return items
             if token.kind is not _Kind.COMMA:
                 raise self._list_error(token, opening, "expected ',' or ']' in the list")
 
-    def _item(self, token: _Token, opening: _Token) -> Scalar:
+    def _item(self, token: _Token, opening: _Token, depth: int) -> Value:
         if token.kind in (_Kind.STRING, _Kind.NUMBER):
             return token.value
         if token.kind is _Kind.OPEN:
-            raise self._error(token, "nested lists are not supported")
+            return self._list(token, depth + 1)
         raise self._list_error(token, opening, "expected a value or ']' in the list")
 
     def _list_error(self, token: _Token, opening: _Token, reason: str) -> XlCfgError:
@@ -387,8 +406,6 @@ class _Parser:
 
     def _append(self, key: str, value: Value, token: _Token) -> None:
         old = self._settings.values.get(key)
-        if isinstance(value, int) or isinstance(old, int):
-            raise self._error(token, f"'+=' cannot be used with numbers ({key!r})")
         if old is not None and isinstance(old, list) != isinstance(value, list):
             raise self._error(token, f"'+=' cannot add a {_kind_of(value)} to the {_kind_of(old)} {key!r}")
         self._settings.append(key, value)
@@ -409,7 +426,8 @@ def parse(text: str, overrides: Sequence[str] = (), *, source: str = "<config>")
 
     An override is parsed like a line of the file (so `name=x` is an error:
     strings must be quoted) and must hold at least one setting. Later settings
-    replace earlier ones; `+=` extends a list or a string.
+    replace earlier ones; `+=` extends a list or a string (a number's text
+    counts as a string, as in xl).
     """
     if isinstance(overrides, str):
         raise TypeError("overrides must be a sequence of KEY=VALUE strings, not one string")
@@ -417,22 +435,26 @@ def parse(text: str, overrides: Sequence[str] = (), *, source: str = "<config>")
     if size > MAX_TEXT:
         raise XlCfgError(source, 1, 1, f"config too large ({size} characters; the limit is {MAX_TEXT})")
     settings = _Settings()
-    _Parser(text, _Origin(source), settings).file()
+    _Parser(text, _Origin(source), settings, terminated=bool(overrides)).file()
     for index, override in enumerate(overrides):
         origin = _Origin(COMMAND_LINE, index)
-        if _Parser(override, origin, settings).file() == 0:
+        if _Parser(override, origin, settings, terminated=True).file() == 0:
             raise origin.error(1, 1, f"expected KEY=VALUE, found {_abbreviate(override)!r}")
     return settings.result()
 
 
-def dump(cfg: Mapping[str, Scalar | Sequence[Scalar]]) -> str:
+def dump(cfg: Mapping[str, Writable]) -> str:
     """Writes canonical xl.cfg text: one `key = value` line per setting, in order.
 
-    `parse(dump(cfg)) == cfg` for every cfg that `parse` returns. Values xl.cfg
-    cannot express (negative numbers, NUL characters, bools, nesting) raise
-    InvalidArgument rather than being written as something else.
+    `parse(dump(cfg)) == cfg` for every cfg that `parse` returns, and xl reads
+    both the same: a Number is written as its text, an Appended string with
+    `+=`. Values xl.cfg cannot express (negative numbers, NUL characters,
+    bools) raise InvalidArgument rather than being written as something else.
     """
-    return "".join(f"{_dump_key(key)} = {_dump_value(key, value)}\n" for key, value in cfg.items())
+    return "".join(
+        f"{_dump_key(key)} {'+=' if isinstance(value, Appended) else '='} {_dump_value(key, value)}\n"
+        for key, value in cfg.items()
+    )
 
 
 def _dump_key(key: str) -> str:
@@ -441,13 +463,11 @@ def _dump_key(key: str) -> str:
     return key
 
 
-def _dump_value(key: str, value: Scalar | Sequence[Scalar]) -> str:
+def _dump_value(key: str, value: object) -> str:
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_dump_scalar(key, item) for item in value) + "]"
-    return _dump_scalar(key, value)
-
-
-def _dump_scalar(key: str, value: object) -> str:
+        return "[" + ", ".join(_dump_value(key, item) for item in value) + "]"
+    if isinstance(value, Number) and _NUMBER_TOKEN.fullmatch(value) and _c_integer(value) <= _LONG_MAX:
+        return str(value)
     if isinstance(value, str):
         if "\0" in value:
             raise InvalidArgument(f"cannot write {key!r}: xl.cfg strings cannot hold NUL characters")
@@ -480,7 +500,7 @@ def get_str(cfg: Mapping[str, Value], key: str) -> str: ...
 @overload
 def get_str(cfg: Mapping[str, Value], key: str, default: _T) -> str | _T: ...
 def get_str(cfg: Mapping[str, Value], key: str, default: object = _REQUIRED) -> object:
-    """A string setting; a number reads as its decimal text, as in xl."""
+    """A string setting; a number reads as its text as written, as in xl."""
     value = cfg.get(key)
     if value is None:
         return _missing(key, default)
@@ -494,12 +514,15 @@ def get_int(cfg: Mapping[str, Value], key: str) -> int: ...
 @overload
 def get_int(cfg: Mapping[str, Value], key: str, default: _T) -> int | _T: ...
 def get_int(cfg: Mapping[str, Value], key: str, default: object = _REQUIRED) -> object:
-    """An integer setting; like xl, a string such as "512" or "0x200" counts too."""
+    """An integer setting; like xl, a string such as "512" or "0x200" counts
+    too, and a setting made with `+=` does not."""
     value = cfg.get(key)
     if value is None:
         return _missing(key, default)
     if isinstance(value, int):
         return value
+    if isinstance(value, Appended):
+        raise InvalidArgument(f"setting {key!r} was made with '+=', which xl never reads as a number")
     number = _c_long(value) if isinstance(value, str) else None
     if number is None:
         shown = "a list" if isinstance(value, list) else repr(_abbreviate(value))
@@ -512,12 +535,15 @@ def get_list(cfg: Mapping[str, Value], key: str) -> list[str]: ...
 @overload
 def get_list(cfg: Mapping[str, Value], key: str, default: _T) -> list[str] | _T: ...
 def get_list(cfg: Mapping[str, Value], key: str, default: object = _REQUIRED) -> object:
-    """A list setting as strings (numbers as decimal text), which is how xl reads items."""
+    """A list setting as strings (numbers as their text), which is how xl reads items."""
     value = cfg.get(key)
     if value is None:
         return _missing(key, default)
     if not isinstance(value, list):
         raise InvalidArgument(f"setting {key!r} must be a list, not {_abbreviate(str(value))!r}")
+    if any(isinstance(item, list) for item in value):
+        # xl's own loops stop at a nested item without a word.
+        raise InvalidArgument(f"setting {key!r} must be a list of strings, not of lists")
     return [str(item) for item in value]
 
 

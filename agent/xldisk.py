@@ -5,6 +5,12 @@ positional ones filling target, format, vdev, access in that order
 (`/srv/a.qcow2,qcow2,xvda,w`). `target=` swallows the rest of the spec,
 commas included, so it comes last. The deprecated xend forms (`phy:/dev/x`,
 `,hdc:cdrom,r`) are read too, because real configs still use them.
+
+The grammar is that of the xl the agent faces (XlVersion; Debian 12's 4.17
+unless told otherwise): parameters a later xl added are refused there with
+the version that has them, rather than read as 4.17's lexer would (as a
+positional value: `vdev=hdc,cdrom,trusted` is a cdrom backed by a file
+named `trusted` in 4.17).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final
+from typing import Final, NamedTuple
 
 from domsnap.agent.errors import InvalidArgument
 
@@ -22,6 +28,33 @@ ACCESS_MODES: Final = frozenset({"ro", "rw"})
 DEVTYPES: Final = frozenset({"cdrom", "disk"})
 BACKEND_TYPES: Final = frozenset({"phy", "qdisk", "tap", "standalone"})
 MAX_SPEC: Final = 8192
+
+
+class XlVersion(NamedTuple):
+    """The version of xl (libxlu) whose disk-spec grammar applies."""
+
+    major: int
+    minor: int
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+    @classmethod
+    def parse(cls, text: str) -> XlVersion:
+        """From a version string such as "4.17.5" (`xl info`'s xen_version)."""
+        match = re.match(r"(\d+)\.(\d+)", text)
+        if match is None:
+            raise InvalidArgument(f"cannot read a Xen version from {text!r}")
+        return cls(int(match[1]), int(match[2]))
+
+
+# Debian 12's xl, and the grammar of the qemu driver's configs.
+DEFAULT_XL: Final = XlVersion(4, 17)
+# Parameters libxlu reads only from a later Xen on: its 4.17 and 4.18 lexers
+# were never regenerated from the rules that name `trusted`.
+SINCE: Final[Mapping[str, XlVersion]] = MappingProxyType(
+    {"trusted": XlVersion(4, 19), "untrusted": XlVersion(4, 19), "grant_usage": XlVersion(4, 19)}
+)
 
 # Parameters a DiskSpec keeps in `extra`, with the values xl allows (None: any
 # string, except that colo-port must be a port number).
@@ -37,6 +70,10 @@ EXTRA_PARAMETERS: Final[Mapping[str, frozenset[str] | None]] = MappingProxyType(
         "hidden-disk": None,
     }
 )
+# Parameters libxlu sets once: a second one is "respecified" even when equal,
+# unless the first was empty. `specification` may be repeated, not changed;
+# for colo-port and grant_usage the last one wins.
+_SET_ONCE: Final = frozenset({"backend", "colo-host", "colo-export", "active-disk", "hidden-disk"})
 # Each flag with the one that undoes it: the later of the two wins.
 FLAGS: Final[Mapping[str, str | None]] = MappingProxyType(
     {
@@ -275,10 +312,10 @@ class _Draft:
         )
 
 
-def parse_disk(spec: str) -> DiskSpec:
-    """Parses one disk spec, e.g. '/srv/a.qcow2,qcow2,xvda,w' or 'vdev=xvdb, target=/dev/vg/b'."""
+def parse_disk(spec: str, xl: XlVersion = DEFAULT_XL) -> DiskSpec:
+    """Parses one disk spec as that xl would, e.g. '/srv/a.qcow2,qcow2,xvda,w' or 'vdev=xvdb, target=/dev/vg/b'."""
     try:
-        return _parse(spec)
+        return _parse(spec, xl)
     except InvalidArgument as err:
         raise InvalidArgument(f"invalid disk spec {_shorten(spec)!r}: {err.message}") from err
 
@@ -287,7 +324,7 @@ def _shorten(spec: str) -> str:
     return spec if len(spec) <= 200 else spec[:197] + "..."
 
 
-def _parse(spec: str) -> DiskSpec:
+def _parse(spec: str, xl: XlVersion) -> DiskSpec:
     if len(spec) > MAX_SPEC:
         raise InvalidArgument(f"too long ({len(spec)} characters; the limit is {MAX_SPEC})")
     if "\n" in spec or "\0" in spec:
@@ -295,7 +332,7 @@ def _parse(spec: str) -> DiskSpec:
     draft = _Draft()
     pos = 0
     while (pos := _skip_blanks(spec, pos)) < len(spec):
-        pos = _parameter(draft, spec, pos)
+        pos = _parameter(draft, spec, pos, xl)
     return draft.finish()
 
 
@@ -305,7 +342,7 @@ def _skip_blanks(spec: str, pos: int) -> int:
     return pos
 
 
-def _parameter(draft: _Draft, spec: str, pos: int) -> int:
+def _parameter(draft: _Draft, spec: str, pos: int, xl: XlVersion) -> int:
     """Applies the parameter at pos; returns where the next one starts."""
     if spec.startswith("target=", pos):
         draft.set_string("target", spec[pos + 7 :].removesuffix(","))
@@ -318,6 +355,7 @@ def _parameter(draft: _Draft, spec: str, pos: int) -> int:
     end = len(spec) if end < 0 else end
     text = spec[pos:end]
     keyed = _KEYED.match(text)
+    _check_known(keyed[1] if keyed else text, xl)
     if keyed:
         _keyed(draft, keyed[1], text[keyed.end() :])
     elif "=" in text:
@@ -327,6 +365,12 @@ def _parameter(draft: _Draft, spec: str, pos: int) -> int:
     else:
         _positional(draft, text)
     return end + 1
+
+
+def _check_known(name: str, xl: XlVersion) -> None:
+    since = SINCE.get(name)
+    if since is not None and xl < since:
+        raise InvalidArgument(f"'{name}' needs Xen {since} or later (xl here is {xl})")
 
 
 def _prefix(draft: _Draft, name: str) -> None:
@@ -357,11 +401,9 @@ def _keyed(draft: _Draft, name: str, value: str) -> None:
 
 
 def _extra(draft: _Draft, name: str, value: str) -> None:
-    # One rule for all of these, where libxlu varies between them: a value may
-    # be repeated or may replace an empty one, but not change.
     _check_extra(name, value)
     previous = draft.extra.get(name)
-    if previous and previous != value:
+    if previous and (name in _SET_ONCE or (name == "specification" and previous != value)):
         raise InvalidArgument(f"{name} respecified")
     draft.extra[name] = value
 

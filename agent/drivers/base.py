@@ -11,6 +11,7 @@ from typing import ClassVar
 from domsnap.agent.domain import Domain, DomainConfig
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.storage.base import BlockOps
+from domsnap.agent.xldisk import DEFAULT_XL, XlVersion
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class Hypervisor(ABC):
     @abstractmethod
     async def probe(self) -> str:
         """Check the hypervisor answers; returns its version ("QEMU 7.2.22")."""
+
+    @property
+    def xl_version(self) -> XlVersion:
+        """The xl whose grammar domain configs follow: Debian 12's unless the driver faces another."""
+        return DEFAULT_XL
 
     @abstractmethod
     async def start(self) -> None:

@@ -40,6 +40,7 @@ from domsnap.agent.errors import (
 from domsnap.agent.fsutil import fsync_path, write_atomic
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.runner import CommandResult, Runner
+from domsnap.agent.xldisk import XlVersion
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,12 @@ class XenDriver(Hypervisor):
         out = await self._xl(xl_argv.info(xl=self._xl_bin), timeout=QUERY_TIMEOUT)
         self._info = xl_argv.parse_info(out.stdout)
         return f"Xen {self._info.get('xen_version', 'unknown')}"
+
+    @property
+    def xl_version(self) -> XlVersion:
+        # xl comes with the hypervisor `xl info` names (probe reads it first).
+        version = self._info.get("xen_version")
+        return XlVersion.parse(version) if version else super().xl_version
 
     async def start(self) -> None:
         # Domains live in Xen, not in the agent: nothing to re-attach. A sink

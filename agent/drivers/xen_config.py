@@ -91,12 +91,13 @@ def domain_config(dom: XlDomain) -> DomainConfig:
     settings: dict[str, xlcfg.Value] = {"name": dom.name, "type": dom.type}
     if dom.uuid:
         settings["uuid"] = dom.uuid
-    settings["memory"] = dom.memory_mib
+    # Numbers as xl.cfg text, which is how xl (and xlcfg.parse) reads them back.
+    settings["memory"] = xlcfg.Number(dom.memory_mib)
     if dom.max_memory_mib > dom.memory_mib:
-        settings["maxmem"] = dom.max_memory_mib
-    settings["vcpus"] = dom.vcpus
+        settings["maxmem"] = xlcfg.Number(dom.max_memory_mib)
+    settings["vcpus"] = xlcfg.Number(dom.vcpus)
     if dom.max_vcpus > dom.vcpus:
-        settings["maxvcpus"] = dom.max_vcpus
+        settings["maxvcpus"] = xlcfg.Number(dom.max_vcpus)
     for key, setting in (("kernel", "kernel"), ("ramdisk", "ramdisk"), ("cmdline", "extra"),
                          ("bootloader", "bootloader")):
         if value := _build_value(b_info, dom.type, key):

@@ -280,7 +280,7 @@ def test_cfg_page_documents_every_snapshot_cfgfile_key() -> None:
     for key in known.group(1).split(", "):
         _entry(keys, key)
     # The example parses, and means what it says.
-    cfg = _example(section).split("\n\n")[0]
+    cfg = _example(section).split("\n\n")[0] + "\n"  # a file ends with a newline (xl needs one after a comment)
     req = parse_request("web", name="", live=False, method=None, path="", description="", cfg_text=cfg, overrides=())
     assert req.name == "nightly" and set(req.disk_choices) == {"xvda", "xvdb"}
 

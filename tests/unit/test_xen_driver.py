@@ -14,14 +14,18 @@ from typing import Any
 
 import pytest
 
+from domsnap.agent.config import load
 from domsnap.agent.domain import Domain, DomainConfig, RunState
 from domsnap.agent.drivers import xen
 from domsnap.agent.drivers.xen import XenDriver
 from domsnap.agent.drivers.xen_block import XenBlockOps
 from domsnap.agent.drivers.xen_config import domain_config
 from domsnap.agent.drivers.xl_argv import parse_list_long
-from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InternalError, NotFound
+from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InternalError, InvalidArgument, NotFound
+from domsnap.agent.service import AgentService
+from domsnap.agent.storage import Backends
 from domsnap.agent.storage.base import BlockOps
+from domsnap.agent.xldisk import DEFAULT_XL, XlVersion
 from tests.unit.xen_fakes import FakeQmp, FakeRunner, Reply, recorded, save_stream
 
 X = "xen-4.17/"
@@ -75,13 +79,18 @@ def test_probe_and_capabilities(tmp_path: Path) -> None:
     async def main() -> None:
         run = FakeRunner([]).expect(["xl", "info"], Reply(recorded(X + "xl-info.txt")))
         d = driver(tmp_path, run)
+        assert d.xl_version == DEFAULT_XL  # before xl info answers
         assert await d.probe() == "Xen 4.17.7"
+        assert d.xl_version == XlVersion(4, 17)  # the disk-spec grammar of the host's xl
         caps = d.capabilities()
         # Stock Debian Xen has no shadow paging: no live snapshots of PV guests.
         assert "live:pv" not in caps and "live:pvh" in caps and "live:hvm" in caps and "live" in caps
-        run.expect(["xl", "info"], Reply(recorded(X + "xl-info-shadow.txt")))
+        newer = recorded(X + "xl-info-shadow.txt").replace("xen_version            : 4.17.7", "xen_version : 4.19.1")
+        assert "4.19.1" in newer
+        run.expect(["xl", "info"], Reply(newer))
         await d.probe()
         assert "live:pv" in d.capabilities()
+        assert d.xl_version == XlVersion(4, 19)
         run.finished()
 
     run_async(main)
@@ -200,7 +209,7 @@ def test_destroy(tmp_path: Path) -> None:
 def test_the_xl_config_of_a_domain() -> None:
     config = pvguest_config()
     s = config.settings
-    assert (s["name"], s["type"], s["memory"], s["vcpus"]) == ("pvguest", "pv", 128, 1)
+    assert (s["name"], s["type"], s["memory"], s["vcpus"]) == ("pvguest", "pv", "128", "1")
     assert (s["kernel"], s["ramdisk"], s["extra"]) == ("/srv/domsnap/guest/vmlinuz", "/srv/domsnap/guest/initrd.img",
                                                        "console=hvc0 quiet")
     assert (s["on_reboot"], s["on_soft_reset"]) == ("restart", "soft-reset")
@@ -214,7 +223,7 @@ def test_the_xl_config_of_a_domain() -> None:
     assert DomainConfig.parse(config.to_text()) == config
 
     pvh = domain_config(parse_list_long(recorded(X + "xl-list-l-4.json"))[0]).settings
-    assert (pvh["type"], pvh["memory"], pvh["maxmem"], pvh["vcpus"]) == ("pvh", 128, 256, 2)
+    assert (pvh["type"], pvh["memory"], pvh["maxmem"], pvh["vcpus"]) == ("pvh", "128", "256", "2")
     assert (pvh["tsc_mode"], pvh["on_crash"]) == ("native", "preserve")
 
 
@@ -647,6 +656,36 @@ def test_a_cancel_before_the_sink_connects_still_lets_xl_finish(tmp_path: Path) 
         # The sink was told to go as soon as it connected, and xl ran to its end (never killed).
         assert run.events[-1] == "sink: release"
         assert not in_pause.calls
+        run.finished()
+
+    run_async(main)
+
+
+@pytest.mark.parametrize(("xen_version", "refused"), [("4.17.7", True), ("4.19.1", False)])
+def test_domain_configs_are_read_with_the_hosts_xl(tmp_path: Path, xen_version: str, refused: bool) -> None:
+    """`untrusted` is a Xen 4.19 disk parameter: the agent reads a config as the host's xl does."""
+    info = recorded(X + "xl-info.txt").replace("xen_version            : 4.17.7", f"xen_version : {xen_version}")
+    text = "name = 'g'\ndisk = ['vdev=xvda,untrusted,target=/x']\n"
+
+    async def main() -> None:
+        run = FakeRunner([]).expect(["xl", "info"], Reply(info))
+        d = driver(tmp_path, run)
+        await d.probe()
+        created: list[DomainConfig] = []
+
+        async def create(config: DomainConfig, *, paused: bool) -> Domain:
+            created.append(config)
+            return Domain(1, config, RunState.PAUSED)
+
+        d.create = create  # type: ignore[method-assign]
+        config = load(None, state_dir=tmp_path / "state", snapshot_root=tmp_path / "snapshots")
+        service = AgentService(config, d, Backends(run=run))
+        if refused:
+            with pytest.raises(InvalidArgument, match=r"'untrusted' needs Xen 4\.19 or later \(xl here is 4\.17\)"):
+                await service.create_domain(text, (), paused=True)
+        else:
+            await service.create_domain(text, (), paused=True)
+            assert created[0].disks[0].flags == {"untrusted"}
         run.finished()
 
     run_async(main)

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from domsnap.agent.domain import DomainConfig
 from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.xldisk import (
     BACKEND_TYPES,
@@ -14,6 +15,7 @@ from domsnap.agent.xldisk import (
     FORMATS,
     MAX_SPEC,
     DiskSpec,
+    XlVersion,
     parse_disk,
     valid_vdev,
 )
@@ -114,27 +116,61 @@ EQUIVALENT = [
             target="/srv/x.img",
             vdev="xvdc",
             backendtype="qdisk",
-            extra={"backend": "driver-dom", "specification": "xen", "grant_usage": "0"},
-            flags=frozenset({"no-discard", "direct-io-safe", "untrusted"}),
+            extra={"backend": "driver-dom", "specification": "xen"},
+            flags=frozenset({"no-discard", "direct-io-safe"}),
         ),
         [
             "/srv/x.img,raw,xvdc,w,backendtype=qdisk,backend=driver-dom,specification=xen,"
-            "discard,no-discard,direct-io-safe,trusted,untrusted,grant_usage=0",
-            "backend=driver-dom,grant_usage=0,untrusted,no-discard,direct-io-safe,specification=xen,"
-            "backendtype=qdisk,format=raw,vdev=xvdc,backend=driver-dom,target=/srv/x.img",
+            "discard,no-discard,direct-io-safe",
+            "backend=driver-dom,no-discard,direct-io-safe,specification=xen,specification=xen,"
+            "backendtype=qdisk,format=raw,vdev=xvdc,target=/srv/x.img",
+            "backend=,backend=driver-dom,/srv/x.img,,xvdc,direct-io-safe,no-discard,backendtype=qdisk,specification=xen",
         ],
     ),
+]
+# Xen 4.19's parameters, which 4.17's xl does not have.
+XEN_4_19 = XlVersion(4, 19)
+NEWER = DiskSpec(
+    target="/srv/x.img", vdev="xvdc", extra={"grant_usage": "0"}, flags=frozenset({"direct-io-safe", "untrusted"})
+)
+NEWER_SPECS = [
+    "/srv/x.img,raw,xvdc,w,direct-io-safe,trusted,untrusted,grant_usage=0",
+    "grant_usage=0,untrusted,direct-io-safe,format=raw,vdev=xvdc,target=/srv/x.img",
 ]
 
 
 @pytest.mark.parametrize(("expected", "spec"), [(disk, spec) for disk, specs in EQUIVALENT for spec in specs])
 def test_parse(expected: DiskSpec, spec: str) -> None:
     assert parse_disk(spec) == expected
+    assert parse_disk(spec, XEN_4_19) == expected
 
 
 @pytest.mark.parametrize("disk", [disk for disk, _ in EQUIVALENT])
 def test_to_spec_round_trips(disk: DiskSpec) -> None:
     assert parse_disk(disk.to_spec()) == disk
+
+
+@pytest.mark.parametrize("spec", NEWER_SPECS)
+def test_parameters_newer_than_the_xl_are_refused_naming_the_version(spec: str) -> None:
+    assert parse_disk(spec, XEN_4_19) == NEWER
+    assert parse_disk(NEWER.to_spec(), XEN_4_19) == NEWER
+    with pytest.raises(InvalidArgument, match=r"needs Xen 4\.19 or later \(xl here is 4\.17\)"):
+        parse_disk(spec)  # Debian 12's 4.17 is the default
+    with pytest.raises(InvalidArgument, match=r"\(xl here is 4\.18\)"):
+        parse_disk(spec, XlVersion.parse("4.18.2"))
+
+
+def test_domain_configs_follow_the_xl_given() -> None:
+    text = "name = 'g'\ndisk = ['vdev=xvda,untrusted,target=/x']\n"
+    assert DomainConfig.parse(text, xl=XEN_4_19).disks[0].flags == {"untrusted"}
+    with pytest.raises(InvalidArgument, match=r"needs Xen 4\.19"):
+        DomainConfig.parse(text)
+
+
+def test_xl_version_is_read_from_xen_version() -> None:
+    assert XlVersion.parse("4.17.7") == (4, 17) and str(XlVersion.parse("4.20-rc")) == "4.20"
+    with pytest.raises(InvalidArgument, match="cannot read a Xen version"):
+        XlVersion.parse("unknown")
 
 
 def test_to_spec_is_keyed_with_the_target_last() -> None:
@@ -173,9 +209,14 @@ ERRORS = [
     ("/a,,xvda,backendtype=nfs", "unknown backendtype 'nfs'"),
     ("/a,,xvda,devtype=floppy", "unknown devtype 'floppy'"),
     ("/a,,xvda,specification=scsi", "unknown specification 'scsi'"),
-    ("/a,,xvda,grant_usage=2", "unknown grant_usage '2'"),
+    ("/a,,xvda,grant_usage=0", "'grant_usage' needs Xen 4.19 or later"),
+    ("vdev=hdc,cdrom,trusted", "'trusted' needs Xen 4.19 or later"),
     ("/a,,xvda,colo-port=http", "colo-port 'http' is not a port number"),
     ("/a,,xvda,backend=d1,backend=d2", "backend respecified"),
+    ("/a,,xvda,backend=d1,backend=d1", "backend respecified"),  # libxlu: even when equal
+    ("/a,,xvda,colo-host=h,colo-host=h", "colo-host respecified"),
+    ("/a,,xvda,active-disk=/x,active-disk=/x", "active-disk respecified"),
+    ("/a,,xvda,specification=xen,specification=virtio", "specification respecified"),
     ("iscsi:x,xvda,script=block-nbd", "script respecified"),
     ("/a,raw,xvda\n", "newline"),
     ("/a\0,raw,xvda", "NUL"),
@@ -320,7 +361,7 @@ def disks(draw: st.DrawFn) -> DiskSpec:
 @settings(max_examples=300)
 @given(disks())
 def test_any_diskspec_round_trips(disk: DiskSpec) -> None:
-    assert parse_disk(disk.to_spec()) == disk
+    assert parse_disk(disk.to_spec(), XEN_4_19) == disk
 
 
 # Text made of disk-spec pieces reaches deeper than st.text().

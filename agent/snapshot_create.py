@@ -130,7 +130,7 @@ class SnapshotCreate:
             step("mkdir")
             plan.snapdir.parent.mkdir(parents=True, exist_ok=True)
             plan.snapdir.mkdir(mode=0o700)
-            copies = sum(Path(r.image).stat().st_size for r in plan.records if r.backend == "raw")
+            copies = sum(self._backends.for_record(r).copy_bytes(r) for r in plan.records)
             sinks = op.parts(95, {"memory": domain.config.memory_mib * MiB, "disks": copies + MiB})
             mem_progress, disk_progress = sinks["memory"], sinks["disks"]
 
@@ -255,7 +255,7 @@ class SnapshotCreate:
         """Enough room on each filesystem a new file goes to (the memory image
         may need up to the guest's RAM; a copy, the image's allocated bytes)."""
         needs = [(memory, domain.config.memory_mib * MiB)]
-        needs += [(Path(r.file), Path(r.image).stat().st_blocks * 512) for r in records if r.backend == "raw"]
+        needs += [(Path(r.file), self._backends.for_record(r).copy_bytes(r)) for r in records]
         need: Counter[int] = Counter()
         place: dict[int, Path] = {}
         for path, size in needs:

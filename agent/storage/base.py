@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -91,6 +92,25 @@ class DiskBackend(ABC):
     async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
         """Remove what `take` made, leaving the disk as it was before it; idempotent."""
 
+    def copy_bytes(self, record: DiskRecord) -> int:
+        """Bytes a snapshot of `record` copies into `record.file`, whose
+        filesystem must have room for them; 0 when it copies nothing (a tag,
+        an overlay)."""
+        return 0
+
+    def copies(self, record: DiskRecord) -> list[Path]:
+        """The files of a taken snapshot that hold a copy of the disk's data."""
+        return []
+
+    def overlays(self, record: DiskRecord) -> list[Path]:
+        """The files a snapshot of `record` made for the domain to run on
+        (external overlays and children): throwaway once a revert leaves them."""
+        return []
+
+    def is_revert_layer(self, path: Path, vdev: str) -> bool:
+        """Whether `path` is a layer a revert of `vdev` made (throwaway in turn)."""
+        return False
+
     async def chain(self, image: str) -> list[str]:
         """The files `image` reads through (itself first); formats without
         backing files have only themselves."""
@@ -109,3 +129,17 @@ class DiskBackend(ABC):
     @abstractmethod
     async def revert(self, record: DiskRecord, current: DiskSpec, progress: StepProgress) -> DiskSpec:
         """Bring the (offline) disk back to the record's content; returns the disk to use now."""
+
+
+def fresh_revert_layer(first: Path) -> Path:
+    """The layer a revert puts under a domain, beside the snapshot's own
+    (xvda.qcow2 -> xvda.r1.qcow2, xvda.r2.qcow2, ...): the first name not taken."""
+    n = 1
+    while (candidate := first.with_name(f"{first.stem}.r{n}{first.suffix}")).exists():
+        n += 1
+    return candidate
+
+
+def named_as_revert_layer(path: Path, vdev: str, suffix: str) -> bool:
+    """Whether `path` is named as `fresh_revert_layer` names the layers of `vdev`."""
+    return re.fullmatch(rf"{re.escape(vdev)}\.r\d+{re.escape(suffix)}", path.name) is not None

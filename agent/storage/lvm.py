@@ -135,6 +135,13 @@ class LvmBackend(DiskBackend):
             raise AlreadyExists(f"disk {disk.vdev}: volume group {lv.vg} already has an LV named {snap!r}")
         return DiskRecord(disk.vdev, disk.format, self.name, method, lv.path, tag=snap)
 
+    def copy_bytes(self, record: DiskRecord) -> int:
+        # The whole volume is read; zero blocks are left as holes, an upper bound.
+        return blockcopy.device_size(Path(record.image)) if record.method is Method.EXTERNAL else 0
+
+    def copies(self, record: DiskRecord) -> list[Path]:
+        return [Path(record.file)] if record.method is Method.EXTERNAL else []
+
     async def take(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
         if record.method is Method.EXTERNAL:
             await _copy(blockcopy.device_to_file, Path(record.image), Path(record.file), record.vdev, progress)

@@ -11,7 +11,14 @@ from domsnap.agent.errors import AlreadyExists, FailedPrecondition, NotFound
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.runner import Runner
 from domsnap.agent.storage import qemu_img
-from domsnap.agent.storage.base import BlockOps, DiskBackend, DiskRecord, Method
+from domsnap.agent.storage.base import (
+    BlockOps,
+    DiskBackend,
+    DiskRecord,
+    Method,
+    fresh_revert_layer,
+    named_as_revert_layer,
+)
 from domsnap.agent.xldisk import DiskSpec
 
 TIMEOUT = 120.0
@@ -81,10 +88,16 @@ class Qcow2Backend(DiskBackend):
             return current
         # A fresh overlay over the frozen image: the overlays of later
         # snapshots (which may have this image below them) stay untouched.
-        fresh = _fresh_overlay_path(Path(record.file))
+        fresh = fresh_revert_layer(Path(record.file))
         await self._run(qemu_img.create_overlay(self._img, fresh, record.image, record.format), timeout=TIMEOUT)
         progress(1.0, 0, 0, 0.0, f"{record.vdev}: new overlay {fresh.name}")
         return dataclasses.replace(current, target=str(fresh), format="qcow2")
+
+    def overlays(self, record: DiskRecord) -> list[Path]:
+        return [Path(record.file)] if record.method is Method.EXTERNAL else []
+
+    def is_revert_layer(self, path: Path, vdev: str) -> bool:
+        return named_as_revert_layer(path, vdev, ".qcow2")
 
     async def chain(self, image: str) -> list[str]:
         out = await self._run(qemu_img.backing_chain(self._img, image), timeout=TIMEOUT)
@@ -110,9 +123,3 @@ class Qcow2Backend(DiskBackend):
             )
         if record.tag not in await self.tags(record.image):
             raise NotFound(f"disk {record.vdev}: {record.image} has no snapshot tagged {record.tag!r}")
-
-def _fresh_overlay_path(first: Path) -> Path:
-    n = 1
-    while (candidate := first.with_name(f"{first.stem}.r{n}{first.suffix}")).exists():
-        n += 1
-    return candidate

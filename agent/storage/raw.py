@@ -47,6 +47,13 @@ class RawBackend(DiskBackend):
         copy = snapdir / f"{disk.vdev}.raw"
         return DiskRecord(disk.vdev, disk.format, self.name, method, disk.target, file=str(copy))
 
+    def copy_bytes(self, record: DiskRecord) -> int:
+        # A sparse copy: the image's allocated bytes, not its size.
+        return Path(record.image).stat().st_blocks * 512
+
+    def copies(self, record: DiskRecord) -> list[Path]:
+        return [Path(record.file)]
+
     async def take(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
         # The guest is stopped and QEMU has drained its I/O, so the file
         # (through the page cache) holds exactly what the guest wrote.

@@ -1,5 +1,6 @@
 """snapshot-create: validate everything, then memory and every disk at one
-instant, then the manifest, last. Any failure before the manifest is written
+instant, then (the guest running again) what the disks copy, then the
+manifest, last. Any failure before the manifest is written
 rolls back whatever was made: the snapshot is complete or absent."""
 
 from __future__ import annotations
@@ -144,6 +145,11 @@ class SnapshotCreate:
             step("checkpoint")
             result = await self._driver.checkpoint(domain, plan.memory, live=req.live, in_pause=in_pause,
                                                    progress=mem_progress)
+            # The guest runs again: the bulk of each disk's copy is made now.
+            block = self._driver.block_ops(domain.name)
+            for i, rec in enumerate(plan.records):
+                step(f"copy:{rec.vdev}")
+                await self._backends.for_record(rec).complete(rec, block, share(disk_progress, i, len(plan.records)))
             op.phase("manifest", 99)
             m = Manifest(
                 name=req.name, domain=domain.name, description=req.description,
@@ -255,7 +261,8 @@ class SnapshotCreate:
         """Enough room on each filesystem a new file goes to (the memory image
         may need up to the guest's RAM; a copy, the image's allocated bytes)."""
         needs = [(memory, domain.config.memory_mib * MiB)]
-        needs += [(Path(r.file), self._backends.for_record(r).copy_bytes(r)) for r in records]
+        copies = [(Path(r.file), self._backends.for_record(r).copy_bytes(r)) for r in records]
+        needs += [(path, size) for path, size in copies if size]
         need: Counter[int] = Counter()
         place: dict[int, Path] = {}
         for path, size in needs:

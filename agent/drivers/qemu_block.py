@@ -8,7 +8,7 @@ from typing import Any, cast
 
 from domsnap.agent.drivers import qemu_argv
 from domsnap.agent.drivers.qmp import QmpSession
-from domsnap.agent.errors import InternalError
+from domsnap.agent.errors import InternalError, NotFound
 
 # Told when a device moved to another image, so the domain's config follows.
 OnMove = Callable[[str, str, str], None]
@@ -35,7 +35,21 @@ class QmpBlockOps:
         )
         self._on_move(vdev, str(overlay), fmt)
 
+    def can_overlay(self, vdev: str) -> bool:
+        return True
+
+    async def _top(self, vdev: str) -> str:
+        """The image `vdev` reads and writes now."""
+        for dev in await self._qmp.execute("query-block"):
+            if dev.get("device") == vdev:
+                return str(dev.get("inserted", {}).get("file", ""))
+        raise NotFound(f"QEMU has no disk {vdev}")
+
     async def drop_overlay(self, vdev: str, backing: Path, fmt: str) -> None:
+        if await self._top(vdev) == str(backing):
+            # Merged already (by an agent that died before it noted so).
+            self._on_move(vdev, str(backing), fmt)
+            return
         job = f"domsnap-commit-{vdev}"
         async with self._qmp.listen("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR") as events:
             await self._qmp.execute("block-commit", {"device": vdev, "job-id": job, "auto-dismiss": True})

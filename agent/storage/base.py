@@ -61,7 +61,13 @@ class BlockOps(Protocol):
     async def external_snapshot(self, vdev: str, overlay: Path, fmt: str) -> None: ...
 
     async def drop_overlay(self, vdev: str, backing: Path, fmt: str) -> None:
-        """Merge the active overlay of `vdev` back into `backing` and go on there."""
+        """Merge the active overlay of `vdev` back into `backing` and go on
+        there; nothing to do when `vdev` already runs on `backing`."""
+        ...
+
+    def can_overlay(self, vdev: str) -> bool:
+        """Whether `vdev` can be moved onto an overlay for a while and back
+        (`external_snapshot`, then `drop_overlay`)."""
         ...
 
 
@@ -88,9 +94,15 @@ class DiskBackend(ABC):
     async def take(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
         """Snapshot the disk; `block` is None when no hypervisor holds the image."""
 
+    async def complete(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
+        """After the guest resumed: finish what `take` fixed inside the pause
+        (the bulk copy of the instant's data). Nothing by default."""
+        return None
+
     @abstractmethod
     async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
-        """Remove what `take` made, leaving the disk as it was before it; idempotent."""
+        """Remove what `take` and `complete` made, leaving the disk as it was
+        before them; idempotent."""
 
     def copy_bytes(self, record: DiskRecord) -> int:
         """Bytes a snapshot of `record` copies into `record.file`, whose

@@ -40,6 +40,11 @@ def create_overlay(binary: str, overlay: Path | str, backing: Path | str, backin
     return [binary, "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_fmt, str(overlay)]
 
 
+def commit(binary: str, overlay: Path | str) -> list[str]:
+    """Write an overlay's data into its backing image (the overlay stays, now redundant)."""
+    return [binary, "commit", "-q", str(overlay)]
+
+
 def parse_info(text: str) -> dict[str, Any]:
     data = json.loads(text)
     if not isinstance(data, dict):

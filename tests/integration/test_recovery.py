@@ -22,7 +22,7 @@ from tests.harness import Agent
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]
 
-CREATE_STEPS = ["mkdir", "checkpoint", "disk:xvda", "disk:xvdb", "manifest", "register"]
+CREATE_STEPS = ["mkdir", "checkpoint", "disk:xvda", "disk:xvdb", "copy:xvda", "copy:xvdb", "manifest", "register"]
 REVERT_STEPS = ["destroy", "disk:xvda", "disk:xvdb", "restore", "restored"]
 
 

@@ -770,3 +770,77 @@ def test_cli_round_trip(agent: Agent, boot_guest: BootGuest, tmp_path: Path) -> 
     assert [(d.vdev, d.method, d.tag) for d in snap.disks] == [("xvda", INTERNAL, "fromcfg")]
     assert "fromcfg" in tags(g.disks["xvda"][0])
     assert not bad_lines(g)
+
+
+# ====================================================================== copy after resume
+
+MiB = 1 << 20
+COPY_DATA_MIB = 1536
+
+
+def _fill(image: Path, start_mib: int, mib: int) -> None:
+    """Data the guest never touches (it writes sector 0 only), enough to make
+    copying the image take seconds: one random block, repeated."""
+    block = os.urandom(MiB)
+    with open(image, "r+b") as f:
+        f.seek(start_mib * MiB)
+        for _ in range(mib):
+            f.write(block)
+
+
+def _same_beyond_first_mib(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        fa.seek(MiB)
+        fb.seek(MiB)
+        while True:
+            x, y = fa.read(16 * MiB), fb.read(16 * MiB)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+@pytest.mark.slow
+def test_raw_copy_after_resume_holds_the_instant_while_the_guest_writes_on(agent: Agent,
+                                                                            boot_guest: BootGuest) -> None:
+    """The raw image is copied after the guest resumed (its writes meanwhile
+    held aside, then merged back): the copy holds the instant's sector 0,
+    not the later one the guest wrote during the copy, and all the rest."""
+    g = boot_guest("raw", disk_mib=COPY_DATA_MIB + 2)
+    image = g.disks["xvda"][0]
+    _fill(image, 1, COPY_DATA_MIB)
+    wrote_during_copy = False
+    for live in (False, True):
+        name = f"big-{'live' if live else 'paused'}"
+        t = take(g, name, live=live)
+        copy = Path(t.snap.path) / "xvda.raw"
+        later = guestprobe.disk_counter(image, "raw")
+        at_instant = guestprobe.disk_counter(copy, "raw")
+        assert later is not None and at_instant is not None
+        wrote_during_copy |= later > at_instant
+        assert disk_target(g) == str(image), "the domain must be back on its own image"
+        assert not list(Path(t.snap.path).glob(".*")), "the overlay that held the guest's writes is left behind"
+        assert _same_beyond_first_mib(copy, image)
+        run_on(g)
+        seen = revert_and_check(g, t)
+        assert seen.first_ok("vda") == at_instant
+        run_on(g, 1.0)
+    assert wrote_during_copy, "the guest never wrote while its image was copied: the test proves nothing"
+    assert not bad_lines(g)
+
+
+@pytest.mark.slow
+def test_raw_copy_of_a_paused_domain(agent: Agent, boot_guest: BootGuest) -> None:
+    g = boot_guest("raw")
+    image = g.disks["xvda"][0]
+    agent.stub().PauseDomain(pb.PauseDomainRequest(domain=g.name), timeout=30)
+    paused_at = g.mark()
+    snap = check_stream(g.create_snapshot(name="p"), CREATE, {"memory", "disks"}).result
+    assert g.domain().state == PAUSED
+    assert disk_target(g) == str(image)
+    copy = Path(snap.path) / "xvda.raw"
+    assert guestprobe.disk_counter(copy, "raw") == guestprobe.disk_counter(image, "raw")
+    assert guestprobe.serial_counters(g.serial, paused_at) == [], "the guest ran during the snapshot"
+    agent.stub().UnpauseDomain(pb.UnpauseDomainRequest(domain=g.name), timeout=30)
+    guestprobe.wait_disk_ok(g.serial, "vda", count=2, offset=paused_at, timeout=15)
+    assert not bad_lines(g, paused_at)

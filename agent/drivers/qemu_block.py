@@ -50,9 +50,22 @@ class QmpBlockOps:
             # Merged already (by an agent that died before it noted so).
             self._on_move(vdev, str(backing), fmt)
             return
+        # `base` named: by default QEMU commits down to the bottom of the chain,
+        # into images other snapshots froze.
+        await self._commit(vdev, {"device": vdev, "base": str(backing)}, f"merging the overlay of {vdev} back")
+        self._on_move(vdev, str(backing), fmt)
+
+    async def commit(self, vdev: str, top: Path, base: Path) -> None:
+        # QEMU points the layer above `top` at `base` itself once the data is in.
+        await self._commit(vdev, {"device": vdev, "top": str(top), "base": str(base)},
+                           f"merging {top} of {vdev} into {base}")
+
+    async def _commit(self, vdev: str, args: dict[str, object], what: str) -> None:
+        """Run a block-commit job to its end; an active one (the top layer) is
+        completed when READY, which moves the device onto the base."""
         job = f"domsnap-commit-{vdev}"
         async with self._qmp.listen("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR") as events:
-            await self._qmp.execute("block-commit", {"device": vdev, "job-id": job, "auto-dismiss": True})
+            await self._qmp.execute("block-commit", {**args, "job-id": job, "auto-dismiss": True})
             async for event in events:
                 data = cast(dict[str, Any], event.get("data", {}))
                 if data.get("device") != job:
@@ -61,8 +74,7 @@ class QmpBlockOps:
                     await self._qmp.execute("block-job-complete", {"device": job})
                 elif event["event"] == "BLOCK_JOB_COMPLETED":
                     if "error" in data:
-                        raise InternalError(f"merging the overlay of {vdev} back failed: {data['error']}")
-                    self._on_move(vdev, str(backing), fmt)
+                        raise InternalError(f"{what} failed: {data['error']}")
                     return
                 else:
-                    raise InternalError(f"merging the overlay of {vdev} back failed: {data}")
+                    raise InternalError(f"{what} failed: {data}")

@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from domsnap.agent.errors import InvalidArgument
+from domsnap.agent.errors import FailedPrecondition, InvalidArgument
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.xldisk import DiskSpec
 
@@ -63,6 +63,11 @@ class BlockOps(Protocol):
     async def drop_overlay(self, vdev: str, backing: Path, fmt: str) -> None:
         """Merge the active overlay of `vdev` back into `backing` and go on
         there; nothing to do when `vdev` already runs on `backing`."""
+        ...
+
+    async def commit(self, vdev: str, top: Path, base: Path) -> None:
+        """Merge `top`, a layer inside the chain of `vdev` (not its top), into
+        `base` below it; the layer above `top` then reads `base`."""
         ...
 
     def can_overlay(self, vdev: str) -> bool:
@@ -122,6 +127,20 @@ class DiskBackend(ABC):
     def is_revert_layer(self, path: Path, vdev: str) -> bool:
         """Whether `path` is a layer a revert of `vdev` made (throwaway in turn)."""
         return False
+
+    def mergeable(self, record: DiskRecord) -> bool:
+        """Whether `merge` can fold this record's layer into the image below it."""
+        return False
+
+    async def merge(self, record: DiskRecord, block: BlockOps | None, top: str | None, children: list[str]) -> None:
+        """Fold `record.file`, a layer over `record.image`, into that image once
+        no snapshot needs the instant between them; idempotent.
+
+        `top`: the domain's disk when the layer is in its running chain (the
+        hypervisor merges it, live); None when no hypervisor reads the chain,
+        and then `children` are the files right above the layer, pointed at
+        the image afterwards."""
+        raise FailedPrecondition(f"disk {record.vdev}: {self.name} layers cannot be merged")
 
     async def chain(self, image: str) -> list[str]:
         """The files `image` reads through (itself first); formats without

@@ -22,6 +22,8 @@ from domsnap.agent.storage.base import (
 from domsnap.agent.xldisk import DiskSpec
 
 TIMEOUT = 120.0
+# An offline merge writes a whole layer's data.
+MERGE_TIMEOUT = 3600.0
 
 
 class Qcow2Backend(DiskBackend):
@@ -50,7 +52,8 @@ class Qcow2Backend(DiskBackend):
         if depth > self._max_chain:
             raise FailedPrecondition(
                 f"disk {disk.vdev}: an external snapshot would make a backing chain of {depth} images, over the "
-                f"limit of {self._max_chain} (max_chain_depth); delete older snapshots or use --internal")
+                f"limit of {self._max_chain} (max_chain_depth); delete older snapshots (snapshot-delete merges their "
+                "layers) or use --internal")
         overlay = snapdir / f"{disk.vdev}.qcow2"
         return DiskRecord(disk.vdev, disk.format, self.name, method, disk.target, file=str(overlay))
 
@@ -98,6 +101,30 @@ class Qcow2Backend(DiskBackend):
 
     def is_revert_layer(self, path: Path, vdev: str) -> bool:
         return named_as_revert_layer(path, vdev, ".qcow2")
+
+    def mergeable(self, record: DiskRecord) -> bool:
+        return record.method is Method.EXTERNAL
+
+    async def merge(self, record: DiskRecord, block: BlockOps | None, top: str | None, children: list[str]) -> None:
+        layer, below = record.file, record.image
+        if top is not None and block is not None:
+            chain = await self.chain(top)
+            if layer not in chain:
+                return  # merged already
+            if chain[0] == layer:
+                await block.drop_overlay(record.vdev, Path(below), record.format)
+            else:
+                await block.commit(record.vdev, Path(layer), Path(below))
+            return
+        # Offline: the data first, then the layers above, which read the same
+        # data through `below` from then on (a crash in between leaves them
+        # reading it through the layer: the same bytes either way).
+        above = [c for c in children if (await self.chain(c))[1:2] == [layer]]
+        if not above:
+            return
+        await self._run(qemu_img.commit(self._img, layer), timeout=MERGE_TIMEOUT)
+        for child in above:
+            await self._run(qemu_img.rebase_unsafe(self._img, child, below, record.format), timeout=TIMEOUT)
 
     async def chain(self, image: str) -> list[str]:
         out = await self._run(qemu_img.backing_chain(self._img, image), timeout=TIMEOUT)

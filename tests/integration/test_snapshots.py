@@ -844,3 +844,70 @@ def test_raw_copy_of_a_paused_domain(agent: Agent, boot_guest: BootGuest) -> Non
     agent.stub().UnpauseDomain(pb.UnpauseDomainRequest(domain=g.name), timeout=30)
     guestprobe.wait_disk_ok(g.serial, "vda", count=2, offset=paused_at, timeout=15)
     assert not bad_lines(g, paused_at)
+
+
+# ====================================================================== chains merge back
+
+
+def chain_of(image: str) -> list[str]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", image], capture_output=True,
+                         text=True, timeout=30, check=True)
+    return [d["filename"] for d in json.loads(out.stdout)]
+
+
+def delete(g: Guest, name: str) -> None:
+    stub = g.agent.stub()
+    events = list(stub.DeleteSnapshot(pb.DeleteSnapshotRequest(domain=g.name, snapshot=name,
+                                                               request_id=uuid.uuid4().hex), timeout=300))
+    assert events[-1].finished.error.code == 0, events[-1]
+
+
+@pytest.mark.slow
+def test_keeping_one_of_six_external_snapshots_merges_the_chain_back(agent: Agent, boot_guest: BootGuest) -> None:
+    """Six external snapshots of a running guest, five deleted (in a mixed
+    order: layers inside the running chain), then the newest one (the
+    domain's own top layer): the chain is back to two images and the kept
+    snapshot reverts to its exact instant."""
+    g = boot_guest("qcow2")
+    base = str(g.disks["xvda"][0])
+    taken = {}
+    for i in range(1, 7):
+        taken[f"s{i}"] = take(g, f"s{i}", live=True, method=EXTERNAL)
+    assert len(chain_of(disk_target(g))) == 7
+    for name in ("s3", "s1", "s5", "s2", "s4"):
+        delete(g, name)
+        assert not (agent.snapshot_root / g.name / name).exists(), f"{name}: its files stay"
+    chain = chain_of(disk_target(g))
+    assert chain == [str(agent.snapshot_root / g.name / "s6" / "xvda.qcow2"), base], chain
+    kept = agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot="s6"), timeout=30)
+    assert kept.disks[0].image == base, "the kept snapshot must name the image its layer was merged into"
+
+    take(g, "s7", live=True, method=EXTERNAL)
+    delete(g, "s7")
+    assert chain_of(disk_target(g)) == chain, "the newest layer must be merged back into the one below"
+
+    run_on(g)
+    revert_and_check(g, taken["s6"])
+    assert len(chain_of(disk_target(g))) <= 3
+    assert not bad_lines(g)
+
+
+@pytest.mark.slow
+def test_a_layer_is_not_merged_where_a_chain_branches(agent: Agent, boot_guest: BootGuest) -> None:
+    """a froze the base image, b froze a's layer; reverted to a, the domain
+    reads the base through a new layer while b reads it through a's layer:
+    deleting a must not merge its layer into the base (the domain's branch
+    would change under it), and b stays exact."""
+    g = boot_guest("qcow2")
+    base = str(g.disks["xvda"][0])
+    a = take(g, "a", live=True, method=EXTERNAL)
+    b = take(g, "b", live=True, method=EXTERNAL)
+    run_on(g, 1.0)
+    revert_and_check(g, a)
+    delete(g, "a")
+    layer = b.snap.disks[0].image
+    assert Path(layer).is_file() and chain_of(layer) == [layer, base], "b's frozen image must stay as it was"
+    assert chain_of(disk_target(g))[1:] == [base]
+    run_on(g, 1.0)
+    revert_and_check(g, b)
+    assert not bad_lines(g)

@@ -31,7 +31,8 @@ class DiskRecord:
     # The image the domain used at the snapshot; frozen from then on when
     # the method is external.
     image: str
-    # Internal: the tag in `image`. External: "".
+    # Internal: the tag in `image` (LVM: the snapshot LV). External: "", or
+    # LVM's snapshot LV that a copy is read from after the pause (then dropped).
     tag: str = ""
     # External qcow2: the overlay the domain went on with. External raw:
     # the copy that holds the content.

@@ -65,7 +65,12 @@ class QmpBlockOps:
         completed when READY, which moves the device onto the base."""
         job = f"domsnap-commit-{vdev}"
         async with self._qmp.listen("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR") as events:
-            await self._qmp.execute("block-commit", {**args, "job-id": job, "auto-dismiss": True})
+            # One an agent that died left running is followed to its end, not started again.
+            running = [j for j in await self._qmp.execute("query-block-jobs") if j.get("device") == job]
+            if not running:
+                await self._qmp.execute("block-commit", {**args, "job-id": job, "auto-dismiss": True})
+            elif running[0].get("ready"):
+                await self._qmp.execute("block-job-complete", {"device": job})
             async for event in events:
                 data = cast(dict[str, Any], event.get("data", {}))
                 if data.get("device") != job:

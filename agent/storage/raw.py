@@ -101,7 +101,14 @@ class RawBackend(DiskBackend):
             raise InternalError(f"disk {record.vdev}: the domain went away while its image was being copied")
         await _copy(Path(record.image), Path(record.file), record.vdev, progress)
         progress(1.0, 0, 0, 0.0, f"{record.vdev}: merging what the guest wrote meanwhile")
-        await block.drop_overlay(record.vdev, Path(record.image), record.format)
+        merging = asyncio.ensure_future(block.drop_overlay(record.vdev, Path(record.image), record.format))
+        try:
+            await asyncio.shield(merging)
+        except asyncio.CancelledError:
+            # A merge cut in half would leave the guest on the overlay: it
+            # finishes, then the cancel rolls the copy back.
+            await merging
+            raise
         overlay.unlink()
 
     async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:

@@ -828,6 +828,24 @@ def test_raw_copy_after_resume_holds_the_instant_while_the_guest_writes_on(agent
     assert wrote_during_copy, "the guest never wrote while its image was copied: the test proves nothing"
     assert not bad_lines(g)
 
+    # Cancelled mid-copy: rolled back, the guest's writes since the instant merged back into its image.
+    stub = agent.stub()
+    stream = stub.CreateSnapshot(pb.CreateSnapshotRequest(domain=g.name, name="cut", live=True,
+                                                          request_id=uuid.uuid4().hex), timeout=300)
+    first = next(stream)
+    for ev in stream:
+        if ev.WhichOneof("event") == "progress" and "copying" in ev.progress.message and ev.progress.bytes_done:
+            break
+    stub.CancelOperation(pb.CancelOperationRequest(operation_id=first.started.id), timeout=30)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert not (agent.snapshot_root / g.name / "cut").exists()
+    assert disk_target(g) == str(image)
+    mark = g.mark()
+    guestprobe.wait_disk_ok(g.serial, "vda", count=2, offset=mark, timeout=20)
+    assert not bad_lines(g)
+
 
 @pytest.mark.slow
 def test_raw_copy_of_a_paused_domain(agent: Agent, boot_guest: BootGuest) -> None:

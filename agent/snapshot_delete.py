@@ -128,7 +128,7 @@ class SnapshotDelete:
             await self._backends.for_record(rec).delete(rec, block, active)
         if "merges" not in journal.data:
             # Planned once; an agent that resumes this delete follows the same plan.
-            journal.data["merges"] = await self._plan_merges(m, dom)
+            journal.data["merges"] = await self._plan_merges(m, dom, progress)
         self._journal.step(journal, "merge")
         for merge in journal.data["merges"]:
             rec = DiskRecord.from_dict(merge["record"])
@@ -151,7 +151,11 @@ class SnapshotDelete:
                   for r in e.manifest.disks]
         return [await backend.chain(image) for image, backend in dict(heads).items() if os.path.exists(image)]
 
-    async def _plan_merges(self, m: Manifest, dom: Domain | None) -> list[dict[str, Any]]:
+    async def _plan_merges(self, m: Manifest, dom: Domain | None, progress: StepProgress) -> list[dict[str, Any]]:
+        def skip(reason: str) -> None:
+            log.info("delete %s: %s", m.name, reason)
+            progress(0.5, 0, 0, 0.0, reason)
+
         chains = await self._chains(m, dom)
         frozen = {r.image: e.manifest.name for e in self._catalogue.entries(m.domain) for r in e.manifest.disks}
         plan = []
@@ -160,11 +164,10 @@ class SnapshotDelete:
             if not self._backends.for_record(rec).mergeable(rec) or not any(layer in c for c in chains):
                 continue  # nothing reads the layer: it is removed with the snapshot's files
             if below in frozen:
-                log.info("delete %s: not merging %s: snapshot %s needs %s as it is", m.name, layer, frozen[below],
-                         below)
+                skip(f"not merging {layer}: snapshot {frozen[below]} needs {below} as it is")
                 continue
             if any(below in c and c[c.index(below) - 1 : c.index(below)] != [layer] for c in chains):
-                log.info("delete %s: not merging %s: another chain branches at %s (a revert)", m.name, layer, below)
+                skip(f"not merging {layer}: another chain branches at {below} (a revert)")
                 continue
             top = ""
             if dom is not None and layer in (running := await self._backends.for_record(rec).chain(

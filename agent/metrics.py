@@ -30,7 +30,7 @@ from domsnap.agent.catalogue import Entry
 from domsnap.agent.config import parse_metrics_listen
 from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.operations import Operation, OpKind
-from domsnap.agent.storage.base import Method
+from domsnap.agent.storage import Backends
 from domsnap.agent.unix_socket import prepare_socket_path
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,9 @@ _REQUEST_TIMEOUT = 5.0
 class Metrics:
     """The agent's metrics, in a registry of their own."""
 
-    def __init__(self, driver: str = "") -> None:
+    def __init__(self, driver: str = "", backends: Backends | None = None) -> None:
+        # Which files of a snapshot are copies of a disk is the backends' to say.
+        self._backends = backends or Backends()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)
@@ -61,7 +63,7 @@ class Metrics:
                                "How long a successful snapshot-create kept the guest paused (the manifest's downtime)",
                                ("live",), buckets=PAUSE_BUCKETS, registry=r)
         self.written = Counter("domsnap_bytes_written",
-                               "Bytes successful creates wrote: memory images, and copies of disks (raw external)",
+                               "Bytes successful creates wrote: memory images, and copies of disks (raw, LVM external)",
                                ("what",), registry=r)
         self.running = Gauge("domsnap_operations_running", "Operations running now", ("kind",), registry=r)
         self.recoveries = Counter("domsnap_journal_recoveries",
@@ -90,7 +92,7 @@ class Metrics:
             self.pause.labels(live=str(m.live).lower()).observe(m.downtime)
             self.written.labels(what="memory").inc(m.memory_bytes)
             self.written.labels(what="disk_copy").inc(sum(
-                _allocated(d.file) for d in m.disks if d.backend == "raw" and d.method is Method.EXTERNAL))
+                _allocated(f) for d in m.disks for f in self._backends.for_record(d).copies(d)))
 
     def recovered(self, count: int) -> None:
         self.recoveries.inc(count)
@@ -101,7 +103,7 @@ class Metrics:
         return encoder(self.registry), content_type
 
 
-def _allocated(path: str) -> int:
+def _allocated(path: Path) -> int:
     try:
         return os.stat(path).st_blocks * 512
     except OSError:

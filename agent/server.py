@@ -145,9 +145,9 @@ async def _serve(config: AgentConfig, driver: Hypervisor | None, ready: asyncio.
     driver = driver or await make_driver(config)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     config.snapshot_root.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics(driver.name) if config.metrics.listen else None
-    service = AgentService(config, driver, Backends(qemu_img=config.qemu.img, max_chain=config.max_chain_depth),
-                           observer=metrics)
+    backends = Backends(qemu_img=config.qemu.img, max_chain=config.max_chain_depth)
+    metrics = Metrics(driver.name, backends) if config.metrics.listen else None
+    service = AgentService(config, driver, backends, observer=metrics)
 
     socket_gid = group_id(config.socket_group, "socket_group")
     peers = PeerTable()

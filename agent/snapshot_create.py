@@ -1,5 +1,6 @@
 """snapshot-create: validate everything, then memory and every disk at one
-instant, then the manifest, last. Any failure before the manifest is written
+instant, then (the guest running again) what the disks copy, then the
+manifest, last. Any failure before the manifest is written
 rolls back whatever was made: the snapshot is complete or absent."""
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class SnapshotCreate:
             step("mkdir")
             plan.snapdir.parent.mkdir(parents=True, exist_ok=True)
             plan.snapdir.mkdir(mode=0o700)
-            copies = sum(Path(r.image).stat().st_size for r in plan.records if r.backend == "raw")
+            copies = sum(self._backends.for_record(r).copy_bytes(r) for r in plan.records)
             sinks = op.parts(95, {"memory": domain.config.memory_mib * MiB, "disks": copies + MiB})
             mem_progress, disk_progress = sinks["memory"], sinks["disks"]
 
@@ -148,6 +149,11 @@ class SnapshotCreate:
                                                    progress=mem_progress,
                                                    # Past the memory save: journaled, no longer cancellable.
                                                    step=lambda name: self._journal.step(journal, name))
+            # The guest runs again: the bulk of each disk's copy is made now.
+            block = self._driver.block_ops(domain.name)
+            for i, rec in enumerate(plan.records):
+                step(f"copy:{rec.vdev}")
+                await self._backends.for_record(rec).complete(rec, block, share(disk_progress, i, len(plan.records)))
             op.phase("manifest", 99)
             m = Manifest(
                 name=req.name, domain=domain.name, description=req.description,
@@ -263,7 +269,8 @@ class SnapshotCreate:
         """Enough room on each filesystem a new file goes to (the memory image
         may need up to the guest's RAM; a copy, the image's allocated bytes)."""
         needs = [(memory, domain.config.memory_mib * MiB)]
-        needs += [(Path(r.file), Path(r.image).stat().st_blocks * 512) for r in records if r.backend == "raw"]
+        copies = [(Path(r.file), self._backends.for_record(r).copy_bytes(r)) for r in records]
+        needs += [(path, size) for path, size in copies if size]
         need: Counter[int] = Counter()
         place: dict[int, Path] = {}
         for path, size in needs:

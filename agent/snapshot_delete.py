@@ -3,15 +3,24 @@ then what only it needed goes too: its qcow2 tags, its memory image and the
 files of its directory that no disk chain still reads through. A file the
 domain or another snapshot still depends on (an overlay below the domain's
 disk, a frozen image) stays where it is: never a dangling chain, never a
-deleted base. Children of a deleted snapshot get its parent as theirs."""
+deleted base. Children of a deleted snapshot get its parent as theirs.
+
+Chains merge back: the overlay an external snapshot made (its layer) is
+folded into the image below it once nothing needs the snapshot's instant
+between them (live through the domain's hypervisor when the domain reads
+that chain, offline otherwise), and a snapshot whose frozen image was that
+layer is told the image below instead. A layer is not merged, and the reason
+logged, where another snapshot still needs the image below as it is (it is
+that snapshot's frozen image, or a chain branches there after a revert)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from domsnap.agent import dirfd, manifest
 from domsnap.agent.catalogue import Catalogue, Entry
@@ -23,8 +32,9 @@ from domsnap.agent.journal import Journal
 from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Operation
+from domsnap.agent.progress import StepProgress, ignore_progress, share
 from domsnap.agent.storage import Backends
-from domsnap.agent.storage.base import DiskBackend, Method
+from domsnap.agent.storage.base import DiskBackend, DiskRecord, Method
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +98,9 @@ class SnapshotDelete:
                                    data={"snapdir": str(e.path), "manifest": e.manifest.to_json(),
                                          "registered": self._catalogue.path_of(domain, e.manifest.name) == e.path})
             self._journal.begin(journal)
-            await self._delete(journal, dom)
+            # Looked up again each time: a merge may have moved the domain's disks.
+            dom = await self._domain(domain) if dom is not None else None
+            await self._delete(journal, dom, share(sink, i, len(doomed)))
             self._journal.finish(journal)
             sink((i + 1) / len(doomed), 0, 0, 0.0, f"deleted {e.manifest.name}")
 
@@ -104,7 +116,8 @@ class SnapshotDelete:
                     f"snapshot {m.name}: its tag lives in {rec.image}, now a read-only backing image of the running "
                     f"domain's disk {rec.vdev}; it can be deleted once domain {dom.name} is stopped")
 
-    async def _delete(self, journal: JournalEntry, dom: Domain | None) -> None:
+    async def _delete(self, journal: JournalEntry, dom: Domain | None,
+                      progress: StepProgress = ignore_progress) -> None:
         m = Manifest.from_json(journal.data["manifest"], "<journal>")
         snapdir = Path(journal.data["snapdir"])
         self._journal.step(journal, "unregister")
@@ -123,11 +136,65 @@ class SnapshotDelete:
         for rec in m.disks:
             active = dom is not None and dom.config.disk(rec.vdev).target == rec.image
             await self._backends.for_record(rec).delete(rec, block, active)
+        if "merges" not in journal.data:
+            # Planned once; an agent that resumes this delete follows the same plan.
+            journal.data["merges"] = await self._plan_merges(m, dom, progress)
+        self._journal.step(journal, "merge")
+        for merge in journal.data["merges"]:
+            rec = DiskRecord.from_dict(merge["record"])
+            progress(0.5, 0, 0, 0.0, f"{rec.vdev}: merging {rec.file} into {rec.image}")
+            await self._backends.for_record(rec).merge(rec, block, merge["top"] or None, merge["children"])
+            self._repoint(m.domain, rec)
+        if journal.data["merges"] and dom is not None:
+            dom = await self._domain(dom.config.name)
         self._journal.step(journal, "files")
         dirfd.unlink(Path(m.memory_file), snapdir)
         await self._remove_unused_files(m, snapdir, dom)
         if registered:
             self._ledger.forget(m.domain, m.name)
+
+    async def _chains(self, m: Manifest, dom: Domain | None) -> list[list[str]]:
+        """The chains read to run the domain or to revert to another snapshot."""
+        heads: list[tuple[str, DiskBackend]] = []
+        if dom is not None:
+            heads += [(d.target, self._backends.for_disk(d)) for d in dom.config.disks]
+        heads += [(r.image, self._backends.for_record(r)) for e in self._catalogue.entries(m.domain)
+                  for r in e.manifest.disks]
+        return [await backend.chain(image) for image, backend in dict(heads).items() if os.path.exists(image)]
+
+    async def _plan_merges(self, m: Manifest, dom: Domain | None, progress: StepProgress) -> list[dict[str, Any]]:
+        def skip(reason: str) -> None:
+            log.info("delete %s: %s", m.name, reason)
+            progress(0.5, 0, 0, 0.0, reason)
+
+        chains = await self._chains(m, dom)
+        frozen = {r.image: e.manifest.name for e in self._catalogue.entries(m.domain) for r in e.manifest.disks}
+        plan = []
+        for rec in m.disks:
+            layer, below = rec.file, rec.image
+            if not self._backends.for_record(rec).mergeable(rec) or not any(layer in c for c in chains):
+                continue  # nothing reads the layer: it is removed with the snapshot's files
+            if below in frozen:
+                skip(f"not merging {layer}: snapshot {frozen[below]} needs {below} as it is")
+                continue
+            if any(below in c and c[c.index(below) - 1 : c.index(below)] != [layer] for c in chains):
+                skip(f"not merging {layer}: another chain branches at {below} (a revert)")
+                continue
+            top = ""
+            if dom is not None and layer in (running := await self._backends.for_record(rec).chain(
+                    dom.config.disk(rec.vdev).target)):
+                top = running[0]
+            children = sorted({c[c.index(layer) - 1] for c in chains if layer in c[1:]})
+            plan.append({"record": rec.to_dict(), "top": top, "children": children})
+        return plan
+
+    def _repoint(self, domain: str, merged: DiskRecord) -> None:
+        """Snapshots whose frozen image was the merged layer now have the image below it."""
+        for e in self._catalogue.entries(domain):
+            if any(r.vdev == merged.vdev and r.image == merged.file for r in e.manifest.disks):
+                disks = tuple(replace(r, image=merged.image) if r.vdev == merged.vdev and r.image == merged.file
+                              else r for r in e.manifest.disks)
+                manifest.write(e.path, replace(e.manifest, disks=disks))
 
     def _reparent_children(self, m: Manifest) -> None:
         for e in self._catalogue.entries(m.domain):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -31,7 +30,6 @@ from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Operation
 from domsnap.agent.progress import StepProgress, ignore_progress, share
 from domsnap.agent.storage import Backends
-from domsnap.agent.storage.base import Method
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +72,6 @@ def _shape(config: DomainConfig) -> dict[str, object]:
         "disks": sorted((d.vdev, d.access) for d in config.disks),
         "kernel": config.get_str("kernel"),
     }
-
-
-def _is_revert_overlay(path: Path, vdev: str) -> bool:
-    return re.fullmatch(rf"{re.escape(vdev)}\.r\d+\.qcow2", path.name) is not None
 
 
 @dataclass(frozen=True)
@@ -139,15 +133,16 @@ class SnapshotRevert:
         """
         entries = self._catalogue.entries(domain)
         frozen = {r.image for e in entries for r in e.manifest.disks}
-        overlays = {r.file for e in entries for r in e.manifest.disks
-                    if r.method is Method.EXTERNAL and r.backend == "qcow2"}
+        overlays = {str(f) for e in entries for r in e.manifest.disks
+                    for f in self._backends.for_record(r).overlays(r)}
         snapdirs = {e.path for e in entries}
         out = []
         for disk in before.disks:
             old = Path(disk.target)
             if disk.target in frozen or disk.target == after.disk(disk.vdev).target:
                 continue
-            if disk.target in overlays or (old.parent in snapdirs and _is_revert_overlay(old, disk.vdev)):
+            if disk.target in overlays or (old.parent in snapdirs
+                                           and self._backends.for_disk(disk).is_revert_layer(old, disk.vdev)):
                 out.append(old)
         return out
 

@@ -46,6 +46,16 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem} MiB RAM, {fs} filesystem, QEMU TCG (no usable KVM), load {load:.2f}"
 
 
+def publish(stem: str, text: str) -> Path:
+    """Write a result table to bench/results/<stem>.md and print it."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{stem}.md"
+    out.write_text(text)
+    print(text)
+    print(f"written to {out}")
+    return out
+
+
 def dd_write_read(path: Path, nbytes: int) -> tuple[float, float]:
     count = max(nbytes // (4 << 20), 1)
     t0 = time.monotonic()

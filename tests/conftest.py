@@ -99,11 +99,12 @@ def own_agent(base: Path, accel: str, *, top: str = "", qemu: str = "", tables: 
 
 
 class BootGuest(Protocol):
-    def __call__(self, *formats: str, memory: int = 128, name: str | None = None, wait: bool = True) -> Guest: ...
+    def __call__(self, *formats: str, memory: int = 128, name: str | None = None, wait: bool = True,
+                 disk_mib: int = 32) -> Guest: ...
 
 
 def start_guest(agent: Agent, image: tuple[Path, Path], folder: Path, *formats: str, memory: int = 128,
-                name: str | None = None, wait: bool = True) -> Guest:
+                name: str | None = None, wait: bool = True, disk_mib: int = 32) -> Guest:
     """Create a domain with one fresh disk per format (xvda, xvdb, ...) and
     wait until the guest has checked every disk once."""
     name = name or f"t{uuid.uuid4().hex[:8]}"
@@ -113,7 +114,7 @@ def start_guest(agent: Agent, image: tuple[Path, Path], folder: Path, *formats: 
     for i, fmt in enumerate(formats):
         vdev = "xvd" + "abcdefgh"[i]
         path = folder / f"{vdev}.{fmt}"
-        make_disk(path, fmt)
+        make_disk(path, fmt, disk_mib)
         disks[vdev] = (path, fmt)
     serial = folder / "serial.log"
     cfg = folder / "guest.cfg"
@@ -142,8 +143,10 @@ def boot_guest(agent: Agent, guest_image: tuple[Path, Path], tmp_path: Path) -> 
     """Boot a fresh guest with the given disk formats; destroyed afterwards."""
     made: list[Guest] = []
 
-    def boot(*formats: str, memory: int = 128, name: str | None = None, wait: bool = True) -> Guest:
-        made.append(start_guest(agent, guest_image, tmp_path, *formats, memory=memory, name=name, wait=wait))
+    def boot(*formats: str, memory: int = 128, name: str | None = None, wait: bool = True,
+             disk_mib: int = 32) -> Guest:
+        made.append(start_guest(agent, guest_image, tmp_path, *formats, memory=memory, name=name, wait=wait,
+                                disk_mib=disk_mib))
         return made[-1]
 
     yield boot

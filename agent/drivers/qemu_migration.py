@@ -260,18 +260,22 @@ async def load(qmp: QmpSession, memory: Path, *, progress: StepProgress) -> None
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         await qmp.send_fd(FDNAME, fd)
-        await qmp.execute("migrate-incoming", {"uri": f"fd:{FDNAME}"})
-        rate = _Rate()
-        while True:
-            info = await qmp.execute("query-migrate")
-            status = info.get("status")
-            if status == "completed":
-                break
-            if status in ("failed", "cancelled"):
-                _raise_failed(info, "loading the memory image")
-            done = os.lseek(fd, 0, os.SEEK_CUR)
-            progress(min(done / max(total, 1), 0.99), done, total, rate.of(done), "memory: loading")
-            await asyncio.sleep(POLL)
+        # The MIGRATION event of the end wakes the agent at once, not at its next poll.
+        await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        async with qmp.listen("MIGRATION") as changes:
+            await qmp.execute("migrate-incoming", {"uri": f"fd:{FDNAME}"})
+            rate = _Rate()
+            while True:
+                info = await qmp.execute("query-migrate")
+                status = info.get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled"):
+                    _raise_failed(info, "loading the memory image")
+                done = os.lseek(fd, 0, os.SEEK_CUR)
+                progress(min(done / max(total, 1), 0.99), done, total, rate.of(done), "memory: loading")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changes.get(), POLL)
         progress(1.0, total, total, 0.0, "memory image loaded")
     finally:
         os.close(fd)

@@ -95,3 +95,11 @@ class XenBlockOps:
 
     async def drop_overlay(self, vdev: str, backing: Path, fmt: str) -> None:
         raise self._no_external(vdev)
+
+    async def commit(self, vdev: str, top: Path, base: Path) -> None:
+        raise self._no_external(vdev)
+
+    def can_overlay(self, vdev: str) -> bool:
+        # Not even for the time a copy takes: a reboot or save of the domain
+        # meanwhile would go back to the image and lose the guest's writes.
+        return False

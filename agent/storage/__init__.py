@@ -18,7 +18,9 @@ class Backends:
         self._lvm = LvmBackend(run)
         self._by_format: dict[str, DiskBackend] = {}
         self._by_name: dict[str, DiskBackend] = {self._lvm.name: self._lvm}
-        for backend in (Qcow2Backend(qemu_img, run, max_chain), RawBackend(), VhdBackend(run=run, max_chain=max_chain)):
+        backends = (Qcow2Backend(qemu_img, run, max_chain), RawBackend(qemu_img, run),
+                    VhdBackend(run=run, max_chain=max_chain))
+        for backend in backends:
             self._by_name[backend.name] = backend
             for fmt in backend.formats:
                 self._by_format[fmt] = backend

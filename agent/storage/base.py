@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from domsnap.agent.errors import InvalidArgument
+from domsnap.agent.errors import FailedPrecondition, InvalidArgument
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.xldisk import DiskSpec
 
@@ -30,7 +31,8 @@ class DiskRecord:
     # The image the domain used at the snapshot; frozen from then on when
     # the method is external.
     image: str
-    # Internal: the tag in `image`. External: "".
+    # Internal: the tag in `image` (LVM: the snapshot LV). External: "", or
+    # LVM's snapshot LV that a copy is read from after the pause (then dropped).
     tag: str = ""
     # External qcow2: the overlay the domain went on with. External raw:
     # the copy that holds the content.
@@ -60,7 +62,18 @@ class BlockOps(Protocol):
     async def external_snapshot(self, vdev: str, overlay: Path, fmt: str) -> None: ...
 
     async def drop_overlay(self, vdev: str, backing: Path, fmt: str) -> None:
-        """Merge the active overlay of `vdev` back into `backing` and go on there."""
+        """Merge the active overlay of `vdev` back into `backing` and go on
+        there; nothing to do when `vdev` already runs on `backing`."""
+        ...
+
+    async def commit(self, vdev: str, top: Path, base: Path) -> None:
+        """Merge `top`, a layer inside the chain of `vdev` (not its top), into
+        `base` below it; the layer above `top` then reads `base`."""
+        ...
+
+    def can_overlay(self, vdev: str) -> bool:
+        """Whether `vdev` can be moved onto an overlay for a while and back
+        (`external_snapshot`, then `drop_overlay`)."""
         ...
 
 
@@ -87,9 +100,48 @@ class DiskBackend(ABC):
     async def take(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
         """Snapshot the disk; `block` is None when no hypervisor holds the image."""
 
+    async def complete(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
+        """After the guest resumed: finish what `take` fixed inside the pause
+        (the bulk copy of the instant's data). Nothing by default."""
+        return None
+
     @abstractmethod
     async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
-        """Remove what `take` made, leaving the disk as it was before it; idempotent."""
+        """Remove what `take` and `complete` made, leaving the disk as it was
+        before them; idempotent."""
+
+    def copy_bytes(self, record: DiskRecord) -> int:
+        """Bytes a snapshot of `record` copies into `record.file`, whose
+        filesystem must have room for them; 0 when it copies nothing (a tag,
+        an overlay)."""
+        return 0
+
+    def copies(self, record: DiskRecord) -> list[Path]:
+        """The files of a taken snapshot that hold a copy of the disk's data."""
+        return []
+
+    def overlays(self, record: DiskRecord) -> list[Path]:
+        """The files a snapshot of `record` made for the domain to run on
+        (external overlays and children): throwaway once a revert leaves them."""
+        return []
+
+    def is_revert_layer(self, path: Path, vdev: str) -> bool:
+        """Whether `path` is a layer a revert of `vdev` made (throwaway in turn)."""
+        return False
+
+    def mergeable(self, record: DiskRecord) -> bool:
+        """Whether `merge` can fold this record's layer into the image below it."""
+        return False
+
+    async def merge(self, record: DiskRecord, block: BlockOps | None, top: str | None, children: list[str]) -> None:
+        """Fold `record.file`, a layer over `record.image`, into that image once
+        no snapshot needs the instant between them; idempotent.
+
+        `top`: the domain's disk when the layer is in its running chain (the
+        hypervisor merges it, live); None when no hypervisor reads the chain,
+        and then `children` are the files right above the layer, pointed at
+        the image afterwards."""
+        raise FailedPrecondition(f"disk {record.vdev}: {self.name} layers cannot be merged")
 
     async def chain(self, image: str) -> list[str]:
         """The files `image` reads through (itself first); formats without
@@ -109,3 +161,17 @@ class DiskBackend(ABC):
     @abstractmethod
     async def revert(self, record: DiskRecord, current: DiskSpec, progress: StepProgress) -> DiskSpec:
         """Bring the (offline) disk back to the record's content; returns the disk to use now."""
+
+
+def fresh_revert_layer(first: Path) -> Path:
+    """The layer a revert puts under a domain, beside the snapshot's own
+    (xvda.qcow2 -> xvda.r1.qcow2, xvda.r2.qcow2, ...): the first name not taken."""
+    n = 1
+    while (candidate := first.with_name(f"{first.stem}.r{n}{first.suffix}")).exists():
+        n += 1
+    return candidate
+
+
+def named_as_revert_layer(path: Path, vdev: str, suffix: str) -> bool:
+    """Whether `path` is named as `fresh_revert_layer` names the layers of `vdev`."""
+    return re.fullmatch(rf"{re.escape(vdev)}\.r\d+{re.escape(suffix)}", path.name) is not None

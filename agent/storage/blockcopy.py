@@ -28,6 +28,14 @@ def _size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
 
 
+def device_size(device: Path) -> int:
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _size(fd)
+    finally:
+        os.close(fd)
+
+
 def _data_runs(chunk: bytes) -> list[tuple[int, int]]:
     """The [start, end) runs of `chunk` that are not whole zero blocks; the
     rest stays a hole in the (pre-sized) file: sparse copies."""

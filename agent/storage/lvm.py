@@ -13,12 +13,17 @@ thick merges the snapshot into the origin (`lvconvert --merge`, which
 consumes it) and then takes it again, so it stays revertable too.
 
 External: a sparse copy of the LV into the snapshot directory, written back
-over the LV on revert.
+over the LV on revert. The copy is not made inside the guest's pause: there
+an LVM snapshot LV (`<lv>.<snapshot>.copy`) fixes the instant, and after the
+resume the copy is read from it and it is dropped. Where LVM cannot
+snapshot the LV (a thick snapshot, a type LVM refuses) the copy is made in
+the pause, as nothing else can hold the instant.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 from pathlib import Path
@@ -32,6 +37,8 @@ from domsnap.agent.storage import blockcopy, lvm_argv
 from domsnap.agent.storage.base import BlockOps, DiskBackend, DiskRecord, Method
 from domsnap.agent.storage.lvm_argv import LogicalVolume
 from domsnap.agent.xldisk import DiskSpec
+
+log = logging.getLogger(__name__)
 
 QUERY_TIMEOUT: Final = 60.0
 # lvconvert --merge waits for the merge, which copies back every changed chunk.
@@ -81,6 +88,11 @@ def snapshot_lv_name(lv: str, snapshot: str) -> str:
     return name
 
 
+def _snapshot_device(record: DiskRecord) -> Path:
+    """The device of a record's snapshot LV, beside its origin's (/dev/VG/LV)."""
+    return Path(record.image).parent / record.tag
+
+
 def _vg_and_lv(path: str) -> tuple[str, str]:
     """A record's image is the LV's canonical /dev/VG/LV path (set at plan time)."""
     p = Path(path)
@@ -115,47 +127,71 @@ class LvmBackend(DiskBackend):
             raise FailedPrecondition(f"disk {disk.vdev}: {lv.vg}/{lv.name} is missing physical volumes")
         if lv.kind in "OS":
             raise FailedPrecondition(f"disk {disk.vdev}: a snapshot merge into {lv.vg}/{lv.name} is under way")
-        if method is Method.EXTERNAL:
-            copy = snapdir / f"{disk.vdev}.raw"
-            return DiskRecord(disk.vdev, disk.format, self.name, method, lv.path, file=str(copy))
-        snap = snapshot_lv_name(lv.name, name)
+        external = method is Method.EXTERNAL
+        snap = snapshot_lv_name(lv.name, f"{name}.copy" if external else name)
+        copy = str(snapdir / f"{disk.vdev}.raw") if external else ""
         if not lv.thin:
+            why = ""
             if lv.kind == "s":
-                raise InvalidArgument(f"disk {disk.vdev}: {lv.vg}/{lv.name} is a thick snapshot, and LVM cannot "
-                                      "snapshot a thick snapshot (thin volumes can); use --external")
-            if lv.kind not in _THICK_SNAPSHOTTABLE:
-                raise InvalidArgument(f"disk {disk.vdev}: LVM cannot snapshot {lv.vg}/{lv.name} "
-                                      f"(volume type {lv.kind!r} in lv_attr {lv.attr})")
-            if lv.vg_free < cow_size(lv.size):
-                raise ResourceExhausted(
-                    f"disk {disk.vdev}: volume group {lv.vg} has {lv.vg_free // MiB} MiB free; a snapshot of "
-                    f"{lv.name} needs {cow_size(lv.size) // MiB} MiB"
-                )
+                why = (f"disk {disk.vdev}: {lv.vg}/{lv.name} is a thick snapshot, and LVM cannot snapshot a thick "
+                       "snapshot (thin volumes can); use --external")
+            elif lv.kind not in _THICK_SNAPSHOTTABLE:
+                why = (f"disk {disk.vdev}: LVM cannot snapshot {lv.vg}/{lv.name} "
+                       f"(volume type {lv.kind!r} in lv_attr {lv.attr})")
+            elif lv.vg_free < cow_size(lv.size):
+                why = (f"disk {disk.vdev}: volume group {lv.vg} has {lv.vg_free // MiB} MiB free; a snapshot of "
+                       f"{lv.name} needs {cow_size(lv.size) // MiB} MiB")
+            if why and external:
+                log.info("%s: its copy is made inside the pause", why)
+                return DiskRecord(disk.vdev, disk.format, self.name, method, lv.path, file=copy)
+            if why:
+                raise (ResourceExhausted if lv.kind in _THICK_SNAPSHOTTABLE else InvalidArgument)(why)
         if snap in await self._vg(lv.vg):
             raise AlreadyExists(f"disk {disk.vdev}: volume group {lv.vg} already has an LV named {snap!r}")
-        return DiskRecord(disk.vdev, disk.format, self.name, method, lv.path, tag=snap)
+        return DiskRecord(disk.vdev, disk.format, self.name, method, lv.path, tag=snap, file=copy)
+
+    def copy_bytes(self, record: DiskRecord) -> int:
+        # The whole volume is read; zero blocks are left as holes, an upper bound.
+        return blockcopy.device_size(Path(record.image)) if record.method is Method.EXTERNAL else 0
+
+    def copies(self, record: DiskRecord) -> list[Path]:
+        return [Path(record.file)] if record.method is Method.EXTERNAL else []
 
     async def take(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
-        if record.method is Method.EXTERNAL:
+        if record.method is Method.EXTERNAL and not record.tag:
             await _copy(blockcopy.device_to_file, Path(record.image), Path(record.file), record.vdev, progress)
             return
         lv = await self._lv(record.image, record.vdev)
         size = None if lv.thin else cow_size(lv.size)
-        await self._run(lvm_argv.snapshot(lv.vg, lv.name, record.tag, size_bytes=size), timeout=QUERY_TIMEOUT)
-        progress(1.0, 0, 0, 0.0, f"{record.vdev}: LVM snapshot {record.tag} taken")
+        # The copy is read from an external one's snapshot LV: it must be active.
+        await self._run(lvm_argv.snapshot(lv.vg, lv.name, record.tag, size_bytes=size,
+                                          activate=lv.thin and record.method is Method.EXTERNAL),
+                        timeout=QUERY_TIMEOUT)
+        progress(0.0 if record.method is Method.EXTERNAL else 1.0, 0, 0, 0.0,
+                 f"{record.vdev}: LVM snapshot {record.tag} taken")
 
-    async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
-        if record.method is Method.EXTERNAL:
-            Path(record.file).unlink(missing_ok=True)
+    async def complete(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
+        if record.method is not Method.EXTERNAL or not record.tag:
             return
+        await _copy(blockcopy.device_to_file, _snapshot_device(record), Path(record.file), record.vdev, progress)
+        await self._drop(record)
+
+    async def _drop(self, record: DiskRecord) -> None:
         vg, _lv = _vg_and_lv(record.image)
         if record.tag in await self._vg(vg):
             await self._run(lvm_argv.remove(vg, record.tag), timeout=QUERY_TIMEOUT)
 
+    async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
+        if record.method is Method.EXTERNAL:
+            Path(record.file).unlink(missing_ok=True)
+            if not record.tag:
+                return
+        await self._drop(record)
+
     async def delete(self, record: DiskRecord, block: BlockOps | None, active: bool) -> None:
         # The snapshot LV is what lives "inside" the volume group for this record.
         if record.method is Method.INTERNAL:
-            await self.undo(record, block)
+            await self._drop(record)
 
     async def check(self, record: DiskRecord, current: DiskSpec) -> None:
         if os.path.realpath(current.target) != os.path.realpath(record.image):

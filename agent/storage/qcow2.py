@@ -11,10 +11,19 @@ from domsnap.agent.errors import AlreadyExists, FailedPrecondition, NotFound
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.runner import Runner
 from domsnap.agent.storage import qemu_img
-from domsnap.agent.storage.base import BlockOps, DiskBackend, DiskRecord, Method
+from domsnap.agent.storage.base import (
+    BlockOps,
+    DiskBackend,
+    DiskRecord,
+    Method,
+    fresh_revert_layer,
+    named_as_revert_layer,
+)
 from domsnap.agent.xldisk import DiskSpec
 
 TIMEOUT = 120.0
+# An offline merge writes a whole layer's data.
+MERGE_TIMEOUT = 3600.0
 
 
 class Qcow2Backend(DiskBackend):
@@ -43,7 +52,8 @@ class Qcow2Backend(DiskBackend):
         if depth > self._max_chain:
             raise FailedPrecondition(
                 f"disk {disk.vdev}: an external snapshot would make a backing chain of {depth} images, over the "
-                f"limit of {self._max_chain} (max_chain_depth); delete older snapshots or use --internal")
+                f"limit of {self._max_chain} (max_chain_depth); delete older snapshots (snapshot-delete merges their "
+                "layers) or use --internal")
         overlay = snapdir / f"{disk.vdev}.qcow2"
         return DiskRecord(disk.vdev, disk.format, self.name, method, disk.target, file=str(overlay))
 
@@ -81,10 +91,40 @@ class Qcow2Backend(DiskBackend):
             return current
         # A fresh overlay over the frozen image: the overlays of later
         # snapshots (which may have this image below them) stay untouched.
-        fresh = _fresh_overlay_path(Path(record.file))
+        fresh = fresh_revert_layer(Path(record.file))
         await self._run(qemu_img.create_overlay(self._img, fresh, record.image, record.format), timeout=TIMEOUT)
         progress(1.0, 0, 0, 0.0, f"{record.vdev}: new overlay {fresh.name}")
         return dataclasses.replace(current, target=str(fresh), format="qcow2")
+
+    def overlays(self, record: DiskRecord) -> list[Path]:
+        return [Path(record.file)] if record.method is Method.EXTERNAL else []
+
+    def is_revert_layer(self, path: Path, vdev: str) -> bool:
+        return named_as_revert_layer(path, vdev, ".qcow2")
+
+    def mergeable(self, record: DiskRecord) -> bool:
+        return record.method is Method.EXTERNAL
+
+    async def merge(self, record: DiskRecord, block: BlockOps | None, top: str | None, children: list[str]) -> None:
+        layer, below = record.file, record.image
+        if top is not None and block is not None:
+            chain = await self.chain(top)
+            if layer not in chain:
+                return  # merged already
+            if chain[0] == layer:
+                await block.drop_overlay(record.vdev, Path(below), record.format)
+            else:
+                await block.commit(record.vdev, Path(layer), Path(below))
+            return
+        # Offline: the data first, then the layers above, which read the same
+        # data through `below` from then on (a crash in between leaves them
+        # reading it through the layer: the same bytes either way).
+        above = [c for c in children if (await self.chain(c))[1:2] == [layer]]
+        if not above:
+            return
+        await self._run(qemu_img.commit(self._img, layer), timeout=MERGE_TIMEOUT)
+        for child in above:
+            await self._run(qemu_img.rebase_unsafe(self._img, child, below, record.format), timeout=TIMEOUT)
 
     async def chain(self, image: str) -> list[str]:
         out = await self._run(qemu_img.backing_chain(self._img, image), timeout=TIMEOUT)
@@ -110,9 +150,3 @@ class Qcow2Backend(DiskBackend):
             )
         if record.tag not in await self.tags(record.image):
             raise NotFound(f"disk {record.vdev}: {record.image} has no snapshot tagged {record.tag!r}")
-
-def _fresh_overlay_path(first: Path) -> Path:
-    n = 1
-    while (candidate := first.with_name(f"{first.stem}.r{n}{first.suffix}")).exists():
-        n += 1
-    return candidate

@@ -40,6 +40,17 @@ def create_overlay(binary: str, overlay: Path | str, backing: Path | str, backin
     return [binary, "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_fmt, str(overlay)]
 
 
+def commit(binary: str, overlay: Path | str) -> list[str]:
+    """Write an overlay's data into its backing image; the overlay keeps its
+    data (-d: not emptied, as it is removed or was left redundant anyway)."""
+    return [binary, "commit", "-q", "-d", str(overlay)]
+
+
+def rebase_unsafe(binary: str, image: Path | str, backing: Path | str, backing_fmt: str) -> list[str]:
+    """Point `image` at another backing file holding the same data (only the header changes)."""
+    return [binary, "rebase", "-u", "-b", str(backing), "-F", backing_fmt, str(image)]
+
+
 def parse_info(text: str) -> dict[str, Any]:
     data = json.loads(text)
     if not isinstance(data, dict):

@@ -12,7 +12,14 @@ from domsnap.agent.errors import AlreadyExists, CommandError, FailedPrecondition
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.runner import CommandResult, Runner
 from domsnap.agent.storage import vhd_util
-from domsnap.agent.storage.base import BlockOps, DiskBackend, DiskRecord, Method
+from domsnap.agent.storage.base import (
+    BlockOps,
+    DiskBackend,
+    DiskRecord,
+    Method,
+    fresh_revert_layer,
+    named_as_revert_layer,
+)
 from domsnap.agent.xldisk import DiskSpec
 
 TIMEOUT = 120.0
@@ -72,6 +79,12 @@ class VhdBackend(DiskBackend):
     async def delete(self, record: DiskRecord, block: BlockOps | None, active: bool) -> None:
         """Nothing lives inside a VHD for a record; its child is a file, which the caller removes."""
 
+    def overlays(self, record: DiskRecord) -> list[Path]:
+        return [Path(record.file)]
+
+    def is_revert_layer(self, path: Path, vdev: str) -> bool:
+        return named_as_revert_layer(path, vdev, ".vhd")
+
     async def chain(self, image: str) -> list[str]:
         images = [image]
         while (parent := (await self._query(images[-1])).parent) is not None:
@@ -86,15 +99,7 @@ class VhdBackend(DiskBackend):
             raise NotFound(f"disk {record.vdev}: the frozen image {record.image} is missing")
 
     async def revert(self, record: DiskRecord, current: DiskSpec, progress: StepProgress) -> DiskSpec:
-        fresh = _fresh_child_path(Path(record.file))
+        fresh = fresh_revert_layer(Path(record.file))
         await self._vhd_util(vhd_util.snapshot(self._bin, fresh, record.image))
         progress(1.0, 0, 0, 0.0, f"{record.vdev}: new child {fresh.name}")
         return dataclasses.replace(current, target=str(fresh), format="vhd")
-
-
-def _fresh_child_path(first: Path) -> Path:
-    """xvda.vhd -> xvda.r1.vhd, xvda.r2.vhd, ...: the first name not taken."""
-    n = 1
-    while (candidate := first.with_name(f"{first.stem}.r{n}{first.suffix}")).exists():
-        n += 1
-    return candidate

@@ -22,7 +22,7 @@ from tests.harness import Agent
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]
 
-CREATE_STEPS = ["mkdir", "checkpoint", "disk:xvda", "disk:xvdb", "manifest", "register"]
+CREATE_STEPS = ["mkdir", "checkpoint", "disk:xvda", "disk:xvdb", "copy:xvda", "copy:xvdb", "manifest", "register"]
 REVERT_STEPS = ["destroy", "disk:xvda", "disk:xvdb", "restore", "restored"]
 
 
@@ -128,7 +128,7 @@ def test_revert_killed_at_every_step(fault_agent: Agent, guest_image: tuple[Path
         assert_running_and_consistent(g, mark)
 
 
-DELETE_STEPS = ["unregister", "disks", "files"]
+DELETE_STEPS = ["unregister", "disks", "merge", "files"]
 
 
 def test_delete_killed_at_every_step(fault_agent: Agent, guest_image: tuple[Path, Path], tmp_path: Path) -> None:
@@ -263,3 +263,42 @@ def test_a_paused_domain_killed_while_relaunched_comes_back(fault_agent: Agent, 
             (int(x[2:]) for x in lines if x.startswith("C ")), None), timeout=20, offset=mark, what="a counter")
         assert paused_at < first <= paused_at + 2, (step, paused_at, first)
         assert_running_and_consistent(g, mark)
+
+
+def backing_chain(image: str) -> list[str]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", image],
+                         capture_output=True, text=True, check=True)
+    return [d["filename"] for d in json.loads(out.stdout)]
+
+
+def test_delete_merging_a_layer_killed_at_every_step(fault_agent: Agent, guest_image: tuple[Path, Path],
+                                                     tmp_path: Path) -> None:
+    """External snapshots m then n: deleting m merges its layer (inside the
+    running chain) into the image below, and n is told that image. Killed at
+    every step, the next agent finishes it: the chain is one layer shorter
+    and consistent, and n (and an older snapshot) revert exactly."""
+    g = start_guest(fault_agent, guest_image, tmp_path, "qcow2")
+    external = pb.SNAPSHOT_METHOD_EXTERNAL
+    g.create_snapshot(name="keep", live=True, method=external)
+    for step in DELETE_STEPS:
+        g.create_snapshot(name=f"m-{step}", live=True, method=external)
+        g.create_snapshot(name=f"n-{step}", live=True, method=external)
+        top = next(d.target for d in g.domain().disks if d.vdev == "xvda")
+        depth = len(backing_chain(top))
+        run_until_killed(fault_agent, f"delete:{step}", pb.DeleteSnapshotRequest(
+            domain=g.name, snapshot=f"m-{step}", request_id=uuid.uuid4().hex))
+        stub = fault_agent.stub()
+        listed = [s.name for s in stub.ListSnapshots(pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots]
+        assert f"m-{step}" not in listed and f"n-{step}" in listed, step
+        assert not (fault_agent.snapshot_root / g.name / f"m-{step}").exists(), f"{step}: m's files stay"
+        chain = backing_chain(top)
+        assert len(chain) == depth - 1, f"{step}: {chain}"
+        n = stub.GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot=f"n-{step}"), timeout=30)
+        assert n.disks[0].image == chain[1], f"{step}: n must name the image m's layer was merged into"
+        assert not list((fault_agent.state_dir / "journal").glob("*.json")), "journal entry left behind"
+        assert_running_and_consistent(g, g.mark())
+    for name in (f"n-{DELETE_STEPS[-1]}", "keep"):
+        mark = g.mark()
+        g.revert(name)
+        guestprobe.wait_disk_ok(g.serial, "vda", timeout=20, offset=mark)
+        assert not guestprobe.mismatches(g.serial, mark), name

@@ -770,3 +770,162 @@ def test_cli_round_trip(agent: Agent, boot_guest: BootGuest, tmp_path: Path) -> 
     assert [(d.vdev, d.method, d.tag) for d in snap.disks] == [("xvda", INTERNAL, "fromcfg")]
     assert "fromcfg" in tags(g.disks["xvda"][0])
     assert not bad_lines(g)
+
+
+# ====================================================================== copy after resume
+
+MiB = 1 << 20
+COPY_DATA_MIB = 1536
+
+
+def _fill(image: Path, start_mib: int, mib: int) -> None:
+    """Data the guest never touches (it writes sector 0 only), enough to make
+    copying the image take seconds: one random block, repeated."""
+    block = os.urandom(MiB)
+    with open(image, "r+b") as f:
+        f.seek(start_mib * MiB)
+        for _ in range(mib):
+            f.write(block)
+
+
+def _same_beyond_first_mib(a: Path, b: Path) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        fa.seek(MiB)
+        fb.seek(MiB)
+        while True:
+            x, y = fa.read(16 * MiB), fb.read(16 * MiB)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+@pytest.mark.slow
+def test_raw_copy_after_resume_holds_the_instant_while_the_guest_writes_on(agent: Agent,
+                                                                            boot_guest: BootGuest) -> None:
+    """The raw image is copied after the guest resumed (its writes meanwhile
+    held aside, then merged back): the copy holds the instant's sector 0,
+    not the later one the guest wrote during the copy, and all the rest."""
+    g = boot_guest("raw", disk_mib=COPY_DATA_MIB + 2)
+    image = g.disks["xvda"][0]
+    _fill(image, 1, COPY_DATA_MIB)
+    wrote_during_copy = False
+    for live in (False, True):
+        name = f"big-{'live' if live else 'paused'}"
+        t = take(g, name, live=live)
+        copy = Path(t.snap.path) / "xvda.raw"
+        later = guestprobe.disk_counter(image, "raw")
+        at_instant = guestprobe.disk_counter(copy, "raw")
+        assert later is not None and at_instant is not None
+        wrote_during_copy |= later > at_instant
+        assert disk_target(g) == str(image), "the domain must be back on its own image"
+        assert not list(Path(t.snap.path).glob(".*")), "the overlay that held the guest's writes is left behind"
+        assert _same_beyond_first_mib(copy, image)
+        run_on(g)
+        seen = revert_and_check(g, t)
+        assert seen.first_ok("vda") == at_instant
+        run_on(g, 1.0)
+    assert wrote_during_copy, "the guest never wrote while its image was copied: the test proves nothing"
+    assert not bad_lines(g)
+
+    # Cancelled mid-copy: rolled back, the guest's writes since the instant merged back into its image.
+    stub = agent.stub()
+    stream = stub.CreateSnapshot(pb.CreateSnapshotRequest(domain=g.name, name="cut", live=True,
+                                                          request_id=uuid.uuid4().hex), timeout=300)
+    first = next(stream)
+    for ev in stream:
+        if ev.WhichOneof("event") == "progress" and "copying" in ev.progress.message and ev.progress.bytes_done:
+            break
+    stub.CancelOperation(pb.CancelOperationRequest(operation_id=first.started.id), timeout=30)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert not (agent.snapshot_root / g.name / "cut").exists()
+    assert disk_target(g) == str(image)
+    mark = g.mark()
+    guestprobe.wait_disk_ok(g.serial, "vda", count=2, offset=mark, timeout=20)
+    assert not bad_lines(g)
+
+
+@pytest.mark.slow
+def test_raw_copy_of_a_paused_domain(agent: Agent, boot_guest: BootGuest) -> None:
+    g = boot_guest("raw")
+    image = g.disks["xvda"][0]
+    agent.stub().PauseDomain(pb.PauseDomainRequest(domain=g.name), timeout=30)
+    paused_at = g.mark()
+    snap = check_stream(g.create_snapshot(name="p"), CREATE, {"memory", "disks"}).result
+    assert g.domain().state == PAUSED
+    assert disk_target(g) == str(image)
+    copy = Path(snap.path) / "xvda.raw"
+    assert guestprobe.disk_counter(copy, "raw") == guestprobe.disk_counter(image, "raw")
+    assert guestprobe.serial_counters(g.serial, paused_at) == [], "the guest ran during the snapshot"
+    agent.stub().UnpauseDomain(pb.UnpauseDomainRequest(domain=g.name), timeout=30)
+    guestprobe.wait_disk_ok(g.serial, "vda", count=2, offset=paused_at, timeout=15)
+    assert not bad_lines(g, paused_at)
+
+
+# ====================================================================== chains merge back
+
+
+def chain_of(image: str) -> list[str]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", image], capture_output=True,
+                         text=True, timeout=30, check=True)
+    return [d["filename"] for d in json.loads(out.stdout)]
+
+
+def delete(g: Guest, name: str) -> None:
+    stub = g.agent.stub()
+    events = list(stub.DeleteSnapshot(pb.DeleteSnapshotRequest(domain=g.name, snapshot=name,
+                                                               request_id=uuid.uuid4().hex), timeout=300))
+    assert events[-1].finished.error.code == 0, events[-1]
+
+
+@pytest.mark.slow
+def test_keeping_one_of_six_external_snapshots_merges_the_chain_back(agent: Agent, boot_guest: BootGuest) -> None:
+    """Six external snapshots of a running guest, five deleted (in a mixed
+    order: layers inside the running chain), then the newest one (the
+    domain's own top layer): the chain is back to two images and the kept
+    snapshot reverts to its exact instant."""
+    g = boot_guest("qcow2")
+    base = str(g.disks["xvda"][0])
+    taken = {}
+    for i in range(1, 7):
+        taken[f"s{i}"] = take(g, f"s{i}", live=True, method=EXTERNAL)
+    assert len(chain_of(disk_target(g))) == 7
+    for name in ("s3", "s1", "s5", "s2", "s4"):
+        delete(g, name)
+        assert not (agent.snapshot_root / g.name / name).exists(), f"{name}: its files stay"
+    chain = chain_of(disk_target(g))
+    assert chain == [str(agent.snapshot_root / g.name / "s6" / "xvda.qcow2"), base], chain
+    kept = agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot="s6"), timeout=30)
+    assert kept.disks[0].image == base, "the kept snapshot must name the image its layer was merged into"
+
+    take(g, "s7", live=True, method=EXTERNAL)
+    delete(g, "s7")
+    assert chain_of(disk_target(g)) == chain, "the newest layer must be merged back into the one below"
+
+    run_on(g)
+    revert_and_check(g, taken["s6"])
+    assert len(chain_of(disk_target(g))) <= 3
+    assert not bad_lines(g)
+
+
+@pytest.mark.slow
+def test_a_layer_is_not_merged_where_a_chain_branches(agent: Agent, boot_guest: BootGuest) -> None:
+    """a froze the base image, b froze a's layer; reverted to a, the domain
+    reads the base through a new layer while b reads it through a's layer:
+    deleting a must not merge its layer into the base (the domain's branch
+    would change under it), and b stays exact."""
+    g = boot_guest("qcow2")
+    base = str(g.disks["xvda"][0])
+    a = take(g, "a", live=True, method=EXTERNAL)
+    b = take(g, "b", live=True, method=EXTERNAL)
+    run_on(g, 1.0)
+    revert_and_check(g, a)
+    delete(g, "a")
+    layer = b.snap.disks[0].image
+    assert Path(layer).is_file() and chain_of(layer) == [layer, base], "b's frozen image must stay as it was"
+    assert chain_of(disk_target(g))[1:] == [base]
+    run_on(g, 1.0)
+    revert_and_check(g, b)
+    assert not bad_lines(g)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +104,26 @@ def test_plan_thick() -> None:
     run_async(main())
 
 
-def test_plan_external_is_a_copy_in_the_snapshot_directory() -> None:
+def test_plan_external_is_a_copy_in_the_snapshot_directory_read_from_a_snapshot_lv() -> None:
     async def main() -> None:
-        run = runner(lvs(THICK.target, "lvs-thick-lv.json"))
+        run = runner(lvs(THICK.target, "lvs-thick-lv.json"), lvs("vg1", "lvs-vg1.json"))
         rec = await LvmBackend(run).plan(THICK, Method.EXTERNAL, Path("/s/web/s1"), "s1")
-        assert rec == DiskRecord("xvda", "raw", "lvm", Method.EXTERNAL, "/dev/vg1/web-root", file="/s/web/s1/xvda.raw")
+        assert rec == DiskRecord("xvda", "raw", "lvm", Method.EXTERNAL, "/dev/vg1/web-root", tag="web-root.s1.copy",
+                                 file="/s/web/s1/xvda.raw")
+        run.finished()
+
+    run_async(main())
+
+
+@pytest.mark.parametrize(("disk", "report"), [
+    (DiskSpec(target="/dev/vg1/web-root.s1", vdev="xvda"), "lvs-thick-snapshot-lv.json"),
+    (THICK, "lvs-thick-lv-small-vg.json"),
+])
+def test_plan_external_copies_in_the_pause_where_lvm_cannot_snapshot(disk: DiskSpec, report: str) -> None:
+    async def main() -> None:
+        run = runner(lvs(disk.target, report))
+        rec = await LvmBackend(run).plan(disk, Method.EXTERNAL, Path("/s/web/s1"), "s1")
+        assert rec.tag == "" and rec.file == "/s/web/s1/xvda.raw"
         run.finished()
 
     run_async(main())
@@ -313,3 +328,62 @@ def test_is_logical_volume(tmp_path: Path) -> None:
     loops = [p for p in ("/dev/loop0", "/dev/sda", "/dev/vda") if os.path.exists(p)]
     for dev in loops:
         assert not is_logical_volume(dev, sys_root=tmp_path)
+
+
+def _report(lv: Path, *names: str) -> Reply:
+    return Reply(json.dumps({"report": [{"lv": [{
+        "lv_name": name, "vg_name": lv.parent.name, "lv_attr": "-wi-a-----", "lv_size": str(12 * MiB),
+        "segtype": "linear", "pool_lv": "", "origin": "", "vg_free": str(64 * MiB), "lv_path": str(lv.parent / name)}
+        for name in names]}]}))
+
+
+def test_external_copy_is_read_after_the_pause_from_the_snapshot_lv(tmp_path: Path) -> None:
+    """take (in the pause) makes the snapshot LV, the guest writes on, complete
+    (after the resume) copies the instant from the snapshot LV and drops it."""
+    async def main() -> None:
+        lv = _volume(tmp_path)
+        instant = lv.read_bytes()
+        snap = lv.parent / "lv.s1.copy"
+
+        async def lvcreate(argv: Sequence[str]) -> None:
+            snap.write_bytes(lv.read_bytes())
+
+        async def lvremove(argv: Sequence[str]) -> None:
+            snap.unlink()
+
+        vg = lv.parent.name
+        run = runner(
+            (lvm_argv.lvs(str(lv)), _report(lv, "lv")),
+            (["lvcreate", "-s", "-L", f"{cow_size(12 * MiB)}b", "-n", "lv.s1.copy", f"{vg}/lv"],
+             Reply(action=lvcreate)),
+            (lvm_argv.lvs(vg), _report(lv, "lv", "lv.s1.copy")),
+            (["lvremove", "-y", f"{vg}/lv.s1.copy"], Reply(action=lvremove)),
+            (lvm_argv.lvs(vg), _report(lv, "lv")),
+        )
+        backend = LvmBackend(run)
+        rec = DiskRecord("xvda", "raw", "lvm", Method.EXTERNAL, str(lv), tag="lv.s1.copy",
+                         file=str(tmp_path / "xvda.raw"))
+        await backend.take(rec, None, ignore_progress)
+        assert not Path(rec.file).exists(), "copied inside the pause"
+        with open(lv, "r+b") as f:  # the guest runs again
+            f.write(b"C" * MiB)
+        await backend.complete(rec, None, ignore_progress)
+        assert Path(rec.file).read_bytes() == instant
+        assert not snap.exists()
+        await backend.undo(rec, None)  # the snapshot LV is gone already: only the copy goes
+        assert not Path(rec.file).exists()
+        run.finished()
+
+    run_async(main())
+
+
+def test_an_external_copys_thin_snapshot_lv_is_made_active() -> None:
+    async def main() -> None:
+        rec = DiskRecord("xvdb", "raw", "lvm", Method.EXTERNAL, THIN.target, tag="pvguest-data.s1.copy",
+                         file="/s/xvdb.raw")
+        run = runner(lvs(THIN.target, "lvs-thin-lv.json"),
+                     ["lvcreate", "-s", "--setactivationskip", "n", "-n", "pvguest-data.s1.copy", "vg0/pvguest-data"])
+        await LvmBackend(run).take(rec, None, ignore_progress)
+        run.finished()
+
+    run_async(main())

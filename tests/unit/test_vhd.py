@@ -108,6 +108,12 @@ class Block:
     async def drop_overlay(self, vdev: str, backing: Path, fmt: str) -> None:
         self.calls.append(("drop", vdev, backing, fmt))
 
+    async def commit(self, vdev: str, top: Path, base: Path) -> None:
+        raise AssertionError("vhd layers are not merged")
+
+    def can_overlay(self, vdev: str) -> bool:
+        return True
+
 
 def record_for(image: Path, snapdir: Path) -> DiskRecord:
     return DiskRecord("xvda", "vhd", "vhd", Method.EXTERNAL, str(image), file=str(snapdir / "xvda.vhd"))

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Protocol
 
 from domsnap import __version__
-from domsnap.agent.catalogue import Catalogue, Entry
+from domsnap.agent.catalogue import Catalogue, Entry, Page, Render
 from domsnap.agent.config import AgentConfig
 from domsnap.agent.domain import Domain, DomainConfig
 from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import NotFound
+from domsnap.agent.errors import InvalidArgument, NotFound
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
 from domsnap.agent.operations import Observer, Operation, Operations, OpKind
@@ -27,6 +27,10 @@ from domsnap.agent.storage import Backends
 
 API_VERSION = "domsnap.v1"
 REMEMBERED_ANSWERS = 1000
+# ListSnapshots pages: at most this many snapshots, and about this many bytes
+# (well under gRPC's 4 MiB default message limit whatever the descriptions).
+PAGE_SIZE = 1000
+PAGE_BYTES = 2 << 20
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +51,12 @@ class AgentInfo:
 
 
 class AgentService:
-    def __init__(self, config: AgentConfig, driver: Hypervisor, backends: Backends,
+    def __init__(self, config: AgentConfig, driver: Hypervisor, backends: Backends, render: Render,
                  observer: Observer | None = None) -> None:
         self.config = config
         self.driver = driver
         self.operations = Operations(observer)
-        self.catalogue = Catalogue(config.state_dir)
+        self.catalogue = Catalogue(config.state_dir, render)
         self.journal = Journal(config.state_dir, fault_injection=config.testing.fault_injection)
         self._create = SnapshotCreate(driver, backends, self.catalogue, self.journal, config.snapshot_root,
                                       config.roots, config.state_dir)
@@ -67,7 +71,10 @@ class AgentService:
                          self.config.snapshot_root, self.driver.capabilities())
 
     async def recover(self) -> int:
-        """Finish or roll back what a dead agent left in the journal; returns how many."""
+        """Bring the catalogue's index in line with the manifests, then finish
+        or roll back what a dead agent left in the journal; returns how many
+        operations."""
+        self.catalogue.check()
         entries = self.journal.pending()
         for entry in entries:
             procedure = self._procedures[entry.kind]
@@ -163,9 +170,11 @@ class AgentService:
                 return ref
             raise
 
-    async def list_snapshots(self, domain: str) -> list[Entry]:
-        domains = [await self._domain_name(domain)] if domain else self.catalogue.domains()
-        return [e for d in domains for e in self.catalogue.entries(d)]
+    async def list_snapshots(self, domain: str, page_size: int = 0, page_token: str = "") -> Page:
+        if page_size < 0:
+            raise InvalidArgument(f"page_size {page_size} is negative")
+        name = await self._domain_name(domain) if domain else ""
+        return self.catalogue.page(name, min(page_size or PAGE_SIZE, PAGE_SIZE), page_token, PAGE_BYTES)
 
     async def list_operations(self, domain: str) -> list[Operation]:
         return self.operations.list(await self._domain_name(domain) if domain else "")

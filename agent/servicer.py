@@ -96,8 +96,8 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
             operations=[convert.operation(op) for op in await self._s.list_operations(request.domain)])
 
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Ctx) -> pb.ListSnapshotsResponse:
-        return pb.ListSnapshotsResponse(
-            snapshots=[convert.snapshot(e) for e in await self._s.list_snapshots(request.domain)])
+        return convert.snapshot_page(
+            await self._s.list_snapshots(request.domain, request.page_size, request.page_token))
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: Ctx) -> pb.Snapshot:
         return convert.snapshot(await self._s.get_snapshot(request.domain, request.snapshot))

@@ -123,6 +123,7 @@ class SnapshotDelete:
             if e.manifest.parent == m.name:
                 child = Manifest.from_json(e.manifest.to_json(), str(e.path))
                 manifest.write(e.path, Manifest(**{**child.__dict__, "parent": m.parent}))
+                self._catalogue.reindex(m.domain, child.name, e.path)
 
     async def _in_use(self, m: Manifest, dom: Domain | None) -> set[str]:
         """Every file a disk chain of the domain or of another snapshot reads."""

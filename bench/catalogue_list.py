@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 from domsnap.agent import manifest
-from domsnap.agent.catalogue import Catalogue
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.storage.base import DiskRecord, Method
 from domsnap.v1 import domsnap_pb2 as pb
@@ -30,7 +29,10 @@ DOMAIN = "big"
 
 
 def fill(state_dir: Path, root: Path, count: int) -> list[Path]:
-    catalogue = Catalogue(state_dir)
+    """Snapshot directories and the catalogue's pointers to them, written
+    plainly (no fsync: a bench's data); the agent indexes them when it starts."""
+    pointers = state_dir / "catalogue" / DOMAIN
+    pointers.mkdir(parents=True)
     dirs = []
     parent = ""
     for i in range(count):
@@ -46,10 +48,10 @@ def fill(state_dir: Path, root: Path, count: int) -> list[Path]:
             hypervisor_version="QEMU 7.2.22", parent=parent,
         )
         (d / manifest.MANIFEST).write_text(m.to_json())
-        catalogue.register(DOMAIN, name, d)
+        (pointers / name).write_text(f"{d}\n")
         parent = name
         dirs.append(d)
-    catalogue.set_current(DOMAIN, parent)
+    (pointers / ".current").write_text(f"{parent}\n")
     return dirs
 
 
@@ -77,7 +79,12 @@ def main() -> int:
             stub = agent.stub()
 
             def rpc() -> None:
-                n = len(stub.ListSnapshots(pb.ListSnapshotsRequest(domain=DOMAIN), timeout=300).snapshots)
+                n, token = 0, ""
+                while True:
+                    page = stub.ListSnapshots(pb.ListSnapshotsRequest(domain=DOMAIN, page_token=token), timeout=300)
+                    n += len(page.snapshots)
+                    if not (token := page.next_page_token):
+                        break
                 assert n == args.count, n
 
             def cli() -> None:

@@ -59,6 +59,8 @@ class _Instance:
     config: DomainConfig
     folder: Path
     qmp: QmpSession
+    # Read from the pid file once: a QEMU keeps its pid for life.
+    _pid: int | None = None
 
     @property
     def paths(self) -> qemu_argv.LaunchPaths:
@@ -66,11 +68,12 @@ class _Instance:
         return qemu_argv.LaunchPaths(self.folder / "qmp.sock", self.folder / "qemu.pid", console)
 
     def pid(self) -> int | None:
-        try:
-            pid = int((self.folder / "qemu.pid").read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid) else None
+        if self._pid is None:
+            try:
+                self._pid = int((self.folder / "qemu.pid").read_text().strip())
+            except (OSError, ValueError):
+                return None
+        return self._pid if _alive(self._pid) else None
 
 
 def _alive(pid: int) -> bool:
@@ -191,8 +194,7 @@ class QemuDriver(Hypervisor):
         if pid is None:
             return Domain(inst.domid, inst.config, RunState.SHUTDOWN)
         try:
-            status = await inst.qmp.execute("query-status", timeout=5)
-            state = _STATES.get(str(status.get("status")), RunState.PAUSED)
+            state = _STATES.get(await inst.qmp.status(), RunState.PAUSED)
         except Exception as err:  # a wedged QEMU must not break `list`
             log.warning("domain %s: query-status failed: %s", inst.config.name, err)
             state = RunState.CRASHED

@@ -3,6 +3,12 @@
 QEMU's QMP socket serves a single client, so the agent keeps one connection
 per domain and lets concurrent callers share it (qemu.qmp multiplexes
 commands by id).
+
+The session also knows the guest's run state without asking: QEMU's
+RESUME, SHUTDOWN and GUEST_PANICKED events set it as they are read, which is
+before the answer to the command that caused them. A STOP (paused, but also
+an internal or I/O error) makes it unknown until the next `status()` asks
+QEMU once.
 """
 
 from __future__ import annotations
@@ -13,9 +19,28 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, QMPError
 
 from domsnap.agent.errors import FailedPrecondition, Unavailable
+
+# What an event says the run state (query-status's `status`) is now; None: ask.
+_EVENT_STATUS: dict[str, str | None] = {
+    "RESUME": "running", "STOP": None, "SHUTDOWN": "shutdown", "GUEST_PANICKED": "guest-panicked"}
+
+
+class _RunState(EventListener):
+    """Follows the run state from events; queues none of them (it lives as long as its client)."""
+
+    def __init__(self) -> None:
+        super().__init__(tuple(_EVENT_STATUS))
+        self.status: str | None = None
+        self.changes = 0
+
+    def accept(self, event: Message) -> bool:
+        if super().accept(event):
+            self.status = _EVENT_STATUS[str(event["event"])]
+            self.changes += 1
+        return False
 
 
 class QmpSession:
@@ -24,6 +49,7 @@ class QmpSession:
         self.name = name
         self._client: QMPClient | None = None
         self._lock = asyncio.Lock()
+        self._runstate = _RunState()
 
     async def _connected(self) -> QMPClient:
         async with self._lock:
@@ -34,12 +60,28 @@ class QmpSession:
             # cannot be removed; a long-lived session must not grow, so it
             # accepts nothing and listeners are per use.
             client.events.event_filter = lambda _event: False
+            # Events seen by an earlier connection say nothing of now.
+            self._runstate = _RunState()
+            client.register_listener(self._runstate)
             try:
                 await asyncio.wait_for(client.connect(str(self.socket)), 10)
             except (OSError, QMPError, TimeoutError) as err:
                 raise Unavailable(f"cannot reach QEMU of domain {self.name} at {self.socket}: {err}") from err
             self._client = client
             return client
+
+    async def status(self) -> str:
+        """The run state as query-status names it; asked of QEMU only when events have not told it."""
+        await self._connected()
+        watch = self._runstate
+        if watch.status is None:
+            changes = watch.changes
+            status = str((await self.execute("query-status", timeout=5)).get("status"))
+            # An event read while the answer was on its way is newer than it.
+            if watch.changes == changes:
+                watch.status = status
+            return status
+        return watch.status
 
     async def execute(self, cmd: str, args: Mapping[str, object] | None = None, *, timeout: float = 60) -> Any:
         client = await self._connected()

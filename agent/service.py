@@ -84,7 +84,7 @@ class AgentService:
                 log.exception("recovery of %s %s on %s failed; its journal entry is kept", entry.kind,
                               entry.snapshot, entry.domain)
                 continue
-            self.journal.finish(entry)
+            await self.journal.finish(entry)
             log.info("recovered %s of snapshot %s on domain %s (operation %s): %s", entry.kind, entry.snapshot,
                      entry.domain, entry.op_id, outcome)
         return len(entries)

@@ -7,6 +7,7 @@ deleted base. Children of a deleted snapshot get its parent as theirs."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -82,9 +83,9 @@ class SnapshotDelete:
         for i, e in enumerate(doomed):
             journal = JournalEntry(op.id, "delete", domain, e.manifest.name, op.request_id,
                                    data={"snapdir": str(e.path), "manifest": e.manifest.to_json()})
-            self._journal.begin(journal)
+            await self._journal.begin(journal)
             await self._delete(journal, dom)
-            self._journal.finish(journal)
+            await self._journal.finish(journal)
             sink((i + 1) / len(doomed), 0, 0, 0.0, f"deleted {e.manifest.name}")
 
     async def _check(self, m: Manifest, dom: Domain | None) -> None:
@@ -102,21 +103,25 @@ class SnapshotDelete:
     async def _delete(self, journal: JournalEntry, dom: Domain | None) -> None:
         m = Manifest.from_json(journal.data["manifest"], "<journal>")
         snapdir = Path(journal.data["snapdir"])
-        self._journal.step(journal, "unregister")
+        await self._journal.step(journal, "unregister")
+        await asyncio.to_thread(self._unregister, m, snapdir)
+        await self._journal.step(journal, "disks")
+        block = self._driver.block_ops(dom.name) if dom is not None else None
+        for rec in m.disks:
+            active = dom is not None and dom.config.disk(rec.vdev).target == rec.image
+            await self._backends.for_record(rec).delete(rec, block, active)
+        await self._journal.step(journal, "files")
+        with contextlib.suppress(FileNotFoundError):
+            Path(m.memory_file).unlink()
+        await self._remove_unused_files(m, snapdir, dom)
+
+    def _unregister(self, m: Manifest, snapdir: Path) -> None:
+        """The snapshot stops existing: out of the catalogue, its manifest gone, its children reparented."""
         if self._catalogue.current(m.domain) == m.name:
             self._catalogue.set_current(m.domain, m.parent)
         self._catalogue.unregister(m.domain, m.name)
         (snapdir / manifest.MANIFEST).unlink(missing_ok=True)
         self._reparent_children(m)
-        self._journal.step(journal, "disks")
-        block = self._driver.block_ops(dom.name) if dom is not None else None
-        for rec in m.disks:
-            active = dom is not None and dom.config.disk(rec.vdev).target == rec.image
-            await self._backends.for_record(rec).delete(rec, block, active)
-        self._journal.step(journal, "files")
-        with contextlib.suppress(FileNotFoundError):
-            Path(m.memory_file).unlink()
-        await self._remove_unused_files(m, snapdir, dom)
 
     def _reparent_children(self, m: Manifest) -> None:
         for e in self._catalogue.entries(m.domain):

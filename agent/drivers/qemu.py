@@ -286,12 +286,16 @@ class QemuDriver(Hypervisor):
         return await self._domain(inst)
 
     def block_ops(self, name: str) -> QmpBlockOps:
-        inst = self._instance(name)
+        return self._block_ops(self._instance(name), persist=True)
+
+    def _block_ops(self, inst: _Instance, *, persist: bool) -> QmpBlockOps:
+        """`persist`: write the config at once when a disk moves; else the caller does, later."""
 
         def moved(vdev: str, target: str, fmt: str) -> None:
             disks = [replace(d, target=target, format=fmt) if d.vdev == vdev else d for d in inst.config.disks]
             inst.config = inst.config.with_disks(disks)
-            self._save(inst)
+            if persist:
+                self._save(inst)
 
         return QmpBlockOps(inst.qmp, moved)
 
@@ -304,12 +308,21 @@ class QemuDriver(Hypervisor):
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):
             raise FailedPrecondition(f"domain {domain.name} is {domain.state}; only a running or paused one "
                                      "can be snapshotted")
-        block = self.block_ops(domain.name)
-        saved = await qemu_migration.save(
-            inst.qmp, memory, live=live, was_running=domain.state is RunState.RUNNING,
-            in_pause=lambda: in_pause(block), progress=progress,
-            mode=qemu_migration.LiveMode(self._cfg.live_mode), bandwidth=self._cfg.max_bandwidth,
-        )
+        # The disks' moves are written down after the guest resumed, not in
+        # its pause: until the create's manifest exists, a crash rolls them
+        # back (through QEMU, whatever the file says), so nothing depends on
+        # the file being current any earlier.
+        before = inst.config
+        block = self._block_ops(inst, persist=False)
+        try:
+            saved = await qemu_migration.save(
+                inst.qmp, memory, live=live, was_running=domain.state is RunState.RUNNING,
+                in_pause=lambda: in_pause(block), progress=progress,
+                mode=qemu_migration.LiveMode(self._cfg.live_mode), bandwidth=self._cfg.max_bandwidth,
+            )
+        finally:
+            if inst.config is not before:
+                self._save(inst)
         if domain.state is RunState.PAUSED:
             await self._repark(inst, memory, progress)
         downtime = 0.0

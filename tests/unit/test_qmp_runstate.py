@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,14 @@ class FakeQemu:
         self.send({"event": name, "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}})
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not within 5 s")
+
+
 def test_status_is_asked_once_then_follows_events(tmp_path: Path) -> None:
     async def main() -> None:
         qemu = FakeQemu()
@@ -73,21 +81,25 @@ def test_status_is_asked_once_then_follows_events(tmp_path: Path) -> None:
             assert qemu.queries == 1, "a known run state was asked again"
             await session.execute("cont")
             assert await session.status() == "running" and qemu.queries == 1
-            # STOP may mean paused or an error state: the next status asks once.
+            # STOP says paused at once; which stop it was is asked in the background.
             await session.execute("stop")
+            assert await session.status() == "paused"
+            await until(lambda: qemu.queries == 2)
             assert await session.status() == "paused" and qemu.queries == 2
-            assert await session.status() == "paused" and qemu.queries == 2
+            # QEMU stopping on its own for an error: the caller never asks, the session finds out.
+            await session.execute("cont")
+            qemu.status = "internal-error"
+            qemu.event("STOP")
+            await until(lambda: qemu.queries == 3)
+            assert await session.status() == "internal-error"
             # A state change QEMU makes on its own (here: a guest panic) is seen without asking.
             qemu.event("GUEST_PANICKED")
-            for _ in range(100):
-                if await session.status() == "guest-panicked":
-                    break
-                await asyncio.sleep(0.01)
-            assert await session.status() == "guest-panicked" and qemu.queries == 2
+            await until(lambda: session._runstate.status == "guest-panicked")
+            assert await session.status() == "guest-panicked" and qemu.queries == 3
             # A new connection knows nothing of what the old one saw.
             await session.close()
             qemu.status = "running"
-            assert await session.status() == "running" and qemu.queries == 3
+            assert await session.status() == "running" and qemu.queries == 4
         finally:
             await session.close()
             server.close()

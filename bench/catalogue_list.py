@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from domsnap.agent import manifest
@@ -28,22 +29,22 @@ from tests.harness import BIN, Agent
 DOMAIN = "big"
 
 
-def fill(state_dir: Path, root: Path, count: int) -> list[Path]:
+def fill(state_dir: Path, root: Path, count: int, domain: str = DOMAIN) -> list[Path]:
     """Snapshot directories and the catalogue's pointers to them, written
     plainly (no fsync: a bench's data); the agent indexes them when it starts."""
-    pointers = state_dir / "catalogue" / DOMAIN
+    pointers = state_dir / "catalogue" / domain
     pointers.mkdir(parents=True)
     dirs = []
     parent = ""
     for i in range(count):
         name = f"s{i:05d}"
-        d = root / DOMAIN / name
+        d = root / domain / name
         d.mkdir(parents=True)
         (d / manifest.MEMORY).write_bytes(b"\0" * 1024)
         m = Manifest(
-            name=name, domain=DOMAIN, description="", created_at=1e9 + i, finished_at=1e9 + i + 1,
-            state="running", live=False, domain_config='name = "big"\n',
-            disks=(DiskRecord("xvda", "qcow2", "qcow2", Method.INTERNAL, "/img/big.qcow2", tag=name),),
+            name=name, domain=domain, description="", created_at=1e9 + i, finished_at=1e9 + i + 1,
+            state="running", live=False, domain_config=f'name = "{domain}"\n',
+            disks=(DiskRecord("xvda", "qcow2", "qcow2", Method.INTERNAL, f"/img/{domain}.qcow2", tag=name),),
             memory_file=str(d / manifest.MEMORY), memory_bytes=1024, driver="qemu",
             hypervisor_version="QEMU 7.2.22", parent=parent,
         )
@@ -55,11 +56,11 @@ def fill(state_dir: Path, root: Path, count: int) -> list[Path]:
     return dirs
 
 
-def timed(fn: object, repeat: int) -> list[float]:
+def timed(fn: Callable[[], object], repeat: int) -> list[float]:
     out = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         out.append(time.perf_counter() - t0)
     return out
 

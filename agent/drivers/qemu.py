@@ -90,6 +90,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+async def _exited(pid: int, timeout: float | None) -> bool:
+    """Whether the process ends within `timeout`: woken by its pidfd the
+    moment it does (a revert waits on this), not by polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+    loop.add_reader(fd, ended.set)
+    try:
+        await asyncio.wait_for(ended.wait(), timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 def _cpu_seconds(pid: int | None) -> float:
     if pid is None:
         return 0.0
@@ -265,15 +285,11 @@ class QemuDriver(Hypervisor):
         del self._instances[inst.config.name]
 
     async def _reap(self, pid: int) -> None:
-        for _ in range(int(QUIT_TIMEOUT / 0.05)):
-            if not _alive(pid):
-                return
-            await asyncio.sleep(0.05)
-        log.warning("QEMU pid %d ignored quit; killing it", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
-            await asyncio.sleep(0.05)
+        if not await _exited(pid, QUIT_TIMEOUT):
+            log.warning("QEMU pid %d ignored quit; killing it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await _exited(pid, None)
 
     async def pause(self, name: str) -> Domain:
         inst = self._instance(name)

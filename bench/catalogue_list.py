@@ -29,9 +29,10 @@ from tests.harness import BIN, Agent
 DOMAIN = "big"
 
 
-def fill(state_dir: Path, root: Path, count: int, domain: str = DOMAIN) -> list[Path]:
+def fill(state_dir: Path, root: Path, count: int, domain: str = DOMAIN, *, images: bool = True) -> list[Path]:
     """Snapshot directories and the catalogue's pointers to them, written
-    plainly (no fsync: a bench's data); the agent indexes them when it starts."""
+    plainly (no fsync: a bench's data); the agent indexes them when it starts.
+    `images`: each with its 1 KiB memory image (else only the manifest names one)."""
     pointers = state_dir / "catalogue" / domain
     pointers.mkdir(parents=True)
     dirs = []
@@ -40,7 +41,8 @@ def fill(state_dir: Path, root: Path, count: int, domain: str = DOMAIN) -> list[
         name = f"s{i:05d}"
         d = root / domain / name
         d.mkdir(parents=True)
-        (d / manifest.MEMORY).write_bytes(b"\0" * 1024)
+        if images:
+            (d / manifest.MEMORY).write_bytes(b"\0" * 1024)
         m = Manifest(
             name=name, domain=domain, description="", created_at=1e9 + i, finished_at=1e9 + i + 1,
             state="running", live=False, domain_config=f'name = "{domain}"\n',

@@ -19,6 +19,7 @@ import binascii
 import json
 import logging
 import sqlite3
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,9 @@ class CatalogueIndex:
         self._path = state_dir / FILE
         state_dir.mkdir(parents=True, exist_ok=True)
         self._db = self._open()
+        # One connection, used from the event loop (pages) and from the
+        # threads that operations write through: one user at a time.
+        self._lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -145,24 +149,24 @@ class CatalogueIndex:
         return db
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     def stamps(self) -> dict[tuple[str, str], tuple[str, str]]:
         """Every row's (domain, name) -> (path, manifest stamp)."""
-        return {(d, n): (p, s) for d, n, p, s in self._db.execute("SELECT domain, name, path, stamp FROM snapshots")}
+        with self._lock:
+            rows = self._db.execute("SELECT domain, name, path, stamp FROM snapshots").fetchall()
+        return {(d, n): (p, s) for d, n, p, s in rows}
 
     def update(self, put: Iterable[Row] = (), remove: Iterable[tuple[str, str]] = ()) -> None:
         """Rows in and out, in one transaction."""
-        with self._transaction():
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
             self._db.executemany("DELETE FROM snapshots WHERE domain = ? AND name = ?", remove)
             self._db.executemany(
                 "INSERT OR REPLACE INTO snapshots (domain, name, path, created_at, stamp, listing) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 ((r.domain, r.name, r.path, r.created_at, r.stamp, r.listing) for r in put))
-
-    def _transaction(self) -> sqlite3.Connection:
-        self._db.execute("BEGIN")
-        return self._db
 
     def page(self, domain: str, after: Key | None, limit: int, max_bytes: int) -> tuple[list[Listing], bool]:
         """Up to `limit` rows in listing order after `after` (one domain's, or
@@ -171,9 +175,11 @@ class CatalogueIndex:
         args: list[str | float] = [domain] if domain else []
         if after is not None:
             args += [after.created_at, after.name] if domain else [after.domain, after.created_at, after.name]
+        with self._lock:
+            found = self._db.execute(_PAGE[bool(domain), after is not None], (*args, limit + 1)).fetchall()
         rows: list[Listing] = []
         size = 0
-        for values in self._db.execute(_PAGE[bool(domain), after is not None], (*args, limit + 1)):
+        for values in found:
             row = Listing._make(values)
             if len(rows) == limit or (rows and size + len(row.listing) > max_bytes):
                 return rows, True

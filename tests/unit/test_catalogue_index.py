@@ -4,6 +4,7 @@ out-of-date index from the manifests."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import sqlite3
@@ -13,7 +14,7 @@ import pytest
 
 from domsnap.agent import manifest
 from domsnap.agent.catalogue import Catalogue
-from domsnap.agent.catalogue_index import FILE
+from domsnap.agent.catalogue_index import FILE, CatalogueIndex, Row
 from domsnap.agent.convert import snapshot_listing, snapshot_page
 from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.manifest import Manifest
@@ -162,3 +163,22 @@ def test_a_registered_snapshot_whose_manifest_is_gone_is_left_out(filled: tuple[
     cat = Catalogue(state, snapshot_listing)
     assert cat.check() == 1
     assert names(listing(cat, "b", 100)) == ["b/s02", "b/s01"]
+
+
+def test_the_index_takes_writers_and_readers_from_several_threads(tmp_path: Path) -> None:
+    """Operations on different domains write the index from their own threads
+    while the event loop reads pages from it."""
+    index = CatalogueIndex(tmp_path)
+
+    def write(domain: str) -> None:
+        for i in range(300):
+            index.update(put=[Row(domain, f"s{i:03d}", "/p", float(i), "", b"x" * 64)])
+
+    def read() -> None:
+        for _ in range(300):
+            index.page("", None, 50, 1 << 20)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        for done in [pool.submit(write, "x"), pool.submit(write, "y"), pool.submit(read)]:
+            done.result()
+    assert len(index.stamps()) == 600

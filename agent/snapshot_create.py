@@ -5,7 +5,6 @@ rolls back whatever was made: the snapshot is complete or absent."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -210,10 +209,9 @@ class SnapshotCreate:
             now = await self._driver.lookup(domain.name)
             if now.state is RunState.PAUSED:
                 await self._driver.unpause(domain.name)
-        with contextlib.suppress(FileNotFoundError):
-            Path(data["memory"]).unlink()
+        await asyncio.to_thread(Path(data["memory"]).unlink, missing_ok=True)
         if journal.reached("mkdir"):
-            shutil.rmtree(data["snapdir"], ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, data["snapdir"], ignore_errors=True)
 
     async def _plan(self, domain: Domain, req: CreateRequest) -> Plan:
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):

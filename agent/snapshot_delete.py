@@ -111,8 +111,7 @@ class SnapshotDelete:
             active = dom is not None and dom.config.disk(rec.vdev).target == rec.image
             await self._backends.for_record(rec).delete(rec, block, active)
         await self._journal.step(journal, "files")
-        with contextlib.suppress(FileNotFoundError):
-            Path(m.memory_file).unlink()
+        await asyncio.to_thread(Path(m.memory_file).unlink, missing_ok=True)
         await self._remove_unused_files(m, snapdir, dom)
 
     def _unregister(self, m: Manifest, snapdir: Path) -> None:
@@ -146,6 +145,11 @@ class SnapshotDelete:
 
     async def _remove_unused_files(self, m: Manifest, snapdir: Path, dom: Domain | None) -> None:
         used = await self._in_use(m, dom)
+        # Off the event loop: freeing a large image's blocks takes a while.
+        await asyncio.to_thread(self._remove_files, m, snapdir, used)
+
+    @staticmethod
+    def _remove_files(m: Manifest, snapdir: Path, used: set[str]) -> None:
         own = {Path(r.file) for r in m.disks if r.file}
         candidates = set(snapdir.iterdir()) if snapdir.is_dir() else set()
         for path in sorted(candidates | own):

@@ -222,7 +222,11 @@ class QemuDriver(Hypervisor):
 
     async def list_domains(self) -> list[Domain]:
         insts = sorted(self._instances.values(), key=lambda i: i.domid)
-        return list(await asyncio.gather(*(self._domain(i) for i in insts)))
+        # The QEMUs whose run state no event told yet are asked at once; the
+        # answer is then made in one go (with run states known, none of
+        # these awaits suspends, and no task per domain is scheduled).
+        await asyncio.gather(*(self._domain(i) for i in insts if not i.qmp.knows_status))
+        return [await self._domain(i) for i in insts]
 
     async def lookup(self, ref: str) -> Domain:
         return await self._domain(self._instance(ref))

@@ -75,6 +75,11 @@ class QmpSession:
             self._client = client
             return client
 
+    @property
+    def knows_status(self) -> bool:
+        """Whether `status()` answers without asking QEMU."""
+        return self._client is not None and self._runstate.status is not None
+
     async def status(self) -> str:
         """The run state as query-status names it; asked of QEMU only when events have not told it."""
         await self._connected()

@@ -76,7 +76,9 @@ def test_status_is_asked_once_then_follows_events(tmp_path: Path) -> None:
         server = await asyncio.start_unix_server(qemu.serve, str(sock))
         session = QmpSession(sock, "g")
         try:
+            assert not session.knows_status
             assert await session.status() == "running"
+            assert session.knows_status
             assert await session.status() == "running"
             assert qemu.queries == 1, "a known run state was asked again"
             await session.execute("cont")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
-from domsnap.agent.catalogue import Entry
+from domsnap.agent import disk_usage
+from domsnap.agent.catalogue import Entry, Page
 from domsnap.agent.domain import Domain, RunState
 from domsnap.agent.errors import DomsnapError
+from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Finished, Operation, OpKind, OpState, Started
 from domsnap.agent.progress import Progress
 from domsnap.agent.service import AgentInfo
@@ -93,6 +97,22 @@ def snapshot(entry: Entry, size_bytes: int = 0) -> pb.Snapshot:
         parent=m.parent, current=entry.current, size_bytes=size_bytes,
         driver=m.driver, hypervisor_version=m.hypervisor_version, downtime_seconds=m.downtime,
     )
+
+
+def snapshot_listing(path: Path, m: Manifest) -> bytes:
+    """A snapshot as the catalogue's index stores it (`current` is set per
+    listing); called where the catalogue writes its index, off the event loop."""
+    entry = Entry(path, m, current=False)
+    return snapshot(entry, disk_usage.size_on_disk(entry)).SerializeToString()
+
+
+def snapshot_page(page: Page) -> pb.ListSnapshotsResponse:
+    resp = pb.ListSnapshotsResponse(next_page_token=page.next_token)
+    for listed in page.snapshots:
+        snap = resp.snapshots.add()
+        snap.MergeFromString(listed.listing)
+        snap.current = listed.current
+    return resp
 
 
 def progress(p: Progress) -> pb.Progress:

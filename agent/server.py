@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from domsnap.agent import limits
+from domsnap.agent import convert, limits
 from domsnap.agent.auth import AuthInterceptor, Authorizer
 from domsnap.agent.config import AgentConfig, TlsConfig, parse_listen
 from domsnap.agent.conn_limit import ConnectionLimit, raise_fd_limit
@@ -147,7 +147,7 @@ async def _serve(config: AgentConfig, driver: Hypervisor | None, ready: asyncio.
     config.snapshot_root.mkdir(parents=True, exist_ok=True)
     backends = Backends(qemu_img=config.qemu.img, max_chain=config.max_chain_depth)
     metrics = Metrics(driver.name, backends) if config.metrics.listen else None
-    service = AgentService(config, driver, backends, observer=metrics)
+    service = AgentService(config, driver, backends, convert.snapshot_listing, observer=metrics)
 
     socket_gid = group_id(config.socket_group, "socket_group")
     peers = PeerTable()

@@ -13,11 +13,11 @@ from time import time
 from typing import Protocol
 
 from domsnap import __version__
-from domsnap.agent.catalogue import Catalogue, Entry
+from domsnap.agent.catalogue import Catalogue, Entry, Page, Render
 from domsnap.agent.config import AgentConfig
 from domsnap.agent.domain import Domain, DomainConfig, RunState
 from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import DomsnapError, FailedPrecondition, InternalError, NotFound
+from domsnap.agent.errors import DomsnapError, FailedPrecondition, InternalError, InvalidArgument, NotFound
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
 from domsnap.agent.ledger import Ledger
@@ -31,6 +31,10 @@ from domsnap.agent.snapshot_revert import RevertRequest, SnapshotRevert, Strande
 from domsnap.agent.storage import Backends
 
 API_VERSION = "domsnap.v1"
+# ListSnapshots pages: at most this many snapshots, and about this many bytes
+# (well under gRPC's 4 MiB default message limit whatever the descriptions).
+PAGE_SIZE = 1000
+PAGE_BYTES = 2 << 20
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +55,13 @@ class AgentInfo:
 
 
 class AgentService:
-    def __init__(self, config: AgentConfig, driver: Hypervisor, backends: Backends,
+    def __init__(self, config: AgentConfig, driver: Hypervisor, backends: Backends, render: Render,
                  observer: Observer | None = None) -> None:
         self.config = config
         self.driver = driver
         self._history = History(config.state_dir, keep=config.operation_history_days * DAY)
         self.operations = Operations(observer, self._history)
-        self.catalogue = Catalogue(config.state_dir)
+        self.catalogue = Catalogue(config.state_dir, render)
         self.journal = Journal(config.state_dir, fault_injection=config.testing.fault_injection)
         ledger = Ledger(config.state_dir)
         self._create = SnapshotCreate(driver, backends, self.catalogue, self.journal, ledger, config.snapshot_root,
@@ -72,7 +76,10 @@ class AgentService:
                          self.config.snapshot_root, self.driver.capabilities())
 
     async def recover(self) -> int:
-        """Finish or roll back what a dead agent left in the journal; returns how many."""
+        """Bring the catalogue's index in line with the manifests, then finish
+        or roll back what a dead agent left in the journal; returns how many
+        operations."""
+        self.catalogue.check()
         self.operations.add_finished(self._history.load())
         entries = self.journal.pending()
         for entry in entries:
@@ -86,7 +93,7 @@ class AgentService:
                 self._recovered(op, InternalError(f"the agent stopped during this operation, and the next one "
                                                   f"could not finish or roll it back: {err}"))
                 continue
-            self.journal.finish(entry)
+            await self.journal.finish(entry)
             log.info("recovered %s of snapshot %s on domain %s (operation %s): %s", entry.kind, entry.snapshot,
                      entry.domain, entry.op_id, outcome)
             self._recovered(op, None if outcome == "completed" else InternalError(
@@ -187,10 +194,11 @@ class AgentService:
             return ref
         return str(confine(ref, self.config.roots, (self.config.state_dir,), what="snapshot path"))
 
-    async def list_snapshots(self, domain: str) -> list[Entry]:
-        domains = [await self._domain_name(domain)] if domain else self.catalogue.domains()
-        # Manifests are read in a thread: the event loop never waits on a disk.
-        return await asyncio.to_thread(lambda: [e for d in domains for e in self.catalogue.entries(d)])
+    async def list_snapshots(self, domain: str, page_size: int = 0, page_token: str = "") -> Page:
+        if page_size < 0:
+            raise InvalidArgument(f"page_size {page_size} is negative")
+        name = await self._domain_name(domain) if domain else ""
+        return self.catalogue.page(name, min(page_size or PAGE_SIZE, PAGE_SIZE), page_token, PAGE_BYTES)
 
     async def list_operations(self, domain: str) -> list[Operation]:
         return self.operations.list(await self._domain_name(domain) if domain else "")

@@ -125,9 +125,8 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
             operations=[convert.operation(op, n) for op, n in zip(ops, sizes, strict=True)])
 
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Ctx) -> pb.ListSnapshotsResponse:
-        entries = await self._s.list_snapshots(request.domain)
-        sizes = await _sizes(entries)
-        return pb.ListSnapshotsResponse(snapshots=[convert.snapshot(e, n) for e, n in zip(entries, sizes, strict=True)])
+        return convert.snapshot_page(
+            await self._s.list_snapshots(request.domain, request.page_size, request.page_token))
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: Ctx) -> pb.Snapshot:
         entry = await self._s.get_snapshot(request.domain, request.snapshot)

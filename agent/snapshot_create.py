@@ -5,7 +5,7 @@ rolls back whatever was made: the snapshot is complete or absent."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import logging
 import os
 import shutil
@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from domsnap import __version__
@@ -122,15 +123,15 @@ class SnapshotCreate:
             "records": [r.to_dict() for r in plan.records],
             "was_running": domain.state is RunState.RUNNING,
         })
-        self._journal.begin(journal)
+        await self._journal.begin(journal)
 
-        def step(name: str) -> None:
+        async def step(name: str) -> None:
             if not op.committed:
                 op.check_cancel()
-            self._journal.step(journal, name)
+            await self._journal.step(journal, name)
 
         try:
-            step("mkdir")
+            await step("mkdir")
             plan.snapdir.parent.mkdir(parents=True, exist_ok=True)
             plan.snapdir.mkdir(mode=0o700)
             copies = sum(self._backends.for_record(r).copy_bytes(r) for r in plan.records)
@@ -140,19 +141,22 @@ class SnapshotCreate:
             async def in_pause(block: BlockOps) -> None:
                 disk_progress(0.0, 0, 0, 0.0, "guest paused")
                 for i, rec in enumerate(plan.records):
-                    step(f"disk:{rec.vdev}")
+                    # Not written: the durable "checkpoint" step already has
+                    # every disk undone by a rollback, taken or not.
+                    op.check_cancel()
+                    self._journal.mark(journal, f"disk:{rec.vdev}")
                     backend = self._backends.for_record(rec)
                     await backend.take(rec, block, share(disk_progress, i, len(plan.records)))
 
-            step("checkpoint")
+            await step("checkpoint")
             result = await self._driver.checkpoint(domain, plan.memory, live=req.live, in_pause=in_pause,
                                                    progress=mem_progress,
                                                    # Past the memory save: journaled, no longer cancellable.
-                                                   step=lambda name: self._journal.step(journal, name))
+                                                   step=partial(self._journal.step, journal))
             # The guest runs again: the bulk of each disk's copy is made now.
             block = self._driver.block_ops(domain.name)
             for i, rec in enumerate(plan.records):
-                step(f"copy:{rec.vdev}")
+                await step(f"copy:{rec.vdev}")
                 await self._backends.for_record(rec).complete(rec, block, share(disk_progress, i, len(plan.records)))
             op.phase("manifest", 99)
             m = Manifest(
@@ -165,16 +169,17 @@ class SnapshotCreate:
                 facts=self._driver.facts(domain), parent=self._catalogue.current(domain.name),
                 downtime=result.downtime, agent_version=__version__,
             )
-            step("manifest")
+            await step("manifest")
             op.commit()
-            manifest.write(plan.snapdir, m)
+            await asyncio.to_thread(manifest.write, plan.snapdir, m)
         except BaseException:
             await self.rollback(journal)
-            self._journal.finish(journal)
+            await self._journal.finish(journal)
             raise
-        step("register")
-        self._register(journal)
-        self._journal.finish(journal)
+        # Not written: recovery registers whatever reached "manifest" and has one.
+        self._journal.mark(journal, "register")
+        await asyncio.to_thread(self._register, journal)
+        await self._journal.finish(journal)
         return Entry(plan.snapdir, m, current=True)
 
     def _register(self, journal: JournalEntry) -> None:
@@ -206,10 +211,11 @@ class SnapshotCreate:
             # A save a dead agent left may still hold the guest stopped.
             await self._driver.abandon_transfers(domain.name)
             block = self._driver.block_ops(domain.name)
-        records = [DiskRecord.from_dict(r) for r in data["records"]]
+        # From "checkpoint" on any disk may have been taken (the steps in the
+        # pause are not written down): each is undone, which does nothing to
+        # one that was not.
+        records = [DiskRecord.from_dict(r) for r in data["records"]] if journal.reached("checkpoint") else []
         for rec in reversed(records):
-            if not journal.reached(f"disk:{rec.vdev}"):
-                continue
             try:
                 await self._backends.for_record(rec).undo(rec, block)
             except Exception:
@@ -218,10 +224,9 @@ class SnapshotCreate:
             now = await self._driver.lookup(domain.name)
             if now.state is RunState.PAUSED:
                 await self._driver.unpause(domain.name)
-        with contextlib.suppress(FileNotFoundError):
-            Path(data["memory"]).unlink()
+        await asyncio.to_thread(Path(data["memory"]).unlink, missing_ok=True)
         if journal.reached("mkdir"):
-            shutil.rmtree(data["snapdir"], ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, data["snapdir"], ignore_errors=True)
 
     async def _plan(self, domain: Domain, req: CreateRequest) -> Plan:
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):

@@ -97,11 +97,11 @@ class SnapshotDelete:
             journal = JournalEntry(op.id, "delete", domain, e.manifest.name, op.request_id,
                                    data={"snapdir": str(e.path), "manifest": e.manifest.to_json(),
                                          "registered": self._catalogue.path_of(domain, e.manifest.name) == e.path})
-            self._journal.begin(journal)
+            await self._journal.begin(journal)
             # Looked up again each time: a merge may have moved the domain's disks.
             dom = await self._domain(domain) if dom is not None else None
             await self._delete(journal, dom, share(sink, i, len(doomed)))
-            self._journal.finish(journal)
+            await self._journal.finish(journal)
             sink((i + 1) / len(doomed), 0, 0, 0.0, f"deleted {e.manifest.name}")
 
     async def _check(self, m: Manifest, dom: Domain | None) -> None:
@@ -120,18 +120,10 @@ class SnapshotDelete:
                       progress: StepProgress = ignore_progress) -> None:
         m = Manifest.from_json(journal.data["manifest"], "<journal>")
         snapdir = Path(journal.data["snapdir"])
-        self._journal.step(journal, "unregister")
-        # A snapshot named by a folder the catalogue does not know leaves the
-        # catalogue alone: its name may be another snapshot's.
+        await self._journal.step(journal, "unregister")
         registered = journal.data.get("registered", True)
-        if registered:
-            if self._catalogue.current(m.domain) == m.name:
-                self._catalogue.set_current(m.domain, m.parent)
-            self._catalogue.unregister(m.domain, m.name)
-        dirfd.unlink(snapdir / manifest.MANIFEST, snapdir)
-        if registered:
-            self._reparent_children(m)
-        self._journal.step(journal, "disks")
+        await asyncio.to_thread(self._unregister, m, snapdir, registered)
+        await self._journal.step(journal, "disks")
         block = self._driver.block_ops(dom.name) if dom is not None else None
         for rec in m.disks:
             active = dom is not None and dom.config.disk(rec.vdev).target == rec.image
@@ -139,7 +131,7 @@ class SnapshotDelete:
         if "merges" not in journal.data:
             # Planned once; an agent that resumes this delete follows the same plan.
             journal.data["merges"] = await self._plan_merges(m, dom, progress)
-        self._journal.step(journal, "merge")
+        await self._journal.step(journal, "merge")
         for merge in journal.data["merges"]:
             rec = DiskRecord.from_dict(merge["record"])
             progress(0.5, 0, 0, 0.0, f"{rec.vdev}: merging {rec.file} into {rec.image}")
@@ -147,8 +139,9 @@ class SnapshotDelete:
             self._repoint(m.domain, rec)
         if journal.data["merges"] and dom is not None:
             dom = await self._domain(dom.config.name)
-        self._journal.step(journal, "files")
-        dirfd.unlink(Path(m.memory_file), snapdir)
+        await self._journal.step(journal, "files")
+        # Off the event loop: freeing a large image's blocks takes a while.
+        await asyncio.to_thread(dirfd.unlink, Path(m.memory_file), snapdir)
         await self._remove_unused_files(m, snapdir, dom)
         if registered:
             self._ledger.forget(m.domain, m.name)
@@ -195,12 +188,26 @@ class SnapshotDelete:
                 disks = tuple(replace(r, image=merged.image) if r.vdev == merged.vdev and r.image == merged.file
                               else r for r in e.manifest.disks)
                 manifest.write(e.path, replace(e.manifest, disks=disks))
+                self._catalogue.reindex(domain, e.manifest.name, e.path)
+
+    def _unregister(self, m: Manifest, snapdir: Path, registered: bool) -> None:
+        """The snapshot stops existing: its manifest gone and, when the catalogue
+        knows it (a folder it does not know may carry another snapshot's name),
+        out of the catalogue with its children reparented."""
+        if registered:
+            if self._catalogue.current(m.domain) == m.name:
+                self._catalogue.set_current(m.domain, m.parent)
+            self._catalogue.unregister(m.domain, m.name)
+        dirfd.unlink(snapdir / manifest.MANIFEST, snapdir)
+        if registered:
+            self._reparent_children(m)
 
     def _reparent_children(self, m: Manifest) -> None:
         for e in self._catalogue.entries(m.domain):
             if e.manifest.parent == m.name:
                 child = Manifest.from_json(e.manifest.to_json(), str(e.path))
                 manifest.write(e.path, Manifest(**{**child.__dict__, "parent": m.parent}))
+                self._catalogue.reindex(m.domain, child.name, e.path)
 
     async def _in_use(self, m: Manifest, dom: Domain | None) -> set[str]:
         """Every file a disk chain of the domain or of another snapshot reads."""
@@ -225,11 +232,15 @@ class SnapshotDelete:
                 return True
             return False
 
-        # Files elsewhere are only those the ledger allowed (prepare).
-        for path in sorted({Path(r.file) for r in m.disks if r.file and Path(r.file).parent != snapdir}):
-            if not keep(path):
-                path.unlink(missing_ok=True)
-        dirfd.remove_files(snapdir, keep)
+        def remove() -> None:
+            # Files elsewhere are only those the ledger allowed (prepare).
+            for path in sorted({Path(r.file) for r in m.disks if r.file and Path(r.file).parent != snapdir}):
+                if not keep(path):
+                    path.unlink(missing_ok=True)
+            dirfd.remove_files(snapdir, keep)
+
+        # Off the event loop: freeing a large image's blocks takes a while.
+        await asyncio.to_thread(remove)
 
     async def recover(self, journal: JournalEntry) -> str:
         """A delete past its point of no return is finished (it is idempotent)."""

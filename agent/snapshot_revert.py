@@ -184,12 +184,12 @@ class SnapshotRevert:
             "snapdir": str(snapdir), "current_config": current.to_text(), "paused": paused,
             "manifest": m.to_json(),
         })
-        self._journal.begin(journal)
+        await self._journal.begin(journal)
         # The point of no return: past it a cancel is refused, and an agent
         # that dies leaves the journal for the next one to finish the revert.
         op.commit()
         try:
-            self._journal.step(journal, "destroy")
+            await self._journal.step(journal, "destroy")
             op.phase("destroy", 10)
             if domain is not None:
                 await self._driver.destroy(domain.name)
@@ -233,23 +233,23 @@ class SnapshotRevert:
         current = DomainConfig.parse(journal.data["current_config"], source="<journal>", xl=self._driver.xl_version)
         disks = {d.vdev: d for d in snap_config.disks}
         for i, rec in enumerate(m.disks):
-            self._journal.step(journal, f"disk:{rec.vdev}")
+            await self._journal.step(journal, f"disk:{rec.vdev}")
             disks[rec.vdev] = await self._backends.for_record(rec).revert(
                 rec, current.disk(rec.vdev), share(disk_progress, i, len(m.disks)))
         config = snap_config.with_disks([disks[d.vdev] for d in snap_config.disks])
-        self._journal.step(journal, "restore")
+        await self._journal.step(journal, "restore")
         await self._driver.restore(config, Path(m.memory_file), facts=m.facts, paused=journal.data["paused"],
                                    progress=restore_phase())
-        self._journal.step(journal, "restored")
-        self._finish(journal, current, config)
+        await self._journal.step(journal, "restored")
+        await self._finish(journal, current, config)
 
-    def _finish(self, journal: JournalEntry, before: DomainConfig, after: DomainConfig) -> None:
+    async def _finish(self, journal: JournalEntry, before: DomainConfig, after: DomainConfig) -> None:
         self._stranded.pop(journal.domain, None)
-        self._catalogue.set_current(journal.domain, journal.snapshot)
+        await asyncio.to_thread(self._catalogue.set_current, journal.domain, journal.snapshot)
         for orphan in self._discarded(journal.domain, before, after):
             log.info("revert: removing %s, the discarded state's overlay", orphan)
             orphan.unlink(missing_ok=True)
-        self._journal.finish(journal)
+        await self._journal.finish(journal)
 
     async def recover(self, journal: JournalEntry) -> str:
         """Finish a revert a dead agent left past its point of no return."""
@@ -263,7 +263,7 @@ class SnapshotRevert:
         except NotFound:
             domain = None
         if journal.reached("restored") and domain is not None:
-            self._finish(journal, current, domain.config)
+            await self._finish(journal, current, domain.config)
             return "completed"
         # The old domain half destroyed, or a restore cut short.
         await self._again(journal, m, ignore_progress)

@@ -17,10 +17,10 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from domsnap.agent import manifest
-from domsnap.agent.catalogue import Catalogue
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.storage.base import DiskRecord, Method
 from domsnap.v1 import domsnap_pb2 as pb
@@ -29,35 +29,40 @@ from tests.harness import BIN, Agent
 DOMAIN = "big"
 
 
-def fill(state_dir: Path, root: Path, count: int) -> list[Path]:
-    catalogue = Catalogue(state_dir)
+def fill(state_dir: Path, root: Path, count: int, domain: str = DOMAIN, *, images: bool = True) -> list[Path]:
+    """Snapshot directories and the catalogue's pointers to them, written
+    plainly (no fsync: a bench's data); the agent indexes them when it starts.
+    `images`: each with its 1 KiB memory image (else only the manifest names one)."""
+    pointers = state_dir / "catalogue" / domain
+    pointers.mkdir(parents=True)
     dirs = []
     parent = ""
     for i in range(count):
         name = f"s{i:05d}"
-        d = root / DOMAIN / name
+        d = root / domain / name
         d.mkdir(parents=True)
-        (d / manifest.MEMORY).write_bytes(b"\0" * 1024)
+        if images:
+            (d / manifest.MEMORY).write_bytes(b"\0" * 1024)
         m = Manifest(
-            name=name, domain=DOMAIN, description="", created_at=1e9 + i, finished_at=1e9 + i + 1,
-            state="running", live=False, domain_config='name = "big"\n',
-            disks=(DiskRecord("xvda", "qcow2", "qcow2", Method.INTERNAL, "/img/big.qcow2", tag=name),),
+            name=name, domain=domain, description="", created_at=1e9 + i, finished_at=1e9 + i + 1,
+            state="running", live=False, domain_config=f'name = "{domain}"\n',
+            disks=(DiskRecord("xvda", "qcow2", "qcow2", Method.INTERNAL, f"/img/{domain}.qcow2", tag=name),),
             memory_file=str(d / manifest.MEMORY), memory_bytes=1024, driver="qemu",
             hypervisor_version="QEMU 7.2.22", parent=parent,
         )
         (d / manifest.MANIFEST).write_text(m.to_json())
-        catalogue.register(DOMAIN, name, d)
+        (pointers / name).write_text(f"{d}\n")
         parent = name
         dirs.append(d)
-    catalogue.set_current(DOMAIN, parent)
+    (pointers / ".current").write_text(f"{parent}\n")
     return dirs
 
 
-def timed(fn: object, repeat: int) -> list[float]:
+def timed(fn: Callable[[], object], repeat: int) -> list[float]:
     out = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        fn()  # type: ignore[operator]
+        fn()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -77,7 +82,12 @@ def main() -> int:
             stub = agent.stub()
 
             def rpc() -> None:
-                n = len(stub.ListSnapshots(pb.ListSnapshotsRequest(domain=DOMAIN), timeout=300).snapshots)
+                n, token = 0, ""
+                while True:
+                    page = stub.ListSnapshots(pb.ListSnapshotsRequest(domain=DOMAIN, page_token=token), timeout=300)
+                    n += len(page.snapshots)
+                    if not (token := page.next_page_token):
+                        break
                 assert n == args.count, n
 
             def cli() -> None:

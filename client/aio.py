@@ -98,8 +98,12 @@ class AsyncClient:
     # -------------------------------------------------------------- snapshots
 
     async def list_snapshots(self, domain: str = "", *, timeout: float | None = None) -> list[pb.Snapshot]:
-        response = await self._call(self.stub.ListSnapshots, pb.ListSnapshotsRequest(domain=domain), timeout)
-        return list(response.snapshots)
+        out: list[pb.Snapshot] = []
+        page = None
+        while (request := calls.next_snapshots_page(domain, page)) is not None:
+            page = await self._call(self.stub.ListSnapshots, request, timeout)
+            out.extend(page.snapshots)
+        return out
 
     async def get_snapshot(self, domain: str, snapshot: str, *, timeout: float | None = None) -> pb.Snapshot:
         return await self._call(self.stub.GetSnapshot, pb.GetSnapshotRequest(domain=domain, snapshot=snapshot),

@@ -109,8 +109,13 @@ class Client:
     # -------------------------------------------------------------- snapshots
 
     def list_snapshots(self, domain: str = "", *, timeout: float | None = None) -> list[pb.Snapshot]:
-        """One domain's snapshots, or every domain's."""
-        return list(self._call(self.stub.ListSnapshots, pb.ListSnapshotsRequest(domain=domain), timeout).snapshots)
+        """One domain's snapshots, or every domain's (every page of them)."""
+        out: list[pb.Snapshot] = []
+        page = None
+        while (request := calls.next_snapshots_page(domain, page)) is not None:
+            page = self._call(self.stub.ListSnapshots, request, timeout)
+            out.extend(page.snapshots)
+        return out
 
     def get_snapshot(self, domain: str, snapshot: str, *, timeout: float | None = None) -> pb.Snapshot:
         """A snapshot by name, or by its directory (an absolute path on the agent's host)."""

@@ -73,6 +73,14 @@ def create_request(domain: str, *, name: str = "", live: bool = False, method: M
         path=path, description=description, config=config, overrides=list(overrides))
 
 
+def next_snapshots_page(domain: str, last: pb.ListSnapshotsResponse | None) -> pb.ListSnapshotsRequest | None:
+    """The request for the listing's next page (AIP-158): the first with `last`
+    None, then one per page until the agent says there is no more (None)."""
+    if last is None:
+        return pb.ListSnapshotsRequest(domain=domain)
+    return pb.ListSnapshotsRequest(domain=domain, page_token=last.next_page_token) if last.next_page_token else None
+
+
 def revert_request(domain: str, snapshot: str = "", *, run_state: RunState | None = None, force: bool = False,
                    config: str = "", overrides: Sequence[str] = (), request_id: str | None = None,
                    ) -> pb.RevertSnapshotRequest:

@@ -21,7 +21,7 @@ import grpc
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 
-from . import connection, progress, views
+from . import calls, connection, progress, views
 from .connection import Address
 
 if TYPE_CHECKING:
@@ -359,8 +359,11 @@ def cmd_snapshot_delete(s: Session, ns: argparse.Namespace) -> int:
 
 
 def cmd_snapshot_list(s: Session, ns: argparse.Namespace) -> int:
-    request = pb.ListSnapshotsRequest(domain=ns.domain or "")
-    snapshots = list(s.agent.ListSnapshots(request, timeout=s.timeout).snapshots)
+    snapshots: list[pb.Snapshot] = []
+    page = None
+    while (request := calls.next_snapshots_page(ns.domain or "", page)) is not None:
+        page = s.agent.ListSnapshots(request, timeout=s.timeout)
+        snapshots.extend(page.snapshots)
     if s.json:
         s.print_json([views.to_dict(snap) for snap in snapshots])
     elif ns.tree:

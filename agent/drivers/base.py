@@ -25,10 +25,10 @@ class CheckpointResult:
 # captures; the disks are snapshotted inside it.
 InPause = Callable[[BlockOps], Awaitable[None]]
 # Told the name of a step of the driver's own before it runs (journaled by the caller).
-Step = Callable[[str], None]
+Step = Callable[[str], Awaitable[None]]
 
 
-def no_step(_name: str) -> None:
+async def no_step(_name: str) -> None:
     pass
 
 

@@ -61,6 +61,8 @@ class _Instance:
     config: DomainConfig
     folder: Path
     qmp: QmpSession
+    # Read from the pid file once: a QEMU keeps its pid for life.
+    _pid: int | None = None
 
     @property
     def paths(self) -> qemu_argv.LaunchPaths:
@@ -68,11 +70,12 @@ class _Instance:
         return qemu_argv.LaunchPaths(self.folder / "qmp.sock", self.folder / "qemu.pid", console)
 
     def pid(self) -> int | None:
-        try:
-            pid = int((self.folder / "qemu.pid").read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid) else None
+        if self._pid is None:
+            try:
+                self._pid = int((self.folder / "qemu.pid").read_text().strip())
+            except (OSError, ValueError):
+                return None
+        return self._pid if _alive(self._pid) else None
 
 
 def _alive(pid: int) -> bool:
@@ -87,6 +90,26 @@ def _alive(pid: int) -> bool:
         if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
             return False
     return True
+
+
+async def _exited(pid: int, timeout: float | None) -> bool:
+    """Whether the process ends within `timeout`: woken by its pidfd the
+    moment it does (a revert waits on this), not by polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+    loop.add_reader(fd, ended.set)
+    try:
+        await asyncio.wait_for(ended.wait(), timeout)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 def _cpu_seconds(pid: int | None) -> float:
@@ -210,8 +233,7 @@ class QemuDriver(Hypervisor):
         if pid is None:
             return Domain(inst.domid, inst.config, RunState.SHUTDOWN)
         try:
-            status = await inst.qmp.execute("query-status", timeout=5)
-            state = _STATES.get(str(status.get("status")), RunState.PAUSED)
+            state = _STATES.get(await inst.qmp.status(), RunState.PAUSED)
         except Exception as err:  # a wedged QEMU must not break `list`
             log.warning("domain %s: query-status failed: %s", inst.config.name, err)
             state = RunState.CRASHED
@@ -219,7 +241,11 @@ class QemuDriver(Hypervisor):
 
     async def list_domains(self) -> list[Domain]:
         insts = sorted(self._instances.values(), key=lambda i: i.domid)
-        return list(await asyncio.gather(*(self._domain(i) for i in insts)))
+        # The QEMUs whose run state no event told yet are asked at once; the
+        # answer is then made in one go (with run states known, none of
+        # these awaits suspends, and no task per domain is scheduled).
+        await asyncio.gather(*(self._domain(i) for i in insts if not i.qmp.knows_status))
+        return [await self._domain(i) for i in insts]
 
     async def lookup(self, ref: str) -> Domain:
         return await self._domain(self._instance(ref))
@@ -282,15 +308,11 @@ class QemuDriver(Hypervisor):
         del self._instances[inst.config.name]
 
     async def _reap(self, pid: int) -> None:
-        for _ in range(int(QUIT_TIMEOUT / 0.05)):
-            if not _alive(pid):
-                return
-            await asyncio.sleep(0.05)
-        log.warning("QEMU pid %d ignored quit; killing it", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
-            await asyncio.sleep(0.05)
+        if not await _exited(pid, QUIT_TIMEOUT):
+            log.warning("QEMU pid %d ignored quit; killing it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await _exited(pid, None)
 
     async def pause(self, name: str) -> Domain:
         inst = self._instance(name)
@@ -303,12 +325,16 @@ class QemuDriver(Hypervisor):
         return await self._domain(inst)
 
     def block_ops(self, name: str) -> QmpBlockOps:
-        inst = self._instance(name)
+        return self._block_ops(self._instance(name), persist=True)
+
+    def _block_ops(self, inst: _Instance, *, persist: bool) -> QmpBlockOps:
+        """`persist`: write the config at once when a disk moves; else the caller does, later."""
 
         def moved(vdev: str, target: str, fmt: str) -> None:
             disks = [replace(d, target=target, format=fmt) if d.vdev == vdev else d for d in inst.config.disks]
             inst.config = inst.config.with_disks(disks)
-            self._save(inst)
+            if persist:
+                self._save(inst)
 
         return QmpBlockOps(inst.qmp, moved)
 
@@ -322,12 +348,21 @@ class QemuDriver(Hypervisor):
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):
             raise FailedPrecondition(f"domain {domain.name} is {domain.state}; only a running or paused one "
                                      "can be snapshotted")
-        block = self.block_ops(domain.name)
-        saved = await qemu_migration.save(
-            inst.qmp, memory, live=live, was_running=domain.state is RunState.RUNNING,
-            in_pause=lambda: in_pause(block), progress=progress,
-            mode=qemu_migration.LiveMode(self._cfg.live_mode), bandwidth=self._cfg.max_bandwidth,
-        )
+        # The disks' moves are written down after the guest resumed, not in
+        # its pause: until the create's manifest exists, a crash rolls them
+        # back (through QEMU, whatever the file says), so nothing depends on
+        # the file being current any earlier.
+        before = inst.config
+        block = self._block_ops(inst, persist=False)
+        try:
+            saved = await qemu_migration.save(
+                inst.qmp, memory, live=live, was_running=domain.state is RunState.RUNNING,
+                in_pause=lambda: in_pause(block), progress=progress,
+                mode=qemu_migration.LiveMode(self._cfg.live_mode), bandwidth=self._cfg.max_bandwidth,
+            )
+        finally:
+            if inst.config is not before:
+                self._save(inst)
         if domain.state is RunState.PAUSED:
             await self._repark(inst, memory, progress, step)
         downtime = 0.0
@@ -347,9 +382,9 @@ class QemuDriver(Hypervisor):
         dies meanwhile relaunches it at its next start.
         """
         write_atomic(inst.folder / RELAUNCH, json.dumps({"memory": str(memory)}))
-        step("repark")
+        await step("repark")
         await self._stop_instance(inst)
-        step("relaunch")
+        await step("relaunch")
         await self._relaunch(inst, memory, progress)
 
     async def _relaunch(self, inst: _Instance, memory: Path, progress: StepProgress) -> None:

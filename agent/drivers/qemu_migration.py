@@ -218,9 +218,7 @@ class _Watch:
                 remaining = int(ram.get("remaining", total))
                 fraction = 1 - remaining / total if live else min(written / total, 1.0)
                 self._progress(min(fraction, 0.99), written, total, self._rate.of(written), f"memory: {status}")
-            # Woken by the next status change, or after POLL to report progress.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changes.get(), POLL)
+            await _next_change(self._changes)
 
     async def _adapt(self, passes: int) -> None:
         # Another pass over memory (dirty-sync-count went up): the last limit
@@ -229,6 +227,12 @@ class _Watch:
             self._downtime = min(self._downtime * 2, LAST_DOWNTIME_MS)
             await self._qmp.execute("migrate-set-parameters", {"downtime-limit": self._downtime})
         self._passes = max(self._passes, passes)
+
+
+async def _next_change(changes: EventListener) -> None:
+    """Until the next MIGRATION status change, or POLL (to report progress)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(changes.get(), POLL)
 
 
 IN_FLIGHT = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
@@ -259,10 +263,11 @@ async def load(qmp: QmpSession, memory: Path, *, progress: StepProgress) -> None
         # QEMU's loader reads in small pieces on one thread: read ahead for it.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        await qmp.send_fd(FDNAME, fd)
-        # The MIGRATION event of the end wakes the agent at once, not at its next poll.
+        # MIGRATION events wake the agent the moment the load completes,
+        # instead of at its next poll.
         await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
         async with qmp.listen("MIGRATION") as changes:
+            await qmp.send_fd(FDNAME, fd)
             await qmp.execute("migrate-incoming", {"uri": f"fd:{FDNAME}"})
             rate = _Rate()
             while True:
@@ -274,8 +279,7 @@ async def load(qmp: QmpSession, memory: Path, *, progress: StepProgress) -> None
                     _raise_failed(info, "loading the memory image")
                 done = os.lseek(fd, 0, os.SEEK_CUR)
                 progress(min(done / max(total, 1), 0.99), done, total, rate.of(done), "memory: loading")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changes.get(), POLL)
+                await _next_change(changes)
         progress(1.0, total, total, 0.0, "memory image loaded")
     finally:
         os.close(fd)

@@ -3,19 +3,48 @@
 QEMU's QMP socket serves a single client, so the agent keeps one connection
 per domain and lets concurrent callers share it (qemu.qmp multiplexes
 commands by id).
+
+The session also knows the guest's run state without asking: QEMU's STOP,
+RESUME, SHUTDOWN and GUEST_PANICKED events set it as they are read, which is
+before the answer to the command that caused them. A STOP says paused, but
+QEMU also stops for an internal or I/O error: the session then asks
+query-status in the background, so no caller waits on a QEMU that may be
+busy saving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, QMPError
 
 from domsnap.agent.errors import FailedPrecondition, Unavailable
+
+# What an event says the run state (query-status's `status`) is now.
+_EVENT_STATUS = {"RESUME": "running", "STOP": "paused", "SHUTDOWN": "shutdown", "GUEST_PANICKED": "guest-panicked"}
+
+
+class _RunState(EventListener):
+    """Follows the run state from events; queues none of them (it lives as long as its client)."""
+
+    def __init__(self, stopped: Callable[[], None]) -> None:
+        super().__init__(tuple(_EVENT_STATUS))
+        self.status: str | None = None
+        self.changes = 0
+        self._stopped = stopped
+
+    def accept(self, event: Message) -> bool:
+        if super().accept(event):
+            name = str(event["event"])
+            self.status = _EVENT_STATUS[name]
+            self.changes += 1
+            if name == "STOP":
+                self._stopped()
+        return False
 
 
 class QmpSession:
@@ -24,6 +53,8 @@ class QmpSession:
         self.name = name
         self._client: QMPClient | None = None
         self._lock = asyncio.Lock()
+        self._runstate = _RunState(self._stopped)
+        self._refining: asyncio.Task[None] | None = None
 
     async def _connected(self) -> QMPClient:
         async with self._lock:
@@ -34,12 +65,48 @@ class QmpSession:
             # cannot be removed; a long-lived session must not grow, so it
             # accepts nothing and listeners are per use.
             client.events.event_filter = lambda _event: False
+            # Events seen by an earlier connection say nothing of now.
+            self._runstate = _RunState(self._stopped)
+            client.register_listener(self._runstate)
             try:
                 await asyncio.wait_for(client.connect(str(self.socket)), 10)
             except (OSError, QMPError, TimeoutError) as err:
                 raise Unavailable(f"cannot reach QEMU of domain {self.name} at {self.socket}: {err}") from err
             self._client = client
             return client
+
+    @property
+    def knows_status(self) -> bool:
+        """Whether `status()` answers without asking QEMU."""
+        return self._client is not None and self._runstate.status is not None
+
+    async def status(self) -> str:
+        """The run state as query-status names it; asked of QEMU only when events have not told it."""
+        await self._connected()
+        return self._runstate.status or await self._ask_status()
+
+    async def _ask_status(self) -> str:
+        watch = self._runstate
+        changes = watch.changes
+        status = str((await self.execute("query-status", timeout=5)).get("status"))
+        # An event read while the answer was on its way is newer than it.
+        if watch.changes == changes:
+            watch.status = status
+        return status
+
+    def _stopped(self) -> None:
+        if self._client is not None and (self._refining is None or self._refining.done()):
+            self._refining = asyncio.get_running_loop().create_task(self._refine(self._client, self._runstate))
+
+    @staticmethod
+    async def _refine(client: QMPClient, watch: _RunState) -> None:
+        """Which stop a STOP was (paused, or an error state). On the connection
+        that saw it, never a new one: a QEMU gone meanwhile tells nothing."""
+        changes = watch.changes
+        with contextlib.suppress(QMPError, OSError, TimeoutError):
+            status = await asyncio.wait_for(client.execute("query-status"), 5)
+            if watch.changes == changes:
+                watch.status = str(cast(Mapping[str, Any], status).get("status"))
 
     async def execute(self, cmd: str, args: Mapping[str, object] | None = None, *, timeout: float = 60) -> Any:
         client = await self._connected()
@@ -68,6 +135,8 @@ class QmpSession:
             client.remove_listener(listener)
 
     async def close(self) -> None:
+        if self._refining is not None:
+            self._refining.cancel()
         client, self._client = self._client, None
         if client is not None:
             # The peer may be gone already (QEMU quit); the library then

@@ -48,6 +48,7 @@ MiB: Final = 1 << 20
 QUERY_TIMEOUT: Final = 30.0
 CONTROL_TIMEOUT: Final = 60.0
 CREATE_TIMEOUT: Final = 180.0
+LIST_TTL: Final = 1.0
 # How long an interrupted live save may take to resume its domain (xl waits
 # up to 2 s for the sink, then resumes).
 ABANDON_WAIT: Final = 10.0
@@ -89,7 +90,7 @@ class XenDriver(Hypervisor):
         sink_command: Sequence[str] = SINK_COMMAND,
     ) -> None:
         self._dir = state_dir / "xen"
-        self._run = run
+        self._run: Runner = self._forgetting(run)
         self._xl_bin = xl
         self._run_dir = run_dir
         self._sink = tuple(sink_command)
@@ -97,6 +98,23 @@ class XenDriver(Hypervisor):
         # The libxl config last seen per domain name: block_ops and facts are
         # synchronous and need a domain's domid, type and disk backends.
         self._known: dict[str, XlDomain] = {}
+        # xl gives no events: the domain list is cached for LIST_TTL, one
+        # `xl list` pair at a time, and forgotten by any other xl command.
+        self._listed: tuple[float, list[Domain]] | None = None
+        self._listing = asyncio.Lock()
+        self._changes = 0
+
+    def _forgetting(self, run: Runner) -> Runner:
+        async def forgetting(argv: Sequence[str], *, timeout: float, check: bool = True,
+                             on_stderr_line: Callable[[str], None] | None = None) -> CommandResult:
+            try:
+                return await run(argv, timeout=timeout, check=check, on_stderr_line=on_stderr_line)
+            finally:
+                if (argv[1] if len(argv) > 1 else "") not in ("list", "info"):
+                    self._listed = None
+                    self._changes += 1
+
+        return forgetting
 
     async def _xl(self, argv: list[str], *, timeout: float = CONTROL_TIMEOUT) -> CommandResult:
         return await self._run(argv, timeout=timeout)
@@ -154,6 +172,17 @@ class XenDriver(Hypervisor):
         return Domain(row.domid, config, row.state, row.cpu_seconds)
 
     async def list_domains(self) -> list[Domain]:
+        async with self._listing:
+            if self._listed is not None and time.monotonic() - self._listed[0] <= LIST_TTL:
+                return list(self._listed[1])
+            changes, asked = self._changes, time.monotonic()
+            domains = await self._list_domains()
+            # A command that ran meanwhile may have changed what xl answered.
+            if changes == self._changes:
+                self._listed = (asked, domains)
+            return list(domains)
+
+    async def _list_domains(self) -> list[Domain]:
         rows = await self._table(None)
         configs = await self._configs(None)
         domains = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import stat
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from domsnap.agent import convert
 from domsnap.agent.config import load
 from domsnap.agent.domain import Domain, DomainConfig, RunState
 from domsnap.agent.drivers import xen
@@ -105,6 +107,35 @@ def test_list_domains_skips_dom0(tmp_path: Path) -> None:
         assert [(d.domid, d.name, d.state, d.cpu_seconds) for d in doms] == [
             (3, "pvguest", RunState.RUNNING, 4.2), (4, "pvhguest", RunState.PAUSED, 9.8)]
         assert doms[0].config.memory_mib == 128 and [x.vdev for x in doms[0].config.disks] == ["xvda", "xvdb", "xvdc"]
+        run.finished()
+
+    run_async(main)
+
+
+def test_list_domains_is_cached_briefly_and_forgotten_by_any_change(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """xl gives no events: a second ListDomains within the TTL runs no xl; one
+    after another xl command, or after the TTL, asks xl again."""
+    async def main() -> None:
+        run = FakeRunner([])
+        def listing() -> None:
+            run.expect(["xl", "list"], Reply(recorded(X + "xl-list.txt")))
+            run.expect(["xl", "list", "-l"], Reply(recorded(X + "xl-list-l.json")))
+
+        listing()
+        d = driver(tmp_path, run)
+        first = await d.list_domains()
+        assert await d.list_domains() == first
+        expect_lookup(run, "pvguest", "xl-list-3.txt", 3)
+        run.expect(["xl", "pause", "3"], Reply())
+        expect_lookup(run, "3", "xl-list-3-paused.txt", 3)
+        await d.pause("pvguest")
+        listing()
+        assert await d.list_domains() == first
+        now = time.monotonic()
+        monkeypatch.setattr(time, "monotonic", lambda: now + xen.LIST_TTL + 1)
+        listing()
+        assert await d.list_domains() == first
         run.finished()
 
     run_async(main)
@@ -679,7 +710,7 @@ def test_domain_configs_are_read_with_the_hosts_xl(tmp_path: Path, xen_version: 
 
         d.create = create  # type: ignore[method-assign]
         config = load(None, state_dir=tmp_path / "state", snapshot_root=tmp_path / "snapshots")
-        service = AgentService(config, d, Backends(run=run))
+        service = AgentService(config, d, Backends(run=run), convert.snapshot_listing)
         if refused:
             with pytest.raises(InvalidArgument, match=r"'untrusted' needs Xen 4\.19 or later \(xl here is 4\.17\)"):
                 await service.create_domain(text, (), paused=True)

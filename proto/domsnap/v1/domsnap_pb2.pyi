@@ -551,7 +551,11 @@ class Snapshot(_message.Message):
     current: _builtins.bool
     """The domain's current state descends from this snapshot."""
     size_bytes: _builtins.int
-    """Bytes this snapshot holds on disk (memory image and its own files)."""
+    """Bytes this snapshot holds on disk (memory image and its own files):
+    measured now by GetSnapshot; in a listing, when the agent indexed the
+    snapshot (at its creation, or at the agent's start if its manifest
+    changed since).
+    """
     driver: _builtins.str
     hypervisor_version: _builtins.str
     downtime_seconds: _builtins.float
@@ -722,19 +726,34 @@ Global___DeleteSnapshotRequest: _TypeAlias = DeleteSnapshotRequest  # noqa: Y015
 
 @_typing.final
 class ListSnapshotsRequest(_message.Message):
+    """Paged as in AIP-158: by domain, then creation time. Keep calling with the
+    last response's next_page_token (and the same domain) until it is empty.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DOMAIN_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     domain: _builtins.str
     """Empty: every domain's."""
+    page_size: _builtins.int
+    """At most this many snapshots in one response; 0 or more than 1000: 1000.
+    A page may hold fewer (it is also capped in bytes) and still not be the
+    last.
+    """
+    page_token: _builtins.str
+    """From a previous response; empty for the first page."""
     def __init__(
         self,
         *,
         domain: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -745,16 +764,20 @@ class ListSnapshotsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SNAPSHOTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def snapshots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Snapshot]: ...
     def __init__(
         self,
         *,
         snapshots: _abc.Iterable[Global___Snapshot] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["snapshots", b"snapshots"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "snapshots", b"snapshots"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

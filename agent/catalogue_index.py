@@ -1,0 +1,188 @@
+"""The catalogue's index: one SQLite file in the state directory with a row
+per registered snapshot, so that a listing of thousands of snapshots is one
+query instead of thousands of manifest reads.
+
+Derived data only: the manifests are the truth, and the catalogue's pointer
+files say which snapshots exist. Each row remembers the version of the
+manifest it was made from (its mtime, size and inode); on start the catalogue
+checks every row against them and redoes the rows that are missing, stale or
+orphaned, and a file that is missing, unreadable or of another schema is
+rebuilt from scratch. So the index needs no fsync of its own (WAL,
+synchronous=NORMAL): a crash can lose its last rows, never the truth, and the
+next start puts them back.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from domsnap.agent.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+FILE = "catalogue.sqlite"
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE snapshots (
+    domain TEXT NOT NULL,
+    name TEXT NOT NULL,
+    path TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    stamp TEXT NOT NULL,
+    listing BLOB NOT NULL,
+    PRIMARY KEY (domain, name)
+);
+CREATE INDEX listing_order ON snapshots (domain, created_at, name);
+"""
+# A page's query by (one domain?, after a key?).
+_PAGE = {
+    (False, False): "SELECT domain, created_at, name, listing FROM snapshots "
+                    "ORDER BY domain, created_at, name LIMIT ?",
+    (True, False): "SELECT domain, created_at, name, listing FROM snapshots WHERE domain = ? "
+                   "ORDER BY domain, created_at, name LIMIT ?",
+    (False, True): "SELECT domain, created_at, name, listing FROM snapshots "
+                   "WHERE (domain, created_at, name) > (?, ?, ?) ORDER BY domain, created_at, name LIMIT ?",
+    (True, True): "SELECT domain, created_at, name, listing FROM snapshots "
+                  "WHERE domain = ? AND (created_at, name) > (?, ?) "
+                  "ORDER BY domain, created_at, name LIMIT ?",
+}
+
+
+@dataclass(frozen=True)
+class Key:
+    """A snapshot's place in the listing order (domain, creation time, name)."""
+
+    domain: str
+    created_at: float
+    name: str
+
+
+@dataclass(frozen=True)
+class Row:
+    domain: str
+    name: str
+    path: str
+    created_at: float
+    # The manifest version the row was made from (see manifest_stamp).
+    stamp: str
+    # The snapshot as the API lists it, serialized; opaque here.
+    listing: bytes
+
+
+
+class Listing(NamedTuple):
+    """A row as a page lists it (a tuple: pages of thousands are built per call)."""
+
+    domain: str
+    created_at: float
+    name: str
+    listing: bytes
+
+    @property
+    def key(self) -> Key:
+        return Key(self.domain, self.created_at, self.name)
+
+
+def encode_token(domain_filter: str, after: Key) -> str:
+    """An opaque page token (AIP-158) that also names the filter it belongs to."""
+    raw = json.dumps([domain_filter, after.domain, after.created_at, after.name]).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def decode_token(token: str, domain_filter: str) -> Key:
+    try:
+        filt, domain, created_at, name = json.loads(base64.urlsafe_b64decode(token.encode()))
+        key = Key(str(domain), float(created_at), str(name))
+    except (ValueError, TypeError, binascii.Error) as err:
+        raise InvalidArgument("page_token is not one this agent gave out") from err
+    if filt != domain_filter:
+        raise InvalidArgument("page_token belongs to a listing of another domain filter; start again without it")
+    return key
+
+
+class CatalogueIndex:
+    def __init__(self, state_dir: Path) -> None:
+        self._path = state_dir / FILE
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._db = self._open()
+        # One connection, used from the event loop (pages) and from the
+        # threads that operations write through: one user at a time.
+        self._lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    def _open(self) -> sqlite3.Connection:
+        existed = self._path.exists()
+        db: sqlite3.Connection | None = None
+        try:
+            db = self._connect()
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == SCHEMA_VERSION:
+                if (check := db.execute("PRAGMA quick_check").fetchone()[0]) == "ok":
+                    return db
+                problem = f"integrity check: {check}"
+            else:
+                problem = f"schema version {version}, this agent writes {SCHEMA_VERSION}"
+        except sqlite3.DatabaseError as err:
+            problem = str(err)
+        if db is not None:
+            db.close()
+        if existed:
+            log.warning("catalogue index %s is unusable (%s); rebuilding it from the manifests", self._path, problem)
+        for suffix in ("", "-wal", "-shm"):
+            self._path.with_name(self._path.name + suffix).unlink(missing_ok=True)
+        db = self._connect()
+        db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def stamps(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """Every row's (domain, name) -> (path, manifest stamp)."""
+        with self._lock:
+            rows = self._db.execute("SELECT domain, name, path, stamp FROM snapshots").fetchall()
+        return {(d, n): (p, s) for d, n, p, s in rows}
+
+    def update(self, put: Iterable[Row] = (), remove: Iterable[tuple[str, str]] = ()) -> None:
+        """Rows in and out, in one transaction."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM snapshots WHERE domain = ? AND name = ?", remove)
+            self._db.executemany(
+                "INSERT OR REPLACE INTO snapshots (domain, name, path, created_at, stamp, listing) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                ((r.domain, r.name, r.path, r.created_at, r.stamp, r.listing) for r in put))
+
+    def page(self, domain: str, after: Key | None, limit: int, max_bytes: int) -> tuple[list[Listing], bool]:
+        """Up to `limit` rows in listing order after `after` (one domain's, or
+        all with domain ""), fewer when `max_bytes` of listings are reached
+        first; and whether more rows follow."""
+        args: list[str | float] = [domain] if domain else []
+        if after is not None:
+            args += [after.created_at, after.name] if domain else [after.domain, after.created_at, after.name]
+        with self._lock:
+            found = self._db.execute(_PAGE[bool(domain), after is not None], (*args, limit + 1)).fetchall()
+        rows: list[Listing] = []
+        size = 0
+        for values in found:
+            row = Listing._make(values)
+            if len(rows) == limit or (rows and size + len(row.listing) > max_bytes):
+                return rows, True
+            rows.append(row)
+            size += len(row.listing)
+        return rows, False

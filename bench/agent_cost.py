@@ -1,0 +1,305 @@
+"""The agent's own cost: every row of issue 18's table in one run, each with
+the baseline it is judged against, measured in the same run.
+
+    .venv/bin/python -m bench.agent_cost [--count 10000] [--big 100000] [--domains 20] [--repeat 5]
+
+Rows and their baselines:
+  ListSnapshots of one domain's COUNT snapshots, and of BIG snapshots in all
+  (every page, unix socket) | reading the same manifests (open + json.loads);
+  the agent's start with BIG snapshots to index (first start: the index is
+  built; next start: it is checked) | the same manifest reads;
+  `domsnap snapshot-list` of COUNT | the manifest reads, and a bare
+  `python -c pass` (the interpreter's own start);
+  unary calls (GetAgentInfo, ListDomains, GetDomain, ListSnapshots of one
+  domain) p50 and p99 with DOMAINS small guests running while another
+  domain's snapshots are taken and deleted in a loop | the standard health
+  Check on the same server at the same time (gRPC's own floor);
+  `domsnap list` (process wall) | `virsh -c test:///default list` when virsh
+  is installed, and `python -c pass`;
+  a non-live create (internal disk snapshot) through domsnapd | the same QMP
+  steps sent directly on MIGRATION events (bench/qmp_direct.py), A/B
+  interleaved, the agent stopped during the direct runs (one QMP client).
+
+The catalogue is filled as bench/catalogue_list.py does (real manifests),
+COUNT snapshots of domain `big` (with 1 KiB memory images) and BIG - COUNT of
+`huge` (without: the listing reads none).
+
+Writes bench/results/agent-cost-<time>.md and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench import qmp_direct
+from bench.catalogue_list import fill, timed
+from bench.snapshot_pause import machine
+from bench.vs_libvirt import latencies, pct
+from domsnap.agent import manifest
+from domsnap.v1 import domsnap_pb2 as pb
+from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
+from tests import guestprobe, harness
+from tests.harness import BIN, Agent, guest_config, make_disk
+
+HERE = Path(__file__).resolve().parent
+RPC_CALLS = 300
+OVERHEAD_MIB = 256
+SMALL_MIB = 64
+Rows = list[tuple[str, str, str, str]]
+
+
+def med(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1000:.0f} ms ({min(values) * 1000:.0f}-{max(values) * 1000:.0f})"
+
+
+def run(*argv: str) -> Callable[[], object]:
+    return lambda: subprocess.run(argv, check=True, capture_output=True, timeout=300)
+
+
+def list_all(stub: pb_grpc.SnapshotAgentStub, domain: str) -> int:
+    n, token = 0, ""
+    while True:
+        page = stub.ListSnapshots(pb.ListSnapshotsRequest(domain=domain, page_token=token), timeout=300)
+        n += len(page.snapshots)
+        if not (token := page.next_page_token):
+            return n
+
+
+def catalogue_rows(work: Path, count: int, big: int, repeat: int) -> Rows:
+    agent = Agent(work / "cat")
+    agent.base.mkdir()
+    big_dirs = fill(agent.state_dir, agent.snapshot_root, count)
+    # Fewer files for the many: the listing reads no memory image.
+    huge_dirs = fill(agent.state_dir, agent.snapshot_root, big - count, domain="huge", images=False)
+    # The first start indexes every manifest.
+    harness.AGENT_START_TIMEOUT = 900
+
+    def read(dirs: list[Path]) -> Callable[[], object]:
+        return lambda: [json.loads((d / manifest.MANIFEST).read_text()) for d in dirs]
+
+    rows: Rows = []
+    base_count = timed(read(big_dirs), repeat)
+    base_big = timed(read(big_dirs + huge_dirs), max(2, repeat // 2))
+    t0 = time.perf_counter()
+    agent.start()
+    first_start = time.perf_counter() - t0
+    try:
+        stub = agent.stub()
+        assert list_all(stub, "big") == count
+        rpc = timed(lambda: list_all(stub, "big"), repeat)
+        rpc_big = timed(lambda: list_all(stub, ""), max(2, repeat // 2))
+        python = timed(run(sys.executable, "-c", "pass"), repeat)
+        cli = timed(run(str(BIN / "domsnap"), "-H", agent.address, "snapshot-list", "big"), repeat)
+        agent.stop()
+        t0 = time.perf_counter()
+        agent.start()
+        next_start = time.perf_counter() - t0
+    finally:
+        agent.stop()
+    m_count = f"reading the {count} manifests: {med(base_count)}"
+    m_big = f"reading the {big} manifests: {med(base_big)}"
+    rows.append((f"ListSnapshots, {count} snapshots (all pages)", med(rpc), m_count,
+                 f"{statistics.median(base_count) / statistics.median(rpc):.2f}x"))
+    rows.append((f"ListSnapshots, {big} snapshots (all pages)", med(rpc_big), m_big,
+                 f"{statistics.median(base_big) / statistics.median(rpc_big):.2f}x"))
+    rows.append((f"agent start, {big} snapshots, index built", f"{first_start * 1000:.0f} ms", m_big, ""))
+    rows.append((f"agent start, {big} snapshots, index checked", f"{next_start * 1000:.0f} ms", m_big, ""))
+    rows.append((f"`domsnap snapshot-list`, {count}", med(cli), f"{m_count}; `python -c pass`: {med(python)}",
+                 f"{statistics.median(base_count) / statistics.median(cli):.2f}x"))
+    return rows
+
+
+def boot(agent: Agent, work: Path, name: str, mib: int, extra: str = "") -> None:
+    kernel, initrd = guestprobe.guest_paths()
+    disk = work / f"{name}.qcow2"
+    make_disk(disk, "qcow2", 32)
+    cfg = guest_config(name, kernel, initrd, {"xvda": (disk, "qcow2")}, work / f"{name}.serial", memory=mib,
+                       extra=extra)
+    agent.stub().CreateDomain(pb.CreateDomainRequest(config=cfg, request_id=uuid.uuid4().hex), timeout=120)
+
+
+def create(stub: pb_grpc.SnapshotAgentStub, dom: str, name: str) -> pb.Snapshot:
+    events = list(stub.CreateSnapshot(pb.CreateSnapshotRequest(
+        domain=dom, name=name, method=pb.SNAPSHOT_METHOD_INTERNAL, request_id=uuid.uuid4().hex), timeout=600))
+    return events[-1].finished.result
+
+
+def delete(stub: pb_grpc.SnapshotAgentStub, dom: str, name: str) -> None:
+    list(stub.DeleteSnapshot(pb.DeleteSnapshotRequest(domain=dom, snapshot=name, request_id=uuid.uuid4().hex),
+                             timeout=600))
+
+
+def overhead_rows(agent: Agent, work: Path, repeat: int) -> Rows:
+    """A/B: a non-live create through the agent, the same QMP steps direct on events."""
+    fill_mib = OVERHEAD_MIB * 7 // 10
+    boot(agent, work, "ov", OVERHEAD_MIB, f"domsnap.fill={fill_mib}")
+    time.sleep(8)  # booted and its RAM filled
+    sock = agent.state_dir / "qemu" / "ov" / "qmp.sock"
+    wall: dict[str, list[float]] = {"agent": [], "direct": []}
+    pause: dict[str, list[float]] = {"agent": [], "direct": []}
+    for i in range(repeat):
+        for side in ("agent", "direct") if i % 2 == 0 else ("direct", "agent"):
+            if side == "agent":
+                stub = agent.stub()
+                t0 = time.perf_counter()
+                snap = create(stub, "ov", f"ov{i}")
+                wall[side].append(time.perf_counter() - t0)
+                pause[side].append(snap.downtime_seconds)
+                delete(stub, "ov", f"ov{i}")
+            else:
+                agent.stop()
+                mem = work / f"direct{i}.save"
+                res = asyncio.run(qmp_direct.create(sock, mem, vdev="xvda", tag=f"direct{i}", wait="events"))
+                wall[side].append(res.wall)
+                pause[side].append(res.pause)
+                mem.unlink()
+                agent.start()
+    ratio = statistics.median(wall["agent"]) / statistics.median(wall["direct"])
+    return [
+        (f"non-live create, {OVERHEAD_MIB} MiB guest ({fill_mib} MiB filled): wall", med(wall["agent"]),
+         f"direct QMP on events: {med(wall['direct'])}", f"{ratio:.2f}x"),
+        ("the same: guest pause", med(pause["agent"]), f"direct: {med(pause['direct'])}",
+         f"{statistics.median(pause['agent']) / statistics.median(pause['direct']):.2f}x"),
+    ]
+
+
+def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
+    names = [f"d{i:02d}" for i in range(domains)]
+    for name in names:
+        boot(agent, work, name, SMALL_MIB)
+    time.sleep(10)
+    stop = threading.Event()
+    made = [0]
+
+    def snapshots() -> None:
+        stub = agent.stub()
+        while not stop.is_set():
+            name = f"bg{made[0]}"
+            create(stub, "ov", name)
+            delete(stub, "ov", name)
+            made[0] += 1
+
+    lat: dict[str, list[float]] = {}
+    with grpc.insecure_channel(agent.address) as ch, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        stub = pb_grpc.SnapshotAgentStub(ch)
+        health = health_pb2_grpc.HealthStub(ch)
+        calls: dict[str, Callable[[], object]] = {
+            "health Check (baseline)": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10),
+            "GetAgentInfo": lambda: stub.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=10),
+            "ListDomains": lambda: stub.ListDomains(pb.ListDomainsRequest(), timeout=10),
+            "GetDomain": lambda: stub.GetDomain(pb.GetDomainRequest(domain="d00"), timeout=10),
+            "ListSnapshots, 1 domain": lambda: stub.ListSnapshots(pb.ListSnapshotsRequest(domain="ov"), timeout=10),
+        }
+        assert len(stub.ListDomains(pb.ListDomainsRequest(), timeout=10).domains) == domains + 1
+        log_from = agent.log.stat().st_size
+        background = pool.submit(snapshots)
+        try:
+            for _ in range(5):  # interleaved rounds
+                for label, call in calls.items():
+                    lat.setdefault(label, []).extend(latencies(call, RPC_CALLS // 5))
+        finally:
+            stop.set()
+            background.result()
+    python = timed(run(sys.executable, "-c", "pass"), repeat)
+    cli = timed(run(str(BIN / "domsnap"), "-H", agent.address, "list"), repeat)
+    virsh = shutil.which("virsh")
+    floor = f"`python -c pass`: {med(python)}"
+    if virsh:
+        peer = timed(run(virsh, "-c", "test:///default", "list"), repeat)
+        floor = f"`virsh -c test:///default list`: {med(peer)}; {floor}"
+    with open(agent.log) as f:
+        f.seek(log_from)
+        served = server_side(f.read())
+    base = lat["health Check (baseline)"]
+    rows: Rows = []
+    for label, values in lat.items():
+        if label.startswith("health"):
+            continue
+        inside = served.get(label.split(",")[0], [0.0])
+        rows.append((f"{label}: p50 / p99 ({domains + 1} domains, {made[0]} snapshots taken meanwhile)",
+                     f"{pct(values, 50) * 1000:.2f} / {pct(values, 99) * 1000:.2f} ms (inside the agent: "
+                     f"{pct(inside, 50):.2f} / {pct(inside, 99):.2f} ms)",
+                     f"health Check: {pct(base, 50) * 1000:.2f} / {pct(base, 99) * 1000:.2f} ms",
+                     f"{pct(values, 99) / pct(base, 99):.2f}x at p99"))
+    rows.append((f"`domsnap list` ({domains + 1} domains), process wall", med(cli), floor, ""))
+    return rows
+
+
+def server_side(log: str) -> dict[str, list[float]]:
+    """Each unary call's time inside the agent (its request log line's ms), by method."""
+    out: dict[str, list[float]] = {}
+    for m in re.finditer(r"rpc method=/domsnap\.v1\.SnapshotAgent/(\w+) .* ms=([\d.]+)", log):
+        out.setdefault(m[1], []).append(float(m[2]))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=10_000)
+    parser.add_argument("--big", type=int, default=100_000)
+    parser.add_argument("--domains", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--only", default="catalogue,guests", help="sections to run (a quick look at one)")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    started = datetime.now(UTC)
+    load0 = os.getloadavg()[0]
+    rows: Rows = []
+    with tempfile.TemporaryDirectory(prefix="domsnap-cost-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        if "catalogue" in only:
+            rows += catalogue_rows(work, args.count, args.big, args.repeat)
+        if "guests" not in only:
+            return print_rows(started, load0, args.repeat, rows)
+        agent = Agent(work / "guests")
+        agent.base.mkdir()
+        agent.start()
+        try:
+            rows += overhead_rows(agent, work, args.repeat)
+            rows += rpc_rows(agent, work, args.domains, args.repeat)
+        finally:
+            stub = agent.stub()
+            for d in stub.ListDomains(pb.ListDomainsRequest(), timeout=30).domains:
+                stub.DestroyDomain(pb.DestroyDomainRequest(domain=d.name, request_id=uuid.uuid4().hex), timeout=60)
+            agent.stop()
+    return print_rows(started, load0, args.repeat, rows)
+
+
+def print_rows(started: datetime, load0: float, repeat: int, rows: Rows) -> int:
+    load1 = os.getloadavg()[0]
+    lines = [f"# The agent's own cost ({started:%Y-%m-%d %H:%M} UTC)", "",
+             f"Machine: {machine()}; load average {load0:.2f} at start, {load1:.2f} at end.", "",
+             f"Median (min-max) of {repeat} runs unless said; RPC latencies over {RPC_CALLS} calls each, "
+             "interleaved in 5 rounds. Ratio: baseline / domsnap for the catalogue rows (above 1: faster than "
+             "reading the manifests), domsnap / baseline otherwise.", "",
+             "| figure | domsnap | baseline, same run | ratio |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = HERE / "results" / f"agent-cost-{started:%Y%m%dT%H%M}.md"
+    out.write_text(text)
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -39,6 +39,8 @@ STRING_LIMITS: dict[str, int] = {
     "description": TEXT,
     "config": CFG,
     "overrides": OVERRIDE,
+    # An opaque listing position the agent made (a name and a domain at most).
+    "page_token": 2 * PATH,
 }
 # Items per repeated field, by field name.
 REPEATED_LIMITS: dict[str, int] = {"overrides": MAX_OVERRIDES}

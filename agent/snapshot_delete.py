@@ -187,7 +187,11 @@ class SnapshotDelete:
             if any(r.vdev == merged.vdev and r.image == merged.file for r in e.manifest.disks):
                 disks = tuple(replace(r, image=merged.image) if r.vdev == merged.vdev and r.image == merged.file
                               else r for r in e.manifest.disks)
-                manifest.write(e.path, replace(e.manifest, disks=disks))
+                repointed = replace(e.manifest, disks=disks)
+                # The agent itself names the image below for that snapshot: the
+                # ledger allows it before the manifest says so (both, until then).
+                self._ledger.record(domain, e.manifest.name, e.path, {*e.manifest.files(), *repointed.files()})
+                manifest.write(e.path, repointed)
                 self._catalogue.reindex(domain, e.manifest.name, e.path)
 
     def _unregister(self, m: Manifest, snapdir: Path, registered: bool) -> None:

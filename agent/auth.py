@@ -63,7 +63,7 @@ _AGENT = "/domsnap.v1.SnapshotAgent/"
 READ_ONLY_RPCS = ("GetAgentInfo", "ListDomains", "GetDomain", "ListSnapshots", "GetSnapshot", "ListOperations",
                   "WatchOperation")
 ADMIN_RPCS = ("CreateDomain", "DestroyDomain", "PauseDomain", "UnpauseDomain", "CreateSnapshot", "RevertSnapshot",
-              "DeleteSnapshot", "CancelOperation")
+              "DeleteSnapshot", "CancelOperation", "EditSnapshot")
 
 # The role each RPC needs, by gRPC method path. Not listed: admin.
 RPC_ROLES: Mapping[str, Role] = {
@@ -172,7 +172,9 @@ def denial(caller: Caller, method: str, need: Role) -> str:
     if caller.role is Role.NONE:
         return (f"permission denied: {caller.who} has no role on this agent (a certificate identity needs an "
                 "entry in [roles]; a local user, the socket or admin group)")
-    return f"permission denied: {caller.who} is {caller.role}; {rpc_name(method)} needs {need}"
+    way = ("run it as root or as a member of the agent's admin_group" if caller.who.startswith("uid=")
+           else f"use a certificate listed under [roles] {need}")
+    return f"permission denied: {caller.who} is {caller.role}; {rpc_name(method)} needs {need}: {way}"
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

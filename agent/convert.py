@@ -15,8 +15,10 @@ from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Finished, Operation, OpKind, OpState, Started
 from domsnap.agent.progress import Progress
 from domsnap.agent.service import AgentInfo
-from domsnap.agent.snapshot_revert import RunAfter
-from domsnap.agent.storage.base import Method
+from domsnap.agent.snapshot_create import Plan as CreatePlan
+from domsnap.agent.snapshot_delete import DeletePlan
+from domsnap.agent.snapshot_revert import RevertPlan, RunAfter
+from domsnap.agent.storage.base import DiskRecord, Method
 from domsnap.v1 import domsnap_pb2 as pb
 
 ERROR_DOMAIN = "domsnap.dev"
@@ -83,7 +85,7 @@ def domain(d: Domain, busy_with: str = "", problem: str = "") -> pb.Domain:
     )
 
 
-def snapshot(entry: Entry, size_bytes: int = 0) -> pb.Snapshot:
+def snapshot(entry: Entry, size_bytes: int = 0, *, with_manifest: bool = False) -> pb.Snapshot:
     """`size_bytes` from disk_usage, which reads the disk: never here, on the event loop."""
     m = entry.manifest
     return pb.Snapshot(
@@ -96,6 +98,7 @@ def snapshot(entry: Entry, size_bytes: int = 0) -> pb.Snapshot:
         memory=pb.MemoryImage(path=m.memory_file, size_bytes=m.memory_bytes),
         parent=m.parent, current=entry.current, size_bytes=size_bytes,
         driver=m.driver, hypervisor_version=m.hypervisor_version, downtime_seconds=m.downtime,
+        manifest=m.to_json() if with_manifest else "",
     )
 
 
@@ -113,6 +116,29 @@ def snapshot_page(page: Page) -> pb.ListSnapshotsResponse:
         snap.MergeFromString(listed.listing)
         snap.current = listed.current
     return resp
+
+
+def _planned(records: tuple[DiskRecord, ...]) -> list[pb.PlannedDisk]:
+    return [pb.PlannedDisk(vdev=r.vdev, method=_METHOD[r.method], backend=r.backend, image=r.image,
+                           target=r.tag or r.file) for r in records]
+
+
+def create_plan(p: CreatePlan, name: str) -> pb.Plan:
+    return pb.Plan(kind=pb.OPERATION_KIND_CREATE_SNAPSHOT, domain=p.domain.name, snapshot=name, path=str(p.snapdir),
+                   disks=_planned(p.records), memory_path=str(p.memory))
+
+
+def revert_plan(p: RevertPlan) -> pb.Plan:
+    m = p.manifest
+    return pb.Plan(kind=pb.OPERATION_KIND_REVERT_SNAPSHOT, domain=m.domain, snapshot=m.name, path=str(p.snapdir),
+                   disks=_planned(m.disks), memory_path=m.memory_file, risks=p.risks, paused=p.paused)
+
+
+def delete_plan(p: DeletePlan) -> pb.Plan:
+    target = p.doomed[-1]
+    return pb.Plan(kind=pb.OPERATION_KIND_DELETE_SNAPSHOT, domain=p.domain, snapshot=target.manifest.name,
+                   path=str(target.path), disks=_planned(target.manifest.disks),
+                   memory_path=target.manifest.memory_file, deletes=[e.manifest.name for e in p.doomed])
 
 
 def progress(p: Progress) -> pb.Progress:
@@ -143,6 +169,8 @@ def operation(op: Operation, size_bytes: int = 0) -> pb.Operation:
         msg.finished_at.CopyFrom(timestamp(op.finished_at))
     if isinstance(op.result, Entry):
         msg.result.CopyFrom(snapshot(op.result, size_bytes))
+    elif isinstance(op.result, DeletePlan):
+        msg.deleted.extend(e.manifest.name for e in op.result.doomed)
     if op.error is not None:
         msg.error.CopyFrom(error_status(op.error))
     return msg

@@ -31,6 +31,7 @@ DEFAULT_STRING = 4096
 STRING_LIMITS: dict[str, int] = {
     "domain": NAME,
     "name": NAME,
+    "new_name": NAME,
     "request_id": ID,
     "operation_id": ID,
     # A snapshot's name or its directory.
@@ -38,6 +39,7 @@ STRING_LIMITS: dict[str, int] = {
     "path": PATH,
     "description": TEXT,
     "config": CFG,
+    "config_name": PATH,
     "overrides": OVERRIDE,
     # An opaque listing position the agent made (a name and a domain at most).
     "page_token": 2 * PATH,
@@ -47,8 +49,8 @@ REPEATED_LIMITS: dict[str, int] = {"overrides": MAX_OVERRIDES}
 DEFAULT_REPEATED = 256
 
 # The largest valid request (CreateSnapshotRequest: cfg text, every override,
-# a path, names, ids, a description) with room for protobuf's framing.
-MAX_REQUEST_BYTES = CFG + MAX_OVERRIDES * (OVERRIDE + 8) + PATH + TEXT + 3 * NAME + 2 * ID + 64 * KiB
+# a path, the cfgfile's name, names, ids, a description) with room for protobuf's framing.
+MAX_REQUEST_BYTES = CFG + MAX_OVERRIDES * (OVERRIDE + 8) + 2 * PATH + TEXT + 3 * NAME + 2 * ID + 64 * KiB
 
 
 def check_request(msg: Message) -> None:

@@ -44,6 +44,9 @@ class Manifest:
     parent: str = ""
     downtime: float = 0.0
     agent_version: str = ""
+    # Each frozen layer's {"size", "mtime_ns"} when the snapshot was taken:
+    # a revert checks them (see layers.py). Older manifests have none.
+    layers: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data: dict[str, Any] = {"format": FORMAT, "version": VERSION, **asdict(self)}

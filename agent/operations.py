@@ -192,7 +192,8 @@ class Operations:
         if (running := self._busy.get(domain)) is not None:
             raise Busy(
                 f"domain {domain} is busy with operation {running.id} "
-                f"({running.kind} snapshot {running.snapshot or '?'}, {running.progress.phase})"
+                f"({running.kind} snapshot {running.snapshot or '?'}, {running.progress.phase}): wait for it "
+                f"(domsnap watch {running.id}) or stop it (domsnap cancel {running.id}), then try again"
             )
 
     def busy_with(self, domain: str) -> Operation | None:

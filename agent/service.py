@@ -13,6 +13,7 @@ from time import time
 from typing import Protocol
 
 from domsnap import __version__
+from domsnap.agent import layers
 from domsnap.agent.catalogue import Catalogue, Entry, Page, Render
 from domsnap.agent.config import AgentConfig
 from domsnap.agent.domain import Domain, DomainConfig, RunState
@@ -24,10 +25,12 @@ from domsnap.agent.ledger import Ledger
 from domsnap.agent.op_history import DAY, History
 from domsnap.agent.operations import Observer, Operation, Operations, OpKind, OpState
 from domsnap.agent.paths import confine
-from domsnap.agent.progress import Progress
+from domsnap.agent.progress import Progress, ignore_progress
 from domsnap.agent.snapshot_create import CreateRequest, SnapshotCreate
-from domsnap.agent.snapshot_delete import SnapshotDelete
-from domsnap.agent.snapshot_revert import RevertRequest, SnapshotRevert, Stranded
+from domsnap.agent.snapshot_create import Plan as CreatePlan
+from domsnap.agent.snapshot_delete import DeletePlan, SnapshotDelete
+from domsnap.agent.snapshot_edit import SnapshotEdit
+from domsnap.agent.snapshot_revert import RevertPlan, RevertRequest, SnapshotRevert, Stranded
 from domsnap.agent.storage import Backends
 
 API_VERSION = "domsnap.v1"
@@ -64,12 +67,14 @@ class AgentService:
         self.catalogue = Catalogue(config.state_dir, render)
         self.journal = Journal(config.state_dir, fault_injection=config.testing.fault_injection)
         ledger = Ledger(config.state_dir)
+        self._backends = backends
         self._create = SnapshotCreate(driver, backends, self.catalogue, self.journal, ledger, config.snapshot_root,
                                       config.roots, config.state_dir)
         self._revert = SnapshotRevert(driver, backends, self.catalogue, self.journal, ledger)
         self._delete = SnapshotDelete(driver, backends, self.catalogue, self.journal, ledger)
+        self._edit = SnapshotEdit(self.catalogue, self.journal)
         self._procedures: dict[str, _Recoverable] = {
-            "create": self._create, "revert": self._revert, "delete": self._delete}
+            "create": self._create, "revert": self._revert, "delete": self._delete, "rename": self._edit}
 
     async def info(self) -> AgentInfo:
         return AgentInfo(__version__, self.driver.name, await self.driver.probe(), socket.gethostname(),
@@ -129,10 +134,36 @@ class AgentService:
         stranded = self._revert.stranded(domain)
         return stranded.reason if stranded is not None else ""
 
-    async def create_domain(self, text: str, overrides: tuple[str, ...], *, paused: bool) -> Domain:
-        config = DomainConfig.parse(text, overrides, xl=self.driver.xl_version)
+    async def create_domain(self, text: str, overrides: tuple[str, ...], *, paused: bool, force: bool = False,
+                            source: str = "") -> Domain:
+        config = DomainConfig.parse(text, overrides, source=source or "<config>", xl=self.driver.xl_version)
         self.operations.check_idle(config.name)
-        return await self.driver.create(config, paused=paused)
+        config, made = await self._off_frozen_layers(config, force)
+        try:
+            return await self.driver.create(config, paused=paused)
+        except BaseException:
+            for path in made:
+                Path(path).unlink(missing_ok=True)
+            raise
+
+    async def _off_frozen_layers(self, config: DomainConfig, force: bool) -> tuple[DomainConfig, list[str]]:
+        """A config that writes no snapshot's frozen layer: refused if it would,
+        unless `force`, which puts a fresh overlay over each such layer (as a
+        revert does) and starts the domain on those; returns the files made."""
+        hits = layers.on_frozen(config.disks, layers.frozen(self.catalogue, self._backends))
+        for disk, layer in hits:
+            if not force or not layer.overlay:
+                raise FailedPrecondition(layers.refusal(
+                    disk, layer, way_out="start it with --force, on a fresh overlay over that layer"))
+        disks = {d.vdev: d for d in config.disks}
+        made: list[str] = []
+        for disk, layer in hits:
+            fresh = await self._backends.for_record(layer.record).revert(layer.record, disk, ignore_progress)
+            log.info("create %s: disk %s starts on %s, a fresh overlay over %s (frozen by snapshot %s)",
+                     config.name, disk.vdev, fresh.target, disk.target, layer.snapshot)
+            made.append(fresh.target)
+            disks[disk.vdev] = fresh
+        return config.with_disks([disks[d.vdev] for d in config.disks]), made
 
     async def _domain_call(self, ref: str, action: Callable[[str], Awaitable[Domain | None]]) -> Domain:
         """A lifecycle call on an idle domain; answers the domain as it is after
@@ -151,6 +182,18 @@ class AgentService:
         return await self._domain_call(ref, self.driver.unpause)
 
     # ------------------------------------------------------------- snapshots
+
+    async def plan_create(self, req: CreateRequest) -> CreatePlan:
+        """What create_snapshot would do; touches nothing."""
+        return await self._create.prepare(await self.driver.lookup(req.domain), req)
+
+    async def plan_revert(self, req: RevertRequest) -> RevertPlan:
+        """What revert_snapshot would do, its risks listed even without `force`; touches nothing."""
+        name = await self._domain_name(req.domain)
+        return await self._revert.prepare(RevertRequest(name, req.snapshot, req.run_after, True))
+
+    async def plan_delete(self, domain: str, ref: str, children: bool) -> DeletePlan:
+        return await self._delete.prepare(await self._domain_name(domain), ref, children)
 
     async def create_snapshot(self, req: CreateRequest, request_id: str) -> Operation:
         domain = await self.driver.lookup(req.domain)
@@ -207,6 +250,13 @@ class AgentService:
         name = await self._domain_name(domain)
         path, m = await asyncio.to_thread(self.catalogue.resolve, name, self._confined(ref))
         return Entry(path, m, self.catalogue.current(name) == m.name)
+
+    async def edit_snapshot(self, domain: str, ref: str, *, description: str | None, new_name: str = "",
+                            request_id: str = "") -> Entry:
+        """Change a snapshot's description or name (see snapshot_edit.py)."""
+        name = await self._domain_name(domain)
+        self.operations.check_idle(name)
+        return await self._edit.edit(name, ref, description=description, new_name=new_name, request_id=request_id)
 
     async def delete_snapshot(self, domain: str, ref: str, children: bool, request_id: str) -> Operation:
         name = await self._domain_name(domain)

@@ -70,7 +70,8 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
 
     async def CreateDomain(self, request: pb.CreateDomainRequest, context: Ctx) -> pb.Domain:
         d = await self._once("CreateDomain", request, lambda: self._s.create_domain(
-            request.config, tuple(request.overrides), paused=request.paused))
+            request.config, tuple(request.overrides), paused=request.paused, force=request.force,
+            source=request.config_name))
         return convert.domain(d)
 
     async def DestroyDomain(self, request: pb.DestroyDomainRequest, context: Ctx) -> pb.Domain:
@@ -89,22 +90,32 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
         req = parse_request(
             request.domain, name=request.name, live=request.live, method=convert.method_from_pb(request.method),
             path=request.path, description=request.description, cfg_text=request.config,
-            overrides=tuple(request.overrides),
+            overrides=tuple(request.overrides), cfg_name=request.config_name,
         )
+        if request.dry_run:
+            yield pb.OperationEvent(plan=convert.create_plan(await self._s.plan_create(req), req.name))
+            return
         op = await self._once("CreateSnapshot", request, lambda: self._s.create_snapshot(req, request.request_id))
         async for ev in _stream(op):
             yield ev
 
     async def RevertSnapshot(self, request: pb.RevertSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
-        ref = snapshot_ref(request.snapshot, request.config, tuple(request.overrides))
+        ref = snapshot_ref(request.snapshot, request.config, tuple(request.overrides), request.config_name)
         req = RevertRequest(request.domain, ref, convert.run_after_from_pb(request.run_state), request.force)
+        if request.dry_run:
+            yield pb.OperationEvent(plan=convert.revert_plan(await self._s.plan_revert(req)))
+            return
         op = await self._once("RevertSnapshot", request, lambda: self._s.revert_snapshot(req, request.request_id))
         async for ev in _stream(op):
             yield ev
 
     async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
+        if request.dry_run:
+            plan = await self._s.plan_delete(request.domain, request.snapshot, request.children)
+            yield pb.OperationEvent(plan=convert.delete_plan(plan))
+            return
         op = await self._once("DeleteSnapshot", request, lambda: self._s.delete_snapshot(
             request.domain, request.snapshot, request.children, request.request_id))
         async for ev in _stream(op):
@@ -130,4 +141,10 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: Ctx) -> pb.Snapshot:
         entry = await self._s.get_snapshot(request.domain, request.snapshot)
+        return convert.snapshot(entry, (await _sizes([entry]))[0], with_manifest=request.manifest)
+
+    async def EditSnapshot(self, request: pb.EditSnapshotRequest, context: Ctx) -> pb.Snapshot:
+        description = request.description if request.HasField("description") else None
+        entry = await self._s.edit_snapshot(request.domain, request.snapshot, description=description,
+                                            new_name=request.new_name, request_id=request.request_id)
         return convert.snapshot(entry, (await _sizes([entry]))[0])

@@ -12,10 +12,11 @@ KEYS = ("name", "description", "memory_path", "disks")
 SOURCE = "<snapshot cfgfile>"
 
 
-def read(text: str, overrides: Sequence[str]) -> dict[str, xlcfg.Value]:
+def read(text: str, overrides: Sequence[str], source: str = "") -> dict[str, xlcfg.Value]:
+    """`source`: the cfgfile's name, for messages (default SOURCE)."""
     if not text and not overrides:
         return {}
-    cfg = xlcfg.parse(text, overrides, source=SOURCE)
+    cfg = xlcfg.parse(text, overrides, source=source or SOURCE)
     if unknown := set(cfg) - set(KEYS):
         raise InvalidArgument(f"snapshot cfgfile: unknown setting(s) {', '.join(sorted(unknown))} "
                               f"(known: {', '.join(KEYS)})")

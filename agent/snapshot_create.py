@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 from domsnap import __version__
-from domsnap.agent import manifest, snapshot_cfg, xlcfg
+from domsnap.agent import layers, manifest, snapshot_cfg, xlcfg
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain, RunState
 from domsnap.agent.drivers.base import Hypervisor
@@ -62,10 +62,10 @@ class CreateRequest:
 
 def parse_request(
     domain: str, *, name: str, live: bool, method: Method | None, path: str, description: str,
-    cfg_text: str, overrides: tuple[str, ...],
+    cfg_text: str, overrides: tuple[str, ...], cfg_name: str = "",
 ) -> CreateRequest:
     """Merge the request's fields over the snapshot cfgfile (the fields win)."""
-    cfg = snapshot_cfg.read(cfg_text, overrides)
+    cfg = snapshot_cfg.read(cfg_text, overrides, cfg_name)
     name = name or xlcfg.get_str(cfg, "name", "") or default_snapshot_name()
     choices: dict[str, DiskChoice] = {}
     for spec in xlcfg.get_list(cfg, "disks", []):
@@ -168,6 +168,7 @@ class SnapshotCreate:
                 driver=self._driver.name, hypervisor_version=await self._driver.probe(),
                 facts=self._driver.facts(domain), parent=self._catalogue.current(domain.name),
                 downtime=result.downtime, agent_version=__version__,
+                layers=layers.fingerprints(self._backends, plan.records),
             )
             await step("manifest")
             op.commit()
@@ -233,13 +234,17 @@ class SnapshotCreate:
             raise FailedPrecondition(f"domain {domain.name} is {domain.state}: only a running or paused domain "
                                      "can be snapshotted")
         if self._catalogue.path_of(domain.name, req.name) is not None:
-            raise AlreadyExists(f"domain {domain.name} already has a snapshot named {req.name!r}")
+            raise AlreadyExists(f"domain {domain.name} already has a snapshot named {req.name!r}: choose another "
+                                "--name, or delete that one first")
         snapdir = confine(req.path or str(self._root / domain.name / req.name), self._roots, self._forbidden,
                           what="snapshot path")
         if os.path.lexists(snapdir):
             raise AlreadyExists(f"snapshot path {snapdir} already exists")
         if req.path and not snapdir.parent.is_dir():
             raise NotFound(f"snapshot path {snapdir}: its parent directory does not exist")
+        if hits := layers.on_frozen(domain.config.disks, layers.frozen(self._catalogue, self._backends)):
+            raise FailedPrecondition(layers.refusal(*hits[0], way_out=f"destroy domain {domain.name} and start "
+                                                    "it again with 'domsnap create --force' (a fresh overlay first)"))
         unknown = set(req.disk_choices) - {d.vdev for d in domain.config.disks}
         if unknown:
             raise InvalidArgument(f"snapshot cfgfile names disk(s) {', '.join(sorted(unknown))} that domain "

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from domsnap.agent import dirfd, manifest
+from domsnap.agent import dirfd, layers, manifest
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain
 from domsnap.agent.drivers.base import Hypervisor
@@ -88,7 +88,8 @@ class SnapshotDelete:
             await self._check(e.manifest, dom)
         return DeletePlan(domain, tuple(doomed), dom)
 
-    async def run(self, op: Operation, plan: DeletePlan) -> None:
+    async def run(self, op: Operation, plan: DeletePlan) -> DeletePlan:
+        """Delete what the plan names; the plan is the result (what was deleted)."""
         domain, doomed, dom = plan.domain, plan.doomed, plan.dom
         op.phase("validate", 5)(1.0, 0, 0, 0.0, ", ".join(e.manifest.name for e in doomed))
         op.commit()
@@ -103,6 +104,7 @@ class SnapshotDelete:
             await self._delete(journal, dom, share(sink, i, len(doomed)))
             await self._journal.finish(journal)
             sink((i + 1) / len(doomed), 0, 0, 0.0, f"deleted {e.manifest.name}")
+        return plan
 
     async def _check(self, m: Manifest, dom: Domain | None) -> None:
         """Refuse, before anything is touched, what cannot be done now."""
@@ -137,6 +139,7 @@ class SnapshotDelete:
             progress(0.5, 0, 0, 0.0, f"{rec.vdev}: merging {rec.file} into {rec.image}")
             await self._backends.for_record(rec).merge(rec, block, merge["top"] or None, merge["children"])
             self._repoint(m.domain, rec)
+            layers.refresh(self._catalogue, self._backends, m.domain, [rec.image, *merge["children"]])
         if journal.data["merges"] and dom is not None:
             dom = await self._domain(dom.config.name)
         await self._journal.step(journal, "files")

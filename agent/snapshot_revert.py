@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from domsnap.agent import manifest, snapshot_cfg, xlcfg
+from domsnap.agent import layers, manifest, snapshot_cfg, xlcfg
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain, DomainConfig
 from domsnap.agent.drivers.base import Hypervisor
@@ -49,11 +49,11 @@ class RevertRequest:
     force: bool
 
 
-def snapshot_ref(snapshot: str, cfg_text: str, overrides: tuple[str, ...]) -> str:
+def snapshot_ref(snapshot: str, cfg_text: str, overrides: tuple[str, ...], cfg_name: str = "") -> str:
     """What names the snapshot: the field, or a cfgfile's `name` or `memory_path`."""
     if snapshot:
         return snapshot
-    cfg = snapshot_cfg.read(cfg_text, overrides)
+    cfg = snapshot_cfg.read(cfg_text, overrides, cfg_name)
     if name := xlcfg.get_str(cfg, "name", ""):
         return name
     if memory := xlcfg.get_str(cfg, "memory_path", ""):
@@ -122,7 +122,7 @@ class SnapshotRevert:
             risks.append(f"the domain's configuration changed since the snapshot ({', '.join(changed)})")
         if m.hypervisor_version != version:
             risks.append(f"the memory image was made by {m.hypervisor_version}, this host runs {version}")
-        return risks
+        return risks + layers.changed(self._backends, m)
 
     def _discarded(self, domain: str, before: DomainConfig, after: DomainConfig) -> list[Path]:
         """Overlays the domain ran on before the revert that no snapshot needs.

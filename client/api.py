@@ -29,7 +29,7 @@ from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 
 from . import calls, connection, errors
-from .calls import DEFAULT_TIMEOUT, Method, ProgressCallback, RunState
+from .calls import DEFAULT_TIMEOUT, EventCallback, Method, ProgressCallback, RunState
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -63,10 +63,11 @@ class Client:
     # ---------------------------------------------------------------- plumbing
 
     def _call(self, method: Callable[..., Resp], request: object, timeout: float | None) -> Resp:
+        timeout = timeout if timeout is not None else self.timeout
         try:
-            return method(request, timeout=timeout if timeout is not None else self.timeout)
+            return method(request, timeout=timeout)
         except grpc.RpcError as err:
-            raise errors.from_rpc_error(err, self.address, self.tls) from err
+            raise errors.from_rpc_error(err, self.address, self.tls, channel=self.channel, timeout=timeout) from err
 
     def _stream(self, start: Callable[..., Iterator[pb.OperationEvent]], request: object,
                 timeout: float | None) -> Generator[pb.OperationEvent, None, None]:
@@ -79,13 +80,28 @@ class Client:
                 if outcome.see(event):
                     return
         except grpc.RpcError as err:
-            raise outcome.broken(err, self.tls) from err
+            raise outcome.broken(err, self.tls, self.channel) from err
         finally:
             stream.cancel()  # type: ignore[attr-defined]
 
-    def _wait(self, events: Generator[pb.OperationEvent, None, None],
-              on_progress: ProgressCallback | None) -> pb.Operation:
-        outcome = calls.Outcome(self.address, on_progress)
+    def plan(self, events: Generator[pb.OperationEvent, None, None]) -> pb.Plan:
+        """The plan a `*_events(..., dry_run=True)` call answers: what the operation
+        would do, validated as it would be (a refusal raises the same error)."""
+        outcome = calls.Outcome(self.address, None)
+        with contextlib.closing(events):
+            for event in events:
+                outcome.see(event)
+        if outcome.plan is None:
+            raise errors.InternalError("the agent answered a dry run with no plan", address=self.address.text)
+        return outcome.plan
+
+    def follow(self, events: Generator[pb.OperationEvent, None, None], *,
+               on_progress: ProgressCallback | None = None, on_event: EventCallback | None = None) -> pb.Operation:
+        """Follow an operation's events (from a `*_events` call or `watch`) to its end:
+        each event to `on_event`, each progress to `on_progress`; the finished
+        Operation, or its error raised. An exception in a callback (Ctrl-C
+        too) cancels the stream, never the operation."""
+        outcome = calls.Outcome(self.address, on_progress, on_event)
         # Closed even when on_progress raises: the call is cancelled then and there.
         with contextlib.closing(events):
             for event in events:
@@ -106,6 +122,29 @@ class Client:
         """A domain by name or domid."""
         return self._call(self.stub.GetDomain, pb.GetDomainRequest(domain=domain), timeout)
 
+    def create_domain(self, config: str, *, overrides: Sequence[str] = (), paused: bool = False, force: bool = False,
+                      config_name: str = "", request_id: str | None = None, timeout: float | None = None,
+                      ) -> pb.Domain:
+        """Start a domain from xl.cfg text (`domsnap create`); `force` starts it on a
+        fresh overlay where a disk is a snapshot's frozen layer, instead of refusing."""
+        request = calls.create_domain_request(config, overrides=overrides, paused=paused, force=force,
+                                              config_name=config_name, request_id=request_id)
+        return self._call(self.stub.CreateDomain, request, timeout)
+
+    def destroy_domain(self, domain: str, *, request_id: str | None = None, timeout: float | None = None,
+                       ) -> pb.Domain:
+        request = pb.DestroyDomainRequest(request_id=calls.new_request_id(request_id), domain=domain)
+        return self._call(self.stub.DestroyDomain, request, timeout)
+
+    def pause_domain(self, domain: str, *, request_id: str | None = None, timeout: float | None = None) -> pb.Domain:
+        request = pb.PauseDomainRequest(request_id=calls.new_request_id(request_id), domain=domain)
+        return self._call(self.stub.PauseDomain, request, timeout)
+
+    def unpause_domain(self, domain: str, *, request_id: str | None = None, timeout: float | None = None,
+                       ) -> pb.Domain:
+        request = pb.UnpauseDomainRequest(request_id=calls.new_request_id(request_id), domain=domain)
+        return self._call(self.stub.UnpauseDomain, request, timeout)
+
     # -------------------------------------------------------------- snapshots
 
     def list_snapshots(self, domain: str = "", *, timeout: float | None = None) -> list[pb.Snapshot]:
@@ -117,23 +156,36 @@ class Client:
             out.extend(page.snapshots)
         return out
 
-    def get_snapshot(self, domain: str, snapshot: str, *, timeout: float | None = None) -> pb.Snapshot:
-        """A snapshot by name, or by its directory (an absolute path on the agent's host)."""
-        return self._call(self.stub.GetSnapshot, pb.GetSnapshotRequest(domain=domain, snapshot=snapshot), timeout)
+    def get_snapshot(self, domain: str, snapshot: str, *, manifest: bool = False, timeout: float | None = None,
+                     ) -> pb.Snapshot:
+        """A snapshot by name, or by its directory (an absolute path on the agent's host);
+        with `manifest`, its snapshot.json text in `.manifest` too."""
+        request = pb.GetSnapshotRequest(domain=domain, snapshot=snapshot, manifest=manifest)
+        return self._call(self.stub.GetSnapshot, request, timeout)
+
+    def edit_snapshot(self, domain: str, snapshot: str, *, description: str | None = None, new_name: str = "",
+                      request_id: str | None = None, timeout: float | None = None) -> pb.Snapshot:
+        """Change a snapshot's description (None: unchanged) or its name (FailedPrecondition
+        where a disk holds the name: qcow2 tags, LVM volumes); the snapshot as it is now."""
+        request = pb.EditSnapshotRequest(request_id=calls.new_request_id(request_id), domain=domain, snapshot=snapshot,
+                                         description=description, new_name=new_name)
+        return self._call(self.stub.EditSnapshot, request, timeout)
 
     def create_snapshot_events(self, domain: str, *, name: str = "", live: bool = False, method: Method | None = None,
                                path: str = "", description: str = "", config: str = "",
-                               overrides: Sequence[str] = (), request_id: str | None = None,
-                               timeout: float | None = None) -> Generator[pb.OperationEvent, None, None]:
+                               overrides: Sequence[str] = (), config_name: str = "", dry_run: bool = False,
+                               request_id: str | None = None, timeout: float | None = None,
+                               ) -> Generator[pb.OperationEvent, None, None]:
         """The create's events: `started` (the operation's id), `progress`..., `finished`.
 
         A request the agent refuses raises before the first event; an
         operation that fails ends with a `finished` event that holds its
-        error (`create_snapshot` raises it instead).
+        error (`create_snapshot` raises it instead). With `dry_run`, one
+        `plan` event (see `plan`). `config_name` names the cfg text in messages.
         """
         request = calls.create_request(domain, name=name, live=live, method=method, path=path,
                                        description=description, config=config, overrides=overrides,
-                                       request_id=request_id)
+                                       config_name=config_name, dry_run=dry_run, request_id=request_id)
         return self._stream(self.stub.CreateSnapshot, request, timeout)
 
     def create_snapshot(self, domain: str, *, name: str = "", live: bool = False, method: Method | None = None,
@@ -148,14 +200,15 @@ class Client:
         events = self.create_snapshot_events(domain, name=name, live=live, method=method, path=path,
                                              description=description, config=config, overrides=overrides,
                                              request_id=request_id, timeout=timeout)
-        return self._wait(events, on_progress).result
+        return self.follow(events, on_progress=on_progress).result
 
     def revert_snapshot_events(self, domain: str, snapshot: str = "", *, run_state: RunState | None = None,
                                force: bool = False, config: str = "", overrides: Sequence[str] = (),
-                               request_id: str | None = None, timeout: float | None = None,
-                               ) -> Generator[pb.OperationEvent, None, None]:
+                               config_name: str = "", dry_run: bool = False, request_id: str | None = None,
+                               timeout: float | None = None) -> Generator[pb.OperationEvent, None, None]:
         request = calls.revert_request(domain, snapshot, run_state=run_state, force=force, config=config,
-                                       overrides=overrides, request_id=request_id)
+                                       overrides=overrides, config_name=config_name, dry_run=dry_run,
+                                       request_id=request_id)
         return self._stream(self.stub.RevertSnapshot, request, timeout)
 
     def revert_snapshot(self, domain: str, snapshot: str = "", *, run_state: RunState | None = None,
@@ -169,13 +222,19 @@ class Client:
         """
         events = self.revert_snapshot_events(domain, snapshot, run_state=run_state, force=force, config=config,
                                              overrides=overrides, request_id=request_id, timeout=timeout)
-        return self._wait(events, on_progress).result
+        return self.follow(events, on_progress=on_progress).result
+
+    def delete_snapshot_events(self, domain: str, snapshot: str, *, children: bool = False, dry_run: bool = False,
+                               request_id: str | None = None, timeout: float | None = None,
+                               ) -> Generator[pb.OperationEvent, None, None]:
+        request = calls.delete_request(domain, snapshot, children=children, dry_run=dry_run, request_id=request_id)
+        return self._stream(self.stub.DeleteSnapshot, request, timeout)
 
     def delete_snapshot(self, domain: str, snapshot: str, *, children: bool = False, request_id: str | None = None,
                         on_progress: ProgressCallback | None = None, timeout: float | None = None) -> pb.Operation:
         """Delete a snapshot (and with `children`, those taken on top of it); the finished Operation."""
-        request = calls.delete_request(domain, snapshot, children=children, request_id=request_id)
-        return self._wait(self._stream(self.stub.DeleteSnapshot, request, timeout), on_progress)
+        return self.follow(self.delete_snapshot_events(domain, snapshot, children=children, request_id=request_id,
+                                                      timeout=timeout), on_progress=on_progress)
 
     # ------------------------------------------------------------- operations
 
@@ -187,7 +246,7 @@ class Client:
     def wait(self, operation_id: str, *, on_progress: ProgressCallback | None = None,
              timeout: float | None = None) -> pb.Operation:
         """Re-attach to an operation and wait for its end; the finished Operation, or its error."""
-        return self._wait(self.watch(operation_id, timeout=timeout), on_progress)
+        return self.follow(self.watch(operation_id, timeout=timeout), on_progress=on_progress)
 
     def cancel(self, operation_id: str, *, timeout: float | None = None) -> pb.Operation:
         """Ask an operation to stop and roll back; FailedPrecondition past its point of no return."""

@@ -17,7 +17,8 @@ from . import connection, errors
 Method = Literal["internal", "external"]
 RunState = Literal["running", "paused"]
 ProgressCallback = Callable[[pb.Progress], object]
-DEFAULT_TIMEOUT = 30.0
+EventCallback = Callable[[pb.OperationEvent], object]
+DEFAULT_TIMEOUT = connection.DEFAULT_TIMEOUT
 
 _METHODS: dict[Method | None, pb.SnapshotMethod.ValueType] = {
     None: pb.SNAPSHOT_METHOD_DEFAULT,
@@ -47,8 +48,9 @@ def credentials(address: connection.Address, tls: connection.TlsFiles) -> grpc.C
         raise errors.TlsError(str(err), address=address.text) from err
 
 
-def _request_id(request_id: str | None) -> str:
-    return request_id or str(uuid.uuid4())
+def new_request_id(given: str | None) -> str:
+    """The caller's request id, or a fresh one."""
+    return given or str(uuid.uuid4())
 
 
 def _method(value: Method | None) -> pb.SnapshotMethod.ValueType:
@@ -65,12 +67,12 @@ def _run_state(value: RunState | None) -> pb.RunStateAfterRevert.ValueType:
 
 
 def create_request(domain: str, *, name: str = "", live: bool = False, method: Method | None = None, path: str = "",
-                   description: str = "", config: str = "", overrides: Sequence[str] = (),
-                   request_id: str | None = None) -> pb.CreateSnapshotRequest:
+                   description: str = "", config: str = "", overrides: Sequence[str] = (), config_name: str = "",
+                   dry_run: bool = False, request_id: str | None = None) -> pb.CreateSnapshotRequest:
     return pb.CreateSnapshotRequest(
-        request_id=_request_id(request_id), domain=domain, name=name, live=live,
-        method=_method(method),
-        path=path, description=description, config=config, overrides=list(overrides))
+        request_id=new_request_id(request_id), domain=domain, name=name, live=live,
+        method=_method(method), path=path, description=description, config=config, overrides=list(overrides),
+        config_name=config_name, dry_run=dry_run)
 
 
 def next_snapshots_page(domain: str, last: pb.ListSnapshotsResponse | None) -> pb.ListSnapshotsRequest | None:
@@ -82,30 +84,43 @@ def next_snapshots_page(domain: str, last: pb.ListSnapshotsResponse | None) -> p
 
 
 def revert_request(domain: str, snapshot: str = "", *, run_state: RunState | None = None, force: bool = False,
-                   config: str = "", overrides: Sequence[str] = (), request_id: str | None = None,
-                   ) -> pb.RevertSnapshotRequest:
+                   config: str = "", overrides: Sequence[str] = (), config_name: str = "", dry_run: bool = False,
+                   request_id: str | None = None) -> pb.RevertSnapshotRequest:
     return pb.RevertSnapshotRequest(
-        request_id=_request_id(request_id), domain=domain, snapshot=snapshot, config=config,
-        overrides=list(overrides), run_state=_run_state(run_state), force=force)
+        request_id=new_request_id(request_id), domain=domain, snapshot=snapshot, config=config,
+        overrides=list(overrides), run_state=_run_state(run_state), force=force, config_name=config_name,
+        dry_run=dry_run)
 
 
-def delete_request(domain: str, snapshot: str, *, children: bool = False, request_id: str | None = None,
-                   ) -> pb.DeleteSnapshotRequest:
-    return pb.DeleteSnapshotRequest(request_id=_request_id(request_id), domain=domain, snapshot=snapshot,
-                                    children=children)
+def create_domain_request(config: str, *, overrides: Sequence[str] = (), paused: bool = False, force: bool = False,
+                          config_name: str = "", request_id: str | None = None) -> pb.CreateDomainRequest:
+    return pb.CreateDomainRequest(request_id=new_request_id(request_id), config=config, overrides=list(overrides),
+                                  paused=paused, force=force, config_name=config_name)
+
+
+def delete_request(domain: str, snapshot: str, *, children: bool = False, dry_run: bool = False,
+                   request_id: str | None = None) -> pb.DeleteSnapshotRequest:
+    return pb.DeleteSnapshotRequest(request_id=new_request_id(request_id), domain=domain, snapshot=snapshot,
+                                    children=children, dry_run=dry_run)
 
 
 class Outcome:
-    """Follows one operation's events: progress to the callback, the end as a result or an error."""
+    """Follows one operation's events: each to `on_event` (a renderer), progress
+    to `on_progress`, the end as a result or an error."""
 
-    def __init__(self, address: connection.Address, on_progress: ProgressCallback | None) -> None:
+    def __init__(self, address: connection.Address, on_progress: ProgressCallback | None,
+                 on_event: EventCallback | None = None) -> None:
         self._address = address
         self._on_progress = on_progress
+        self._on_event = on_event
         self.operation_id = ""
         self.finished: pb.Operation | None = None
+        self.plan: pb.Plan | None = None
 
     def see(self, event: pb.OperationEvent) -> bool:
         """Take one event; True once the operation has finished."""
+        if self._on_event is not None:
+            self._on_event(event)
         kind = event.WhichOneof("event")
         if kind == "started":
             self.operation_id = event.started.id
@@ -113,6 +128,9 @@ class Outcome:
             self._on_progress(event.progress)
         elif kind == "finished":
             self.finished = event.finished
+            return True
+        elif kind == "plan":
+            self.plan = event.plan
             return True
         return False
 
@@ -127,12 +145,10 @@ class Outcome:
             raise errors.from_status(op.error, address=self._address.text, operation_id=op.id)
         return op
 
-    def broken(self, err: grpc.RpcError, tls: connection.TlsFiles) -> errors.DomsnapError:
+    def broken(self, err: grpc.RpcError, tls: connection.TlsFiles, channel: grpc.Channel | None = None,
+               ) -> errors.DomsnapError:
         """A stream that failed: the refusal of the request, or a connection lost midway."""
-        error = errors.from_rpc_error(err, self._address, tls)
+        error = errors.from_rpc_error(err, self._address, tls, channel=channel)
         error.operation_id = self.operation_id
         return error
 
-
-def is_finished(event: pb.OperationEvent) -> bool:
-    return event.WhichOneof("event") == "finished"

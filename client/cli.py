@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import grpc
+from typing import TYPE_CHECKING, Any
 
 from domsnap import __version__
-from domsnap.v1 import domsnap_pb2 as pb
 
-from . import commands, connection
-from .commands import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, CliError, Handler, Session, UsageError
+from . import connection
+from .exits import EXIT_BROKEN_PIPE, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CliError, UsageError
 
-DEFAULT_TIMEOUT = 30.0
-# 128 + SIGPIPE, as a shell reports `domsnap snapshot-list | head`.
-EXIT_BROKEN_PIPE = 141
+if TYPE_CHECKING:
+    from .commands import Handler, Session
+
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,8 @@ class Verb:
     synopsis: str
     help: str
     args: tuple[Arg | OneOf, ...]
-    handler: Handler
+    # The name of its function in commands.py, loaded only to run it.
+    handler: str
     # Longer text for `domsnap help <name>`.
     details: str = ""
     # Runs against several agents at once (`-H a,b,...`), results grouped per agent.
@@ -68,15 +67,30 @@ def _domain(help_text: str = "a domain name or domid") -> Arg:
     return arg("domain", metavar="<Domain>", help=help_text)
 
 
-def _cmd_help(s: Session, ns: argparse.Namespace) -> int:
-    if ns.subcommand is None:
-        s.out.write(_top_parser().format_help())
-        return commands.EXIT_OK
-    verb = VERBS.get(ns.subcommand)
+def _snapshot() -> Arg:
+    return arg("snapshot", metavar="<path|name>", help=_SNAPSHOT_REF)
+
+
+def _dry_run(what: str) -> Arg:
+    return arg("--dry-run", action="store_true", help=f"print the plan ({what}) and touch nothing")
+
+
+def _help(parser: argparse.ArgumentParser, subcommand: str | None) -> int:
+    if subcommand is None:
+        sys.stdout.write(_top_parser().format_help())
+        return EXIT_OK
+    verb = VERBS.get(subcommand)
     if verb is None:
-        raise UsageError(f"unknown subcommand {ns.subcommand!r}")
-    s.out.write(_verb_parser(verb).format_help())
-    return commands.EXIT_OK
+        return _parse_error(parser, f"unknown subcommand {subcommand!r}{_did_you_mean(subcommand)}")
+    sys.stdout.write(_verb_parser(verb).format_help())
+    return EXIT_OK
+
+
+def _did_you_mean(word: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, [v.name for v in VERB_LIST], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 _SNAPSHOT_REF = "a snapshot's name, or its directory (a path with a '/', e.g. ./snap)"
@@ -88,32 +102,39 @@ VERB_LIST: tuple[Verb, ...] = (
         "List information about all/some domains",
         (
             arg("-l", "--long", action="store_true", help="print each domain's configuration"),
-            arg("domains", nargs="*", metavar="<Domain>", help="domain names or domids; default: all"),
+            arg("domains", nargs="*", default=[], metavar="<Domain>", help="domain names or domids; default: all"),
         ),
-        commands.cmd_list,
+        "cmd_list",
         many_hosts=True,
     ),
     Verb(
         "create",
-        "<cfgfile> [KEY=VALUE ...] [-p]",
+        "<cfgfile> [KEY=VALUE ...] [-p] [--force]",
         "Create a domain from config file <cfgfile>",
         (
             arg("cfgfile", metavar="<cfgfile>", help="xl.cfg file, read here and sent as text; - reads stdin"),
-            arg("overrides", nargs="*", metavar="KEY=VALUE", help="settings appended to the file, as in xl"),
+            arg(
+                "overrides", nargs="*", default=[], metavar="KEY=VALUE", help="settings appended to the file, as in xl"
+            ),
             arg("-p", dest="paused", action="store_true", help="leave the domain paused after creating it"),
+            arg(
+                "--force",
+                action="store_true",
+                help="a disk that is a snapshot's frozen layer: start on a fresh overlay over it instead of refusing",
+            ),
         ),
-        commands.cmd_create,
+        "cmd_create",
     ),
-    Verb("destroy", "<Domain>", "Terminate a domain immediately", (_domain(),), commands.cmd_destroy),
-    Verb("pause", "<Domain>", "Pause execution of a domain", (_domain(),), commands.cmd_pause),
-    Verb("unpause", "<Domain>", "Unpause a paused domain", (_domain(),), commands.cmd_unpause),
+    Verb("destroy", "<Domain>", "Terminate a domain immediately", (_domain(),), "cmd_destroy"),
+    Verb("pause", "<Domain>", "Pause execution of a domain", (_domain(),), "cmd_pause"),
+    Verb("unpause", "<Domain>", "Unpause a paused domain", (_domain(),), "cmd_unpause"),
     Verb(
         "snapshot-create",
-        "<Domain> [<cfgfile>] [--name NAME] [--live] [--internal|--external] [<path>] [KEY=VALUE ...]",
+        "<Domain> [<cfgfile>] [--name NAME] [--live] [--internal|--external] [<path>] [KEY=VALUE ...] [--dry-run]",
         "Create a snapshot (RAM and every disk) of a domain",
         (
             _domain(),
-            arg("args", nargs="*", metavar="[<cfgfile>] [<path>] [KEY=VALUE]", help=argparse.SUPPRESS),
+            arg("args", nargs="*", default=[], metavar="[<cfgfile>] [<path>] [KEY=VALUE]", help=argparse.SUPPRESS),
             arg("--name", metavar="NAME", help="the snapshot's name, [A-Za-z0-9._-]{1,64}; default: UTC time"),
             arg(
                 "--live",
@@ -126,15 +147,15 @@ VERB_LIST: tuple[Verb, ...] = (
                         "--internal",
                         dest="method",
                         action="store_const",
-                        const=pb.SNAPSHOT_METHOD_INTERNAL,
-                        default=pb.SNAPSHOT_METHOD_DEFAULT,
+                        const="internal",
+                        default=None,
                         help="snapshot every disk inside its image (qcow2 tag, LVM snapshot)",
                     ),
                     arg(
                         "--external",
                         dest="method",
                         action="store_const",
-                        const=pb.SNAPSHOT_METHOD_EXTERNAL,
+                        const="external",
                         help="freeze every image; the domain goes on in a new overlay or copy",
                     ),
                 )
@@ -145,38 +166,41 @@ VERB_LIST: tuple[Verb, ...] = (
                 help="the snapshot's directory, when it could pass for something else",
             ),
             arg("--description", metavar="TEXT", help="free text kept with the snapshot"),
+            _dry_run("the directory, and the method and file of every disk"),
         ),
-        commands.cmd_snapshot_create,
+        "cmd_snapshot_create",
         details=(
-            "Free arguments are told apart by what they are: KEY=VALUE is a setting appended to\n"
-            "the cfg text; an existing regular file (or -, stdin) is the <cfgfile>, sent as text;\n"
-            "anything else is <path>, the snapshot's directory, which must not exist yet.\n"
+            "Free arguments are told apart by how they are spelt: KEY=VALUE is a setting appended\n"
+            "to the cfg text; an existing regular file (or -, stdin) is the <cfgfile>, sent as text;\n"
+            "a word with a '/' is <path>, the snapshot's directory, which must not exist yet. A bare\n"
+            "word that is no file is refused: say --name NAME for a name, ./NAME for a directory.\n"
             "Default <path>: the agent's <snapshot_root>/<Domain>/<name>. Default method: per disk,\n"
             "the cheapest one its storage supports."
         ),
     ),
     Verb(
         "snapshot-revert",
-        "<Domain> <path|name|cfgfile> [--running|--paused] [--force]",
+        "<Domain> <path|name|cfgfile>|--current [--running|--paused] [--force] [--dry-run]",
         "Revert a domain to a snapshot",
         (
             _domain(),
-            arg("snapshot", metavar="<path|name|cfgfile>", help=f"{_SNAPSHOT_REF}, or a snapshot cfgfile"),
+            arg("snapshot", nargs="?", metavar="<path|name|cfgfile>", help=f"{_SNAPSHOT_REF}, or a snapshot cfgfile"),
+            arg("--current", action="store_true", help="the snapshot the domain's state descends from"),
             OneOf(
                 (
                     arg(
                         "--running",
                         dest="run_state",
                         action="store_const",
-                        const=pb.RUN_STATE_AFTER_REVERT_RUNNING,
-                        default=pb.RUN_STATE_AFTER_REVERT_SNAPSHOT,
+                        const="running",
+                        default=None,
                         help="leave the domain running, whatever it was at the snapshot",
                     ),
                     arg(
                         "--paused",
                         dest="run_state",
                         action="store_const",
-                        const=pb.RUN_STATE_AFTER_REVERT_PAUSED,
+                        const="paused",
                         help="leave the domain paused",
                     ),
                 )
@@ -184,67 +208,104 @@ VERB_LIST: tuple[Verb, ...] = (
             arg(
                 "--force",
                 action="store_true",
-                help="revert even when risky (config changed, domain gone, ...)",
+                help="revert even when risky (config changed, domain gone, a frozen layer written, ...)",
             ),
+            _dry_run("what each disk goes back to, the state it ends in, the risks"),
         ),
-        commands.cmd_snapshot_revert,
+        "cmd_snapshot_revert",
     ),
     Verb(
         "snapshot-list",
-        "[<Domain>] [--tree]",
+        "[<Domain>] [--tree] [--parent NAME|--roots|--leaves] [--name PATTERN]",
         "List snapshots",
         (
             arg("domain", nargs="?", metavar="<Domain>", help="only this domain's; default: every domain's"),
             arg("--tree", action="store_true", help="draw each domain's snapshots as parent/child trees"),
+            OneOf(
+                (
+                    arg("--parent", metavar="NAME", help="only the snapshots taken on top of NAME"),
+                    arg("--roots", action="store_true", help="only the snapshots with no parent"),
+                    arg("--leaves", action="store_true", help="only the snapshots with no children"),
+                )
+            ),
+            arg("--name", metavar="PATTERN", help="only the names that match PATTERN (shell wildcards: web-*)"),
         ),
-        commands.cmd_snapshot_list,
+        "cmd_snapshot_list",
         many_hosts=True,
     ),
     Verb(
         "snapshot-info",
         "<Domain> <path|name>",
         "Show a snapshot's details",
-        (_domain(), arg("snapshot", metavar="<path|name>", help=_SNAPSHOT_REF)),
-        commands.cmd_snapshot_info,
+        (_domain(), _snapshot()),
+        "cmd_snapshot_info",
     ),
     Verb(
         "snapshot-delete",
-        "<Domain> <path|name> [--children]",
+        "<Domain> <path|name> [--children] [--dry-run]",
         "Delete a snapshot",
         (
             _domain(),
-            arg("snapshot", metavar="<path|name>", help=_SNAPSHOT_REF),
+            _snapshot(),
             arg("--children", action="store_true", help="delete the snapshots taken on top of it too"),
+            _dry_run("every snapshot it would delete"),
         ),
-        commands.cmd_snapshot_delete,
+        "cmd_snapshot_delete",
+    ),
+    Verb(
+        "snapshot-current",
+        "<Domain>",
+        "Show the snapshot the domain's state descends from",
+        (_domain(),),
+        "cmd_snapshot_current",
+    ),
+    Verb(
+        "snapshot-edit",
+        "<Domain> <path|name> [--description TEXT] [--rename NAME]",
+        "Change a snapshot's description or name",
+        (
+            _domain(),
+            _snapshot(),
+            arg("--description", metavar="TEXT", help="the new description"),
+            arg("--rename", metavar="NAME", help="the new name (not where a disk holds the name)"),
+        ),
+        "cmd_snapshot_edit",
+        details="A snapshot whose disks hold its name (a qcow2 tag, an LVM snapshot volume) keeps its name.",
+    ),
+    Verb(
+        "snapshot-dumpmanifest",
+        "<Domain> <path|name>",
+        "Print a snapshot's manifest (snapshot.json) as the agent read it",
+        (_domain(), _snapshot()),
+        "cmd_snapshot_dumpmanifest",
     ),
     Verb(
         "watch",
         "<operation-id>",
         "Follow a running or finished operation",
         (arg("operation_id", metavar="<operation-id>"),),
-        commands.cmd_watch,
+        "cmd_watch",
     ),
     Verb(
         "cancel",
         "<operation-id>",
         "Stop an operation and roll it back",
         (arg("operation_id", metavar="<operation-id>"),),
-        commands.cmd_cancel,
+        "cmd_cancel",
     ),
     Verb(
         "operations",
         "[<Domain>]",
         "List running and recent operations",
         (arg("domain", nargs="?", metavar="<Domain>", help="only this domain's; default: every domain's"),),
-        commands.cmd_operations,
+        "cmd_operations",
     ),
     Verb(
         "info",
         "",
         "Get information about the agent and its hypervisor",
         (),
-        commands.cmd_info,
+        "cmd_info",
         many_hosts=True,
     ),
     Verb(
@@ -252,14 +313,14 @@ VERB_LIST: tuple[Verb, ...] = (
         "[<subcommand>]",
         "Print help for a subcommand, or list them all",
         (arg("subcommand", nargs="?", metavar="<subcommand>"),),
-        _cmd_help,
+        "help",
     ),
 )
 
 VERBS = {verb.name: verb for verb in VERB_LIST}
 
 # Where the global options land; they may come again after the subcommand.
-_GLOBAL_DESTS = ("address", "json", "timeout", "request_id", "ca", "cert", "key")
+_GLOBAL_DESTS = ("address", "json", "utc", "timeout", "request_id", "ca", "cert", "key")
 
 
 def _addresses(text: str) -> tuple[connection.Address, ...]:
@@ -304,12 +365,16 @@ def _add_global_options(parser: argparse.ArgumentParser, *, repeated: bool) -> N
         ),
     )
     parser.add_argument("--json", action="store_true", **opts(False, "print JSON (one object per event)"))
+    parser.add_argument("--utc", action="store_true", **opts(False, "print times in UTC (default: local, as TZ says)"))
     parser.add_argument(
         "-t",
         "--timeout",
         metavar="SECONDS",
         type=_seconds,
-        **opts(DEFAULT_TIMEOUT, f"give up on a short call after SECONDS (default: {DEFAULT_TIMEOUT:g})"),
+        **opts(
+            connection.DEFAULT_TIMEOUT,
+            f"give up on a short call after SECONDS (default: {connection.DEFAULT_TIMEOUT:g})",
+        ),
     )
     parser.add_argument(
         "--request-id",
@@ -330,7 +395,7 @@ def _top_parser() -> argparse.ArgumentParser:
     listing = "\n".join(f" {v.name:<{width}}{v.help}" for v in VERB_LIST)
     parser = argparse.ArgumentParser(
         prog="domsnap",
-        usage="domsnap [-H ADDR] [--ca FILE --cert FILE --key FILE] [--json] [-t SECONDS] [--request-id ID] "
+        usage="domsnap [-H ADDR] [--ca FILE --cert FILE --key FILE] [--json] [--utc] [-t SECONDS] [--request-id ID] "
               "<subcommand> [args]",
         description=f"domsnap full list of subcommands:\n\n{listing}",
         epilog="'domsnap help <subcommand>' or 'domsnap <subcommand> --help' shows its synopsis.",
@@ -385,23 +450,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     verb = VERBS.get(parsed.subcommand)
     if verb is None:
-        sys.stderr.write(f"domsnap: {parsed.subcommand!r} is not a subcommand. See 'domsnap help'.\n")
+        sys.stderr.write(f"domsnap: {parsed.subcommand!r} is not a subcommand{_did_you_mean(parsed.subcommand)} "
+                         "See 'domsnap help'.\n")
         return EXIT_USAGE
     parser = _verb_parser(verb)
     ns = _parse(parser, parsed.rest, intermixed=True)
     if isinstance(ns, int):
         return ns
+    if verb.handler == "help":
+        return _help(parser, ns.subcommand)
     options = {dest: getattr(ns, dest, getattr(parsed, dest)) for dest in _GLOBAL_DESTS}
     addresses: tuple[connection.Address, ...] = options["address"]
-    handler = verb.handler
+    if len(addresses) > 1 and not verb.many_hosts:
+        several = ", ".join(v.name for v in VERB_LIST if v.many_hosts)
+        return _parse_error(parser, f"-H names {len(addresses)} agents; only {several} run on several")
+    # The CLI says what went wrong in one line; gRPC's C core would log a
+    # failed TLS handshake on stderr too. It reads this once, when it loads
+    # (below); an explicit GRPC_VERBOSITY (e.g. debug) wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    from . import commands
+
+    handler: Handler = getattr(commands, verb.handler)
     if len(addresses) > 1:
-        if not verb.many_hosts:
-            several = ", ".join(v.name for v in VERB_LIST if v.many_hosts)
-            return _parse_error(parser, f"-H names {len(addresses)} agents; only {several} run on several")
-        handler = functools.partial(commands.run_on_hosts, verb.handler, addresses)
-    session = Session(
+        handler = functools.partial(commands.run_on_hosts, handler, addresses)
+    session = commands.Session(
         address=addresses[0],
         json=options["json"],
+        utc=options["utc"],
         timeout=options["timeout"],
         request_id=options["request_id"],
         tls=connection.TlsFiles(options["ca"], options["cert"], options["key"]),
@@ -413,14 +488,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(handler: Handler, parser: argparse.ArgumentParser, session: Session, ns: argparse.Namespace) -> int:
     """Run a handler; every failure becomes one stderr line and an exit status."""
+    from .errors import DomsnapError, TlsError
+
     try:
         return handler(session, ns)
     except UsageError as err:
+        _fail_json(session, "usage", str(err))
         return _parse_error(parser, str(err))
-    except grpc.RpcError as err:
-        _fail(session, session.rpc_error_message(err))
+    except DomsnapError as err:
+        _fail(session, f"TLS: {err.message}" if isinstance(err, TlsError) else err.message, err.code.name)
     except CliError as err:
-        _fail(session, str(err))
+        _fail(session, str(err), "client")
     except KeyboardInterrupt:
         session.err.write("\ndomsnap: interrupted\n")
         return EXIT_INTERRUPTED
@@ -430,7 +508,7 @@ def _run(handler: Handler, parser: argparse.ArgumentParser, session: Session, ns
     except Exception as err:
         # A bug of ours; still one line, so scripts parsing stderr never
         # meet a traceback.
-        _fail(session, f"internal error: {type(err).__name__}: {err}")
+        _fail(session, f"internal error: {type(err).__name__}: {err}", "internal")
     finally:
         session.close()
     return EXIT_ERROR
@@ -443,8 +521,15 @@ def _parse_error(parser: argparse.ArgumentParser, message: str) -> int:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
 
 
-def _fail(session: Session, message: str) -> None:
+def _fail(session: Session, message: str, code: str) -> None:
+    _fail_json(session, code, message)
     session.err.write(f"domsnap: {message}\n")
+
+
+def _fail_json(session: Session, code: str, message: str) -> None:
+    """Under --json, the error is JSON on stdout too: what a program reads."""
+    if session.json:
+        session.out.write(json.dumps({"error": {"code": code, "message": message}}) + "\n")
 
 
 def _silence_stdout() -> None:

@@ -7,40 +7,24 @@ session and the parsed arguments and returns the exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fnmatch
 import io
 import json
 import os
 import sys
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TextIO
-
-import grpc
+from typing import TYPE_CHECKING, TextIO
 
 from domsnap.v1 import domsnap_pb2 as pb
-from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 
 from . import calls, connection, progress, views
 from .connection import Address
+from .exits import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
 
 if TYPE_CHECKING:
     from .api import Client
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-# 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C.
-EXIT_INTERRUPTED = 130
-
-
-class CliError(Exception):
-    """Fails the command with one line on stderr and exit status 1."""
-
-
-class UsageError(Exception):
-    """The arguments parse but do not make sense together (exit status 2)."""
-
 
 @dataclass
 class Session:
@@ -48,47 +32,40 @@ class Session:
 
     address: Address
     json: bool
+    # Times in UTC instead of the local zone.
+    utc: bool = False
     # Deadline of unary calls; streams run as long as their operation.
-    timeout: float
+    timeout: float = calls.DEFAULT_TIMEOUT
     # Set by --request-id so that a script can retry a mutation safely.
     request_id: str | None = None
     # Used on TCP only: a unix socket needs no certificate.
     tls: connection.TlsFiles = field(default_factory=connection.TlsFiles)
     out: TextIO = field(default_factory=lambda: sys.stdout)
     err: TextIO = field(default_factory=lambda: sys.stderr)
-    _channel: grpc.Channel | None = field(default=None, init=False, repr=False)
-    _stub: pb_grpc.SnapshotAgentStub | None = field(default=None, init=False, repr=False)
+    _client: Client | None = field(default=None, init=False, repr=False)
 
     @property
-    def agent(self) -> pb_grpc.SnapshotAgentStub:
-        # Opened on first use: `help` must work without an agent.
-        if self._stub is None:
-            credentials = None
-            if self.uses_tls:
-                try:
-                    credentials = connection.channel_credentials(self.tls)
-                except connection.TlsError as err:
-                    raise CliError(f"TLS: {err}") from err
-            self._channel = connection.open_channel(self.address, credentials)
-            self._stub = connection.stub(self._channel)
-        return self._stub
+    def client(self) -> Client:
+        """The client library's connection to the agent, opened on first use:
+        `help` must work without an agent, and without loading gRPC."""
+        if self._client is None:
+            from .api import Client
 
-    @property
-    def uses_tls(self) -> bool:
-        return connection.uses_tls(self.address, self.tls)
+            self._client = Client(self.address.text, ca=self.tls.ca, cert=self.tls.cert, key=self.tls.key,
+                                  timeout=self.timeout)
+        return self._client
 
-    def attach(self, channel: grpc.Channel) -> None:
-        """Talk over a channel opened elsewhere (the client library's, in a fan-out)."""
-        self._channel = channel
-        self._stub = connection.stub(channel)
+    def attach(self, client: Client) -> None:
+        """Talk through a client opened elsewhere (a fan-out's)."""
+        self._client = client
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = self._stub = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def new_request_id(self) -> str:
-        return self.request_id or str(uuid.uuid4())
+        return calls.new_request_id(self.request_id)
 
     def agent_path(self, path: str) -> str:
         """A path as the agent must see it.
@@ -116,28 +93,13 @@ class Session:
             return "domsnap"
         return f"domsnap -H {self.address.text}"
 
-    def rpc_error_message(self, err: grpc.RpcError) -> str:
-        code = err.code()
-        details = " ".join((err.details() or "").split()) or code.name.lower().replace("_", " ")
-        # Probed only on UNAVAILABLE: a connect failure and a hypervisor
-        # that does not answer share that code (see is_reachable).
-        if (
-            code == grpc.StatusCode.UNAVAILABLE
-            and self._channel is not None
-            and not connection.is_reachable(self._channel)
-        ):
-            if self.uses_tls and (tls := connection.tls_failure(details, self.address, self.tls)) is not None:
-                return f"TLS: {tls}"
-            reason = connection.connect_failure_reason(details)
-            if not self.address.local and not self.uses_tls and "refused" not in reason:
-                reason += " (an agent on TCP speaks TLS: give --ca, --cert and --key)"
-            return f"cannot reach the agent at {self.address.text}: {reason}"
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return f"the agent did not answer within {self.timeout:g} s ({details})"
-        return details
-
 
 Handler = Callable[[Session, argparse.Namespace], int]
+
+
+def cfg_name(name: str) -> str:
+    """How the agent names the cfg text in its messages: the file as given."""
+    return "<stdin>" if name == "-" else name
 
 
 def read_cfg(name: str) -> str:
@@ -162,51 +124,68 @@ def check_overrides(args: Sequence[str]) -> list[str]:
 # ------------------------------------------------------------- streams ----
 
 
-_UNSUCCESSFUL = frozenset({pb.OPERATION_STATE_FAILED, pb.OPERATION_STATE_CANCELLED})
+@dataclass
+class _Seen:
+    """What a follower saw of its operation."""
+
+    id: str
+    started: bool = False
+    finished: bool = False
 
 
-class EventStream(Protocol):
-    """A server-streaming call: its events, and a way to stop reading them."""
+def follow(session: Session, events: Generator[pb.OperationEvent, None, None], *, operation_id: str = "",
+           request_id: str = "") -> int:
+    """Render an operation's events to the end; the path of every long command.
 
-    def __iter__(self) -> Iterator[pb.OperationEvent]: ...
+    The client library follows the stream; this passes it the renderer and
+    words what the library raises for a person: a stream that broke says how
+    to find the operation again, Ctrl-C how to watch or cancel it.
+    """
+    from .errors import DomsnapError
 
-    def cancel(self) -> bool: ...
-
-
-def follow(session: Session, stream: EventStream, *, operation_id: str = "", request_id: str = "") -> int:
-    """Render an operation's events to the end; the path of every long command."""
     renderer = progress.make_renderer(json=session.json, out=session.out, err=session.err)
-    finished: pb.Operation | None = None
+    seen = _Seen(operation_id)
+
+    def on_event(event: pb.OperationEvent) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "started":
+            seen.id, seen.started = event.started.id, True
+        elif kind == "finished":
+            seen.finished = True
+        renderer.event(event)
+
     try:
         try:
-            for event in stream:
-                kind = event.WhichOneof("event")
-                if kind == "started":
-                    operation_id = event.started.id
-                elif kind == "finished":
-                    finished = event.finished
-                renderer.event(event)
+            finished = session.client.follow(events, on_event=on_event)
         finally:
             renderer.close()
     except KeyboardInterrupt:
-        # Cancelling the call only drops our stream; the agent keeps running
-        # the operation, which is what a user detaching wants.
-        stream.cancel()
-        session.err.write(detach_message(session, operation_id, request_id) + "\n")
+        # The library cancelled our stream only; the agent keeps running the
+        # operation, which is what a user detaching wants.
+        op = seen.id
+        session.err.write(detach_message(session, op, request_id) + "\n")
+        if session.json:
+            # The last event a program reading the stream gets.
+            detached = {"operation_id": op, "request_id": request_id, "watch": f"{session.command()} watch {op}",
+                        "cancel": f"{session.command()} cancel {op}"} if op else {"request_id": request_id}
+            session.out.write(views.json_text({"detached": detached}, pretty=False) + "\n")
         return EXIT_INTERRUPTED
-    except grpc.RpcError as err:
-        if operation_id and finished is None:
+    except DomsnapError as err:
+        if seen.started and not seen.finished:
             # The stream broke, not the operation: say how to find it again.
-            hint = f"operation {operation_id} may go on; watch it: {session.command()} watch {operation_id}"
-            raise CliError(f"{session.rpc_error_message(err)} ({hint})") from err
+            # (Before `started`, the agent refused: nothing goes on.)
+            op = seen.id
+            raise CliError(f"{err.message} (operation {op} may go on; watch it: {session.command()} watch {op})"
+                           ) from err
         raise
-    if finished is None:
-        raise CliError(f"the agent ended the stream of operation {operation_id or '?'} before it finished")
-    if finished.HasField("error") or finished.state in _UNSUCCESSFUL:
-        state = views.enum_word(pb.OperationState.Name(finished.state), "OPERATION_STATE_")
-        raise CliError(" ".join(finished.error.message.split()) or f"operation {finished.id} {state}")
     if not session.json:
-        session.out.write(progress.result_line(finished) + "\n")
+        now = None
+        if finished.kind == pb.OPERATION_KIND_REVERT_SNAPSHOT:
+            # A revert makes a new domain: say what state it came back in
+            # (unless it is gone again already: the revert itself succeeded).
+            with contextlib.suppress(DomsnapError):
+                now = session.client.get_domain(finished.domain)
+        session.out.write(progress.result_line(finished, now, session.command()) + "\n")
     return EXIT_OK
 
 
@@ -230,11 +209,8 @@ def detach_message(session: Session, operation_id: str, request_id: str) -> str:
 
 
 def cmd_list(s: Session, ns: argparse.Namespace) -> int:
-    if ns.domains:
-        # The agent resolves names and domids the way xl does.
-        domains = [s.agent.GetDomain(pb.GetDomainRequest(domain=d), timeout=s.timeout) for d in ns.domains]
-    else:
-        domains = list(s.agent.ListDomains(pb.ListDomainsRequest(), timeout=s.timeout).domains)
+    # The agent resolves names and domids the way xl does.
+    domains = [s.client.get_domain(d) for d in ns.domains] if ns.domains else s.client.list_domains()
     if s.json:
         s.print_json([views.to_dict(d) for d in domains])
     elif ns.long:
@@ -253,29 +229,25 @@ def _show_domain(s: Session, domain: pb.Domain) -> int:
 
 def cmd_create(s: Session, ns: argparse.Namespace) -> int:
     overrides = check_overrides(ns.overrides)
-    request = pb.CreateDomainRequest(
-        request_id=s.new_request_id(), config=read_cfg(ns.cfgfile), overrides=overrides, paused=ns.paused
-    )
-    return _show_domain(s, s.agent.CreateDomain(request, timeout=s.timeout))
+    return _show_domain(s, s.client.create_domain(read_cfg(ns.cfgfile), overrides=overrides, paused=ns.paused,
+                                                  force=ns.force, config_name=cfg_name(ns.cfgfile),
+                                                  request_id=s.new_request_id()))
 
 
 def cmd_destroy(s: Session, ns: argparse.Namespace) -> int:
-    request = pb.DestroyDomainRequest(request_id=s.new_request_id(), domain=ns.domain)
-    return _show_domain(s, s.agent.DestroyDomain(request, timeout=s.timeout))
+    return _show_domain(s, s.client.destroy_domain(ns.domain, request_id=s.new_request_id()))
 
 
 def cmd_pause(s: Session, ns: argparse.Namespace) -> int:
-    request = pb.PauseDomainRequest(request_id=s.new_request_id(), domain=ns.domain)
-    return _show_domain(s, s.agent.PauseDomain(request, timeout=s.timeout))
+    return _show_domain(s, s.client.pause_domain(ns.domain, request_id=s.new_request_id()))
 
 
 def cmd_unpause(s: Session, ns: argparse.Namespace) -> int:
-    request = pb.UnpauseDomainRequest(request_id=s.new_request_id(), domain=ns.domain)
-    return _show_domain(s, s.agent.UnpauseDomain(request, timeout=s.timeout))
+    return _show_domain(s, s.client.unpause_domain(ns.domain, request_id=s.new_request_id()))
 
 
 def cmd_info(s: Session, ns: argparse.Namespace) -> int:
-    info = s.agent.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=s.timeout)
+    info = s.client.info()
     if s.json:
         s.print_json(views.to_dict(info))
     else:
@@ -293,11 +265,15 @@ class SnapshotArgs:
     overrides: list[str]
 
 
-def split_snapshot_args(args: Sequence[str], is_file: Callable[[str], bool] = os.path.isfile) -> SnapshotArgs:
+def split_snapshot_args(args: Sequence[str], exists: Callable[[str], bool] = os.path.lexists,
+                        is_file: Callable[[str], bool] = os.path.isfile) -> SnapshotArgs:
     """Sort `snapshot-create`'s free arguments into cfgfile, path and settings.
 
-    The synopsis `[<cfgfile>] [<path>] [KEY=VALUE ...]` has two optional
-    positionals; they differ in that a cfgfile exists and a path must not.
+    One meaning per spelling: KEY=VALUE is a setting; `-` or an existing
+    file is the <cfgfile>; a word with a `/` that does not exist yet is the
+    <path>. A bare word that is none of these is refused, with the two
+    spellings that say what was meant (`--name NAME`, `./NAME`), and so is
+    a `*.cfg` that does not exist: it is a cfgfile mistyped, not a path.
     """
     cfgfiles: list[str] = []
     paths: list[str] = []
@@ -307,8 +283,14 @@ def split_snapshot_args(args: Sequence[str], is_file: Callable[[str], bool] = os
             overrides.append(arg)
         elif arg == "-" or is_file(arg):
             cfgfiles.append(arg)
-        else:
+        elif arg.endswith(".cfg") and not exists(arg):
+            raise CliError(f"{arg}: no such file (a <cfgfile> must exist)")
+        elif "/" in arg:
             paths.append(arg)
+        else:
+            what = "not a file" if exists(arg) else "no such file"
+            raise UsageError(f"{arg!r}: {what}. For a snapshot named {arg} say --name {arg}; for a new "
+                             f"directory {arg} say ./{arg}")
     if len(cfgfiles) > 1:
         raise UsageError(f"more than one <cfgfile>: {', '.join(cfgfiles)}")
     if len(paths) > 1:
@@ -326,60 +308,110 @@ def cmd_snapshot_create(s: Session, ns: argparse.Namespace) -> int:
         raise UsageError(f"two snapshot paths: {parts.path} and --path {ns.path}")
     path = ns.path if ns.path is not None else parts.path
     request_id = s.new_request_id()
-    request = pb.CreateSnapshotRequest(
-        request_id=request_id,
-        domain=ns.domain,
-        name=ns.name or "",
-        live=ns.live,
-        method=ns.method,
-        path=s.agent_path(path) if path else "",
-        config=read_cfg(parts.cfgfile) if parts.cfgfile else "",
-        overrides=parts.overrides,
-        description=ns.description or "",
-    )
-    return follow(s, s.agent.CreateSnapshot(request), request_id=request_id)
+    events = s.client.create_snapshot_events(
+        ns.domain, name=ns.name or "", live=ns.live, method=ns.method, path=s.agent_path(path) if path else "",
+        config=read_cfg(parts.cfgfile) if parts.cfgfile else "", overrides=parts.overrides,
+        config_name=cfg_name(parts.cfgfile) if parts.cfgfile else "", description=ns.description or "",
+        dry_run=ns.dry_run, request_id=request_id)
+    return show_plan(s, events) if ns.dry_run else follow(s, events, request_id=request_id)
+
+
+def show_plan(s: Session, events: Generator[pb.OperationEvent, None, None]) -> int:
+    plan = s.client.plan(events)
+    if s.json:
+        s.print_json(views.to_dict(plan))
+    else:
+        s.print_lines(views.plan_lines(plan))
+    return EXIT_OK
+
+
+def _current(s: Session, domain: str) -> pb.Snapshot:
+    for snap in s.client.list_snapshots(domain):
+        if snap.current:
+            return snap
+    raise CliError(f"domain {domain} has no current snapshot (none taken, or it was deleted): "
+                   f"{s.command()} snapshot-list {domain} shows what there is")
 
 
 def cmd_snapshot_revert(s: Session, ns: argparse.Namespace) -> int:
+    if (ns.snapshot is None) == (not ns.current):
+        raise UsageError("name the snapshot to revert to, or give --current (one of them)")
     request_id = s.new_request_id()
-    request = pb.RevertSnapshotRequest(request_id=request_id, domain=ns.domain, run_state=ns.run_state, force=ns.force)
-    if ns.snapshot == "-" or os.path.isfile(ns.snapshot):
-        request.config = read_cfg(ns.snapshot)
+    snapshot, config, name = "", "", ""
+    if ns.current:
+        snapshot = _current(s, ns.domain).name
+    elif ns.snapshot == "-" or os.path.isfile(ns.snapshot):
+        config, name = read_cfg(ns.snapshot), cfg_name(ns.snapshot)
     else:
-        request.snapshot = s.snapshot_ref(ns.snapshot)
-    return follow(s, s.agent.RevertSnapshot(request), request_id=request_id)
+        snapshot = s.snapshot_ref(ns.snapshot)
+    events = s.client.revert_snapshot_events(ns.domain, snapshot, config=config, config_name=name,
+                                             run_state=ns.run_state, force=ns.force, dry_run=ns.dry_run,
+                                             request_id=request_id)
+    return show_plan(s, events) if ns.dry_run else follow(s, events, request_id=request_id)
 
 
 def cmd_snapshot_delete(s: Session, ns: argparse.Namespace) -> int:
     request_id = s.new_request_id()
-    request = pb.DeleteSnapshotRequest(
-        request_id=request_id, domain=ns.domain, snapshot=s.snapshot_ref(ns.snapshot), children=ns.children
-    )
-    return follow(s, s.agent.DeleteSnapshot(request), request_id=request_id)
+    events = s.client.delete_snapshot_events(ns.domain, s.snapshot_ref(ns.snapshot), children=ns.children,
+                                             dry_run=ns.dry_run, request_id=request_id)
+    return show_plan(s, events) if ns.dry_run else follow(s, events, request_id=request_id)
+
+
+def select_snapshots(snapshots: Sequence[pb.Snapshot], ns: argparse.Namespace) -> list[pb.Snapshot]:
+    """snapshot-list's filters: --parent, --roots, --leaves (per domain), --name."""
+    parents = {(snap.domain, snap.parent) for snap in snapshots}
+    names = {(snap.domain, snap.name) for snap in snapshots}
+    out = []
+    for snap in snapshots:
+        if ns.parent is not None and snap.parent != ns.parent:
+            continue
+        if ns.roots and (snap.domain, snap.parent) in names:
+            continue
+        if ns.leaves and (snap.domain, snap.name) in parents:
+            continue
+        if ns.name is not None and not fnmatch.fnmatchcase(snap.name, ns.name):
+            continue
+        out.append(snap)
+    return out
 
 
 def cmd_snapshot_list(s: Session, ns: argparse.Namespace) -> int:
-    snapshots: list[pb.Snapshot] = []
-    page = None
-    while (request := calls.next_snapshots_page(ns.domain or "", page)) is not None:
-        page = s.agent.ListSnapshots(request, timeout=s.timeout)
-        snapshots.extend(page.snapshots)
+    snapshots = select_snapshots(s.client.list_snapshots(ns.domain or ""), ns)
     if s.json:
         s.print_json([views.to_dict(snap) for snap in snapshots])
     elif ns.tree:
-        s.print_lines(views.snapshot_tree(snapshots))
+        s.print_lines(views.snapshot_tree(snapshots, utc=s.utc))
     else:
-        s.print_lines(views.snapshot_table(snapshots))
+        s.print_lines(views.snapshot_table(snapshots, utc=s.utc))
+    return EXIT_OK
+
+
+def _show_snapshot(s: Session, snapshot: pb.Snapshot) -> int:
+    if s.json:
+        s.print_json(views.to_dict(snapshot))
+    else:
+        s.print_lines(views.snapshot_details(snapshot, utc=s.utc))
     return EXIT_OK
 
 
 def cmd_snapshot_info(s: Session, ns: argparse.Namespace) -> int:
-    request = pb.GetSnapshotRequest(domain=ns.domain, snapshot=s.snapshot_ref(ns.snapshot))
-    snapshot = s.agent.GetSnapshot(request, timeout=s.timeout)
-    if s.json:
-        s.print_json(views.to_dict(snapshot))
-    else:
-        s.print_lines(views.snapshot_details(snapshot))
+    return _show_snapshot(s, s.client.get_snapshot(ns.domain, s.snapshot_ref(ns.snapshot)))
+
+
+def cmd_snapshot_current(s: Session, ns: argparse.Namespace) -> int:
+    return _show_snapshot(s, _current(s, ns.domain))
+
+
+def cmd_snapshot_edit(s: Session, ns: argparse.Namespace) -> int:
+    if ns.description is None and ns.rename is None:
+        raise UsageError("nothing to change: give --description TEXT and/or --rename NAME")
+    snapshot = s.client.edit_snapshot(ns.domain, s.snapshot_ref(ns.snapshot), description=ns.description,
+                                      new_name=ns.rename or "", request_id=s.new_request_id())
+    return _show_snapshot(s, snapshot)
+
+
+def cmd_snapshot_dumpmanifest(s: Session, ns: argparse.Namespace) -> int:
+    s.out.write(s.client.get_snapshot(ns.domain, s.snapshot_ref(ns.snapshot), manifest=True).manifest)
     return EXIT_OK
 
 
@@ -387,26 +419,25 @@ def cmd_snapshot_info(s: Session, ns: argparse.Namespace) -> int:
 
 
 def cmd_watch(s: Session, ns: argparse.Namespace) -> int:
-    stream = s.agent.WatchOperation(pb.WatchOperationRequest(operation_id=ns.operation_id))
-    return follow(s, stream, operation_id=ns.operation_id)
+    return follow(s, s.client.watch(ns.operation_id), operation_id=ns.operation_id)
 
 
 def cmd_cancel(s: Session, ns: argparse.Namespace) -> int:
-    op = s.agent.CancelOperation(pb.CancelOperationRequest(operation_id=ns.operation_id), timeout=s.timeout)
+    op = s.client.cancel(ns.operation_id)
     if s.json:
         s.print_json(views.to_dict(op))
     else:
-        state = views.enum_word(pb.OperationState.Name(op.state), "OPERATION_STATE_")
-        s.print_lines([f"Operation {op.id} ({views.operation_kind_word(op.kind)} {op.domain}): {state}"])
+        s.print_lines([f"Operation {op.id} ({views.operation_kind_word(op.kind)} {op.domain}): "
+                       f"{views.operation_state_word(op.state)}"])
     return EXIT_OK
 
 
 def cmd_operations(s: Session, ns: argparse.Namespace) -> int:
-    response = s.agent.ListOperations(pb.ListOperationsRequest(domain=ns.domain or ""), timeout=s.timeout)
+    operations = s.client.list_operations(ns.domain or "")
     if s.json:
-        s.print_json([views.to_dict(op) for op in response.operations])
+        s.print_json([views.to_dict(op) for op in operations])
     else:
-        s.print_lines(views.operation_table(response.operations))
+        s.print_lines(views.operation_table(operations, utc=s.utc))
     return EXIT_OK
 
 
@@ -433,13 +464,8 @@ def run_on_hosts(handler: Handler, addresses: Sequence[Address], s: Session, ns:
         out = io.StringIO()
         host = Session(address=client.address, json=s.json, timeout=s.timeout, request_id=s.request_id,
                        tls=s.tls, out=out, err=io.StringIO())
-        host.attach(client.channel)
-        try:
-            handler(host, ns)
-        except grpc.RpcError as err:
-            code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-            raise errors.error_class(code)(host.rpc_error_message(err), code=code,
-                                           address=client.address.text) from err
+        host.attach(client)
+        handler(host, ns)
         return out.getvalue()
 
     results = fan_out([a.text for a in addresses], call, limit=FAN_OUT_LIMIT, deadline=s.timeout,

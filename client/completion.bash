@@ -13,24 +13,25 @@
 # The lists below copy the verb table of client/cli.py (VERB_LIST);
 # tests/unit/test_docs.py fails when they disagree with it.
 
-_domsnap_commands="list create destroy pause unpause snapshot-create snapshot-revert snapshot-list snapshot-info snapshot-delete watch cancel operations info help"
+_domsnap_commands="list create destroy pause unpause snapshot-create snapshot-revert snapshot-list snapshot-info snapshot-delete snapshot-current snapshot-edit snapshot-dumpmanifest watch cancel operations info help"
 
 # Accepted before the subcommand and, except --version, after it too.
-_domsnap_global_opts="-H --json -t --timeout --request-id --ca --cert --key -h --help"
+_domsnap_global_opts="-H --json --utc -t --timeout --request-id --ca --cert --key -h --help"
 _domsnap_top_only_opts="--version"
 
 # Options that take a value: the next word is not an option or a positional.
-_domsnap_value_opts="-H -t --timeout --request-id --ca --cert --key --name --path --description"
+_domsnap_value_opts="-H -t --timeout --request-id --ca --cert --key --name --path --description --parent --rename"
 
 # The options of one subcommand.
 _domsnap_verb_opts() {
     case $1 in
         list) echo "-l --long" ;;
-        create) echo "-p" ;;
-        snapshot-create) echo "--name --live --internal --external --path --description" ;;
-        snapshot-revert) echo "--running --paused --force" ;;
-        snapshot-list) echo "--tree" ;;
-        snapshot-delete) echo "--children" ;;
+        create) echo "-p --force" ;;
+        snapshot-create) echo "--name --live --internal --external --path --description --dry-run" ;;
+        snapshot-revert) echo "--current --running --paused --force --dry-run" ;;
+        snapshot-list) echo "--tree --parent --roots --leaves --name" ;;
+        snapshot-delete) echo "--children --dry-run" ;;
+        snapshot-edit) echo "--description --rename" ;;
     esac
 }
 
@@ -41,11 +42,11 @@ _domsnap_verb_args() {
     case $1 in
         list) echo "domain..." ;;
         create) echo "file setting..." ;;
-        destroy | pause | unpause) echo "domain" ;;
+        destroy | pause | unpause | snapshot-current) echo "domain" ;;
         snapshot-create) echo "domain file-or-path..." ;;
         snapshot-revert) echo "domain snapshot-or-file" ;;
         snapshot-list | operations) echo "domain" ;;
-        snapshot-info | snapshot-delete) echo "domain snapshot" ;;
+        snapshot-info | snapshot-delete | snapshot-edit | snapshot-dumpmanifest) echo "domain snapshot" ;;
         watch | cancel) echo "operation" ;;
         help) echo "command" ;;
     esac
@@ -158,7 +159,9 @@ _domsnap() {
 
     if [[ -n $value_for ]]; then
         # The current word is an option's value.
-        if [[ $value_for == --path ]]; then
+        if [[ $value_for == --parent && -n ${args[0]-} ]]; then
+            _domsnap_add -W "$(_domsnap_query name snapshot-list "${args[0]}")"
+        elif [[ $value_for == --path ]]; then
             compopt -o filenames 2>/dev/null
             _domsnap_add -d
         elif [[ $value_for == --ca || $value_for == --cert || $value_for == --key ]]; then

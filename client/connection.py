@@ -8,22 +8,25 @@ loopback only, and only when configured to).
 
 from __future__ import annotations
 
-import _ssl
 import os
 import re
-import ssl
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import grpc
-
-from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
+# gRPC and ssl are loaded by the functions that use them: the CLI parses
+# `-H` with this module before it knows whether it will talk to an agent.
+if TYPE_CHECKING:
+    import grpc
+    import grpc.aio
 
 DEFAULT_ADDRESS = "unix:/run/domsnap/domsnapd.sock"
 ADDRESS_ENV = "DOMSNAP_HOST"
-ADDRESS_SYNTAX = "unix:PATH, HOST:PORT or [IPV6]:PORT"
+ADDRESS_SYNTAX = "unix:PATH (or an absolute PATH), HOST:PORT or [IPV6]:PORT"
 # Several agents at once (list, info and snapshot-list): comma-separated addresses.
 ADDRESS_LIST_SYNTAX = f"{ADDRESS_SYNTAX}; several, comma-separated, for list, info and snapshot-list"
+# Seconds a unary call may take; operation streams run as long as their operation.
+DEFAULT_TIMEOUT = 30.0
 CA_ENV = "DOMSNAP_CA"
 CERT_ENV = "DOMSNAP_CERT"
 KEY_ENV = "DOMSNAP_KEY"
@@ -45,7 +48,9 @@ class Address:
 
 
 def parse_address(text: str) -> Address:
-    """Parse `unix:PATH`, `HOST:PORT` or `[IPV6]:PORT`; ValueError otherwise."""
+    """Parse `unix:PATH`, `/PATH` (a socket too), `HOST:PORT` or `[IPV6]:PORT`; ValueError otherwise."""
+    if text.startswith("/"):
+        return Address(text=text, target="unix:" + text, local=True)
     if text.startswith("unix:"):
         path = text.removeprefix("unix:")
         # grpc also spells absolute paths unix:///path; accept what it accepts.
@@ -106,6 +111,9 @@ def _read(option: str, path: str) -> bytes:
 
 def certificate_dates(path: str) -> tuple[float, float] | None:
     """(notBefore, notAfter) of a PEM certificate file, as epoch seconds; None if unknown."""
+    import _ssl
+    import ssl
+
     decode = getattr(_ssl, "_test_decode_cert", None)
     if decode is None:
         return None
@@ -118,6 +126,9 @@ def certificate_dates(path: str) -> tuple[float, float] | None:
 
 def certificate_subject(path: str) -> str:
     """`CN=...` of a PEM certificate file, or "" if it cannot be told."""
+    import _ssl
+    import ssl
+
     decode = getattr(_ssl, "_test_decode_cert", None)
     try:
         info = decode(path) if decode is not None else {}
@@ -134,6 +145,10 @@ def channel_credentials(tls: TlsFiles, now: float | None = None) -> grpc.Channel
     """Our certificate and the agent's CA as gRPC credentials; TlsError for a
     file that cannot be read, a key that is not the certificate's, or a
     certificate that has expired or is not valid yet."""
+    import ssl
+
+    import grpc
+
     if bool(tls.cert) != bool(tls.key):
         raise TlsError("--cert and --key go together (or DOMSNAP_CERT and DOMSNAP_KEY)")
     ca = _read("--ca", tls.ca) if tls.ca else None
@@ -192,6 +207,8 @@ def uses_tls(address: Address, tls: TlsFiles) -> bool:
 
 
 def open_channel(address: Address, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    import grpc
+
     if credentials is not None:
         return grpc.secure_channel(address.target, credentials)
     return grpc.insecure_channel(address.target)
@@ -199,13 +216,11 @@ def open_channel(address: Address, credentials: grpc.ChannelCredentials | None =
 
 def open_aio_channel(address: Address, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
     """The same channel for asyncio (the client library's AsyncClient)."""
+    import grpc.aio
+
     if credentials is not None:
         return grpc.aio.secure_channel(address.target, credentials)
     return grpc.aio.insecure_channel(address.target)
-
-
-def stub(channel: grpc.Channel) -> pb_grpc.SnapshotAgentStub:
-    return pb_grpc.SnapshotAgentStub(channel)
 
 
 def is_reachable(channel: grpc.Channel, timeout: float = 0.25) -> bool:
@@ -215,6 +230,8 @@ def is_reachable(channel: grpc.Channel, timeout: float = 0.25) -> bool:
     hypervisor does not answer; only the first is "cannot reach". A reachable
     agent connects at once, an unreachable one stays in connect backoff.
     """
+    import grpc
+
     future = grpc.channel_ready_future(channel)
     try:
         future.result(timeout=timeout)
@@ -223,6 +240,20 @@ def is_reachable(channel: grpc.Channel, timeout: float = 0.25) -> bool:
     finally:
         future.cancel()
     return True
+
+
+def unreachable_message(address: Address, details: str, *, tls_used: bool) -> str:
+    """The line for an agent we cannot connect to: the OS reason, then what to do."""
+    reason = connect_failure_reason(details)
+    if "permission denied" in reason.lower():
+        hint = ("Only root and the agent's socket_group (domsnap by default) may connect: join that group and "
+                "log in again, or run as root")
+    elif not address.local and not tls_used and "refused" not in reason.lower():
+        hint = "An agent on TCP speaks TLS: give --ca, --cert and --key"
+    else:
+        start = " (systemctl start domsnapd)" if address.local else ""
+        hint = f"Is domsnapd running there{start}? Another agent: -H ADDR or ${ADDRESS_ENV}"
+    return f"cannot reach the agent at {address.text}: {reason}. {hint}"
 
 
 def connect_failure_reason(details: str) -> str:

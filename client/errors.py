@@ -23,11 +23,16 @@ original grpc.RpcError, when there is one, is the exception's __cause__.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from . import connection
+
+# google.rpc and grpc_status are loaded when an error is met: a command that
+# succeeds does not pay for them.
+if TYPE_CHECKING:
+    from google.rpc import status_pb2
 
 
 class DomsnapError(Exception):
@@ -128,6 +133,8 @@ def error_class(code: grpc.StatusCode) -> type[DomsnapError]:
 
 
 def _reason(status: status_pb2.Status | None) -> str:
+    from google.rpc import error_details_pb2
+
     for detail in status.details if status is not None else ():
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
@@ -144,12 +151,16 @@ def from_status(status: status_pb2.Status, *, address: str = "", operation_id: s
 
 
 def from_rpc_error(err: grpc.RpcError, address: connection.Address | None = None,
-                   tls: connection.TlsFiles | None = None) -> DomsnapError:
-    """A failed call as the library's error, the agent's message kept.
+                   tls: connection.TlsFiles | None = None, *, channel: grpc.Channel | None = None,
+                   timeout: float | None = None) -> DomsnapError:
+    """A failed call as the library's error, the agent's message kept, on one line.
 
-    Only a connect failure is reworded (gRPC's text for it is long and the
-    same for every cause): "cannot reach the agent at ADDR: <OS reason>",
-    or what is wrong with TLS when TLS was used.
+    What gRPC says for itself is reworded, with the way out: a connect
+    failure is "cannot reach the agent at ADDR: <OS reason> (<what to do>)",
+    or what is wrong with TLS when TLS was used; a deadline names the
+    timeout. UNAVAILABLE comes both from a failed connect and from an agent
+    whose hypervisor does not answer: given the `channel`, a quick probe
+    tells them apart.
     """
     # grpc.Call (sync) and grpc.aio.AioRpcError both have code(), details() and trailing_metadata().
     has_status = callable(getattr(err, "code", None))
@@ -157,6 +168,8 @@ def from_rpc_error(err: grpc.RpcError, address: connection.Address | None = None
     details = " ".join(((err.details() if has_status else str(err)) or "").split())
     status = None
     if has_status:
+        from grpc_status import rpc_status
+
         try:
             status = rpc_status.from_call(err)
         except (ValueError, AttributeError):
@@ -165,10 +178,17 @@ def from_rpc_error(err: grpc.RpcError, address: connection.Address | None = None
     cls = error_class(code)
     message = details or code.name.lower().replace("_", " ")
     if code == grpc.StatusCode.UNAVAILABLE and address is not None:
-        uses_tls = tls is not None and tls.enabled and not address.local
-        failure = connection.tls_failure(details, address, tls) if uses_tls and tls is not None else None
+        uses_tls = tls is not None and connection.uses_tls(address, tls)
+        # Without a channel to probe, gRPC's text is all there is to go by.
+        unreachable = not connection.is_reachable(channel) if channel is not None else None
+        failure = None
+        if uses_tls and tls is not None and unreachable is not False:
+            failure = connection.tls_failure(details, address, tls)
         if failure is not None:
             cls, message = TlsError, failure
-        elif "failed to connect" in details.lower():
-            message = f"cannot reach the agent at {address.text}: {connection.connect_failure_reason(details)}"
+        elif unreachable or (unreachable is None and "failed to connect" in details.lower()):
+            message = connection.unreachable_message(address, details, tls_used=uses_tls)
+    elif code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
+        message = f"the agent did not answer within {timeout:g} s ({details}); give it longer with --timeout"
     return cls(message, code=code, reason=_reason(status), address=where)
+

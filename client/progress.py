@@ -1,8 +1,11 @@
 """Renders an operation's event stream (create, revert, delete, watch).
 
-Three forms: a bar redrawn in place on a terminal, plain lines for logs and
-pipes, one JSON object per event for programs. Progress goes to stderr and
-JSON to stdout, so `domsnap ... > result` keeps only the result.
+Three forms: a bar redrawn in place on a terminal that can (not TERM=dumb),
+plain timestamped lines for logs and pipes (one per phase, or per
+LINE_INTERVAL seconds), one JSON object per event for programs. Progress
+goes to stderr and JSON to stdout, so `domsnap ... > result` keeps only the
+result. Every form starts with the operation's id, needed to watch or
+cancel it.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ from typing import Protocol, TextIO
 
 from domsnap.v1 import domsnap_pb2 as pb
 
-from .views import human_bytes, json_text, operation_kind_word, to_dict
+from .views import domain_state_word, human_bytes, human_duration, json_text, operation_kind_word, to_dict
 
 MIB = 1024 * 1024
 # Redrawing faster than this only costs CPU and flickers.
 MIN_REDRAW_INTERVAL = 0.1
+# A log gets a line per phase, and within a long phase one per this many seconds.
+LINE_INTERVAL = 5.0
 _BAR_WIDTH = 20
+# An estimate from less than this is noise.
+_ETA_AFTER = 1.0
 
 
 class Renderer(Protocol):
@@ -32,9 +39,19 @@ class Renderer(Protocol):
 def make_renderer(*, json: bool, out: TextIO, err: TextIO) -> Renderer:
     if json:
         return JsonRenderer(out)
-    if err.isatty():
+    if can_redraw(err):
         return BarRenderer(err)
     return LineRenderer(err)
+
+
+def can_redraw(stream: TextIO) -> bool:
+    """A terminal that understands `\\r` and erase-line (not TERM=dumb, or no TERM)."""
+    return stream.isatty() and os.environ.get("TERM", "dumb") not in ("dumb", "unknown", "")
+
+
+def started_line(op: pb.Operation) -> str:
+    what = f"{operation_kind_word(op.kind)} {op.domain}"
+    return f"operation {op.id}: {what} {op.snapshot}" if op.snapshot else f"operation {op.id}: {what}"
 
 
 class JsonRenderer:
@@ -51,25 +68,30 @@ class JsonRenderer:
 
 
 class LineRenderer:
-    def __init__(self, err: TextIO) -> None:
+    """Plain lines, each with its time: the start, each new phase, and within a
+    phase a line per LINE_INTERVAL seconds at most."""
+
+    def __init__(self, err: TextIO, *, clock: Callable[[], float] = time.time) -> None:
         self._err = err
-        self._last = ""
+        self._clock = clock
+        self._phase = ""
+        self._last = 0.0
 
     def event(self, event: pb.OperationEvent) -> None:
         kind = event.WhichOneof("event")
+        now = self._clock()
         if kind == "started":
             # Logs then hold the id needed to watch or cancel the operation.
-            self._emit(f"operation {event.started.id}: {_describe(event.started)}")
+            self._emit(now, started_line(event.started))
         elif kind == "progress":
             p = event.progress
-            self._emit(f"{p.phase} {p.percent:.0f}% {p.message}".rstrip())
+            if p.phase != self._phase or now - self._last >= LINE_INTERVAL:
+                self._phase = p.phase
+                self._emit(now, f"{p.phase} {p.percent:.0f}% {p.message}".rstrip())
 
-    def _emit(self, line: str) -> None:
-        # Agents report often and the percent is rounded: many events print alike.
-        if line == self._last:
-            return
-        self._last = line
-        self._err.write(line + "\n")
+    def _emit(self, now: float, line: str) -> None:
+        self._last = now
+        self._err.write(f"{time.strftime('%H:%M:%S', time.localtime(now))} {line}\n")
         self._err.flush()
 
     def close(self) -> None:
@@ -99,9 +121,15 @@ class BarRenderer:
         self._pending: pb.Progress | None = None
         self._last_draw: float | None = None
         self._drawn = False
+        self._began: float | None = None
 
     def event(self, event: pb.OperationEvent) -> None:
-        if event.WhichOneof("event") != "progress":
+        kind = event.WhichOneof("event")
+        if kind == "started":
+            # Above the bar, and kept: the id to watch or cancel with.
+            self._err.write(started_line(event.started) + "\n")
+            self._err.flush()
+        if kind != "progress":
             return
         self._pending = event.progress
         now = self._clock()
@@ -113,7 +141,9 @@ class BarRenderer:
             return
         # One column short of the width: writing the last column makes some
         # terminals wrap, and `\r` would then redraw only the second row.
-        line = bar_line(self._pending)[: max(self._width() - 1, 0)]
+        if self._began is None:
+            self._began = now
+        line = bar_line(self._pending, eta(self._pending, now - self._began))[: max(self._width() - 1, 0)]
         self._err.write("\r" + line + "\x1b[K")
         self._err.flush()
         self._pending = None
@@ -129,7 +159,17 @@ class BarRenderer:
             self._drawn = False
 
 
-def bar_line(p: pb.Progress) -> str:
+def eta(p: pb.Progress, elapsed: float) -> float | None:
+    """Seconds left: from the bytes still to move at the current rate, else
+    from the percent done so far; None while too early to tell."""
+    if p.bytes_per_second > 0 and p.bytes_total > p.bytes_done:
+        return (p.bytes_total - p.bytes_done) / p.bytes_per_second
+    if elapsed >= _ETA_AFTER and 0 < p.percent < 100:
+        return elapsed * (100 - p.percent) / p.percent
+    return None
+
+
+def bar_line(p: pb.Progress, left: float | None = None) -> str:
     percent = min(max(p.percent, 0.0), 100.0)
     filled = round(_BAR_WIDTH * percent / 100)
     parts = [f"{p.phase:<9}", f"[{'#' * filled}{'-' * (_BAR_WIDTH - filled)}]", f"{percent:3.0f}%"]
@@ -137,14 +177,11 @@ def bar_line(p: pb.Progress) -> str:
         parts.append(f"{human_bytes(p.bytes_done)} / {human_bytes(p.bytes_total)}")
     if p.bytes_per_second:
         parts.append(f"{p.bytes_per_second / MIB:.1f} MiB/s")
+    if left is not None:
+        parts.append(f"ETA {human_duration(left)}")
     if p.message:
         parts.append(p.message)
     return "  ".join(parts)
-
-
-def _describe(op: pb.Operation) -> str:
-    what = f"{operation_kind_word(op.kind)} {op.domain}"
-    return f"{what} {op.snapshot}" if op.snapshot else what
 
 
 def _elapsed_seconds(op: pb.Operation) -> float | None:
@@ -153,13 +190,14 @@ def _elapsed_seconds(op: pb.Operation) -> float | None:
     return (op.finished_at.ToNanoseconds() - op.started_at.ToNanoseconds()) / 1e9
 
 
-def result_line(op: pb.Operation) -> str:
-    """What a successful operation did, for stdout."""
+def result_line(op: pb.Operation, domain: pb.Domain | None = None, command: str = "domsnap") -> str:
+    """What a successful operation did, for stdout; after a revert, `domain`
+    as it is now (its state and new domid)."""
     elapsed = _elapsed_seconds(op)
-    timing = [f"{elapsed:.1f}s"] if elapsed is not None else []
+    timing = [human_duration(elapsed)] if elapsed is not None else []
     snap = op.result
     if op.kind == pb.OPERATION_KIND_CREATE_SNAPSHOT:
-        timing.append(f"guest paused {snap.downtime_seconds * 1000:.0f} ms")
+        timing.append(f"guest paused {human_duration(snap.downtime_seconds)}")
         text = f"Snapshot {snap.name} of {snap.domain} created at {snap.path}"
     elif op.kind == pb.OPERATION_KIND_REVERT_SNAPSHOT:
         text = f"Domain {op.domain} reverted to snapshot {snap.name or op.snapshot}"
@@ -167,6 +205,13 @@ def result_line(op: pb.Operation) -> str:
             text += f" at {snap.path}"
     elif op.kind == pb.OPERATION_KIND_DELETE_SNAPSHOT:
         text = f"Snapshot {op.snapshot} of {op.domain} deleted"
+        if others := [name for name in op.deleted if name != op.snapshot]:
+            text += f", and its descendants {', '.join(others)}"
     else:
         text = f"Operation {op.id} finished"
-    return f"{text} ({', '.join(timing)})" if timing else text
+    line = f"{text} ({', '.join(timing)})" if timing else text
+    if domain is not None:
+        line += f"; it is {domain_state_word(domain.state)}, domid {domain.domid}"
+        if domain.state == pb.DOMAIN_STATE_PAUSED:
+            line += f" (run it: {command} unpause {domain.name})"
+    return line

@@ -7,14 +7,12 @@ without a terminal or an agent.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC
 from typing import Any
 
-from google.protobuf import json_format, message, timestamp_pb2
-
-# An operation's error holds a google.rpc.ErrorInfo packed in an Any: JSON
-# output can only render it once its type is known to the descriptor pool.
-from google.rpc import error_details_pb2  # noqa: F401
+from google.protobuf import descriptor, json_format, message, timestamp_pb2
 
 from domsnap.v1 import domsnap_pb2 as pb
 
@@ -39,15 +37,53 @@ def human_bytes(count: float) -> str:
     raise AssertionError("unreachable")
 
 
+def human_duration(seconds: float) -> str:
+    """Milliseconds below one second, seconds above: `62 ms`, `21.6 s`, `3 min 5 s`."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
 def to_dict(msg: message.Message) -> dict[str, Any]:
+    """A message for --json: the tables' words for enums (`running`, not
+    `DOMAIN_STATE_RUNNING`), so text and JSON share one vocabulary."""
+    # An operation's error holds a google.rpc.ErrorInfo packed in an Any: it
+    # renders only once its type is in the descriptor pool.
+    from google.rpc import error_details_pb2  # noqa: F401
+
     # Fields at their default are printed too, so scripts see a stable set of
     # keys (a domid 0 or a false `live` does not vanish).
-    return json_format.MessageToDict(
+    data = json_format.MessageToDict(
         msg,
         preserving_proto_field_name=True,
         always_print_fields_with_no_presence=True,
         unquote_int64_if_possible=True,
     )
+    _enum_words(msg.DESCRIPTOR, data)
+    return data
+
+
+def _enum_prefix(enum: descriptor.EnumDescriptor) -> str:
+    """`DomainState` -> `DOMAIN_STATE_`: what every value's name starts with."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+
+
+def _enum_words(desc: descriptor.Descriptor | Any, data: dict[str, Any]) -> None:
+    # (upb's descriptors are another class with the same interface.)
+    for f in desc.fields:
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        values = value if isinstance(value, list) else [value]
+        if f.enum_type is not None:
+            words = [enum_word(v, _enum_prefix(f.enum_type)) if isinstance(v, str) else v for v in values]
+            data[f.name] = words if isinstance(value, list) else words[0]
+        elif f.message_type is not None and f.message_type.full_name.startswith("domsnap."):
+            for item in values:
+                if isinstance(item, dict):
+                    _enum_words(f.message_type, item)
 
 
 def json_text(value: object, *, pretty: bool = True) -> str:
@@ -65,10 +101,12 @@ def domain_state_word(state: pb.DomainState.ValueType) -> str:
     return enum_word(pb.DomainState.Name(state), "DOMAIN_STATE_")
 
 
-def local_time(ts: timestamp_pb2.Timestamp) -> str:
+def local_time(ts: timestamp_pb2.Timestamp, *, utc: bool = False) -> str:
+    """The local time (TZ is honoured) with its zone, or UTC with `utc`."""
     if ts.seconds == 0 and ts.nanos == 0:
         return "-"
-    return ts.ToDatetime().astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    when = ts.ToDatetime(tzinfo=UTC)
+    return (when if utc else when.astimezone()).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[str]], *, right: frozenset[int] = frozenset()) -> list[str]:
@@ -89,13 +127,15 @@ def table(header: Sequence[str], rows: Iterable[Sequence[str]], *, right: frozen
 
 
 def domain_table(domains: Iterable[pb.Domain]) -> list[str]:
-    """The columns and widths of `xl list`."""
-    lines = [f"{'Name':<40} {'ID':>5} {'Mem':>5} {'VCPUs':>5}     {'State':<6}  {'Time(s)':>8}"]
+    """The columns and widths of `xl list`, and Busy: the operation running on the domain."""
+    lines = [f"{'Name':<40} {'ID':>5} {'Mem':>5} {'VCPUs':>5}     {'State':<6}  {'Time(s)':>8}  Busy"]
     domains = list(domains)
     troubled = [d for d in domains if d.problem]
     for d in domains:
         flags = _STATE_FLAGS.get(d.state, "------")
-        lines.append(f"{d.name:<40} {d.domid:>5} {d.memory_mib:>5} {d.vcpus:>5}     {flags:<6}  {d.cpu_seconds:>8.1f}")
+        busy = d.busy_with_operation or "-"
+        lines.append(f"{d.name:<40} {d.domid:>5} {d.memory_mib:>5} {d.vcpus:>5}     {flags:<6}  {d.cpu_seconds:>8.1f}"
+                     f"  {busy}")
     # Below the table, so that the rows stay as xl prints them.
     lines += [f"{d.name}: {d.problem}" for d in troubled]
     return lines
@@ -134,12 +174,12 @@ def agent_info(info: pb.AgentInfo) -> list[str]:
 # ----------------------------------------------------------- snapshots ----
 
 
-def snapshot_table(snapshots: Iterable[pb.Snapshot]) -> list[str]:
+def snapshot_table(snapshots: Iterable[pb.Snapshot], *, utc: bool = False) -> list[str]:
     rows = [
         (
             s.domain,
             s.name,
-            local_time(s.created_at),
+            local_time(s.created_at, utc=utc),
             domain_state_word(s.state),
             human_bytes(s.size_bytes),
             s.parent or "-",
@@ -150,7 +190,7 @@ def snapshot_table(snapshots: Iterable[pb.Snapshot]) -> list[str]:
     return table(("Domain", "Name", "Created", "State", "Size", "Parent", "Current"), rows, right=frozenset({4}))
 
 
-def snapshot_tree(snapshots: Iterable[pb.Snapshot]) -> list[str]:
+def snapshot_tree(snapshots: Iterable[pb.Snapshot], *, utc: bool = False) -> list[str]:
     """Each domain's snapshots as parent/child trees, children in list order."""
     by_domain: dict[str, list[pb.Snapshot]] = {}
     for s in snapshots:
@@ -166,7 +206,7 @@ def snapshot_tree(snapshots: Iterable[pb.Snapshot]) -> list[str]:
             if s.parent and s.parent in names:
                 children.setdefault(s.parent, []).append(s)
         lines.append(domain)
-        _tree_lines(roots, children, "", lines, set())
+        _tree_lines(roots, children, "", lines, set(), utc)
     return lines
 
 
@@ -176,24 +216,25 @@ def _tree_lines(
     indent: str,
     out: list[str],
     seen: set[str],
+    utc: bool,
 ) -> None:
     for i, snap in enumerate(level):
         last = i == len(level) - 1
-        label = f"{snap.name}  {local_time(snap.created_at)}  {domain_state_word(snap.state)}"
+        label = f"{snap.name}  {local_time(snap.created_at, utc=utc)}  {domain_state_word(snap.state)}"
         out.append(f"{indent}{'└─' if last else '├─'} {label}{'  *' if snap.current else ''}")
         # A corrupt catalogue could name a cycle; print each snapshot once.
         if snap.name in seen:
             continue
         seen.add(snap.name)
-        _tree_lines(children.get(snap.name, []), children, indent + ("   " if last else "│  "), out, seen)
+        _tree_lines(children.get(snap.name, []), children, indent + ("   " if last else "│  "), out, seen, utc)
 
 
 def _method_word(method: pb.SnapshotMethod.ValueType) -> str:
     return enum_word(pb.SnapshotMethod.Name(method), "SNAPSHOT_METHOD_")
 
 
-def snapshot_details(s: pb.Snapshot) -> list[str]:
-    downtime = f"{s.downtime_seconds * 1000:.0f} ms" if s.downtime_seconds else "-"
+def snapshot_details(s: pb.Snapshot, *, utc: bool = False) -> list[str]:
+    downtime = human_duration(s.downtime_seconds) if s.downtime_seconds else "-"
     memory = f"{s.memory.path} ({human_bytes(s.memory.size_bytes)})" if s.memory.path else "-"
     lines = key_values(
         [
@@ -201,7 +242,7 @@ def snapshot_details(s: pb.Snapshot) -> list[str]:
             ("Domain", s.domain),
             ("Path", s.path),
             ("Description", s.description or "-"),
-            ("Created", local_time(s.created_at)),
+            ("Created", local_time(s.created_at, utc=utc)),
             ("State", domain_state_word(s.state)),
             ("Live", "yes" if s.live else "no"),
             ("Parent", s.parent or "-"),
@@ -225,17 +266,41 @@ def operation_kind_word(kind: pb.OperationKind.ValueType) -> str:
     return enum_word(pb.OperationKind.Name(kind), "OPERATION_KIND_")
 
 
-def operation_table(operations: Iterable[pb.Operation]) -> list[str]:
+def operation_state_word(state: pb.OperationState.ValueType) -> str:
+    return enum_word(pb.OperationState.Name(state), "OPERATION_STATE_")
+
+
+def operation_table(operations: Iterable[pb.Operation], *, utc: bool = False) -> list[str]:
     rows = [
         (
             op.id,
             operation_kind_word(op.kind),
             op.domain,
             op.snapshot or "-",
-            enum_word(pb.OperationState.Name(op.state), "OPERATION_STATE_"),
+            operation_state_word(op.state),
             f"{op.progress.percent:.0f}% {op.progress.phase}".rstrip(),
-            local_time(op.started_at),
+            local_time(op.started_at, utc=utc),
         )
         for op in operations
     ]
     return table(("ID", "Kind", "Domain", "Snapshot", "State", "Progress", "Started"), rows)
+
+
+# ------------------------------------------------------------- dry runs ----
+
+
+def plan_lines(p: pb.Plan) -> list[str]:
+    """What a --dry-run would have done; it touched nothing."""
+    kind = operation_kind_word(p.kind)
+    lines = [f"Dry run, nothing touched: {kind} {p.domain} {p.snapshot}"]
+    pairs = [("Path", p.path or "-"), ("Memory", p.memory_path or "-")]
+    if p.kind == pb.OPERATION_KIND_DELETE_SNAPSHOT:
+        pairs.append(("Deletes", ", ".join(p.deletes)))
+    if p.kind == pb.OPERATION_KIND_REVERT_SNAPSHOT:
+        pairs.append(("Leaves the domain", "paused" if p.paused else "running"))
+        pairs.append(("Risks", "; ".join(p.risks) + " (refused without --force)" if p.risks else "none"))
+    lines += key_values(pairs)
+    lines.append("Disks:")
+    rows = [(d.vdev, _method_word(d.method), d.backend, d.image, d.target or "-") for d in p.disks]
+    lines.extend("  " + line for line in table(("Vdev", "Method", "Backend", "Image", "Tag/File"), rows))
+    return lines

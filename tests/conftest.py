@@ -80,6 +80,13 @@ def agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator[Agen
         yield a
 
 
+@pytest.fixture(scope="module")
+def slow_agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator[Agent]:
+    """Memory images written at 8 MB/s, so that an operation can be caught mid-way."""
+    with own_agent(tmp_path_factory.mktemp("slow"), accel, qemu="max_bandwidth = 8000000\n") as a:
+        yield a
+
+
 @contextlib.contextmanager
 def own_agent(base: Path, accel: str, *, top: str = "", qemu: str = "", tables: str = "") -> Iterator[Agent]:
     """A running agent with its own config (top-level settings, [qemu] ones,

@@ -148,6 +148,12 @@ class DiskBackend(ABC):
         backing files have only themselves."""
         return [image]
 
+    def frozen_layers(self, record: DiskRecord) -> tuple[str, ...]:
+        """The files this snapshot needs unchanged for ever: by default, the
+        image an external snapshot froze below its overlay. Writing one (a
+        domain started on it again) silently corrupts the snapshot."""
+        return (record.image,) if record.method is Method.EXTERNAL else ()
+
     @abstractmethod
     async def delete(self, record: DiskRecord, block: BlockOps | None, active: bool) -> None:
         """Remove what lives inside an image for this record (a tag); files are

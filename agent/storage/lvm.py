@@ -188,6 +188,10 @@ class LvmBackend(DiskBackend):
                 return
         await self._drop(record)
 
+    def frozen_layers(self, record: DiskRecord) -> tuple[str, ...]:
+        # The volume goes on; an external snapshot is a copy, a file of its own.
+        return (record.file,) if record.method is Method.EXTERNAL else ()
+
     async def delete(self, record: DiskRecord, block: BlockOps | None, active: bool) -> None:
         # The snapshot LV is what lives "inside" the volume group for this record.
         if record.method is Method.INTERNAL:

@@ -145,8 +145,9 @@ class Qcow2Backend(DiskBackend):
             return
         if current.target != record.image:
             raise FailedPrecondition(
-                f"disk {record.vdev}: the domain now runs on {current.target}, an overlay over "
-                f"{record.image}; applying tag {record.tag!r} there would corrupt the snapshots taken since"
+                f"disk {record.vdev}: tag {record.tag!r} lives in {record.image}, but the domain now runs on "
+                f"{current.target}; applying the tag would rewrite an image that snapshots taken since may have "
+                "frozen. Revert to one of those instead, or delete them first (snapshot-list --tree shows them)"
             )
         if record.tag not in await self.tags(record.image):
             raise NotFound(f"disk {record.vdev}: {record.image} has no snapshot tagged {record.tag!r}")

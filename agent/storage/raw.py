@@ -122,6 +122,10 @@ class RawBackend(DiskBackend):
             overlay.unlink()
         Path(record.file).unlink(missing_ok=True)
 
+    def frozen_layers(self, record: DiskRecord) -> tuple[str, ...]:
+        # The domain goes on writing its image; the copy is the snapshot.
+        return (record.file,)
+
     async def delete(self, record: DiskRecord, block: BlockOps | None, active: bool) -> None:
         """Nothing lives inside a raw image; its copy is a file, which the caller removes."""
 

@@ -18,7 +18,7 @@ import pytest
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 from tests import guestprobe
-from tests.conftest import BootGuest, Guest, destroy_all, own_agent, start_guest
+from tests.conftest import BootGuest, Guest, destroy_all, start_guest
 from tests.harness import Agent
 
 pytestmark = [pytest.mark.guest]
@@ -100,13 +100,6 @@ def test_delete_internal_removes_tag_and_directory(agent: Agent, boot_guest: Boo
     assert "i1" not in [s["name"] for s in info.get("snapshots", [])]
     out = agent.cli("snapshot-delete", g.name, "i1")
     assert out.returncode == 1 and "no snapshot named 'i1'" in out.stderr
-
-
-@pytest.fixture(scope="module")
-def slow_agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator[Agent]:
-    """Memory images written at 8 MB/s, so that an operation can be caught mid-way."""
-    with own_agent(tmp_path_factory.mktemp("slow"), accel, qemu="max_bandwidth = 8000000\n") as a:
-        yield a
 
 
 @pytest.fixture

@@ -130,7 +130,9 @@ def test_async_client_on_a_real_guest(agent: Agent, boot_guest: BootGuest) -> No
 def test_unreachable_agent(tmp_path: Path) -> None:
     with Client(f"unix:{tmp_path}/none.sock", timeout=5) as c, pytest.raises(Unavailable) as err:
         c.list_domains()
-    assert err.value.message == f"cannot reach the agent at unix:{tmp_path}/none.sock: No such file or directory"
+    assert err.value.message == (f"cannot reach the agent at unix:{tmp_path}/none.sock: No such file or directory. "
+                                 "Is domsnapd running there (systemctl start domsnapd)? Another agent: -H ADDR or "
+                                 "$DOMSNAP_HOST")
     with pytest.raises(InvalidArgument, match="is not"):
         Client("no-port")
 
@@ -270,7 +272,8 @@ def test_cli_list_on_several_agents(hosts: dict[str, str], pki: Pki, boot_guest:
     assert len(errors) == 2
     assert errors[0].startswith(f"domsnap: {hosts['stopped']}: ") and "within 2 s" in errors[0]
     assert errors[1] == (f"domsnap: {hosts['gone']}: cannot reach the agent at {hosts['gone']}: "
-                         "No such file or directory")
+                         "No such file or directory. Is domsnapd running there (systemctl start domsnapd)? "
+                         "Another agent: -H ADDR or $DOMSNAP_HOST")
 
     proc, elapsed = _cli("-H", ",".join(order), "-t", str(DEADLINE), *tls, "--json", "snapshot-list")
     assert proc.returncode == 1 and elapsed < DEADLINE + SLACK

@@ -54,7 +54,8 @@ def test_readme_controller_example_runs(fresh_agent: Agent, guest: Guest, tmp_pa
     assert (proc.returncode, proc.stderr) == (0, ""), proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == f"{fresh_agent.address}: {guest.name}"
-    assert lines[1] == f"{gone}: failed: cannot reach the agent at {gone}: No such file or directory"
+    assert lines[1] == (f"{gone}: failed: cannot reach the agent at {gone}: No such file or directory. Is domsnapd "
+                        "running there (systemctl start domsnapd)? Another agent: -H ADDR or $DOMSNAP_HOST")
     assert any(re.fullmatch(r" {2}(memory|disks) +\d+\.\d%", line) for line in lines), lines
     made = re.fullmatch(rf"{guest.name}: snapshot (\S+) in (\S+), guest paused \d+ ms", lines[-2])
     assert made is not None, lines

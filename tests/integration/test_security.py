@@ -147,7 +147,8 @@ def test_read_only_certificate_reads_and_changes_nothing(tls_agent: Agent, pki: 
             assert code_of(call, request) == grpc.StatusCode.PERMISSION_DENIED, call
         with pytest.raises(grpc.RpcError) as info:
             list(stub.CreateSnapshot(create_nosuch(), timeout=10))
-        assert info.value.details() == f"permission denied: CN={READER_CN} is read-only; CreateSnapshot needs admin"
+        assert info.value.details() == (f"permission denied: CN={READER_CN} is read-only; CreateSnapshot needs admin: "
+                                         "use a certificate listed under [roles] admin")
         assert len(stub.ListOperations(pb.ListOperationsRequest(), timeout=10).operations) == operations
     assert not target.exists()
     assert not any(tls_agent.snapshot_root.iterdir())
@@ -185,7 +186,8 @@ def test_cli_with_certificates_from_flags_and_env(tls_agent: Agent, pki: Pki) ->
     assert cli("list", env=env).returncode == 0
     denied = cli("snapshot-create", "nosuch", env=env)
     assert (denied.returncode, denied.stderr) == (
-        1, f"domsnap: permission denied: CN={READER_CN} is read-only; CreateSnapshot needs admin\n")
+        1, f"domsnap: permission denied: CN={READER_CN} is read-only; CreateSnapshot needs admin: use a "
+        "certificate listed under [roles] admin\n")
 
 
 def test_cli_one_line_for_each_tls_failure(tls_agent: Agent, pki: Pki) -> None:
@@ -286,10 +288,12 @@ def group_or_skip(name: str) -> int:
 
 NOBODY = 65534
 # Imports first, as root (the interpreter lives under /root), then the
-# process becomes NOBODY with the given groups and runs the CLI.
+# process becomes NOBODY with the given groups and runs the CLI. The CLI
+# loads its client library (and gRPC) only once it runs a command, so
+# those are imported here too.
 AS_USER = """
-import os, sys, shutil, gettext, textwrap
-from domsnap.client import cli
+import os, sys, shutil, gettext, textwrap, locale, difflib, fnmatch
+from domsnap.client import api, cli, commands, errors
 uid, gid, *groups = (int(x) for x in sys.argv[1].split(","))
 os.setgroups(groups)
 os.setgid(gid)
@@ -345,14 +349,18 @@ def test_unix_roles_follow_the_peers_groups(group_agent: Agent) -> None:
         denied = cli_as(reader, "-H", address, "snapshot-create", "nosuch")
         assert denied.returncode == 1
         assert re.fullmatch(r"domsnap: permission denied: uid=65534\(\w+\) pid=\d+ is read-only; "
-                            r"CreateSnapshot needs admin\n", denied.stderr), denied.stderr
+                            r"CreateSnapshot needs admin: run it as root or as a member of the agent's admin_group\n",
+                            denied.stderr), denied.stderr
         # The primary group counts as much as a supplementary one.
         assert cli_as((NOBODY, users), "-H", address, "list").returncode == 0
         admin = cli_as((NOBODY, NOBODY, users, staff), "-H", address, "snapshot-create", "nosuch")
         assert admin.stderr == "domsnap: domain 'nosuch' does not exist\n"
         outsider = cli_as((NOBODY, NOBODY), "-H", address, "list")
         assert outsider.returncode == 1
-        assert "Permission denied" in outsider.stderr
+        # The way out: the socket's group, or root.
+        assert outsider.stderr.endswith("Permission denied. Only root and the agent's socket_group (domsnap by "
+                                        "default) may connect: join that group and log in again, or run as root\n"
+                                        ), outsider.stderr
     # The gRPC server's own socket is out of reach, even for the socket's group.
     private = f"unix:{group_agent.base}/.domsnapd.sock.private/grpc.sock"
     behind = cli_as((NOBODY, NOBODY, users, staff), "-H", private, "list")

@@ -114,7 +114,8 @@ def test_plain_loopback_is_the_loopback_identity() -> None:
 def test_denial_messages_name_the_caller_and_the_need() -> None:
     message = auth.denial(auth.Caller(Role.READ_ONLY, "CN=monitor"), "/domsnap.v1.SnapshotAgent/CreateSnapshot",
                           Role.ADMIN)
-    assert message == "permission denied: CN=monitor is read-only; CreateSnapshot needs admin"
+    assert message == ("permission denied: CN=monitor is read-only; CreateSnapshot needs admin: use a certificate "
+                       "listed under [roles] admin")
     assert "has no role" in auth.denial(auth.Caller(Role.NONE, "CN=x"), "/a/B", Role.READ_ONLY)
 
 

@@ -26,7 +26,8 @@ import pytest
 from google.protobuf import message, timestamp_pb2
 
 from domsnap.client import cli, commands, connection, progress, views
-from domsnap.client.commands import Session, UsageError, split_snapshot_args
+from domsnap.client.commands import Session, split_snapshot_args
+from domsnap.client.exits import EXIT_BROKEN_PIPE, CliError, UsageError
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 
@@ -40,7 +41,7 @@ def ts(seconds: float) -> timestamp_pb2.Timestamp:
 
 
 def local(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(seconds).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 DOMAINS = [
@@ -161,6 +162,10 @@ class FakeAgent(pb_grpc.SnapshotAgentServicer):
 
     def last(self, method: str) -> message.Message:
         return [r for m, r in self.requests if m == method][-1]
+
+    def EditSnapshot(self, request: pb.EditSnapshotRequest, context: grpc.ServicerContext) -> pb.Snapshot:
+        self._answer("EditSnapshot", request, context)
+        return pb.Snapshot(name=request.snapshot, domain=request.domain, description=request.description)
 
     def GetAgentInfo(self, request: pb.GetAgentInfoRequest, context: grpc.ServicerContext) -> pb.AgentInfo:
         self._answer("GetAgentInfo", request, context)
@@ -360,6 +365,8 @@ def test_usage_errors_exit_2(argv: list[str], cfgfile: Path, agent: Agent, capsy
         ("agent.example:7600", "agent.example:7600", False),
         ("10.0.0.1:7600", "10.0.0.1:7600", False),
         ("[fd00::1]:7600", "[fd00::1]:7600", False),
+        # A path is a socket: what people type after `ls /run/domsnap`.
+        ("/run/d.sock", "unix:/run/d.sock", True),
     ],
 )
 def test_address_syntax(text: str, target: str, local: bool) -> None:
@@ -383,14 +390,22 @@ def test_default_address_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_split_snapshot_args(tmp_path: Path) -> None:
     cfg = tmp_path / "a.cfg"
     cfg.write_text("")
-    parts = split_snapshot_args(["K=V", str(cfg), "out", "X=1"])
-    assert (parts.cfgfile, parts.path, parts.overrides) == (str(cfg), "out", ["K=V", "X=1"])
+    parts = split_snapshot_args(["K=V", str(cfg), "./out", "X=1"])
+    assert (parts.cfgfile, parts.path, parts.overrides) == (str(cfg), "./out", ["K=V", "X=1"])
     assert split_snapshot_args(["-"]).cfgfile == "-"
     assert split_snapshot_args([]) == commands.SnapshotArgs(None, None, [])
     with pytest.raises(UsageError, match="more than one <cfgfile>"):
         split_snapshot_args([str(cfg), str(cfg)])
     with pytest.raises(UsageError, match="more than one <path>"):
-        split_snapshot_args(["p1", "p2"])
+        split_snapshot_args(["./p1", "/p2"])
+    # One meaning per spelling: a bare word is no path, a missing *.cfg no path either.
+    with pytest.raises(UsageError, match=r"'foo': no such file\. For a snapshot named foo say --name foo; for a "
+                                         r"new directory foo say \./foo"):
+        split_snapshot_args(["foo"])
+    with pytest.raises(CliError, match=r"^missing\.cfg: no such file"):
+        split_snapshot_args(["missing.cfg"])
+    with pytest.raises(CliError, match=r"^/etc/x/missing\.cfg: no such file"):
+        split_snapshot_args(["/etc/x/missing.cfg"])
     # A directory is no cfgfile: it is taken as the (refused later) path.
     assert split_snapshot_args([str(tmp_path)]).path == str(tmp_path)
 
@@ -513,12 +528,13 @@ def test_delete_request(agent: Agent) -> None:
 def test_list_table(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
     assert agent.run("list") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)"]
-    assert lines[1].split() == ["Domain-0", "0", "2048", "2", "r-----", "12.3"]
-    assert lines[2].split() == ["web", "7", "512", "1", "--p---", "3.0"]
+    assert lines[0].split() == ["Name", "ID", "Mem", "VCPUs", "State", "Time(s)", "Busy"]
+    assert lines[1].split() == ["Domain-0", "0", "2048", "2", "r-----", "12.3", "-"]
+    assert lines[2].split() == ["web", "7", "512", "1", "--p---", "3.0", "-"]
     # columns line up under their headings, as in xl
     assert lines[0].index("State") == lines[1].index("r-----")
-    assert lines[0].index("Time(s)") + len("Time(s)") == len(lines[1])
+    assert lines[0].index("Time(s)") + len("Time(s)") == lines[1].index("12.3") + len("12.3")
+    assert lines[0].index("Busy") == lines[1].index("-", lines[1].index("12.3"))
 
 
 def test_list_named_long_and_json(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
@@ -529,7 +545,8 @@ def test_list_named_long_and_json(agent: Agent, capsys: pytest.CaptureFixture[st
     assert agent.run("list", "--json") == 0
     domains = json.loads(capsys.readouterr().out)
     assert [d["name"] for d in domains] == ["Domain-0", "web"]
-    assert domains[0]["domid"] == 0 and domains[0]["state"] == "DOMAIN_STATE_RUNNING"
+    # One vocabulary: the tables' words, not the enums' names.
+    assert domains[0]["domid"] == 0 and domains[0]["state"] == "running"
     assert domains[1]["memory_mib"] == 512
 
 
@@ -545,6 +562,7 @@ def test_snapshot_list_table(agent: Agent, capsys: pytest.CaptureFixture[str]) -
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["Domain", "Name", "Created", "State", "Size", "Parent", "Current"]
     assert lines[1].split() == ["web", "base", *local(T0).split(), "running", "512.0", "MiB", "-"]
+    assert lines[1].split()[4] == time.strftime("%Z", time.localtime(T0))
     assert lines[3].split()[-2:] == ["base", "*"]
     assert lines[5].split()[-3:] == ["1.5", "KiB", "-"]
     assert agent.run("snapshot-list", "db") == 0
@@ -594,14 +612,28 @@ def test_operations_watch_cancel(agent: Agent, capsys: pytest.CaptureFixture[str
 def test_stream_plain_lines(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
     assert agent.run("snapshot-create", "web") == 0
     captured = capsys.readouterr()
-    # 10.2% and 10.4% print alike and collapse into one line
-    assert captured.err.splitlines() == [
+    # Each line has its time; a phase prints once unless it lasts LINE_INTERVAL.
+    lines = captured.err.splitlines()
+    assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in lines), lines
+    assert [line[9:] for line in lines] == [
         "operation op-1: create-snapshot web s1",
         "validate 0% checking disks",
         "memory 10% saving memory",
         "disks 90% xvda",
     ]
-    assert captured.out == "Snapshot s1 of web created at /snaps/web/s1 (2.5s, guest paused 62 ms)\n"
+    assert captured.out == "Snapshot s1 of web created at /snaps/web/s1 (2.5 s, guest paused 62 ms)\n"
+
+
+def test_piped_progress_one_line_per_phase_or_interval() -> None:
+    err = io.StringIO()
+    now = [1000.0]
+    lines = progress.LineRenderer(err, clock=lambda: now[0])
+    for _ in range(30):  # a long phase: a line at its start, then one per LINE_INTERVAL
+        lines.event(progress_event("memory", 50, "saving memory"))
+        now[0] += 0.5
+    lines.event(progress_event("disks", 90, "xvda"))
+    shown = [line[9:] for line in err.getvalue().splitlines()]
+    assert shown == ["memory 50% saving memory"] * 3 + ["disks 90% xvda"]
 
 
 def test_stream_json_lines(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
@@ -619,11 +651,17 @@ def test_revert_and_delete_results(agent: Agent, capsys: pytest.CaptureFixture[s
     finished = agent.fake.events[-1].finished
     finished.kind = pb.OPERATION_KIND_REVERT_SNAPSHOT
     assert agent.run("snapshot-revert", "web", "s1") == 0
-    assert capsys.readouterr().out == "Domain web reverted to snapshot s1 at /snaps/web/s1 (2.5s)\n"
+    # What the revert left: the state and the new domid, with the way to run it.
+    assert capsys.readouterr().out == (f"Domain web reverted to snapshot s1 at /snaps/web/s1 (2.5 s); it is paused, "
+                                       f"domid 7 (run it: domsnap -H {agent.address} unpause web)\n")
     finished.kind = pb.OPERATION_KIND_DELETE_SNAPSHOT
     finished.ClearField("result")
     assert agent.run("snapshot-delete", "web", "s1") == 0
-    assert capsys.readouterr().out == "Snapshot s1 of web deleted (2.5s)\n"
+    assert capsys.readouterr().out == "Snapshot s1 of web deleted (2.5 s)\n"
+    finished.deleted[:] = ["c2", "c1"]
+    finished.snapshot = "c1"
+    assert agent.run("snapshot-delete", "web", "c1", "--children") == 0
+    assert capsys.readouterr().out == "Snapshot c1 of web deleted, and its descendants c2 (2.5 s)\n"
 
 
 class FakeTty(io.StringIO):
@@ -631,17 +669,26 @@ class FakeTty(io.StringIO):
         return True
 
 
-def test_bar_on_a_terminal() -> None:
+def test_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     err = FakeTty()
+    monkeypatch.setenv("TERM", "xterm")
     assert isinstance(progress.make_renderer(json=False, out=io.StringIO(), err=err), progress.BarRenderer)
+    # No escape codes for a terminal that cannot take them.
+    for term in ("dumb", ""):
+        monkeypatch.setenv("TERM", term)
+        assert isinstance(progress.make_renderer(json=False, out=io.StringIO(), err=err), progress.LineRenderer)
     now = [100.0]
     bar = progress.BarRenderer(err, clock=lambda: now[0], width=lambda: 200)
     events = create_events()
-    bar.event(events[0])  # started: nothing to draw yet
-    assert err.getvalue() == ""
+    bar.event(events[0])  # started: the operation's id, on its own line, above the bar
+    assert err.getvalue() == "operation op-1: create-snapshot web s1\n"
+    err.seek(0)
+    err.truncate()
     bar.event(events[2])
     first = err.getvalue()
-    assert first.startswith("\rmemory     [##------------------]   10%  64.0 MiB / 512.0 MiB  100.0 MiB/s  saving")
+    # 448 MiB to go at 100 MiB/s
+    assert first.startswith("\rmemory     [##------------------]   10%  64.0 MiB / 512.0 MiB  100.0 MiB/s  ETA 4.5 s  "
+                            "saving")
     assert first.endswith("\x1b[K")
     now[0] += 0.05  # too soon to redraw
     bar.event(events[3])
@@ -694,7 +741,8 @@ def test_unreachable_agent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert cli.main(["-H", address, "list"]) == 1
     err = capsys.readouterr().err
     assert_one_error_line(err, f"domsnap: cannot reach the agent at {address}: ")
-    assert err.rstrip().endswith("No such file or directory")
+    assert err.rstrip().endswith("No such file or directory. Is domsnapd running there (systemctl start domsnapd)? "
+                                 "Another agent: -H ADDR or $DOMSNAP_HOST")
     assert cli.main(["-H", address, "snapshot-create", "web"]) == 1
     assert_one_error_line(capsys.readouterr().err, f"domsnap: cannot reach the agent at {address}: ")
 
@@ -737,7 +785,8 @@ def test_broken_stream_names_the_operation(agent: Agent, capsys: pytest.CaptureF
     )
 
 
-def test_ctrl_c_detaches(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_ctrl_c_detaches(agent: Agent, capsys: pytest.CaptureFixture[str], as_json: bool) -> None:
     left = threading.Event()
 
     def interrupt_then_wait(context: grpc.ServicerContext) -> None:
@@ -754,10 +803,16 @@ def test_ctrl_c_detaches(agent: Agent, capsys: pytest.CaptureFixture[str]) -> No
     # then does nothing (every fresh-clone run started that way failed here).
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        assert agent.run("snapshot-create", "web") == 130
+        assert agent.run(*(["--json"] if as_json else []), "snapshot-create", "web") == 130
     finally:
         signal.signal(signal.SIGINT, previous)
-    err = capsys.readouterr().err.splitlines()[-1]
+    captured = capsys.readouterr()
+    if as_json:
+        # A program reading the events gets a last one that says what happened.
+        assert json.loads(captured.out.splitlines()[-1]) == {"detached": {
+            "operation_id": "op-1", "request_id": agent.fake.last("CreateSnapshot").request_id,  # type: ignore[attr-defined]
+            "watch": f"domsnap -H {agent.address} watch op-1", "cancel": f"domsnap -H {agent.address} cancel op-1"}}
+    err = captured.err.splitlines()[-1]
     assert err == (
         "domsnap: detached; operation op-1 goes on. "
         f"Watch it: domsnap -H {agent.address} watch op-1; cancel it: domsnap -H {agent.address} cancel op-1"
@@ -771,7 +826,7 @@ def test_no_output_on_broken_stdout_is_not_a_traceback(agent: Agent, monkeypatch
             raise BrokenPipeError
 
     monkeypatch.setattr("sys.stdout", Closed())
-    assert agent.run("list") == cli.EXIT_BROKEN_PIPE
+    assert agent.run("list") == EXIT_BROKEN_PIPE
 
 
 def test_global_options_after_the_subcommand(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
@@ -789,3 +844,10 @@ def test_no_unix_socket_leak(tmp_path: Path) -> None:
     # Help must not need an agent: nothing is opened for it.
     assert cli.main(["-H", f"unix:{tmp_path / 'x'}", "help"]) == 0
     assert os.listdir(tmp_path) == []
+
+
+def test_missing_arguments_name_only_the_required_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["snapshot-create"]) == 2
+    assert capsys.readouterr().err.endswith("error: the following arguments are required: <Domain>\n")
+    assert cli.main(["create"]) == 2
+    assert capsys.readouterr().err.endswith("error: the following arguments are required: <cfgfile>\n")

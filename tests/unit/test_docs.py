@@ -31,7 +31,7 @@ from domsnap.agent import manifest
 from domsnap.agent.domain import DomainConfig
 from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.snapshot_create import parse_request
-from domsnap.client import cli, commands, connection, views
+from domsnap.client import cli, connection, exits, views
 from domsnap.v1 import domsnap_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
@@ -188,11 +188,11 @@ def test_domsnap_page_documents_the_global_options_exit_codes_and_files() -> Non
         assert _mentions(sections["GLOBAL OPTIONS"], option), f"domsnap.1: global option {option} missing"
     codes = [tag.split()[0] for tag in _entries(sections["EXIT STATUS"])]
     for code in (
-        commands.EXIT_OK,
-        commands.EXIT_ERROR,
-        commands.EXIT_USAGE,
-        commands.EXIT_INTERRUPTED,
-        cli.EXIT_BROKEN_PIPE,
+        exits.EXIT_OK,
+        exits.EXIT_ERROR,
+        exits.EXIT_USAGE,
+        exits.EXIT_INTERRUPTED,
+        exits.EXIT_BROKEN_PIPE,
     ):
         assert str(code) in codes, f"domsnap.1: exit status {code} missing"
     assert connection.ADDRESS_ENV in _entries(sections["ENVIRONMENT"])

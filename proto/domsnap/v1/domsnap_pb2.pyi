@@ -361,11 +361,20 @@ class CreateDomainRequest(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     OVERRIDES_FIELD_NUMBER: _builtins.int
     PAUSED_FIELD_NUMBER: _builtins.int
+    CONFIG_NAME_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     config: _builtins.str
     """xl.cfg text."""
     paused: _builtins.bool
     """Leave the domain paused (`xl create -p`)."""
+    config_name: _builtins.str
+    """The cfgfile's name, for messages about its text ("" : "<config>")."""
+    force: _builtins.bool
+    """A disk whose image is a snapshot's frozen layer is refused
+    (FAILED_PRECONDITION, naming the snapshot); with force the domain starts
+    on a fresh overlay over that layer instead.
+    """
     @_builtins.property
     def overrides(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """KEY=VALUE settings appended after the text, as `xl create` does."""
@@ -377,10 +386,12 @@ class CreateDomainRequest(_message.Message):
         config: _builtins.str = ...,
         overrides: _abc.Iterable[_builtins.str] | None = ...,
         paused: _builtins.bool = ...,
+        config_name: _builtins.str = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "overrides", b"overrides", "paused", b"paused", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "force", b"force", "overrides", b"overrides", "paused", b"paused", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -538,6 +549,7 @@ class Snapshot(_message.Message):
     DRIVER_FIELD_NUMBER: _builtins.int
     HYPERVISOR_VERSION_FIELD_NUMBER: _builtins.int
     DOWNTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     domain: _builtins.str
     path: _builtins.str
@@ -560,6 +572,10 @@ class Snapshot(_message.Message):
     hypervisor_version: _builtins.str
     downtime_seconds: _builtins.float
     """Guest pause of the create, in seconds, as the hypervisor saw it."""
+    manifest: _builtins.str
+    """The manifest (snapshot.json) as the agent read it; only when
+    GetSnapshotRequest.manifest asked for it.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -584,10 +600,11 @@ class Snapshot(_message.Message):
         driver: _builtins.str = ...,
         hypervisor_version: _builtins.str = ...,
         downtime_seconds: _builtins.float = ...,
+        manifest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current", b"current", "description", b"description", "disks", b"disks", "domain", b"domain", "downtime_seconds", b"downtime_seconds", "driver", b"driver", "hypervisor_version", b"hypervisor_version", "live", b"live", "memory", b"memory", "name", b"name", "parent", b"parent", "path", b"path", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current", b"current", "description", b"description", "disks", b"disks", "domain", b"domain", "downtime_seconds", b"downtime_seconds", "driver", b"driver", "hypervisor_version", b"hypervisor_version", "live", b"live", "manifest", b"manifest", "memory", b"memory", "name", b"name", "parent", b"parent", "path", b"path", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -606,6 +623,8 @@ class CreateSnapshotRequest(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     OVERRIDES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    CONFIG_NAME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     domain: _builtins.str
     name: _builtins.str
@@ -627,6 +646,10 @@ class CreateSnapshotRequest(_message.Message):
     win over the cfg text.
     """
     description: _builtins.str
+    dry_run: _builtins.bool
+    """Validate and answer the plan (one `plan` event), touching nothing."""
+    config_name: _builtins.str
+    """The cfgfile's name, for messages about its text ("" : "<config>")."""
     @_builtins.property
     def overrides(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -641,10 +664,12 @@ class CreateSnapshotRequest(_message.Message):
         config: _builtins.str = ...,
         overrides: _abc.Iterable[_builtins.str] | None = ...,
         description: _builtins.str = ...,
+        dry_run: _builtins.bool = ...,
+        config_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "description", b"description", "domain", b"domain", "live", b"live", "method", b"method", "name", b"name", "overrides", b"overrides", "path", b"path", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "description", b"description", "domain", b"domain", "dry_run", b"dry_run", "live", b"live", "method", b"method", "name", b"name", "overrides", b"overrides", "path", b"path", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -661,6 +686,8 @@ class RevertSnapshotRequest(_message.Message):
     OVERRIDES_FIELD_NUMBER: _builtins.int
     RUN_STATE_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    CONFIG_NAME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     domain: _builtins.str
     snapshot: _builtins.str
@@ -673,6 +700,11 @@ class RevertSnapshotRequest(_message.Message):
     another hypervisor version). Without it such reverts are refused with
     FAILED_PRECONDITION, each risk named.
     """
+    dry_run: _builtins.bool
+    """Validate and answer the plan (one `plan` event, its risks listed even
+    without force), touching nothing.
+    """
+    config_name: _builtins.str
     @_builtins.property
     def overrides(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -685,10 +717,12 @@ class RevertSnapshotRequest(_message.Message):
         overrides: _abc.Iterable[_builtins.str] | None = ...,
         run_state: Global___RunStateAfterRevert.ValueType = ...,
         force: _builtins.bool = ...,
+        dry_run: _builtins.bool = ...,
+        config_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "domain", b"domain", "force", b"force", "overrides", b"overrides", "request_id", b"request_id", "run_state", b"run_state", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "domain", b"domain", "dry_run", b"dry_run", "force", b"force", "overrides", b"overrides", "request_id", b"request_id", "run_state", b"run_state", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -702,12 +736,15 @@ class DeleteSnapshotRequest(_message.Message):
     DOMAIN_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     CHILDREN_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     domain: _builtins.str
     snapshot: _builtins.str
     """A snapshot's name or its directory."""
     children: _builtins.bool
     """Delete the snapshots taken on top of it too."""
+    dry_run: _builtins.bool
+    """Validate and answer the plan (one `plan` event), touching nothing."""
     def __init__(
         self,
         *,
@@ -715,10 +752,11 @@ class DeleteSnapshotRequest(_message.Message):
         domain: _builtins.str = ...,
         snapshot: _builtins.str = ...,
         children: _builtins.bool = ...,
+        dry_run: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "domain", b"domain", "request_id", b"request_id", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "domain", b"domain", "dry_run", b"dry_run", "request_id", b"request_id", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -789,21 +827,63 @@ class GetSnapshotRequest(_message.Message):
 
     DOMAIN_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
     domain: _builtins.str
     snapshot: _builtins.str
+    manifest: _builtins.bool
+    """Also answer the manifest's text (Snapshot.manifest)."""
     def __init__(
         self,
         *,
         domain: _builtins.str = ...,
         snapshot: _builtins.str = ...,
+        manifest: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "manifest", b"manifest", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSnapshotRequest: _TypeAlias = GetSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class EditSnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    NEW_NAME_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    domain: _builtins.str
+    snapshot: _builtins.str
+    """A snapshot's name or its directory."""
+    description: _builtins.str
+    """The new description (unset: unchanged)."""
+    new_name: _builtins.str
+    """The new name ("" : unchanged). Refused (FAILED_PRECONDITION) where a disk
+    holds the name: an internal qcow2 snapshot's tag, an LVM snapshot volume.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        domain: _builtins.str = ...,
+        snapshot: _builtins.str = ...,
+        description: _builtins.str | None = ...,
+        new_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description", "domain", b"domain", "new_name", b"new_name", "request_id", b"request_id", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___EditSnapshotRequest: _TypeAlias = EditSnapshotRequest  # noqa: Y015
 
 @_typing.final
 class Progress(_message.Message):
@@ -865,6 +945,7 @@ class Operation(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     kind: Global___OperationKind.ValueType
     domain: _builtins.str
@@ -887,6 +968,10 @@ class Operation(_message.Message):
     def error(self) -> _status_pb2.Status:
         """Set once the operation FAILED or was CANCELLED."""
 
+    @_builtins.property
+    def deleted(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Delete: every snapshot it removed, descendants first."""
+
     def __init__(
         self,
         *,
@@ -901,10 +986,11 @@ class Operation(_message.Message):
         progress: Global___Progress | None = ...,
         result: Global___Snapshot | None = ...,
         error: _status_pb2.Status | None = ...,
+        deleted: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finished_at", b"finished_at", "progress", b"progress", "result", b"result", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "error", b"error", "finished_at", b"finished_at", "id", b"id", "kind", b"kind", "progress", b"progress", "request_id", b"request_id", "result", b"result", "snapshot", b"snapshot", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted", "domain", b"domain", "error", b"error", "finished_at", b"finished_at", "id", b"id", "kind", b"kind", "progress", b"progress", "request_id", b"request_id", "result", b"result", "snapshot", b"snapshot", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -917,28 +1003,124 @@ class OperationEvent(_message.Message):
     STARTED_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def started(self) -> Global___Operation: ...
     @_builtins.property
     def progress(self) -> Global___Progress: ...
     @_builtins.property
     def finished(self) -> Global___Operation: ...
+    @_builtins.property
+    def plan(self) -> Global___Plan:
+        """The only event of a dry run."""
+
     def __init__(
         self,
         *,
         started: Global___Operation | None = ...,
         progress: Global___Progress | None = ...,
         finished: Global___Operation | None = ...,
+        plan: Global___Plan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "finished", b"finished", "progress", b"progress", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "finished", b"finished", "plan", b"plan", "progress", b"progress", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "finished", b"finished", "progress", b"progress", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "finished", b"finished", "plan", b"plan", "progress", b"progress", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "progress", "finished"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "progress", "finished", "plan"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 
 Global___OperationEvent: _TypeAlias = OperationEvent  # noqa: Y015
+
+@_typing.final
+class Plan(_message.Message):
+    """What an operation would do, from a request with dry_run: validated as the
+    operation itself would be (a refusal is the same error), nothing touched.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
+    MEMORY_PATH_FIELD_NUMBER: _builtins.int
+    DELETES_FIELD_NUMBER: _builtins.int
+    RISKS_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    kind: Global___OperationKind.ValueType
+    domain: _builtins.str
+    snapshot: _builtins.str
+    path: _builtins.str
+    """The snapshot's directory (create: the one it would make)."""
+    memory_path: _builtins.str
+    """The memory image a create would write, or a revert would restore."""
+    paused: _builtins.bool
+    """Revert: whether the domain would be left paused."""
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlannedDisk]: ...
+    @_builtins.property
+    def deletes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Delete: every snapshot it would remove, descendants first."""
+
+    @_builtins.property
+    def risks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Revert: the risks it runs (refused unless forced)."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___OperationKind.ValueType = ...,
+        domain: _builtins.str = ...,
+        snapshot: _builtins.str = ...,
+        path: _builtins.str = ...,
+        disks: _abc.Iterable[Global___PlannedDisk] | None = ...,
+        memory_path: _builtins.str = ...,
+        deletes: _abc.Iterable[_builtins.str] | None = ...,
+        risks: _abc.Iterable[_builtins.str] | None = ...,
+        paused: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "disks", b"disks", "domain", b"domain", "kind", b"kind", "memory_path", b"memory_path", "path", b"path", "paused", b"paused", "risks", b"risks", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Plan: _TypeAlias = Plan  # noqa: Y015
+
+@_typing.final
+class PlannedDisk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VDEV_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    vdev: _builtins.str
+    method: Global___SnapshotMethod.ValueType
+    backend: _builtins.str
+    image: _builtins.str
+    """The image now (create), or the one the snapshot holds (revert, delete)."""
+    target: _builtins.str
+    """The tag, or the overlay or copy file."""
+    def __init__(
+        self,
+        *,
+        vdev: _builtins.str = ...,
+        method: Global___SnapshotMethod.ValueType = ...,
+        backend: _builtins.str = ...,
+        image: _builtins.str = ...,
+        target: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "image", b"image", "method", b"method", "target", b"target", "vdev", b"vdev"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlannedDisk: _TypeAlias = PlannedDisk  # noqa: Y015
 
 @_typing.final
 class WatchOperationRequest(_message.Message):

@@ -109,6 +109,11 @@ class SnapshotAgentStub:
                 request_serializer=domsnap_dot_v1_dot_domsnap__pb2.GetSnapshotRequest.SerializeToString,
                 response_deserializer=domsnap_dot_v1_dot_domsnap__pb2.Snapshot.FromString,
                 _registered_method=True)
+        self.EditSnapshot = channel.unary_unary(
+                '/domsnap.v1.SnapshotAgent/EditSnapshot',
+                request_serializer=domsnap_dot_v1_dot_domsnap__pb2.EditSnapshotRequest.SerializeToString,
+                response_deserializer=domsnap_dot_v1_dot_domsnap__pb2.Snapshot.FromString,
+                _registered_method=True)
 
 
 class SnapshotAgentServicer:
@@ -219,6 +224,13 @@ class SnapshotAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EditSnapshot(self, request, context):
+        """Change a snapshot's description or name. Returns the snapshot as it is now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SnapshotAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -295,6 +307,11 @@ def add_SnapshotAgentServicer_to_server(servicer, server):
             'GetSnapshot': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSnapshot,
                     request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.GetSnapshotRequest.FromString,
+                    response_serializer=domsnap_dot_v1_dot_domsnap__pb2.Snapshot.SerializeToString,
+            ),
+            'EditSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.EditSnapshot,
+                    request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.EditSnapshotRequest.FromString,
                     response_serializer=domsnap_dot_v1_dot_domsnap__pb2.Snapshot.SerializeToString,
             ),
     }
@@ -702,6 +719,33 @@ class SnapshotAgent:
             target,
             '/domsnap.v1.SnapshotAgent/GetSnapshot',
             domsnap_dot_v1_dot_domsnap__pb2.GetSnapshotRequest.SerializeToString,
+            domsnap_dot_v1_dot_domsnap__pb2.Snapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EditSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/domsnap.v1.SnapshotAgent/EditSnapshot',
+            domsnap_dot_v1_dot_domsnap__pb2.EditSnapshotRequest.SerializeToString,
             domsnap_dot_v1_dot_domsnap__pb2.Snapshot.FromString,
             options,
             channel_credentials,

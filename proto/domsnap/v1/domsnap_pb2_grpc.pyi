@@ -86,6 +86,8 @@ class SnapshotAgentStub:
     ListSnapshots: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.ListSnapshotsRequest, _domsnap_pb2.ListSnapshotsResponse]
     """The snapshot catalogue."""
     GetSnapshot: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.GetSnapshotRequest, _domsnap_pb2.Snapshot]
+    EditSnapshot: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.EditSnapshotRequest, _domsnap_pb2.Snapshot]
+    """Change a snapshot's description or name. Returns the snapshot as it is now."""
 
 @_typing.type_check_only
 class SnapshotAgentAsyncStub(SnapshotAgentStub):
@@ -124,6 +126,8 @@ class SnapshotAgentAsyncStub(SnapshotAgentStub):
     ListSnapshots: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.ListSnapshotsRequest, _domsnap_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
     """The snapshot catalogue."""
     GetSnapshot: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.GetSnapshotRequest, _domsnap_pb2.Snapshot]  # type: ignore[assignment]
+    EditSnapshot: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.EditSnapshotRequest, _domsnap_pb2.Snapshot]  # type: ignore[assignment]
+    """Change a snapshot's description or name. Returns the snapshot as it is now."""
 
 class SnapshotAgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -249,5 +253,13 @@ class SnapshotAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _domsnap_pb2.GetSnapshotRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_domsnap_pb2.Snapshot, _abc.Awaitable[_domsnap_pb2.Snapshot]]: ...
+
+    @_abc_1.abstractmethod
+    def EditSnapshot(
+        self,
+        request: _domsnap_pb2.EditSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_domsnap_pb2.Snapshot, _abc.Awaitable[_domsnap_pb2.Snapshot]]:
+        """Change a snapshot's description or name. Returns the snapshot as it is now."""
 
 def add_SnapshotAgentServicer_to_server(servicer: SnapshotAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

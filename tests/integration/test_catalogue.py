@@ -69,12 +69,14 @@ def test_delete_in_every_chain_position(agent: Agent, boot_guest: BootGuest) -> 
     assert snaps["s3"].disks[0].image == s2.disks[0].image == snaps["s1"].disks[0].file
     assert chain(g.domain().disks[0].target) == [snaps["s3"].disks[0].file, snaps["s1"].disks[0].file, base]
 
-    # The current one: the domain runs on its overlay, which stays; current moves to its parent.
+    # The current one: the domain runs on its layer, which merges live into the
+    # image below (the domain then runs on that); current moves to its parent.
     s3 = snaps["s3"]
     delete(agent, g.name, "s3")
     snaps = snapshots(agent, g.name)
     assert set(snaps) == {"s1"} and snaps["s1"].current
-    assert Path(s3.disks[0].file).exists() and g.domain().disks[0].target == s3.disks[0].file
+    assert not Path(s3.disks[0].file).exists() and g.domain().disks[0].target == s3.disks[0].image
+    assert chain(g.domain().disks[0].target) == [snaps["s1"].disks[0].file, base]
     assert_reverts(g, "s1")
 
     # The first one, with a child taken after the revert: --children removes both.

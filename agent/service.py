@@ -72,7 +72,7 @@ class AgentService:
                                       config.roots, config.state_dir)
         self._revert = SnapshotRevert(driver, backends, self.catalogue, self.journal, ledger)
         self._delete = SnapshotDelete(driver, backends, self.catalogue, self.journal, ledger)
-        self._edit = SnapshotEdit(self.catalogue, self.journal)
+        self._edit = SnapshotEdit(self.catalogue, self.journal, ledger)
         self._procedures: dict[str, _Recoverable] = {
             "create": self._create, "revert": self._revert, "delete": self._delete, "rename": self._edit}
 

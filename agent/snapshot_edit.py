@@ -19,6 +19,7 @@ from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.errors import AlreadyExists, FailedPrecondition
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
+from domsnap.agent.ledger import Ledger
 from domsnap.agent.names import check_name
 
 
@@ -32,9 +33,10 @@ def reparent(catalogue: Catalogue, domain: str, old: str, new: str) -> None:
 
 
 class SnapshotEdit:
-    def __init__(self, catalogue: Catalogue, journal: Journal) -> None:
+    def __init__(self, catalogue: Catalogue, journal: Journal, ledger: Ledger) -> None:
         self._catalogue = catalogue
         self._journal = journal
+        self._ledger = ledger
 
     async def edit(self, domain: str, ref: str, *, description: str | None, new_name: str, request_id: str,
                    ) -> Entry:
@@ -68,6 +70,9 @@ class SnapshotEdit:
         snapdir = Path(journal.data["snapdir"])
         m = manifest.Manifest.from_json(journal.data["manifest"], "<journal>")
         await self._journal.step(journal, "manifest")
+        # What the agent recorded as the snapshot's own files follows its name
+        # first: the renamed manifest names nothing the ledger does not allow.
+        self._ledger.record(domain, new, snapdir, m.files())
         manifest.write(snapdir, replace(m, name=new))
         await self._journal.step(journal, "catalogue")
         self._catalogue.register(domain, new, snapdir)
@@ -75,6 +80,7 @@ class SnapshotEdit:
             self._catalogue.set_current(domain, new)
         reparent(self._catalogue, domain, old, new)
         self._catalogue.unregister(domain, old)
+        self._ledger.forget(domain, old)
 
     async def recover(self, journal: JournalEntry) -> str:
         """Finish a rename a dead agent left: all of it again (each step is idempotent)."""

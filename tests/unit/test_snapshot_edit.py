@@ -17,6 +17,7 @@ from domsnap.agent.convert import snapshot_listing
 from domsnap.agent.errors import AlreadyExists, FailedPrecondition
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
+from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.snapshot_edit import SnapshotEdit
 from domsnap.agent.storage.base import DiskRecord, Method
@@ -42,7 +43,8 @@ def state(cat: Catalogue) -> list[tuple[str, str, bool]]:
 
 def test_rename_and_the_refusal_where_a_disk_holds_the_name(tmp_path: Path) -> None:
     cat = Catalogue(tmp_path / "state", snapshot_listing)
-    edit = SnapshotEdit(cat, Journal(tmp_path / "state"))
+    ledger = Ledger(tmp_path / "state")
+    edit = SnapshotEdit(cat, Journal(tmp_path / "state"), ledger)
     snap(tmp_path, cat, "e1")
     snap(tmp_path, cat, "c1", parent="e1")
     snap(tmp_path, cat, "i1", parent="c1", tag="i1")
@@ -52,7 +54,10 @@ def test_rename_and_the_refusal_where_a_disk_holds_the_name(tmp_path: Path) -> N
         asyncio.run(edit.edit("web", "e1", description=None, new_name="c1", request_id="r"))
     before = state(cat)
     assert before == [("e1", "", False), ("c1", "e1", False), ("i1", "c1", True)]
+    c1 = cat.resolve("web", "c1")
+    ledger.record("web", "c1", c1[0], c1[1].files())  # the frozen /img/web.qcow2 lies outside its folder
     entry = asyncio.run(edit.edit("web", "c1", description="renamed", new_name="c2", request_id="r"))
+    ledger.check(entry.path, entry.manifest, "revert to")  # what the agent recorded followed the name
     assert (entry.manifest.name, entry.manifest.description) == ("c2", "renamed")
     assert state(cat) == [("e1", "", False), ("c2", "e1", False), ("i1", "c2", True)]
     assert cat.path_of("web", "c1") is None and cat.path_of("web", "c2") == tmp_path / "snaps" / "c1"
@@ -84,11 +89,11 @@ def test_a_rename_cut_short_is_finished_on_restart(tmp_path: Path, killed_after:
 
     monkeypatch.setattr(journal, "step", step)
     with pytest.raises(Killed):
-        asyncio.run(SnapshotEdit(cat, journal).edit("web", "a", description=None, new_name="z", request_id="r"))
+        asyncio.run(SnapshotEdit(cat, journal, Ledger(tmp_path / "state")).edit("web", "a", description=None, new_name="z", request_id="r"))
     monkeypatch.undo()
     # A new agent: its own catalogue, the journal on disk.
     (pending,) = journal.pending()
-    again = SnapshotEdit(Catalogue(tmp_path / "state", snapshot_listing), journal)
+    again = SnapshotEdit(Catalogue(tmp_path / "state", snapshot_listing), journal, Ledger(tmp_path / "state"))
     assert asyncio.run(again.recover(pending)) == "completed"
     asyncio.run(journal.finish(pending))
     assert state(Catalogue(tmp_path / "state", snapshot_listing)) == [("z", "", False), ("b", "z", True)]

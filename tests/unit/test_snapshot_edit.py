@@ -89,7 +89,8 @@ def test_a_rename_cut_short_is_finished_on_restart(tmp_path: Path, killed_after:
 
     monkeypatch.setattr(journal, "step", step)
     with pytest.raises(Killed):
-        asyncio.run(SnapshotEdit(cat, journal, Ledger(tmp_path / "state")).edit("web", "a", description=None, new_name="z", request_id="r"))
+        asyncio.run(SnapshotEdit(cat, journal, Ledger(tmp_path / "state")).edit(
+            "web", "a", description=None, new_name="z", request_id="r"))
     monkeypatch.undo()
     # A new agent: its own catalogue, the journal on disk.
     (pending,) = journal.pending()

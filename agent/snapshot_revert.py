@@ -30,6 +30,7 @@ from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Operation
 from domsnap.agent.progress import StepProgress, ignore_progress, share
 from domsnap.agent.storage import Backends
+from domsnap.agent.xldisk import XlVersion
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,12 @@ class Stranded:
 
     journal: JournalEntry
     reason: str
+    # The grammar its config was written in: the driver's.
+    xl: XlVersion
 
     @property
     def config(self) -> DomainConfig:
-        return DomainConfig.parse(self.journal.data["current_config"], source="<journal>")
+        return DomainConfig.parse(self.journal.data["current_config"], source="<journal>", xl=self.xl)
 
 
 @dataclass(frozen=True)
@@ -218,7 +221,7 @@ class SnapshotRevert:
             await self._apply(journal, m, ignore_progress, lambda: progress)
         except Exception as err:
             reason = f"the revert to {m.name} failed after the domain was destroyed: {_message(err)}"
-            self._stranded[journal.domain] = Stranded(journal, reason)
+            self._stranded[journal.domain] = Stranded(journal, reason, self._driver.xl_version)
             log.error("domain %s is stranded: %s; the agent tries again at its next start, and "
                       "snapshot-revert %s %s finishes it", journal.domain, reason, journal.domain, m.name)
             cls = type(err) if isinstance(err, DomsnapError) else InternalError

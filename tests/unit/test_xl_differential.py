@@ -1,7 +1,9 @@
 """domsnap's xl.cfg and disk-spec parsers against Xen 4.17's own (libxlutil,
 through tests/xlprobe): on Xen's documented examples (tests/data/xl-4.17),
 edge cases, and thousands of hypothesis-generated inputs (a fixed seed and a
-random one, printed on failure; DOMSNAP_XL_SEED=N replays one).
+random one, printed on failure; DOMSNAP_XL_SEED=N replays one), configs
+among them with KEY=VALUE overrides, which libxlu reads as xl create gives
+them (appended to the file's text).
 
 For every input: domsnap must not accept what libxlu rejects; where both
 accept, every reading xl makes (string, long, list items, the whole value;
@@ -19,10 +21,10 @@ import os
 import random
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
@@ -36,8 +38,10 @@ from tests import xlprobe
 DATA: Final = Path(__file__).parent.parent / "data" / "xl-4.17"
 FIXED_SEED: Final = 20261202
 RANDOM_SEED: Final = int(os.environ.get("DOMSNAP_XL_SEED") or random.SystemRandom().randrange(1 << 32))
-# Inputs per parser and seed: 2 x 2 x 1250 generated, besides the corpus and edge cases.
+# Inputs per parser and seed: 2 x 2 x 1250 generated, besides the corpus and
+# edge cases, and 2 x 250 configs with KEY=VALUE overrides.
 GENERATED: Final = 1250
+WITH_OVERRIDES: Final = 250
 ESRCH: Final = 3
 _WORD: Final = re.compile(r"[a-z][._0-9a-z]*")
 
@@ -62,7 +66,8 @@ class Deliberate:
     parser: str
     message: re.Pattern[str]
     reason: str
-    examples: tuple[str, ...]
+    # Each: the text, and the KEY=VALUE overrides that follow it.
+    examples: tuple[tuple[str, tuple[str, ...]], ...]
     last_character: bool
 
 
@@ -70,6 +75,12 @@ def _repeated(example: Mapping[str, Any]) -> str:
     head: str = example["head"]
     tail: str = example["tail"]
     return head + "".join(example["piece"].format(i=i) for i in range(example["count"])) + tail
+
+
+def _example(example: str | Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    if isinstance(example, str):
+        return example, ()
+    return example["text"], tuple(example["overrides"])
 
 
 def _deliberate() -> list[Deliberate]:
@@ -80,7 +91,7 @@ def _deliberate() -> list[Deliberate]:
             d["parser"],
             re.compile(d["message"]),
             d["reason"],
-            (*d["examples"], *map(_repeated, d.get("repeated", ()))),
+            tuple(_example(e) for e in (*d["examples"], *map(_repeated, d.get("repeated", ())))),
             d.get("where") == "last-character",
         )
         for d in data["refused"]
@@ -97,7 +108,11 @@ def _offset(text: str, line: int, column: int) -> int:
 
 def classify(parser: str, text: str, err: InvalidArgument) -> str | None:
     """The id of the deliberate difference this refusal is, or None."""
-    at_last = isinstance(err, xlcfg.XlCfgError) and _offset(text, err.line, err.column) == len(text) - 1
+    at_last = (
+        isinstance(err, xlcfg.XlCfgError)
+        and err.override is None
+        and _offset(text, err.line, err.column) == len(text) - 1
+    )
     for d in DELIBERATE:
         if d.parser == parser and d.message.search(err.message) and (at_last or not d.last_character):
             return d.id
@@ -219,34 +234,41 @@ def _keys(text: str) -> list[str]:
     return sorted({w for w in _WORD.findall(text) if len(w) < 1000})
 
 
-def compare_cfg(probe: xlprobe.Probe, tally: Tally, text: str) -> None:
+def as_xl_reads(text: str, overrides: Sequence[str]) -> str:
+    """The one text `xl create` gives libxlu: the file, then a new line, then
+    each KEY=VALUE argument followed by one (xl_vmcontrol.c)."""
+    return text + "\n" + "".join(f"{override}\n" for override in overrides) if overrides else text
+
+
+def compare_cfg(probe: xlprobe.Probe, tally: Tally, text: str, overrides: Sequence[str] = ()) -> None:
     tally.counts["cfg inputs"] += 1
-    keys = _keys(text)
-    reference = probe.cfg(text, keys)
+    read = as_xl_reads(text, overrides)
+    keys = _keys(read)
+    reference = probe.cfg(read, keys)
     try:
-        settings = xlcfg.parse(text)
+        settings = xlcfg.parse(text, overrides)
     except InvalidArgument as err:
         if not reference.accepted:
             tally.counts["cfg both refuse"] += 1
             return
-        if (which := classify("cfg", text, err)) is None:
-            tally.fail("cfg refused, not a listed difference", text, err.message)
+        if (which := classify("cfg", read, err)) is None:
+            tally.fail("cfg refused, not a listed difference", read, err.message)
         else:
             tally.counts[f"cfg deliberate {which}"] += 1
         return
     if not reference.accepted:
-        tally.fail("cfg accepted by domsnap, rejected by libxlu", text, reference.report)
+        tally.fail("cfg accepted by domsnap, rejected by libxlu", read, reference.report)
         return
     tally.counts["cfg both accept"] += 1
     expected = {key: theirs(reference.readings[key]) for key in keys}
     if (got := {key: ours(settings, key) for key in keys}) != expected:
         diff = {k: (got[k], expected[k]) for k in keys if got[k] != expected[k]}
-        tally.fail("cfg read differently (domsnap, libxlu)", text, repr(diff))
+        tally.fail("cfg read differently (domsnap, libxlu)", read, repr(diff))
         return
     written = xlcfg.dump(settings)
     again = probe.cfg(written, keys)
     if not again.accepted or {key: theirs(again.readings[key]) for key in keys} != expected:
-        tally.fail("cfg dump() read differently by libxlu", text, f"{written!r}: {again.report}")
+        tally.fail("cfg dump() read differently by libxlu", read, f"{written!r}: {again.report}")
         return
     tally.counts["cfg dump() read the same"] += 1
 
@@ -495,17 +517,19 @@ def test_deliberate_differences_hold(probe: xlprobe.Probe) -> None:
     refuses them with the listed message."""
     for d in DELIBERATE:
         assert d.reason.strip() and d.examples, d.id
-        for example in d.examples:
-            if d.parser == "cfg":
-                accepted = probe.cfg(example, _keys(example)).accepted
-                parse: Callable[[str], object] = xlcfg.parse
-            else:
-                accepted = probe.disk(example).accepted
-                parse = xldisk.parse_disk
-            assert accepted, f"{d.id}: libxlu refuses {example!r} too"
+        for text, overrides in d.examples:
             with pytest.raises(InvalidArgument) as caught:
-                parse(example)
-            assert classify(d.parser, example, caught.value) == d.id, (example, caught.value.message)
+                if d.parser == "cfg":
+                    read = as_xl_reads(text, overrides)
+                    accepted = probe.cfg(read, _keys(read)).accepted
+                    xlcfg.parse(text, overrides)
+                else:
+                    assert not overrides, d.id
+                    read = text
+                    accepted = probe.disk(text).accepted
+                    xldisk.parse_disk(text)
+            assert accepted, f"{d.id}: libxlu refuses {read!r} too"
+            assert classify(d.parser, read, caught.value) == d.id, (read, caught.value.message)
 
 
 def test_documented_examples_and_edge_cases(probe: xlprobe.Probe) -> None:
@@ -529,17 +553,20 @@ def _disk_list(text: str) -> bool:
         return False
 
 
-def _run(strategy: st.SearchStrategy[str], check: Callable[[str], None], which_seed: int) -> None:
+_Input = TypeVar("_Input")
+
+
+def _run(strategy: st.SearchStrategy[_Input], check: Callable[[_Input], None], which_seed: int, count: int) -> None:
     @seed(which_seed)
     @settings(
-        max_examples=GENERATED,
+        max_examples=count,
         database=None,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
     @given(strategy)
-    def run(text: str) -> None:
-        check(text)
+    def run(case: _Input) -> None:
+        check(case)
 
     try:
         run()
@@ -552,16 +579,23 @@ def _run(strategy: st.SearchStrategy[str], check: Callable[[str], None], which_s
 def test_generated_inputs(probe: xlprobe.Probe, which_seed: int) -> None:
     tally = Tally()
 
-    def check(compare: Callable[[xlprobe.Probe, Tally, str], None]) -> Callable[[str], None]:
-        def one(text: str) -> None:
+    def check(compare: Callable[[xlprobe.Probe, Tally, _Input], None]) -> Callable[[_Input], None]:
+        def one(case: _Input) -> None:
             # Only this input's failure: hypothesis then shrinks to the input that fails.
             before = tally.failed
-            compare(probe, tally, text)
+            compare(probe, tally, case)
             assert tally.failed == before, f"{tally.last}\n{tally.summary()}"
 
         return one
 
-    _run(cfg_texts(), check(compare_cfg), which_seed)
-    _run(disk_specs(), check(compare_disk), which_seed)
+    def with_overrides(p: xlprobe.Probe, t: Tally, case: tuple[str, list[str]]) -> None:
+        compare_cfg(p, t, *case)
+
+    _run(cfg_texts(), check(compare_cfg), which_seed, GENERATED)
+    _run(disk_specs(), check(compare_disk), which_seed, GENERATED)
+    configs = tally.counts["cfg inputs"]
+    overridden = st.tuples(cfg_texts(), st.lists(cfg_texts(), min_size=1, max_size=3))
+    _run(overridden, check(with_overrides), which_seed, WITH_OVERRIDES)
     print(f"seed {which_seed}: {tally.summary()}")
-    assert tally.counts["cfg inputs"] >= GENERATED and tally.counts["disk inputs"] >= GENERATED
+    assert configs >= GENERATED and tally.counts["disk inputs"] >= GENERATED
+    assert tally.counts["cfg inputs"] - configs >= WITH_OVERRIDES

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from domsnap.agent.domain import DomainConfig
 from domsnap.agent.errors import InvalidArgument
+from domsnap.agent.journal import Entry as JournalEntry
+from domsnap.agent.snapshot_revert import Stranded
 from domsnap.agent.xldisk import (
     BACKEND_TYPES,
     EXTRA_PARAMETERS,
@@ -165,6 +167,14 @@ def test_domain_configs_follow_the_xl_given() -> None:
     assert DomainConfig.parse(text, xl=XEN_4_19).disks[0].flags == {"untrusted"}
     with pytest.raises(InvalidArgument, match=r"needs Xen 4\.19"):
         DomainConfig.parse(text)
+
+
+def test_a_stranded_domains_config_is_read_with_the_drivers_xl() -> None:
+    text = "name = 'g'\ndisk = ['vdev=xvda,untrusted,target=/x']\n"
+    journal = JournalEntry("op", "revert", "g", "s1", "", {"current_config": text})
+    assert Stranded(journal, "failed", XEN_4_19).config.disks[0].flags == {"untrusted"}
+    with pytest.raises(InvalidArgument, match=r"needs Xen 4\.19"):
+        _ = Stranded(journal, "failed", XlVersion(4, 17)).config
 
 
 def test_xl_version_is_read_from_xen_version() -> None:

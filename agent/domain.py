@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from functools import cached_property
 
 from domsnap.agent import xlcfg
 from domsnap.agent.errors import InvalidArgument
@@ -69,6 +70,11 @@ class DomainConfig:
         return replace(self, settings=settings, disks=tuple(disks))
 
     def to_text(self) -> str:
+        return self._text
+
+    @cached_property
+    def _text(self) -> str:
+        # Every ListDomains answer carries each domain's config as text.
         return xlcfg.dump(self.settings)
 
 

@@ -194,7 +194,13 @@ class SnapshotDelete:
             if any(r.vdev == merged.vdev and r.image == merged.file for r in e.manifest.disks):
                 disks = tuple(replace(r, image=merged.image) if r.vdev == merged.vdev and r.image == merged.file
                               else r for r in e.manifest.disks)
-                manifest.write(e.path, replace(e.manifest, disks=disks))
+                now = replace(e.manifest, disks=disks)
+                # The agent's own record of the files the snapshot may name
+                # follows; naming both images while the manifest is rewritten,
+                # so that a crash between the writes leaves it revertable.
+                self._ledger.record(domain, now.name, e.path, [*e.manifest.files(), *now.files()])
+                manifest.write(e.path, now)
+                self._ledger.record(domain, now.name, e.path, now.files())
 
     def _reparent_children(self, m: Manifest) -> None:
         for e in self._catalogue.entries(m.domain):

@@ -32,6 +32,7 @@ from domsnap.agent.journal import Journal
 from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Operation
+from domsnap.agent.snapshot_edit import reparent
 from domsnap.agent.progress import StepProgress, ignore_progress, share
 from domsnap.agent.storage import Backends
 from domsnap.agent.storage.base import DiskBackend, DiskRecord, Method
@@ -190,12 +191,14 @@ class SnapshotDelete:
             if any(r.vdev == merged.vdev and r.image == merged.file for r in e.manifest.disks):
                 disks = tuple(replace(r, image=merged.image) if r.vdev == merged.vdev and r.image == merged.file
                               else r for r in e.manifest.disks)
-                repointed = replace(e.manifest, disks=disks)
-                # The agent itself names the image below for that snapshot: the
-                # ledger allows it before the manifest says so (both, until then).
-                self._ledger.record(domain, e.manifest.name, e.path, {*e.manifest.files(), *repointed.files()})
-                manifest.write(e.path, repointed)
-                self._catalogue.reindex(domain, e.manifest.name, e.path)
+                now = replace(e.manifest, disks=disks)
+                # The agent's own record of the files the snapshot may name
+                # follows; naming both images while the manifest is rewritten,
+                # so that a crash between the writes leaves it revertable.
+                self._ledger.record(domain, now.name, e.path, [*e.manifest.files(), *now.files()])
+                manifest.write(e.path, now)
+                self._ledger.record(domain, now.name, e.path, now.files())
+                self._catalogue.reindex(domain, now.name, e.path)
 
     def _unregister(self, m: Manifest, snapdir: Path, registered: bool) -> None:
         """The snapshot stops existing: its manifest gone and, when the catalogue
@@ -207,14 +210,7 @@ class SnapshotDelete:
             self._catalogue.unregister(m.domain, m.name)
         dirfd.unlink(snapdir / manifest.MANIFEST, snapdir)
         if registered:
-            self._reparent_children(m)
-
-    def _reparent_children(self, m: Manifest) -> None:
-        for e in self._catalogue.entries(m.domain):
-            if e.manifest.parent == m.name:
-                child = Manifest.from_json(e.manifest.to_json(), str(e.path))
-                manifest.write(e.path, Manifest(**{**child.__dict__, "parent": m.parent}))
-                self._catalogue.reindex(m.domain, child.name, e.path)
+            reparent(self._catalogue, m.domain, m.name, m.parent)
 
     async def _in_use(self, m: Manifest, dom: Domain | None) -> set[str]:
         """Every file a disk chain of the domain or of another snapshot reads."""

@@ -26,7 +26,7 @@ from domsnap.agent import dirfd, manifest
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain
 from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import FailedPrecondition, NotFound
+from domsnap.agent.errors import DomsnapError, FailedPrecondition, InternalError, NotFound
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
 from domsnap.agent.ledger import Ledger
@@ -100,9 +100,25 @@ class SnapshotDelete:
             self._journal.begin(journal)
             # Looked up again each time: a merge may have moved the domain's disks.
             dom = await self._domain(domain) if dom is not None else None
-            await self._delete(journal, dom, share(sink, i, len(doomed)))
+            try:
+                await self._delete(journal, dom, share(sink, i, len(doomed)))
+            except Exception as err:
+                await self._again(journal, err)
             self._journal.finish(journal)
             sink((i + 1) / len(doomed), 0, 0, 0.0, f"deleted {e.manifest.name}")
+
+    async def _again(self, journal: JournalEntry, err: Exception) -> None:
+        """A delete goes only forward: a failed step is done once more at once (a delete is
+        idempotent); failing again, the journal entry stays and the next agent finishes it."""
+        log.warning("delete of %s on %s failed half-way (%s); doing it once more", journal.snapshot,
+                    journal.domain, err)
+        try:
+            await self._delete(journal, await self._domain(journal.domain))
+        except Exception as again:
+            cls = type(again) if isinstance(again, DomsnapError) else InternalError
+            message = again.message if isinstance(again, DomsnapError) else str(again)
+            raise cls(f"delete of snapshot {journal.snapshot} failed half-way, twice: {message}; it is no longer "
+                      "listed, and the agent removes the rest at its next start") from again
 
     async def _check(self, m: Manifest, dom: Domain | None) -> None:
         """Refuse, before anything is touched, what cannot be done now."""

@@ -76,6 +76,10 @@ def test_a_manifest_round_trips(tmp_path: Path) -> None:
     ({"disks": "all"}, "disks: not a list"),
     ({"disks": [{"vdev": "xvda", "image": ["x"]}]}, "each entry must be a map of strings"),
     ({"parent": "a b"}, "invalid snapshot name"),
+    ({"disks": [{"vdev": "xvda;x", "format": "qcow2", "backend": "qcow2", "method": "internal", "image": "/i"}]},
+     "not a virtual device name"),
+    ({"disks": [{"vdev": "xvda", "format": "qcow2", "backend": "qcow2", "method": "internal", "image": "/i",
+                 "tag": "-d"}]}, "is not one the agent makes"),
 ])
 def test_a_manifest_of_the_wrong_shape_is_refused(tmp_path: Path, change: dict[str, object], why: str) -> None:
     data = json.loads(a_manifest(tmp_path).to_json())

@@ -210,6 +210,8 @@ class SnapshotDelete:
             if any(r.vdev == merged.vdev and r.image == merged.file for r in e.manifest.disks):
                 disks = tuple(replace(r, image=merged.image) if r.vdev == merged.vdev and r.image == merged.file
                               else r for r in e.manifest.disks)
+                # The ledger first: a crash between leaves it allowing a file the manifest does not name yet.
+                self._ledger.extend(e.manifest.domain, e.manifest.name, e.path, [merged.image])
                 manifest.write(e.path, replace(e.manifest, disks=disks))
 
     def _reparent_children(self, m: Manifest) -> None:

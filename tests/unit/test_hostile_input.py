@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,12 @@ def test_the_ledger_allows_only_files_inside_the_folder_or_recorded(tmp_path: Pa
     elsewhere = tmp_path / "planted"
     with pytest.raises(FailedPrecondition, match=r"/images/web\.qcow2"):
         ledger.check(elsewhere, a_manifest(elsewhere), "delete")
+    # A merge repointed it at the image below: the agent extends what it recorded.
+    below = replace(m, disks=(replace(m.disks[0], image="/images/base.qcow2"),))
+    with pytest.raises(FailedPrecondition, match=r"/images/base\.qcow2"):
+        ledger.check(snapdir, below, "delete")
+    ledger.extend("web", "s1", snapdir, ["/images/base.qcow2"])
+    ledger.check(snapdir, below, "delete")
     ledger.forget("web", "s1")
     with pytest.raises(FailedPrecondition):
         ledger.check(snapdir, m, "delete")

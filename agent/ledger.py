@@ -40,6 +40,10 @@ class Ledger:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(path, json.dumps({"snapdir": str(snapdir), "files": outside(snapdir, files)}))
 
+    def extend(self, domain: str, name: str, snapdir: Path, files: Iterable[str]) -> None:
+        """More files outside its folder the agent made a snapshot's manifest name (a merge repointed it)."""
+        self.record(domain, name, snapdir, [*self._recorded(domain, name, snapdir), *files])
+
     def forget(self, domain: str, name: str) -> None:
         self._path(domain, name).unlink(missing_ok=True)
 

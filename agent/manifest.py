@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from domsnap.agent.errors import DomsnapError, FailedPrecondition, NotFound
 from domsnap.agent.fsutil import read_regular, write_atomic
 from domsnap.agent.names import check_domain_name, check_name
 from domsnap.agent.storage.base import DiskRecord
+from domsnap.agent.xldisk import valid_vdev
 
 MANIFEST = "snapshot.json"
 MEMORY = "memory.save"
@@ -22,6 +24,8 @@ VERSION = 1
 # A manifest is a few KiB (the domain's config is at most 1 MiB, as the API
 # takes it); anything larger is not one of ours.
 MAX_BYTES = 2 << 20
+# A qcow2 tag is a snapshot name; an LVM one, "<lv>.<name>" (LVM's characters, 127 at most).
+_TAG = re.compile(r"[A-Za-z0-9._+][A-Za-z0-9._+-]{0,126}")
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,12 @@ class Manifest:
         check_domain_name(self.domain)
         if self.parent:
             check_name("snapshot", self.parent)
+        for r in self.disks:
+            # They reach command lines (qemu-img, lvremove) and QMP.
+            if not valid_vdev(r.vdev):
+                raise ValueError(f"disk {r.vdev!r}: not a virtual device name")
+            if r.tag and not _TAG.fullmatch(r.tag):
+                raise ValueError(f"disk {r.vdev}: tag {r.tag!r} is not one the agent makes")
         for path in self.files():
             if not os.path.isabs(path) or "\0" in path or os.path.normpath(path) != path:
                 raise ValueError(f"path {path!r}: not an absolute, normalized path")

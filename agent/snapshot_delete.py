@@ -26,14 +26,14 @@ from domsnap.agent import dirfd, layers, manifest
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain
 from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import FailedPrecondition, NotFound
+from domsnap.agent.errors import DomsnapError, FailedPrecondition, InternalError, NotFound
 from domsnap.agent.journal import Entry as JournalEntry
 from domsnap.agent.journal import Journal
 from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Operation
-from domsnap.agent.snapshot_edit import reparent
 from domsnap.agent.progress import StepProgress, ignore_progress, share
+from domsnap.agent.snapshot_edit import reparent
 from domsnap.agent.storage import Backends
 from domsnap.agent.storage.base import DiskBackend, DiskRecord, Method
 
@@ -102,10 +102,26 @@ class SnapshotDelete:
             await self._journal.begin(journal)
             # Looked up again each time: a merge may have moved the domain's disks.
             dom = await self._domain(domain) if dom is not None else None
-            await self._delete(journal, dom, share(sink, i, len(doomed)))
+            try:
+                await self._delete(journal, dom, share(sink, i, len(doomed)))
+            except Exception as err:
+                await self._again(journal, err)
             await self._journal.finish(journal)
             sink((i + 1) / len(doomed), 0, 0, 0.0, f"deleted {e.manifest.name}")
         return plan
+
+    async def _again(self, journal: JournalEntry, err: Exception) -> None:
+        """A delete goes only forward: a failed step is done once more at once (a delete is
+        idempotent); failing again, the journal entry stays and the next agent finishes it."""
+        log.warning("delete of %s on %s failed half-way (%s); doing it once more", journal.snapshot,
+                    journal.domain, err)
+        try:
+            await self._delete(journal, await self._domain(journal.domain))
+        except Exception as again:
+            cls = type(again) if isinstance(again, DomsnapError) else InternalError
+            message = again.message if isinstance(again, DomsnapError) else str(again)
+            raise cls(f"delete of snapshot {journal.snapshot} failed half-way, twice: {message}; it is no longer "
+                      "listed, and the agent removes the rest at its next start") from again
 
     async def _check(self, m: Manifest, dom: Domain | None) -> None:
         """Refuse, before anything is touched, what cannot be done now."""
@@ -191,14 +207,10 @@ class SnapshotDelete:
             if any(r.vdev == merged.vdev and r.image == merged.file for r in e.manifest.disks):
                 disks = tuple(replace(r, image=merged.image) if r.vdev == merged.vdev and r.image == merged.file
                               else r for r in e.manifest.disks)
-                now = replace(e.manifest, disks=disks)
-                # The agent's own record of the files the snapshot may name
-                # follows; naming both images while the manifest is rewritten,
-                # so that a crash between the writes leaves it revertable.
-                self._ledger.record(domain, now.name, e.path, [*e.manifest.files(), *now.files()])
-                manifest.write(e.path, now)
-                self._ledger.record(domain, now.name, e.path, now.files())
-                self._catalogue.reindex(domain, now.name, e.path)
+                # The ledger first: a crash between leaves it allowing a file the manifest does not name yet.
+                self._ledger.extend(e.manifest.domain, e.manifest.name, e.path, [merged.image])
+                manifest.write(e.path, replace(e.manifest, disks=disks))
+                self._catalogue.reindex(domain, e.manifest.name, e.path)
 
     def _unregister(self, m: Manifest, snapdir: Path, registered: bool) -> None:
         """The snapshot stops existing: its manifest gone and, when the catalogue

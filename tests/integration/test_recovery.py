@@ -187,7 +187,7 @@ def test_a_revert_failing_after_destroy_is_retried_listed_and_finished(
         def mark_before_revert() -> int:
             # Counters above the snapshot's after the mark: the revert shows as the counter going back.
             mark = g.mark()
-            guestprobe.wait_counter_above(g.serial, c_after + 20, timeout=20)
+            guestprobe.wait_counter_above(g.serial, max(c_after + 20, g.counter() + 3), timeout=20)
             return mark
 
         # Fails once: the retry from the journal brings the domain back in the same call.
@@ -302,3 +302,46 @@ def test_delete_merging_a_layer_killed_at_every_step(fault_agent: Agent, guest_i
         g.revert(name)
         guestprobe.wait_disk_ok(g.serial, "vda", timeout=20, offset=mark)
         assert not guestprobe.mismatches(g.serial, mark), name
+
+
+def test_a_delete_failing_half_way_is_done_again_or_finished_by_the_next_agent(
+        fault_agent: Agent, guest_image: tuple[Path, Path], tmp_path: Path) -> None:
+    g = start_guest(fault_agent, guest_image, tmp_path, "qcow2")
+    xvda = g.disks["xvda"][0]
+    for name in ("keep", "f1", "f2"):
+        g.create_snapshot(name=name)
+
+    def delete(name: str) -> None:
+        list(fault_agent.stub().DeleteSnapshot(pb.DeleteSnapshotRequest(
+            domain=g.name, snapshot=name, request_id=uuid.uuid4().hex), timeout=120))
+
+    def gone(name: str) -> None:
+        listed = [s.name for s in fault_agent.stub().ListSnapshots(
+            pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots]
+        assert name not in listed and "keep" in listed
+        assert name not in tags(xvda) and "keep" in tags(xvda)
+        assert not (fault_agent.snapshot_root / g.name / name).exists()
+        assert not list((fault_agent.state_dir / "journal").glob("*.json")), "journal entry left behind"
+
+    try:
+        # Fails once: done again in the same call.
+        restart_with(fault_agent, "delete:disks:1")
+        delete("f1")
+        gone("f1")
+        # Fails twice: no longer listed; the next agent removes the rest.
+        restart_with(fault_agent, "delete:files:2")
+        with pytest.raises(grpc.RpcError) as err:
+            delete("f2")
+        assert "failed half-way, twice" in (err.value.details() or "")
+        assert len(list((fault_agent.state_dir / "journal").glob("*.json"))) == 1
+        restart_with(fault_agent, None)
+        gone("f2")
+        ops = [o for o in fault_agent.stub().ListOperations(pb.ListOperationsRequest(), timeout=30).operations
+               if o.snapshot == "f2" and o.kind == pb.OPERATION_KIND_DELETE_SNAPSHOT]
+        assert [o.state for o in ops] == [pb.OPERATION_STATE_SUCCEEDED]
+    finally:
+        restart_with(fault_agent, None)
+    mark = g.mark()
+    g.revert("keep")
+    guestprobe.wait_disk_ok(g.serial, "vda", timeout=20, offset=mark)
+    assert not guestprobe.mismatches(g.serial, mark)

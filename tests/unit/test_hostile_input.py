@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,10 @@ def test_a_manifest_round_trips(tmp_path: Path) -> None:
     ({"disks": "all"}, "disks: not a list"),
     ({"disks": [{"vdev": "xvda", "image": ["x"]}]}, "each entry must be a map of strings"),
     ({"parent": "a b"}, "invalid snapshot name"),
+    ({"disks": [{"vdev": "xvda;x", "format": "qcow2", "backend": "qcow2", "method": "internal", "image": "/i"}]},
+     "not a virtual device name"),
+    ({"disks": [{"vdev": "xvda", "format": "qcow2", "backend": "qcow2", "method": "internal", "image": "/i",
+                 "tag": "-d"}]}, "is not one the agent makes"),
 ])
 def test_a_manifest_of_the_wrong_shape_is_refused(tmp_path: Path, change: dict[str, object], why: str) -> None:
     data = json.loads(a_manifest(tmp_path).to_json())
@@ -99,6 +104,12 @@ def test_the_ledger_allows_only_files_inside_the_folder_or_recorded(tmp_path: Pa
     elsewhere = tmp_path / "planted"
     with pytest.raises(FailedPrecondition, match=r"/images/web\.qcow2"):
         ledger.check(elsewhere, a_manifest(elsewhere), "delete")
+    # A merge repointed it at the image below: the agent extends what it recorded.
+    below = replace(m, disks=(replace(m.disks[0], image="/images/base.qcow2"),))
+    with pytest.raises(FailedPrecondition, match=r"/images/base\.qcow2"):
+        ledger.check(snapdir, below, "delete")
+    ledger.extend("web", "s1", snapdir, ["/images/base.qcow2"])
+    ledger.check(snapdir, below, "delete")
     ledger.forget("web", "s1")
     with pytest.raises(FailedPrecondition):
         ledger.check(snapdir, m, "delete")

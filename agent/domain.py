@@ -11,6 +11,10 @@ from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.names import check_domain_name
 from domsnap.agent.xldisk import DEFAULT_XL, DiskSpec, XlVersion, parse_disk
 
+# Settings no caller reads back, not even an admin.
+SECRET_KEYS = frozenset({"vncpasswd"})
+MASKED = "********"
+
 
 class RunState(StrEnum):
     RUNNING = "running"
@@ -70,6 +74,10 @@ class DomainConfig:
 
     def to_text(self) -> str:
         return xlcfg.dump(self.settings)
+
+    def shown(self) -> str:
+        """The config as callers see it: secrets (a VNC password) masked; the agent keeps them."""
+        return xlcfg.dump({k: MASKED if k in SECRET_KEYS else v for k, v in self.settings.items()})
 
 
 @dataclass(frozen=True)

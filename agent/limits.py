@@ -31,6 +31,7 @@ DEFAULT_STRING = 4096
 STRING_LIMITS: dict[str, int] = {
     "domain": NAME,
     "name": NAME,
+    "vdev": NAME,
     "request_id": ID,
     "operation_id": ID,
     # A snapshot's name or its directory.

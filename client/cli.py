@@ -108,6 +108,24 @@ VERB_LIST: tuple[Verb, ...] = (
     Verb("pause", "<Domain>", "Pause execution of a domain", (_domain(),), commands.cmd_pause),
     Verb("unpause", "<Domain>", "Unpause a paused domain", (_domain(),), commands.cmd_unpause),
     Verb(
+        "cd-insert",
+        "<Domain> <VirtualDevice> <path>",
+        "Insert a CD-ROM image into a domain's CD-ROM drive",
+        (
+            _domain(),
+            arg("vdev", metavar="<VirtualDevice>", help="the CD-ROM drive, as in the domain's disk list (hdc)"),
+            arg("path", metavar="<path>", help="a raw image (an ISO) on the agent's host"),
+        ),
+        commands.cmd_cd_insert,
+    ),
+    Verb(
+        "cd-eject",
+        "<Domain> <VirtualDevice>",
+        "Eject the medium of a domain's CD-ROM drive",
+        (_domain(), arg("vdev", metavar="<VirtualDevice>", help="the CD-ROM drive (hdc)")),
+        commands.cmd_cd_eject,
+    ),
+    Verb(
         "snapshot-create",
         "<Domain> [<cfgfile>] [--name NAME] [--live] [--internal|--external] [<path>] [KEY=VALUE ...]",
         "Create a snapshot (RAM and every disk) of a domain",
@@ -157,7 +175,7 @@ VERB_LIST: tuple[Verb, ...] = (
     ),
     Verb(
         "snapshot-revert",
-        "<Domain> <path|name|cfgfile> [--running|--paused] [--force]",
+        "<Domain> <path|name|cfgfile> [--running|--paused] [--force] [--reset-nvram]",
         "Revert a domain to a snapshot",
         (
             _domain(),
@@ -185,6 +203,11 @@ VERB_LIST: tuple[Verb, ...] = (
                 "--force",
                 action="store_true",
                 help="revert even when risky (config changed, domain gone, ...)",
+            ),
+            arg(
+                "--reset-nvram",
+                action="store_true",
+                help="a UEFI domain's firmware variables start over from the firmware's template",
             ),
         ),
         commands.cmd_snapshot_revert,

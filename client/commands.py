@@ -274,6 +274,18 @@ def cmd_unpause(s: Session, ns: argparse.Namespace) -> int:
     return _show_domain(s, s.agent.UnpauseDomain(request, timeout=s.timeout))
 
 
+def cmd_cd_insert(s: Session, ns: argparse.Namespace) -> int:
+    # xl's target may carry its format ("raw:/x.iso"); a CD-ROM image is raw.
+    path = ns.path.removeprefix("raw:")
+    request = pb.ChangeMediumRequest(request_id=s.new_request_id(), domain=ns.domain, vdev=ns.vdev, path=path)
+    return _show_domain(s, s.agent.ChangeMedium(request, timeout=s.timeout))
+
+
+def cmd_cd_eject(s: Session, ns: argparse.Namespace) -> int:
+    request = pb.ChangeMediumRequest(request_id=s.new_request_id(), domain=ns.domain, vdev=ns.vdev)
+    return _show_domain(s, s.agent.ChangeMedium(request, timeout=s.timeout))
+
+
 def cmd_info(s: Session, ns: argparse.Namespace) -> int:
     info = s.agent.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=s.timeout)
     if s.json:
@@ -342,7 +354,8 @@ def cmd_snapshot_create(s: Session, ns: argparse.Namespace) -> int:
 
 def cmd_snapshot_revert(s: Session, ns: argparse.Namespace) -> int:
     request_id = s.new_request_id()
-    request = pb.RevertSnapshotRequest(request_id=request_id, domain=ns.domain, run_state=ns.run_state, force=ns.force)
+    request = pb.RevertSnapshotRequest(request_id=request_id, domain=ns.domain, run_state=ns.run_state, force=ns.force,
+                                       reset_nvram=ns.reset_nvram)
     if ns.snapshot == "-" or os.path.isfile(ns.snapshot):
         request.config = read_cfg(ns.snapshot)
     else:

@@ -22,13 +22,11 @@ from tests.conftest import Agent, Guest, own_agent
 from tests.harness import make_disk
 from tests.integration.test_snapshots import bad_lines, revert_and_check, run_on, take
 
-BOOT_TIMEOUT = 240.0
+# Until the self-check starts: ~20 s on an idle 2-core host, minutes on a loaded one.
+BOOT_TIMEOUT = 420.0
 # Each test boots the guest up to four times (the first also builds it):
 # more than the suite's 300 s per test on a loaded 2-core host.
 TEST_TIMEOUT = 900
-# Snapshots are not aligned on the self-check's ticks (a Debian guest under
-# TCG on a loaded host ticks too unevenly for that); the fidelity checks
-# allow for an instant inside a disk check.
 # The guest's boot counter in its UEFI variable store (guest/debian/build.sh).
 EFIVAR = "EFIVAR"
 
@@ -131,6 +129,8 @@ serial = "file:{serial}"
     assert next(d for d in g.domain().disks if d.vdev == "hdc").target == ""
     agent.cli("cd-insert", "web1", "hdc", str(iso2), check=True)
     iso2_stat = iso2.stat()
+    # Not aligned on the self-check's ticks (a Debian guest under TCG on a
+    # loaded host ticks too unevenly); the checks allow an instant inside a disk check.
     t = take(g, "bios-nonlive", live=False, align=False)
     print(f"SeaBIOS Debian guest: non-live snapshot, guest paused {t.snap.downtime_seconds * 1000:.0f} ms, "
           f"memory image {t.snap.memory.size_bytes >> 20} MiB")

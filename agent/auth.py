@@ -62,8 +62,8 @@ class Role(enum.IntEnum):
 _AGENT = "/domsnap.v1.SnapshotAgent/"
 READ_ONLY_RPCS = ("GetAgentInfo", "ListDomains", "GetDomain", "ListSnapshots", "GetSnapshot", "ListOperations",
                   "WatchOperation")
-ADMIN_RPCS = ("CreateDomain", "DestroyDomain", "PauseDomain", "UnpauseDomain", "CreateSnapshot", "RevertSnapshot",
-              "DeleteSnapshot", "CancelOperation", "EditSnapshot")
+ADMIN_RPCS = ("CreateDomain", "DestroyDomain", "PauseDomain", "UnpauseDomain", "ChangeMedium", "CreateSnapshot",
+              "RevertSnapshot", "DeleteSnapshot", "CancelOperation", "EditSnapshot")
 
 # The role each RPC needs, by gRPC method path. Not listed: admin.
 RPC_ROLES: Mapping[str, Role] = {

@@ -19,6 +19,7 @@ DEFAULT_CONFIG_FILE = Path("/etc/domsnap/domsnapd.toml")
 DEFAULT_SOCKET = "unix:/run/domsnap/domsnapd.sock"
 DRIVERS = ("auto", "xen", "qemu")
 LIVE_MODES = ("background", "precopy")
+ACCELS = ("auto", "kvm", "tcg")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -26,9 +27,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class QemuConfig:
     binary: str = "qemu-system-x86_64"
     img: str = "qemu-img"
-    # KVM guests fail on machines whose /dev/kvm comes from a nested module
-    # that cannot run them; TCG always works, so it is the default.
-    accel: str = "tcg"
+    # "auto": KVM where a probe guest really runs under it (a nested
+    # /dev/kvm can crawl: kvm_probe.py), else TCG; "kvm" or "tcg" force one.
+    accel: str = "auto"
     # Resolved from the `pc` alias at domain creation when empty, and pinned
     # per domain so a memory image always loads into the same machine.
     machine: str = ""
@@ -255,6 +256,8 @@ def load(path: Path | None, **overrides: Any) -> AgentConfig:
         raise InvalidArgument(f"max_chain_depth {config.max_chain_depth}: expected at least 1")
     if config.qemu.max_bandwidth < 0:
         raise InvalidArgument(f"[qemu] max_bandwidth {config.qemu.max_bandwidth}: expected 0 or more bytes/s")
+    if config.qemu.accel not in ACCELS:
+        raise InvalidArgument(f"[qemu] accel {config.qemu.accel!r}: expected one of {', '.join(ACCELS)}")
     if config.qemu.live_mode not in LIVE_MODES:
         raise InvalidArgument(f"[qemu] live_mode {config.qemu.live_mode!r}: expected one of {', '.join(LIVE_MODES)}")
     _check_security(config)

@@ -81,7 +81,7 @@ def domain(d: Domain, busy_with: str = "", problem: str = "") -> pb.Domain:
         state=_STATE[d.state], cpu_seconds=d.cpu_seconds,
         disks=[pb.Disk(vdev=x.vdev, target=x.target, format=x.format, read_only=x.access == "ro")
                for x in d.config.disks],
-        config=d.config.to_text(), busy_with_operation=busy_with, problem=problem,
+        config=d.config.shown(), busy_with_operation=busy_with, problem=problem,
     )
 
 

@@ -12,6 +12,10 @@ from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.names import check_domain_name
 from domsnap.agent.xldisk import DEFAULT_XL, DiskSpec, XlVersion, parse_disk
 
+# Settings no caller reads back, not even an admin.
+SECRET_KEYS = frozenset({"vncpasswd"})
+MASKED = "********"
+
 
 class RunState(StrEnum):
     RUNNING = "running"
@@ -76,6 +80,10 @@ class DomainConfig:
     def _text(self) -> str:
         # Every ListDomains answer carries each domain's config as text.
         return xlcfg.dump(self.settings)
+
+    def shown(self) -> str:
+        """The config as callers see it: secrets (a VNC password) masked; the agent keeps them."""
+        return xlcfg.dump({k: MASKED if k in SECRET_KEYS else v for k, v in self.settings.items()})
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -65,3 +66,10 @@ def read_regular(path: Path, limit: int) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+def copy_atomic(source: Path, path: Path) -> None:
+    """Replace `path` with a copy of `source`, as write_atomic does: old or new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)

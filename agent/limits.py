@@ -32,6 +32,7 @@ STRING_LIMITS: dict[str, int] = {
     "domain": NAME,
     "name": NAME,
     "new_name": NAME,
+    "vdev": NAME,
     "request_id": ID,
     "operation_id": ID,
     # A snapshot's name or its directory.

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from time import time
 from typing import Protocol
@@ -181,6 +181,9 @@ class AgentService:
     async def unpause_domain(self, ref: str) -> Domain:
         return await self._domain_call(ref, self.driver.unpause)
 
+    async def change_medium(self, ref: str, vdev: str, path: str) -> Domain:
+        return await self._domain_call(ref, lambda name: self.driver.change_medium(name, vdev, path))
+
     # ------------------------------------------------------------- snapshots
 
     async def plan_create(self, req: CreateRequest) -> CreatePlan:
@@ -209,7 +212,7 @@ class AgentService:
         if (stranded := self._revert.stranded(name)) is not None:
             return self._resume_revert(name, req.snapshot, request_id, stranded)
         ref = self._confined(req.snapshot)
-        plan = await self._revert.prepare(RevertRequest(name, ref, req.run_after, req.force))
+        plan = await self._revert.prepare(replace(req, domain=name, snapshot=ref))
         return self.operations.start(OpKind.REVERT, name, plan.manifest.name, request_id,
                                      lambda op: self._revert.run(op, plan))
 

@@ -85,6 +85,10 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
         return convert.domain(await self._once("UnpauseDomain", request,
                                                lambda: self._s.unpause_domain(request.domain)))
 
+    async def ChangeMedium(self, request: pb.ChangeMediumRequest, context: Ctx) -> pb.Domain:
+        return convert.domain(await self._once("ChangeMedium", request, lambda: self._s.change_medium(
+            request.domain, request.vdev, request.path)))
+
     async def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
         req = parse_request(
@@ -102,7 +106,8 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
     async def RevertSnapshot(self, request: pb.RevertSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
         ref = snapshot_ref(request.snapshot, request.config, tuple(request.overrides), request.config_name)
-        req = RevertRequest(request.domain, ref, convert.run_after_from_pb(request.run_state), request.force)
+        req = RevertRequest(request.domain, ref, convert.run_after_from_pb(request.run_state), request.force,
+                            request.reset_nvram)
         if request.dry_run:
             yield pb.OperationEvent(plan=convert.revert_plan(await self._s.plan_revert(req)))
             return

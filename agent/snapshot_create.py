@@ -166,7 +166,7 @@ class SnapshotCreate:
                 domain_config=domain.config.to_text(), disks=plan.records,
                 memory_file=str(plan.memory), memory_bytes=result.memory_bytes,
                 driver=self._driver.name, hypervisor_version=await self._driver.probe(),
-                facts=self._driver.facts(domain), parent=self._catalogue.current(domain.name),
+                facts={**self._driver.facts(domain), **result.facts}, parent=self._catalogue.current(domain.name),
                 downtime=result.downtime, agent_version=__version__,
                 layers=layers.fingerprints(self._backends, plan.records),
             )
@@ -225,7 +225,8 @@ class SnapshotCreate:
             now = await self._driver.lookup(domain.name)
             if now.state is RunState.PAUSED:
                 await self._driver.unpause(domain.name)
-        await asyncio.to_thread(Path(data["memory"]).unlink, missing_ok=True)
+        for file in (Path(data["memory"]), *self._driver.snapshot_files(Path(data["memory"]))):
+            await asyncio.to_thread(file.unlink, missing_ok=True)
         if journal.reached("mkdir"):
             await asyncio.to_thread(shutil.rmtree, data["snapdir"], ignore_errors=True)
 

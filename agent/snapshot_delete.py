@@ -161,7 +161,9 @@ class SnapshotDelete:
             dom = await self._domain(dom.config.name)
         await self._journal.step(journal, "files")
         # Off the event loop: freeing a large image's blocks takes a while.
-        await asyncio.to_thread(dirfd.unlink, Path(m.memory_file), snapdir)
+        memory = Path(m.memory_file)
+        for file in (memory, *self._driver.snapshot_files(memory)):
+            await asyncio.to_thread(dirfd.unlink, file, snapdir)
         await self._remove_unused_files(m, snapdir, dom)
         if registered:
             self._ledger.forget(m.domain, m.name)

@@ -48,6 +48,8 @@ class RevertRequest:
     snapshot: str
     run_after: RunAfter
     force: bool
+    # The firmware's variables from its template, not the snapshot's.
+    reset_nvram: bool = False
 
 
 def snapshot_ref(snapshot: str, cfg_text: str, overrides: tuple[str, ...], cfg_name: str = "") -> str:
@@ -98,6 +100,7 @@ class RevertPlan:
     current: DomainConfig
     paused: bool
     risks: tuple[str, ...]
+    reset_nvram: bool = False
 
 
 class SnapshotRevert:
@@ -174,8 +177,10 @@ class SnapshotRevert:
         current = domain.config if domain is not None else snap_config
         for rec in m.disks:
             await self._backends.for_record(rec).check(rec, current.disk(rec.vdev))
+        if req.reset_nvram and "nvram" not in m.facts:
+            raise FailedPrecondition(f"snapshot {m.name} holds no UEFI NVRAM to reset")
         paused = req.run_after is RunAfter.PAUSED or (req.run_after is RunAfter.SNAPSHOT and m.state == "paused")
-        return RevertPlan(snapdir, m, domain, current, paused, tuple(risks))
+        return RevertPlan(snapdir, m, domain, current, paused, tuple(risks), req.reset_nvram)
 
     async def run(self, op: Operation, plan: RevertPlan) -> Entry:
         snapdir, m, domain, current, paused = plan.snapdir, plan.manifest, plan.domain, plan.current, plan.paused
@@ -186,6 +191,7 @@ class SnapshotRevert:
         journal = JournalEntry(op.id, "revert", m.domain, m.name, op.request_id, data={
             "snapdir": str(snapdir), "current_config": current.to_text(), "paused": paused,
             "manifest": m.to_json(),
+            "reset_nvram": plan.reset_nvram,
         })
         await self._journal.begin(journal)
         # The point of no return: past it a cancel is refused, and an agent
@@ -242,7 +248,7 @@ class SnapshotRevert:
         config = snap_config.with_disks([disks[d.vdev] for d in snap_config.disks])
         await self._journal.step(journal, "restore")
         await self._driver.restore(config, Path(m.memory_file), facts=m.facts, paused=journal.data["paused"],
-                                   progress=restore_phase())
+                                   progress=restore_phase(), reset_nvram=journal.data.get("reset_nvram", False))
         await self._journal.step(journal, "restored")
         await self._finish(journal, current, config)
 

@@ -145,6 +145,13 @@ class Client:
         request = pb.UnpauseDomainRequest(request_id=calls.new_request_id(request_id), domain=domain)
         return self._call(self.stub.UnpauseDomain, request, timeout)
 
+    def change_medium(self, domain: str, vdev: str, path: str = "", *, request_id: str | None = None,
+                      timeout: float | None = None) -> pb.Domain:
+        """Put the image at `path` into the domain's CD-ROM drive `vdev` (xl cd-insert); "" ejects it."""
+        request = pb.ChangeMediumRequest(request_id=calls.new_request_id(request_id), domain=domain, vdev=vdev,
+                                         path=path)
+        return self._call(self.stub.ChangeMedium, request, timeout)
+
     # -------------------------------------------------------------- snapshots
 
     def list_snapshots(self, domain: str = "", *, timeout: float | None = None) -> list[pb.Snapshot]:
@@ -204,11 +211,12 @@ class Client:
 
     def revert_snapshot_events(self, domain: str, snapshot: str = "", *, run_state: RunState | None = None,
                                force: bool = False, config: str = "", overrides: Sequence[str] = (),
-                               config_name: str = "", dry_run: bool = False, request_id: str | None = None,
-                               timeout: float | None = None) -> Generator[pb.OperationEvent, None, None]:
+                               config_name: str = "", reset_nvram: bool = False, dry_run: bool = False,
+                               request_id: str | None = None, timeout: float | None = None,
+                               ) -> Generator[pb.OperationEvent, None, None]:
         request = calls.revert_request(domain, snapshot, run_state=run_state, force=force, config=config,
-                                       overrides=overrides, config_name=config_name, dry_run=dry_run,
-                                       request_id=request_id)
+                                       overrides=overrides, config_name=config_name, reset_nvram=reset_nvram,
+                                       dry_run=dry_run, request_id=request_id)
         return self._stream(self.stub.RevertSnapshot, request, timeout)
 
     def revert_snapshot(self, domain: str, snapshot: str = "", *, run_state: RunState | None = None,

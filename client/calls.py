@@ -84,12 +84,13 @@ def next_snapshots_page(domain: str, last: pb.ListSnapshotsResponse | None) -> p
 
 
 def revert_request(domain: str, snapshot: str = "", *, run_state: RunState | None = None, force: bool = False,
-                   config: str = "", overrides: Sequence[str] = (), config_name: str = "", dry_run: bool = False,
-                   request_id: str | None = None) -> pb.RevertSnapshotRequest:
+                   config: str = "", overrides: Sequence[str] = (), config_name: str = "",
+                   reset_nvram: bool = False, dry_run: bool = False, request_id: str | None = None,
+                   ) -> pb.RevertSnapshotRequest:
     return pb.RevertSnapshotRequest(
         request_id=new_request_id(request_id), domain=domain, snapshot=snapshot, config=config,
         overrides=list(overrides), run_state=_run_state(run_state), force=force, config_name=config_name,
-        dry_run=dry_run)
+        reset_nvram=reset_nvram, dry_run=dry_run)
 
 
 def create_domain_request(config: str, *, overrides: Sequence[str] = (), paused: bool = False, force: bool = False,

@@ -129,6 +129,24 @@ VERB_LIST: tuple[Verb, ...] = (
     Verb("pause", "<Domain>", "Pause execution of a domain", (_domain(),), "cmd_pause"),
     Verb("unpause", "<Domain>", "Unpause a paused domain", (_domain(),), "cmd_unpause"),
     Verb(
+        "cd-insert",
+        "<Domain> <VirtualDevice> <path>",
+        "Insert a CD-ROM image into a domain's CD-ROM drive",
+        (
+            _domain(),
+            arg("vdev", metavar="<VirtualDevice>", help="the CD-ROM drive, as in the domain's disk list (hdc)"),
+            arg("path", metavar="<path>", help="a raw image (an ISO) on the agent's host"),
+        ),
+        "cmd_cd_insert",
+    ),
+    Verb(
+        "cd-eject",
+        "<Domain> <VirtualDevice>",
+        "Eject the medium of a domain's CD-ROM drive",
+        (_domain(), arg("vdev", metavar="<VirtualDevice>", help="the CD-ROM drive (hdc)")),
+        "cmd_cd_eject",
+    ),
+    Verb(
         "snapshot-create",
         "<Domain> [<cfgfile>] [--name NAME] [--live] [--internal|--external] [<path>] [KEY=VALUE ...] [--dry-run]",
         "Create a snapshot (RAM and every disk) of a domain",
@@ -180,7 +198,7 @@ VERB_LIST: tuple[Verb, ...] = (
     ),
     Verb(
         "snapshot-revert",
-        "<Domain> <path|name|cfgfile>|--current [--running|--paused] [--force] [--dry-run]",
+        "<Domain> <path|name|cfgfile>|--current [--running|--paused] [--force] [--reset-nvram] [--dry-run]",
         "Revert a domain to a snapshot",
         (
             _domain(),
@@ -209,6 +227,11 @@ VERB_LIST: tuple[Verb, ...] = (
                 "--force",
                 action="store_true",
                 help="revert even when risky (config changed, domain gone, a frozen layer written, ...)",
+            ),
+            arg(
+                "--reset-nvram",
+                action="store_true",
+                help="a UEFI domain's firmware variables start over from the firmware's template",
             ),
             _dry_run("what each disk goes back to, the state it ends in, the risks"),
         ),

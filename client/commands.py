@@ -246,6 +246,16 @@ def cmd_unpause(s: Session, ns: argparse.Namespace) -> int:
     return _show_domain(s, s.client.unpause_domain(ns.domain, request_id=s.new_request_id()))
 
 
+def cmd_cd_insert(s: Session, ns: argparse.Namespace) -> int:
+    # xl's target may carry its format ("raw:/x.iso"); a CD-ROM image is raw.
+    path = ns.path.removeprefix("raw:")
+    return _show_domain(s, s.client.change_medium(ns.domain, ns.vdev, path, request_id=s.new_request_id()))
+
+
+def cmd_cd_eject(s: Session, ns: argparse.Namespace) -> int:
+    return _show_domain(s, s.client.change_medium(ns.domain, ns.vdev, request_id=s.new_request_id()))
+
+
 def cmd_info(s: Session, ns: argparse.Namespace) -> int:
     info = s.client.info()
     if s.json:
@@ -345,8 +355,8 @@ def cmd_snapshot_revert(s: Session, ns: argparse.Namespace) -> int:
     else:
         snapshot = s.snapshot_ref(ns.snapshot)
     events = s.client.revert_snapshot_events(ns.domain, snapshot, config=config, config_name=name,
-                                             run_state=ns.run_state, force=ns.force, dry_run=ns.dry_run,
-                                             request_id=request_id)
+                                             run_state=ns.run_state, force=ns.force, reset_nvram=ns.reset_nvram,
+                                             dry_run=ns.dry_run, request_id=request_id)
     return show_plan(s, events) if ns.dry_run else follow(s, events, request_id=request_id)
 
 

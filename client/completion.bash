@@ -13,7 +13,7 @@
 # The lists below copy the verb table of client/cli.py (VERB_LIST);
 # tests/unit/test_docs.py fails when they disagree with it.
 
-_domsnap_commands="list create destroy pause unpause snapshot-create snapshot-revert snapshot-list snapshot-info snapshot-delete snapshot-current snapshot-edit snapshot-dumpmanifest watch cancel operations info help"
+_domsnap_commands="list create destroy pause unpause cd-insert cd-eject snapshot-create snapshot-revert snapshot-list snapshot-info snapshot-delete snapshot-current snapshot-edit snapshot-dumpmanifest watch cancel operations info help"
 
 # Accepted before the subcommand and, except --version, after it too.
 _domsnap_global_opts="-H --json --utc -t --timeout --request-id --ca --cert --key -h --help"
@@ -28,7 +28,7 @@ _domsnap_verb_opts() {
         list) echo "-l --long" ;;
         create) echo "-p --force" ;;
         snapshot-create) echo "--name --live --internal --external --path --description --dry-run" ;;
-        snapshot-revert) echo "--current --running --paused --force --dry-run" ;;
+        snapshot-revert) echo "--current --running --paused --force --reset-nvram --dry-run" ;;
         snapshot-list) echo "--tree --parent --roots --leaves --name" ;;
         snapshot-delete) echo "--children --dry-run" ;;
         snapshot-edit) echo "--description --rename" ;;
@@ -37,12 +37,14 @@ _domsnap_verb_opts() {
 
 # What the positional arguments of one subcommand are, in order; "..." after
 # the last one means it repeats. Kinds: domain, snapshot, snapshot-or-file,
-# file, file-or-path, setting, operation, command.
+# file, file-or-path, setting, operation, command, vdev (nothing offered).
 _domsnap_verb_args() {
     case $1 in
         list) echo "domain..." ;;
         create) echo "file setting..." ;;
         destroy | pause | unpause | snapshot-current) echo "domain" ;;
+        cd-insert) echo "domain vdev file" ;;
+        cd-eject) echo "domain vdev" ;;
         snapshot-create) echo "domain file-or-path..." ;;
         snapshot-revert) echo "domain snapshot-or-file" ;;
         snapshot-list | operations) echo "domain" ;;

@@ -31,6 +31,8 @@ class Guest:
     folder: Path
     disks: dict[str, tuple[Path, str]]
     serial: Path
+    # The devices the guest's self-check reads (default: every disk, xvda -> vda).
+    checks: tuple[str, ...] = ()
 
     def lines_since(self, offset: int) -> list[str]:
         return guestprobe.read_lines(self.serial, offset)

@@ -31,6 +31,7 @@ __all__ = [
     "KERNEL_CMDLINE",
     "DiskEvent",
     "GuestTimeout",
+    "debian_disk",
     "disk_counter",
     "disk_events",
     "disk_lines",
@@ -403,3 +404,20 @@ def guest_paths(timeout: float = 900.0, *, rebuild_check: bool = False) -> tuple
             raise RuntimeError(f"{BUILD_SCRIPT} reported {p}, which does not exist")
     _guest_cache = (kernel, ramdisk)
     return _guest_cache
+
+
+DEBIAN_BUILD_SCRIPT = REPO_ROOT / "guest" / "debian" / "build.sh"
+
+
+def debian_disk(timeout: float = 900.0) -> Path:
+    """Build (or find built) the Debian test guest with guest/debian/build.sh;
+    returns its qcow2 disk (tests run on overlays of it, never on it)."""
+    proc = subprocess.run(["bash", os.fspath(DEBIAN_BUILD_SCRIPT)], capture_output=True, text=True, timeout=timeout,
+                          check=False, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-20:])
+        raise RuntimeError(f"{DEBIAN_BUILD_SCRIPT} failed ({proc.returncode}):\n{tail}")
+    for line in proc.stdout.splitlines():
+        if line.startswith("disk="):
+            return Path(line.removeprefix("disk="))
+    raise RuntimeError(f"{DEBIAN_BUILD_SCRIPT} printed no disk= line")

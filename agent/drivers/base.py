@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from domsnap.agent.domain import Domain, DomainConfig
+from domsnap.agent.errors import FailedPrecondition
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.storage.base import BlockOps
 from domsnap.agent.xldisk import DEFAULT_XL, XlVersion
@@ -19,6 +20,9 @@ class CheckpointResult:
     memory_bytes: int
     # Guest pause as the hypervisor saw it (STOP to RESUME), in seconds.
     downtime: float
+    # What the restore needs besides `facts()`: files taken at the instant
+    # beside the memory image (a UEFI domain's NVRAM).
+    facts: Mapping[str, str] = field(default_factory=dict)
 
 
 # Called once while the guest is stopped at the instant the memory image
@@ -74,6 +78,10 @@ class Hypervisor(ABC):
     @abstractmethod
     async def unpause(self, name: str) -> Domain: ...
 
+    async def change_medium(self, name: str, vdev: str, target: str) -> Domain:
+        """Insert a raw image (`target`) into a CD-ROM drive, or eject it (`target` empty)."""
+        raise FailedPrecondition(f"the {self.name} driver does not change CD-ROM media")
+
     @abstractmethod
     def block_ops(self, name: str) -> BlockOps:
         """Disk operations through the hypervisor that holds the domain's images; the
@@ -97,6 +105,11 @@ class Hypervisor(ABC):
     def facts(self, domain: Domain) -> dict[str, str]:
         """What a memory image of this domain needs to be restored (e.g. QEMU's machine type)."""
 
+    def snapshot_files(self, memory: Path) -> list[Path]:
+        """Files a checkpoint may write beside the memory image `memory`
+        (removed with it when a create rolls back or a snapshot is deleted)."""
+        return []
+
     @abstractmethod
     async def check_facts(self, facts: Mapping[str, str]) -> None:
         """Refuse (FailedPrecondition) facts from a manifest that this host cannot restore with,
@@ -105,6 +118,8 @@ class Hypervisor(ABC):
     @abstractmethod
     async def restore(
         self, config: DomainConfig, memory: Path, *, facts: Mapping[str, str], paused: bool,
-        progress: StepProgress,
+        progress: StepProgress, reset_nvram: bool = False,
     ) -> Domain:
-        """Start the domain from a memory image; its disks are already reverted."""
+        """Start the domain from a memory image; its disks are already reverted.
+        `reset_nvram`: its firmware variables start over from the firmware's
+        template instead of the snapshot's."""

@@ -5,7 +5,10 @@ Each domain has a folder `<state_dir>/qemu/<name>/` holding its config,
 `runtime.json` (domid, pinned machine type), the QMP socket and the pid file.
 Its serial console goes to `<state_dir>/qemu/console/<name>.log` unless its
 config says otherwise: outside the folder, so that it outlives the domain
-(as xl's consoles do under /var/log/xen/console) and spans reverts.
+(as xl's consoles do under /var/log/xen/console) and spans reverts. A UEFI
+domain's firmware variables live in `<state_dir>/qemu/nvram/<name>.fd`
+(a copy of OVMF's template on its first start), outside the folder too: they
+are the domain's, as libvirt keeps them, across destroy and create.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from pathlib import Path
 from domsnap.agent import runner
 from domsnap.agent.config import QemuConfig
 from domsnap.agent.domain import Domain, DomainConfig, RunState
-from domsnap.agent.drivers import qemu_argv, qemu_migration
+from domsnap.agent.drivers import kvm_probe, qemu_argv, qemu_migration, qemu_spec
 from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause, Step, no_step
 from domsnap.agent.drivers.qemu_block import QmpBlockOps
 from domsnap.agent.drivers.qmp import QmpSession
-from domsnap.agent.errors import AlreadyExists, FailedPrecondition, NotFound
-from domsnap.agent.fsutil import write_atomic
+from domsnap.agent.errors import AlreadyExists, CommandError, FailedPrecondition, InvalidArgument, NotFound
+from domsnap.agent.fsutil import copy_atomic, fsync_path, write_atomic
 from domsnap.agent.progress import StepProgress, ignore_progress
 from domsnap.agent.runner import Runner
 
@@ -39,6 +42,9 @@ LAUNCH_TIMEOUT = 60.0
 CONSOLE_DIR = "console"
 # In a domain's folder while a paused domain is relaunched from its memory image.
 RELAUNCH = "relaunch.json"
+NVRAM_DIR = "nvram"
+# A snapshot's copy of the NVRAM, beside its memory image.
+NVRAM_SUFFIX = ".nvram"
 QUIT_TIMEOUT = 10.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _STATES = {
@@ -68,7 +74,8 @@ class _Instance:
     @property
     def paths(self) -> qemu_argv.LaunchPaths:
         console = self.folder.parent / CONSOLE_DIR / f"{self.config.name}.log"
-        return qemu_argv.LaunchPaths(self.folder / "qmp.sock", self.folder / "qemu.pid", console)
+        return qemu_argv.LaunchPaths(self.folder / "qmp.sock", self.folder / "qemu.pid", console,
+                                     _nvram(self.folder.parent, self.config.name))
 
     def pid(self) -> int | None:
         return self.process()[0]
@@ -82,6 +89,14 @@ class _Instance:
                 return None, []
         fields = _proc_stat(self._pid)
         return (self._pid, fields) if fields else (None, [])
+
+
+def _nvram(root: Path, name: str) -> Path:
+    return root / NVRAM_DIR / f"{name}.fd"
+
+
+def _nvram_copy(memory: Path) -> Path:
+    return memory.with_name(memory.name + NVRAM_SUFFIX)
 
 
 def _proc_stat(pid: int) -> list[bytes]:
@@ -136,6 +151,7 @@ class QemuDriver(Hypervisor):
         self._probed: tuple[str, int, int] | None = None
         self._machine = config.machine
         self._machines: frozenset[str] = frozenset()
+        self._accel = "" if config.accel == "auto" else config.accel
         self._create_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ agent side
@@ -158,6 +174,10 @@ class QemuDriver(Hypervisor):
         self._machines = qemu_argv.parse_machines(out.stdout)
         if not self._machine:
             self._machine = qemu_argv.parse_machine_alias(out.stdout)
+        if not self._accel:
+            self._accel = "kvm" if await self._kvm_runs() else "tcg"
+            log.info("accelerator: %s (accel = \"auto\": a probe guest %s under KVM)", self._accel,
+                     "ran" if self._accel == "kvm" else "did not run")
         return self._version
 
     async def check_facts(self, facts: Mapping[str, str]) -> None:
@@ -168,10 +188,27 @@ class QemuDriver(Hypervisor):
             raise FailedPrecondition(f"the snapshot's machine type {shown!r} is not one that {self._cfg.binary} "
                                      "provides (qemu-system -machine help)")
 
+    async def _kvm_runs(self) -> bool:
+        """Whether a guest really runs under KVM here (kvm_probe.py)."""
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            return False
+        self._root.mkdir(parents=True, exist_ok=True)
+        image = self._root / "kvm-probe.bin"
+        await asyncio.to_thread(image.write_bytes, kvm_probe.IMAGE)
+        try:
+            await self._run(qemu_argv.kvm_probe(self._cfg.binary, image), timeout=kvm_probe.TIMEOUT)
+        except CommandError as err:
+            if err.rc == kvm_probe.EXIT_STATUS:
+                return True
+            log.info("KVM probe guest: %s", err)
+        finally:
+            image.unlink(missing_ok=True)
+        return False
+
     async def start(self) -> None:
         self._root.mkdir(parents=True, exist_ok=True)
         (self._root / CONSOLE_DIR).mkdir(exist_ok=True)
-        for folder in sorted(p for p in self._root.iterdir() if p.is_dir() and p.name != CONSOLE_DIR):
+        for folder in sorted(p for p in self._root.iterdir() if p.is_dir() and p.name not in (CONSOLE_DIR, NVRAM_DIR)):
             try:
                 inst = self._load(folder)
             except (OSError, ValueError, KeyError) as err:
@@ -198,7 +235,13 @@ class QemuDriver(Hypervisor):
             await inst.qmp.close()
 
     def capabilities(self) -> list[str]:
-        return ["live", "internal", "external", "format:qcow2", "format:raw", "accel:" + self._cfg.accel]
+        return ["live", "internal", "external", "format:qcow2", "format:raw", "accel:" + self.accel, "uefi",
+                "cdrom"]
+
+    @property
+    def accel(self) -> str:
+        """The accelerator domains start on: the config's, or what `auto` found."""
+        return self._accel or "tcg"
 
     def _load(self, folder: Path) -> _Instance:
         runtime = json.loads((folder / "runtime.json").read_text())
@@ -207,7 +250,8 @@ class QemuDriver(Hypervisor):
                          QmpSession(folder / "qmp.sock", config.name))
 
     def _save(self, inst: _Instance) -> None:
-        write_atomic(inst.folder / "config.cfg", inst.config.to_text())
+        # 0600: it may hold a VNC password.
+        write_atomic(inst.folder / "config.cfg", inst.config.to_text(), mode=0o600)
         write_atomic(inst.folder / "runtime.json", json.dumps({"domid": inst.domid, "machine": inst.machine}))
 
     def _next_domid(self) -> int:
@@ -252,11 +296,23 @@ class QemuDriver(Hypervisor):
     async def lookup(self, ref: str) -> Domain:
         return await self._domain(self._instance(ref))
 
-    def _check_disks(self, config: DomainConfig) -> None:
-        for disk in config.disks:
+    def _check_host(self, config: DomainConfig) -> qemu_spec.GuestSpec:
+        """The config, and what it names on this host: disks, bridges, firmware."""
+        spec = qemu_spec.guest_spec(config)
+        # A disk without a target is an empty CD-ROM drive.
+        for disk in (d for d in config.disks if d.target):
             qemu_argv.qemu_format(disk)
             if not Path(disk.target).is_file() and not Path(disk.target).is_block_device():
                 raise NotFound(f"disk {disk.vdev}: {disk.target} does not exist")
+        for nic in spec.nics:
+            if nic.bridge is not None and not Path(f"/sys/class/net/{nic.bridge}/bridge").is_dir():
+                raise NotFound(f"vif: bridge {nic.bridge} does not exist on this host (leave bridge= out for "
+                               "user-mode networking)")
+        if spec.uefi:
+            for firmware in (qemu_argv.OVMF_CODE, qemu_argv.OVMF_VARS):
+                if not firmware.is_file():
+                    raise FailedPrecondition(f"bios=\"ovmf\": {firmware} is missing (Debian package ovmf)")
+        return spec
 
     async def _launch(
         self, config: DomainConfig, *, paused: bool, incoming: bool, machine: str | None = None,
@@ -265,7 +321,7 @@ class QemuDriver(Hypervisor):
         async with self._create_lock:
             if config.name in self._instances:
                 raise AlreadyExists(f"domain {config.name!r} already exists")
-            self._check_disks(config)
+            spec = self._check_host(config)
             folder = self._root / config.name
             # A re-launched domain keeps its folder.
             fresh = not folder.exists()
@@ -277,12 +333,18 @@ class QemuDriver(Hypervisor):
                              QmpSession(folder / "qmp.sock", config.name))
             try:
                 self._save(inst)
+                nvram = inst.paths.nvram
+                if spec.uefi and nvram is not None and not nvram.exists():
+                    nvram.parent.mkdir(exist_ok=True)
+                    await asyncio.to_thread(copy_atomic, qemu_argv.OVMF_VARS, nvram)
                 argv = qemu_argv.launch(config, binary=self._cfg.binary, machine=inst.machine,
-                                        accel=self._cfg.accel, paths=inst.paths, incoming=incoming)
+                                        accel=self.accel, paths=inst.paths, incoming=incoming)
                 if paused and not incoming:
                     argv.append("-S")
                 await self._run(argv, timeout=LAUNCH_TIMEOUT)
                 self._instances[config.name] = inst
+                if spec.vnc is not None and spec.vnc.password is not None:
+                    await inst.qmp.execute("change-vnc-password", {"password": spec.vnc.password})
             except BaseException:
                 if fresh:
                     shutil.rmtree(folder, ignore_errors=True)
@@ -290,8 +352,6 @@ class QemuDriver(Hypervisor):
         return inst
 
     async def create(self, config: DomainConfig, *, paused: bool) -> Domain:
-        if ignored := sorted(set(config.settings) - qemu_argv.KEYS):
-            log.warning("domain %s: the qemu driver ignores %s", config.name, ", ".join(ignored))
         inst = await self._launch(config, paused=paused, incoming=False)
         return await self._domain(inst)
 
@@ -340,6 +400,26 @@ class QemuDriver(Hypervisor):
 
         return QmpBlockOps(inst.qmp, moved)
 
+    async def change_medium(self, name: str, vdev: str, target: str) -> Domain:
+        """xl cd-insert (a raw image at `target`) / cd-eject (`target` empty);
+        the domain's config follows, so a snapshot records the medium."""
+        inst = self._instance(name)
+        disk = inst.config.disk(vdev)
+        if disk.devtype != "cdrom":
+            raise InvalidArgument(f"domain {name}: {vdev} is not a CD-ROM drive")
+        if target:
+            if not Path(target).is_absolute() or not Path(target).is_file():
+                raise NotFound(f"cd-insert: {target} is not an existing file (an absolute path on the agent's host)")
+            await inst.qmp.execute("blockdev-change-medium", {"id": f"{vdev}-dev", "filename": target,
+                                                               "format": "raw", "read-only-mode": "read-only"})
+            changed = replace(disk, target=target, format="raw")
+        else:
+            await inst.qmp.execute("eject", {"id": f"{vdev}-dev", "force": True})
+            changed = replace(disk, target="", format="empty")
+        inst.config = inst.config.with_disks([changed if d.vdev == vdev else d for d in inst.config.disks])
+        self._save(inst)
+        return await self._domain(inst)
+
     # ------------------------------------------------------------- snapshots
 
     async def checkpoint(
@@ -356,21 +436,40 @@ class QemuDriver(Hypervisor):
         # the file being current any earlier.
         before = inst.config
         block = self._block_ops(inst, persist=False)
+        nvram = inst.paths.nvram if qemu_spec.guest_spec(inst.config).uefi else None
+        copy = _nvram_copy(memory)
+        if nvram is not None and os.path.lexists(copy):
+            raise AlreadyExists(f"{copy} already exists")
+
+        async def pause_work() -> None:
+            await in_pause(block)
+            if nvram is not None:
+                # The variables at the instant: the guest is stopped, so the
+                # firmware writes nothing while this runs (a few hundred KiB).
+                await asyncio.to_thread(shutil.copyfile, nvram, copy)
+
         try:
             saved = await qemu_migration.save(
                 inst.qmp, memory, live=live, was_running=domain.state is RunState.RUNNING,
-                in_pause=lambda: in_pause(block), progress=progress,
+                in_pause=pause_work, progress=progress,
                 mode=qemu_migration.LiveMode(self._cfg.live_mode), bandwidth=self._cfg.max_bandwidth,
             )
         finally:
             if inst.config is not before:
                 self._save(inst)
+        if nvram is not None:
+            await asyncio.to_thread(fsync_path, copy)
         if domain.state is RunState.PAUSED:
             await self._repark(inst, memory, progress, step)
         downtime = 0.0
         if saved.stopped_at is not None and saved.resumed_at is not None:
             downtime = max(saved.resumed_at - saved.stopped_at, 0.0)
-        return CheckpointResult(saved.memory_bytes, downtime)
+        # Named, not pathed: the copy is always found beside the memory image
+        # (a manifest is never trusted to name files).
+        return CheckpointResult(saved.memory_bytes, downtime, {"nvram": copy.name} if nvram is not None else {})
+
+    def snapshot_files(self, memory: Path) -> list[Path]:
+        return [_nvram_copy(memory)]
 
     async def _repark(self, inst: _Instance, memory: Path, progress: StepProgress, step: Step) -> None:
         """Give a paused domain a fresh QEMU loaded from the image just written.
@@ -414,8 +513,22 @@ class QemuDriver(Hypervisor):
 
     async def restore(
         self, config: DomainConfig, memory: Path, *, facts: Mapping[str, str], paused: bool,
-        progress: StepProgress,
+        progress: StepProgress, reset_nvram: bool = False,
     ) -> Domain:
+        if "nvram" in facts:
+            # Before QEMU opens it: the variables as they were at the instant,
+            # or the firmware's template.
+            source = qemu_argv.OVMF_VARS if reset_nvram else _nvram_copy(memory)
+            nvram = _nvram(self._root, config.name)
+            nvram.parent.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(copy_atomic, source, nvram)
+        if reset_nvram:
+            # Firmware restored from a memory image holds the variables it had
+            # (QEMU even writes its flash back to the file once it runs), so
+            # the template only takes under firmware that starts afresh: the
+            # snapshot's disks, booted anew.
+            fresh = await self._launch(config, paused=paused, incoming=False, machine=facts.get("machine"))
+            return await self._domain(fresh)
         inst = await self._launch(config, paused=True, incoming=True, machine=facts.get("machine"))
         try:
             await qemu_migration.load(inst.qmp, memory, progress=progress)
@@ -432,4 +545,4 @@ class QemuDriver(Hypervisor):
 
     def facts(self, domain: Domain) -> dict[str, str]:
         inst = self._instance(domain.name)
-        return {"machine": inst.machine, "accel": self._cfg.accel}
+        return {"machine": inst.machine, "accel": self.accel}

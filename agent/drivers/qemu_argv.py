@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from domsnap.agent.domain import DomainConfig
+from domsnap.agent.drivers import qemu_spec
 from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.xldisk import DiskSpec
+
+# Debian's ovmf package: the firmware (read-only) and the variable store
+# every UEFI domain's own NVRAM file starts as.
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,8 @@ class LaunchPaths:
     qmp_socket: Path
     pidfile: Path
     console: Path
+    # The UEFI variable store (a copy of OVMF_VARS), for a UEFI domain.
+    nvram: Path | None = None
 
 
 def _opt(value: str) -> str:
@@ -26,26 +35,87 @@ def _opt(value: str) -> str:
 
 
 # The xl.cfg keys this driver acts on.
-KEYS = frozenset({"name", "memory", "vcpus", "kernel", "ramdisk", "extra", "disk", "serial"})
+KEYS = qemu_spec.KEYS
 
 # xl's disk format names as QEMU's block drivers know them.
 FORMATS = {"raw": "raw", "qcow2": "qcow2", "qcow": "qcow", "qed": "qed", "vhd": "vpc"}
 
 
 def qemu_format(disk: DiskSpec) -> str:
-    if disk.devtype == "cdrom" or disk.format not in FORMATS:
+    if disk.format not in FORMATS or (disk.devtype == "cdrom" and disk.format != "raw"):
         raise InvalidArgument(f"disk {disk.vdev}: the qemu driver runs disks of format "
-                              f"{', '.join(sorted(FORMATS))}, not {disk.devtype or disk.format}")
+                              f"{', '.join(sorted(FORMATS))} and raw CD-ROM images, not "
+                              f"{disk.format}{' (cdrom)' if disk.devtype == 'cdrom' else ''}")
     return FORMATS[disk.format]
 
 
-def _serial(config: DomainConfig, default: Path) -> Path:
-    serial = config.get_str("serial")
-    if serial is None:
-        return default
-    if not serial.startswith("file:") or not serial.removeprefix("file:").startswith("/"):
-        raise InvalidArgument(f"serial={serial!r}: only 'file:/absolute/path' is supported")
-    return Path(serial.removeprefix("file:"))
+def _serial(spec: qemu_spec.GuestSpec, console: Path) -> list[str]:
+    # append=on / logappend=on: a restore must not wipe what the guest printed before.
+    if spec.serial == "pty":
+        chardev = f"pty,id=serial0,logfile={_opt(str(console))},logappend=on"
+    else:
+        path = console if spec.serial == "default" else Path(spec.serial.removeprefix("file:"))
+        chardev = f"file,id=serial0,path={_opt(str(path))},append=on"
+    return ["-chardev", chardev, "-serial", "chardev:serial0"]
+
+
+def _boot_index(spec: qemu_spec.GuestSpec, kind: str, nth: int) -> str:
+    # bootindex, not -boot order: OVMF follows only the former.
+    if spec.firmware is None or spec.kernel is not None or kind not in spec.boot:
+        return ""
+    return f",bootindex={spec.boot.index(kind) * 100 + nth}"
+
+
+def _drives(spec: qemu_spec.GuestSpec) -> list[str]:
+    argv: list[str] = []
+    seen = {"c": 0, "d": 0}
+    for drive in spec.drives:
+        disk = drive.disk
+        kind = "d" if drive.cdrom else "c"
+        boot = _boot_index(spec, kind, seen[kind])
+        seen[kind] += 1
+        ro = ",readonly=on" if disk.access in ("r", "ro") else ""
+        if disk.target:
+            argv += ["-drive", f"file={_opt(disk.target)},format={qemu_format(disk)},if=none,id={disk.vdev}{ro}"]
+        else:
+            argv += ["-drive", f"if=none,id={disk.vdev}{ro}"]
+        if drive.ide is None:
+            argv += ["-device", f"virtio-blk-pci,drive={disk.vdev},id={disk.vdev}-dev{boot}"]
+        else:
+            device = "ide-cd" if drive.cdrom else "ide-hd"
+            bus, unit = drive.ide
+            argv += ["-device", f"{device},bus=ide.{bus},unit={unit},drive={disk.vdev},id={disk.vdev}-dev{boot}"]
+    return argv
+
+
+def _nics(spec: qemu_spec.GuestSpec) -> list[str]:
+    argv: list[str] = []
+    for i, nic in enumerate(spec.nics):
+        # No bridge named: QEMU's user-mode networking (NAT, no host setup).
+        netdev = f"user,id=net{i}" if nic.bridge is None else f"bridge,id=net{i},br={nic.bridge}"
+        argv += ["-netdev", netdev,
+                 "-device", f"{nic.device},netdev=net{i},mac={nic.mac},id=net{i}-dev{_boot_index(spec, 'n', i)}"]
+    return argv
+
+
+def _vnc(vnc: qemu_spec.Vnc) -> list[str]:
+    host = f"[{vnc.listen}]" if ":" in vnc.listen else vnc.listen
+    # As libxl: with no display fixed, the first free one from :0.
+    value = f"{host}:{vnc.display}" if vnc.display is not None else f"{host}:0,to=99"
+    # The password itself goes through QMP (change-vnc-password), never argv.
+    if vnc.password is not None:
+        value += ",password=on"
+    return ["-vga", "std", "-vnc", value]
+
+
+def _rtc(spec: qemu_spec.GuestSpec, now: datetime | None) -> list[str]:
+    if not spec.rtc_offset:
+        return ["-rtc", "base=localtime"] if spec.localtime else []
+    now = now or datetime.now(UTC)
+    if spec.localtime:
+        now = now.astimezone()
+    base = (now + timedelta(seconds=spec.rtc_offset)).strftime("%Y-%m-%dT%H:%M:%S")
+    return ["-rtc", f"base={base}"]
 
 
 def launch(
@@ -56,14 +126,13 @@ def launch(
     accel: str,
     paths: LaunchPaths,
     incoming: bool = False,
+    now: datetime | None = None,
 ) -> list[str]:
     """The command line that starts a domain daemonized, or (incoming) waits for a memory image."""
     if not re.fullmatch(r"[\w.-]+", machine):
         # A machine type is one word; anything else would add -machine options.
         raise InvalidArgument(f"machine type {machine!r}: not a machine type name")
-    kernel = config.get_str("kernel")
-    if kernel is None:
-        raise InvalidArgument(f"domain {config.name}: 'kernel' is required (direct kernel boot)")
+    spec = qemu_spec.guest_spec(config)
     argv = [
         binary,
         "-name", f"guest={_opt(config.name)}",
@@ -71,24 +140,42 @@ def launch(
         "-m", str(config.memory_mib),
         "-smp", str(config.vcpus),
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-kernel", kernel,
     ]  # fmt: skip
-    if (ramdisk := config.get_str("ramdisk")) is not None:
-        argv += ["-initrd", ramdisk]
-    if (extra := config.get_str("extra")) is not None:
-        argv += ["-append", extra]
-    # append=on: a restore must not wipe what the guest printed before.
-    argv += ["-chardev", f"file,id=serial0,path={_opt(str(_serial(config, paths.console)))},append=on"]
-    argv += ["-serial", "chardev:serial0"]
-    for disk in config.disks:
-        ro = ",readonly=on" if disk.access in ("r", "ro") else ""
-        argv += ["-drive", f"file={_opt(disk.target)},format={qemu_format(disk)},if=none,id={disk.vdev}{ro}"]
-        argv += ["-device", f"virtio-blk-pci,drive={disk.vdev},id={disk.vdev}-dev"]
+    if spec.cpu_flags is not None:
+        # libxl's "host": the host's CPU under KVM; under TCG, everything TCG emulates.
+        argv += ["-cpu", ",".join(["host" if accel == "kvm" else "max", *spec.cpu_flags])]
+    if spec.uefi:
+        if paths.nvram is None:
+            raise InvalidArgument(f"domain {config.name}: a UEFI domain needs its NVRAM file")
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(str(OVMF_CODE))}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={_opt(str(paths.nvram))}"]
+    if spec.kernel is not None:
+        argv += ["-kernel", spec.kernel]
+    if spec.ramdisk is not None:
+        argv += ["-initrd", spec.ramdisk]
+    if spec.extra is not None:
+        argv += ["-append", spec.extra]
+    argv += _serial(spec, paths.console)
+    argv += _drives(spec)
+    argv += _nics(spec)
+    if spec.vnc is not None:
+        argv += _vnc(spec.vnc)
+    if spec.usb:
+        argv += ["-usb"]
+        for device in spec.usb_devices:
+            argv += ["-device", device]
+    argv += _rtc(spec, now)
     argv += ["-qmp", f"unix:{_opt(str(paths.qmp_socket))},server=on,wait=off"]
     argv += ["-pidfile", str(paths.pidfile), "-daemonize"]
     if incoming:
         argv += ["-S", "-incoming", "defer"]
     return argv
+
+
+def kvm_probe(binary: str, image: Path) -> list[str]:
+    """The probe guest (kvm_probe.py) under KVM alone: no fallback to TCG."""
+    return [binary, "-machine", "pc,accel=kvm", "-m", "96", "-nodefaults", "-no-user-config", "-display", "none",
+            "-kernel", str(image), "-device", "isa-debug-exit", "-serial", "none", "-no-reboot"]
 
 
 def machine_help(binary: str) -> list[str]:

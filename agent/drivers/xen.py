@@ -390,7 +390,7 @@ class XenDriver(Hypervisor):
 
     async def restore(
         self, config: DomainConfig, memory: Path, *, facts: Mapping[str, str], paused: bool,
-        progress: StepProgress,
+        progress: StepProgress, reset_nvram: bool = False,
     ) -> Domain:
         try:
             header = xen_stream.read_header(memory)

@@ -99,8 +99,8 @@ def bad_lines(g: Guest, offset: int = 0) -> list[str]:
 
 
 def devices(g: Guest) -> list[str]:
-    """The guest's names of the domain's disks: xvda -> vda."""
-    return ["v" + vdev[2:] for vdev in g.disks]
+    """The guest's names of the disks it checks: xvda -> vda."""
+    return list(g.checks) or ["v" + vdev[2:] for vdev in g.disks]
 
 
 def mark_with_counter(g: Guest) -> tuple[int, int]:

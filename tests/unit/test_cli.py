@@ -206,6 +206,10 @@ class FakeAgent(pb_grpc.SnapshotAgentServicer):
         self._answer("UnpauseDomain", request, context)
         return DOMAINS[1]
 
+    def ChangeMedium(self, request: pb.ChangeMediumRequest, context: grpc.ServicerContext) -> pb.Domain:
+        self._answer("ChangeMedium", request, context)
+        return DOMAINS[1]
+
     def CreateSnapshot(
         self, request: pb.CreateSnapshotRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.OperationEvent]:
@@ -466,6 +470,23 @@ def test_lifecycle_requests(agent: Agent) -> None:
     for verb, method in [("destroy", "DestroyDomain"), ("pause", "PauseDomain"), ("unpause", "UnpauseDomain")]:
         assert agent.run(verb, "7") == 0
         assert agent.fake.last(method).domain == "7"  # type: ignore[attr-defined]
+
+
+def test_cd_insert_and_eject_change_the_medium(agent: Agent) -> None:
+    assert agent.run("cd-insert", "web", "hdc", "raw:/srv/debian.iso") == 0
+    request = agent.fake.last("ChangeMedium")
+    assert isinstance(request, pb.ChangeMediumRequest)
+    assert (request.domain, request.vdev, request.path) == ("web", "hdc", "/srv/debian.iso")
+    assert agent.run("cd-eject", "web", "hdc") == 0
+    request = agent.fake.last("ChangeMedium")
+    assert (request.vdev, request.path) == ("hdc", "")  # type: ignore[attr-defined]
+
+
+def test_revert_reset_nvram(agent: Agent) -> None:
+    assert agent.run("snapshot-revert", "web", "s1") == 0
+    assert agent.fake.last("RevertSnapshot").reset_nvram is False  # type: ignore[attr-defined]
+    assert agent.run("snapshot-revert", "web", "s1", "--reset-nvram") == 0
+    assert agent.fake.last("RevertSnapshot").reset_nvram is True  # type: ignore[attr-defined]
 
 
 def test_create_domain_sends_text(

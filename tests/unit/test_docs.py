@@ -29,6 +29,7 @@ from domsnap.agent import config as agent_config
 from domsnap.agent import main as agent_main
 from domsnap.agent import manifest
 from domsnap.agent.domain import DomainConfig
+from domsnap.agent.drivers import qemu_spec
 from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.snapshot_create import parse_request
 from domsnap.client import cli, connection, exits, views
@@ -42,7 +43,7 @@ DOMSNAP = Path(sys.executable).parent / "domsnap"
 
 # The domain config keys the qemu driver acts on (agent/domain.py and
 # agent/drivers/qemu_argv.py).
-QEMU_DOMAIN_KEYS = ("name", "memory", "vcpus", "kernel", "ramdisk", "extra", "disk", "serial")
+QEMU_DOMAIN_KEYS = tuple(sorted(qemu_spec.KEYS - {"builder"}))
 
 
 def _tool(name: str) -> str:
@@ -106,9 +107,9 @@ def _mentions(text: str, word: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
 
 
-def _example(section: str) -> str:
-    """The text of a section's `Example` subsection, dedented."""
-    match = re.search(r"^ {3}Example\n(.*?)(?=^ {0,3}\S|\Z)", section, re.M | re.S)
+def _example(section: str, title: str = "Example") -> str:
+    """The text of a section's `Example` subsection (or another), dedented."""
+    match = re.search(rf"^ {{3}}{title}\n(.*?)(?=^ {{0,3}}\S|\Z)", section, re.M | re.S)
     assert match is not None, "no Example subsection"
     return textwrap.dedent(match.group(1)).strip("\n") + "\n"
 
@@ -293,6 +294,11 @@ def test_cfg_page_documents_the_domain_keys_the_qemu_driver_reads() -> None:
     config = DomainConfig.parse(_example(section))
     assert (config.name, config.memory_mib, config.vcpus) == ("web", 512, 2)
     assert [d.vdev for d in config.disks] == ["xvda", "xvdb"]
+    # The HVM example is one the driver runs: UEFI, a CD-ROM on IDE, a NIC, VNC.
+    hvm = _example(section, "HVM example")
+    spec = qemu_spec.guest_spec(DomainConfig.parse(hvm[hvm.index("type"):]))
+    assert (spec.hvm, spec.firmware, spec.boot, [d.cdrom for d in spec.drives]) == (True, "ovmf", "cd", [False, True])
+    assert spec.vnc is not None and spec.vnc.listen == "127.0.0.1" and len(spec.nics) == 1
 
 
 # ----------------------------------------------------------- completion ----
@@ -353,6 +359,8 @@ def test_an_options_value_is_not_completed_as_something_else() -> None:
 
 _KINDS = {
     "<Domain>": "domain",
+    "<VirtualDevice>": "vdev",
+    "<path>": "file",
     "<cfgfile>": "file",
     "KEY=VALUE": "setting",
     "[<cfgfile>] [<path>] [KEY=VALUE]": "file-or-path",

@@ -442,6 +442,36 @@ class PauseDomainRequest(_message.Message):
 Global___PauseDomainRequest: _TypeAlias = PauseDomainRequest  # noqa: Y015
 
 @_typing.final
+class ChangeMediumRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    VDEV_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    domain: _builtins.str
+    vdev: _builtins.str
+    """The CD-ROM drive's virtual device, as in the domain's disk list (`hdc`)."""
+    path: _builtins.str
+    """A raw image on the agent's host (an absolute path); empty ejects."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        domain: _builtins.str = ...,
+        vdev: _builtins.str = ...,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "path", b"path", "request_id", b"request_id", "vdev", b"vdev"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangeMediumRequest: _TypeAlias = ChangeMediumRequest  # noqa: Y015
+
+@_typing.final
 class UnpauseDomainRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -688,6 +718,7 @@ class RevertSnapshotRequest(_message.Message):
     FORCE_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     CONFIG_NAME_FIELD_NUMBER: _builtins.int
+    RESET_NVRAM_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     domain: _builtins.str
     snapshot: _builtins.str
@@ -705,6 +736,13 @@ class RevertSnapshotRequest(_message.Message):
     without force), touching nothing.
     """
     config_name: _builtins.str
+    reset_nvram: _builtins.bool
+    """A UEFI domain's firmware variables start over from the firmware's
+    template instead of the snapshot's (`--reset-nvram`): the domain then
+    boots anew from the snapshot's disks (firmware restored from the memory
+    image would keep the variables it holds in RAM). FAILED_PRECONDITION for
+    a snapshot without NVRAM.
+    """
     @_builtins.property
     def overrides(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -719,10 +757,11 @@ class RevertSnapshotRequest(_message.Message):
         force: _builtins.bool = ...,
         dry_run: _builtins.bool = ...,
         config_name: _builtins.str = ...,
+        reset_nvram: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "domain", b"domain", "dry_run", b"dry_run", "force", b"force", "overrides", b"overrides", "request_id", b"request_id", "run_state", b"run_state", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "domain", b"domain", "dry_run", b"dry_run", "force", b"force", "overrides", b"overrides", "request_id", b"request_id", "reset_nvram", b"reset_nvram", "run_state", b"run_state", "snapshot", b"snapshot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -69,6 +69,11 @@ class SnapshotAgentStub:
                 request_serializer=domsnap_dot_v1_dot_domsnap__pb2.UnpauseDomainRequest.SerializeToString,
                 response_deserializer=domsnap_dot_v1_dot_domsnap__pb2.Domain.FromString,
                 _registered_method=True)
+        self.ChangeMedium = channel.unary_unary(
+                '/domsnap.v1.SnapshotAgent/ChangeMedium',
+                request_serializer=domsnap_dot_v1_dot_domsnap__pb2.ChangeMediumRequest.SerializeToString,
+                response_deserializer=domsnap_dot_v1_dot_domsnap__pb2.Domain.FromString,
+                _registered_method=True)
         self.CreateSnapshot = channel.unary_stream(
                 '/domsnap.v1.SnapshotAgent/CreateSnapshot',
                 request_serializer=domsnap_dot_v1_dot_domsnap__pb2.CreateSnapshotRequest.SerializeToString,
@@ -161,6 +166,13 @@ class SnapshotAgentServicer:
 
     def UnpauseDomain(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangeMedium(self, request, context):
+        """`xl cd-insert` / `xl cd-eject`: the medium of a domain's CD-ROM drive.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -267,6 +279,11 @@ def add_SnapshotAgentServicer_to_server(servicer, server):
             'UnpauseDomain': grpc.unary_unary_rpc_method_handler(
                     servicer.UnpauseDomain,
                     request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.UnpauseDomainRequest.FromString,
+                    response_serializer=domsnap_dot_v1_dot_domsnap__pb2.Domain.SerializeToString,
+            ),
+            'ChangeMedium': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeMedium,
+                    request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.ChangeMediumRequest.FromString,
                     response_serializer=domsnap_dot_v1_dot_domsnap__pb2.Domain.SerializeToString,
             ),
             'CreateSnapshot': grpc.unary_stream_rpc_method_handler(
@@ -503,6 +520,33 @@ class SnapshotAgent:
             target,
             '/domsnap.v1.SnapshotAgent/UnpauseDomain',
             domsnap_dot_v1_dot_domsnap__pb2.UnpauseDomainRequest.SerializeToString,
+            domsnap_dot_v1_dot_domsnap__pb2.Domain.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeMedium(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/domsnap.v1.SnapshotAgent/ChangeMedium',
+            domsnap_dot_v1_dot_domsnap__pb2.ChangeMediumRequest.SerializeToString,
             domsnap_dot_v1_dot_domsnap__pb2.Domain.FromString,
             options,
             channel_credentials,

@@ -64,6 +64,8 @@ class SnapshotAgentStub:
     DestroyDomain: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.DestroyDomainRequest, _domsnap_pb2.Domain]
     PauseDomain: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.PauseDomainRequest, _domsnap_pb2.Domain]
     UnpauseDomain: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.UnpauseDomainRequest, _domsnap_pb2.Domain]
+    ChangeMedium: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.ChangeMediumRequest, _domsnap_pb2.Domain]
+    """`xl cd-insert` / `xl cd-eject`: the medium of a domain's CD-ROM drive."""
     CreateSnapshot: _grpc.UnaryStreamMultiCallable[_domsnap_pb2.CreateSnapshotRequest, _domsnap_pb2.OperationEvent]
     """Long operations. Each stream's first event is `started` (it carries the
     operation id), then `progress` events, then `finished` (the result or
@@ -104,6 +106,8 @@ class SnapshotAgentAsyncStub(SnapshotAgentStub):
     DestroyDomain: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.DestroyDomainRequest, _domsnap_pb2.Domain]  # type: ignore[assignment]
     PauseDomain: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.PauseDomainRequest, _domsnap_pb2.Domain]  # type: ignore[assignment]
     UnpauseDomain: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.UnpauseDomainRequest, _domsnap_pb2.Domain]  # type: ignore[assignment]
+    ChangeMedium: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.ChangeMediumRequest, _domsnap_pb2.Domain]  # type: ignore[assignment]
+    """`xl cd-insert` / `xl cd-eject`: the medium of a domain's CD-ROM drive."""
     CreateSnapshot: _aio.UnaryStreamMultiCallable[_domsnap_pb2.CreateSnapshotRequest, _domsnap_pb2.OperationEvent]  # type: ignore[assignment]
     """Long operations. Each stream's first event is `started` (it carries the
     operation id), then `progress` events, then `finished` (the result or
@@ -183,6 +187,14 @@ class SnapshotAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _domsnap_pb2.UnpauseDomainRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_domsnap_pb2.Domain, _abc.Awaitable[_domsnap_pb2.Domain]]: ...
+
+    @_abc_1.abstractmethod
+    def ChangeMedium(
+        self,
+        request: _domsnap_pb2.ChangeMediumRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_domsnap_pb2.Domain, _abc.Awaitable[_domsnap_pb2.Domain]]:
+        """`xl cd-insert` / `xl cd-eject`: the medium of a domain's CD-ROM drive."""
 
     @_abc_1.abstractmethod
     def CreateSnapshot(

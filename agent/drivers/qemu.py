@@ -40,6 +40,7 @@ CONSOLE_DIR = "console"
 # In a domain's folder while a paused domain is relaunched from its memory image.
 RELAUNCH = "relaunch.json"
 QUIT_TIMEOUT = 10.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _STATES = {
     "running": RunState.RUNNING,
     "paused": RunState.PAUSED,
@@ -70,26 +71,32 @@ class _Instance:
         return qemu_argv.LaunchPaths(self.folder / "qmp.sock", self.folder / "qemu.pid", console)
 
     def pid(self) -> int | None:
+        return self.process()[0]
+
+    def process(self) -> tuple[int | None, list[bytes]]:
+        """The QEMU's pid and its /proc stat fields; (None, []) once it has exited."""
         if self._pid is None:
             try:
                 self._pid = int((self.folder / "qemu.pid").read_text().strip())
             except (OSError, ValueError):
-                return None
-        return self._pid if _alive(self._pid) else None
+                return None, []
+        fields = _proc_stat(self._pid)
+        return (self._pid, fields) if fields else (None, [])
 
 
-def _alive(pid: int) -> bool:
+def _proc_stat(pid: int) -> list[bytes]:
+    """The fields of /proc/PID/stat after the command name; [] once the
+    process has exited (a zombie too: only its parent has not reaped it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie has exited; only its parent has not reaped it yet.
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
-            return False
-    return True
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    try:
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    fields = data.rsplit(b") ", 1)[-1].split()
+    return [] if not fields or fields[0] == b"Z" else fields
 
 
 async def _exited(pid: int, timeout: float | None) -> bool:
@@ -112,14 +119,9 @@ async def _exited(pid: int, timeout: float | None) -> bool:
         os.close(fd)
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_seconds(fields: list[bytes]) -> float:
+    # utime and stime, in clock ticks.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 class QemuDriver(Hypervisor):
@@ -229,7 +231,7 @@ class QemuDriver(Hypervisor):
         raise NotFound(f"domain {ref!r} does not exist")
 
     async def _domain(self, inst: _Instance) -> Domain:
-        pid = inst.pid()
+        pid, stat = inst.process()
         if pid is None:
             return Domain(inst.domid, inst.config, RunState.SHUTDOWN)
         try:
@@ -237,7 +239,7 @@ class QemuDriver(Hypervisor):
         except Exception as err:  # a wedged QEMU must not break `list`
             log.warning("domain %s: query-status failed: %s", inst.config.name, err)
             state = RunState.CRASHED
-        return Domain(inst.domid, inst.config, state, _cpu_seconds(pid))
+        return Domain(inst.domid, inst.config, state, _cpu_seconds(stat))
 
     async def list_domains(self) -> list[Domain]:
         insts = sorted(self._instances.values(), key=lambda i: i.domid)

@@ -396,7 +396,7 @@ P=$TMP/project
 mkdir -p "$P/lab/domu" "$TMP/src" "$TMP/w"
 # The wheel is built from a copy (a build in the work tree would leave build/
 # and *.egg-info there).
-(cd "$REPO" && cp -a --parents agent client domsnap proto/domsnap pyproject.toml README.md "$TMP/src/")
+(cd "$REPO" && cp -a --parents agent client proto/domsnap pyproject.toml README.md "$TMP/src/")
 find "$TMP/src" -name __pycache__ -prune -exec rm -rf {} +
 host_pip=(python3 -m pip)
 [[ -x $REPO/.venv/bin/pip ]] && host_pip=("$REPO/.venv/bin/pip")

@@ -84,7 +84,7 @@ EOF
 project_id() {
     (
         cd "$REPO"
-        find agent client domsnap proto/domsnap pyproject.toml README.md \
+        find agent client proto/domsnap pyproject.toml README.md \
             \( -name __pycache__ -prune \) -o \( -type f -o -type l \) -print 2>/dev/null |
             LC_ALL=C sort | while IFS= read -r f; do
             if [[ -L $f ]]; then printf '%s -> %s\n' "$f" "$(readlink "$f")"; else printf '%s %s\n' "$f" "$(sha_of "$f")"; fi

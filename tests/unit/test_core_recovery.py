@@ -1,0 +1,330 @@
+"""The core's failure paths in milliseconds: the agent's service over a fake
+hypervisor (tests/unit/fake_hypervisor.py) and the real storage backends on
+tiny qcow2 and raw files, failing or killed at every journaled step of
+create, revert and delete, then recovered. The same matrix as the guest-based
+tests/integration/test_recovery.py, whose guests prove what this cannot (a
+real QEMU's memory and disks at one instant); here a kill is a real SIGKILL
+of a forked agent, and what it left is recovered by a fresh one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from domsnap.agent import config as agent_config
+from domsnap.agent.errors import Busy, FailedPrecondition, InternalError
+from domsnap.agent.journal import KILL_ENV
+from domsnap.agent.operations import Operation, OpState
+from domsnap.agent.service import AgentService
+from domsnap.agent.snapshot_create import CreateRequest, parse_request
+from domsnap.agent.snapshot_revert import RevertRequest, RunAfter
+from domsnap.agent.storage import Backends
+from domsnap.agent.storage.base import Method
+from tests.unit.fake_hypervisor import FakeHypervisor
+
+CREATE_STEPS = ["mkdir", "checkpoint", "disk:xvda", "disk:xvdb", "manifest", "register"]
+REVERT_STEPS = ["destroy", "disk:xvda", "disk:xvdb", "restore", "restored"]
+DELETE_STEPS = ["unregister", "disks", "files"]
+DOMAIN = "core"
+# Two modes, as in test_recovery.py: qcow2 internal (a tag) and, live, external (an overlay); raw is a copy.
+MODES = [(False, None), (True, Method.EXTERNAL)]
+# One operation, as a test runs it on an agent.
+Call = Callable[[AgentService], Coroutine[Any, Any, Operation]]
+
+
+def qemu_io(image: Path, fmt: str, command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-io", "-f", fmt, "-c", command, str(image)], capture_output=True, text=True,
+                          check=True, timeout=30)
+
+
+def tags(image: Path) -> list[str]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(image)], capture_output=True, text=True,
+                         check=True, timeout=30)
+    return [s["name"] for s in json.loads(out.stdout).get("snapshots", [])]
+
+
+@dataclass
+class Host:
+    """One machine: a hypervisor's domains, the agent's state, the disks."""
+
+    base: Path
+
+    @property
+    def state_dir(self) -> Path:
+        return self.base / "state"
+
+    def service(self, *, fault_injection: bool = False, fail: frozenset[str] = frozenset(),
+                driver: FakeHypervisor | None = None) -> AgentService:
+        config = agent_config.AgentConfig(state_dir=self.state_dir, snapshot_root=self.base / "snapshots",
+                                          testing=agent_config.TestingConfig(fault_injection=fault_injection))
+        return AgentService(config, driver or FakeHypervisor(self.base / "hypervisor.json", set(fail)), Backends())
+
+    def snapdir(self, name: str) -> Path:
+        return self.base / "snapshots" / DOMAIN / name
+
+    def disk(self, vdev: str) -> Path:
+        return self.base / {"xvda": "xvda.qcow2", "xvdb": "xvdb.raw"}[vdev]
+
+    def journal(self) -> list[Path]:
+        return sorted((self.state_dir / "journal").glob("*.json"))
+
+    def write(self, pattern: int) -> None:
+        """The guest writes: the same byte over the start of both disks, through
+        whatever image each is on now."""
+        for d in self.domain()["disks"]:
+            qemu_io(Path(d["target"]), d["format"], f"write -q -P {pattern} 0 64k")
+
+    def holds(self, pattern: int) -> bool:
+        try:
+            for d in self.domain()["disks"]:
+                qemu_io(Path(d["target"]), d["format"], f"read -q -P {pattern} 0 64k")
+        except subprocess.CalledProcessError:
+            return False
+        return True
+
+    def domain(self) -> dict[str, Any]:
+        d = asyncio.run(self.service().get_domain(DOMAIN))
+        return {"state": str(d.state), "disks": [{"target": x.target, "format": x.format} for x in d.config.disks]}
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    h = Host(tmp_path)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(h.disk("xvda")), "1M"], check=True)
+    with open(h.disk("xvdb"), "wb") as f:
+        f.truncate(1 << 20)
+    cfg = (f'name = "{DOMAIN}"\nmemory = 64\n'
+           f"disk = [ 'format=qcow2, vdev=xvda, target={h.disk('xvda')}', "
+           f"'format=raw, vdev=xvdb, target={h.disk('xvdb')}' ]\n")
+    asyncio.run(h.service().create_domain(cfg, (), paused=False))
+    h.write(1)
+    return h
+
+
+async def finished(op: Operation) -> Operation:
+    async for _ in op.watch():
+        pass
+    return op
+
+
+def create_request(name: str, live: bool = False, method: Method | None = None) -> CreateRequest:
+    return parse_request(DOMAIN, name=name, live=live, method=method, path="", description="", cfg_text="",
+                         overrides=())
+
+
+def create(name: str, live: bool = False, method: Method | None = None) -> Call:
+    async def call(service: AgentService) -> Operation:
+        return await finished(await service.create_snapshot(create_request(name, live, method), ""))
+
+    return call
+
+
+def revert(name: str, *, force: bool = False) -> Call:
+    async def call(service: AgentService) -> Operation:
+        req = RevertRequest(DOMAIN, name, RunAfter.SNAPSHOT, force)
+        return await finished(await service.revert_snapshot(req, ""))
+
+    return call
+
+
+def delete(name: str) -> Call:
+    async def call(service: AgentService) -> Operation:
+        return await finished(await service.delete_snapshot(DOMAIN, name, False, ""))
+
+    return call
+
+
+def succeeds(host: Host, call: Call) -> None:
+    op = asyncio.run(call(host.service()))
+    assert op.state is OpState.SUCCEEDED, op.error
+
+
+def killed_at(host: Host, step: str, call: Call) -> None:
+    """Run `call` in a forked agent that SIGKILLs itself right after journaling
+    `step`; then a fresh agent recovers what it left."""
+    pid = os.fork()
+    if pid == 0:  # the agent that dies: nothing of pytest's runs in it
+        try:
+            os.environ[KILL_ENV] = step
+            asyncio.run(call(host.service(fault_injection=True)))
+        finally:
+            os._exit(70)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"the agent did not die at {step}"
+    assert host.journal(), f"{step}: the dead agent left no journal entry"
+    assert asyncio.run(host.service().recover()) == 1
+
+
+def failing_at(service: AgentService, kind: str, step: str, monkeypatch: pytest.MonkeyPatch) -> AgentService:
+    """The service with an error raised right after `kind:step` is journaled."""
+    journal = service.journal
+    real = journal.step
+
+    def step_then_fail(entry: Any, name: str, **data: Any) -> None:
+        real(entry, name, **data)
+        if (entry.kind, name) == (kind, step):
+            raise InternalError(f"injected failure at {kind}:{step}")
+
+    monkeypatch.setattr(journal, "step", step_then_fail)
+    return service
+
+
+def listed(host: Host) -> list[str]:
+    return [e.manifest.name for e in asyncio.run(host.service().list_snapshots(DOMAIN))]
+
+
+def assert_no_trace(host: Host, name: str, disks_before: list[dict[str, str]]) -> None:
+    assert name not in listed(host)
+    assert not host.snapdir(name).exists(), f"{sorted(os.listdir(host.snapdir(name)))} left behind"
+    assert name not in tags(host.disk("xvda")), "qcow2 tag left behind"
+    assert host.domain()["disks"] == disks_before, "the domain did not go back to its own disks"
+
+
+# ------------------------------------------------------------------ create
+
+
+@pytest.mark.parametrize(("live", "method"), MODES)
+@pytest.mark.parametrize("step", CREATE_STEPS)
+def test_create_killed_at_every_step(host: Host, step: str, live: bool, method: Method | None) -> None:
+    before = host.domain()
+    killed_at(host, f"create:{step}", create("k", live, method))
+    if step == "register":  # the manifest was written: the snapshot is complete and kept
+        assert listed(host) == ["k"]
+        assert (host.snapdir("k") / "snapshot.json").is_file()
+        entry = asyncio.run(host.service().get_snapshot(DOMAIN, "k"))
+        assert entry.current and Path(entry.manifest.memory_file).is_file()
+    else:  # rolled back: no trace anywhere
+        assert_no_trace(host, "k", before["disks"])
+    assert host.domain()["state"] == "running"
+    assert not host.journal(), "journal entry left behind"
+    assert host.holds(1), "the disks' content changed"
+
+
+@pytest.mark.parametrize(("live", "method"), MODES)
+@pytest.mark.parametrize("step", CREATE_STEPS[:-1])
+def test_create_failing_at_every_step_rolls_back(host: Host, step: str, live: bool, method: Method | None,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    before = host.domain()
+    op = asyncio.run(create("f", live, method)(failing_at(host.service(), "create", step, monkeypatch)))
+    assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
+    assert_no_trace(host, "f", before["disks"])
+    assert host.domain()["state"] == "running" and not host.journal()
+    # Nothing of it is in the way of the same snapshot, taken again.
+    succeeds(host, create("f", live, method))
+    assert listed(host) == ["f"]
+
+
+@pytest.mark.parametrize("fail", ["checkpoint", "block:internal_snapshot", "block:external_snapshot"])
+def test_create_with_a_failing_hypervisor_rolls_back(host: Host, fail: str) -> None:
+    before = host.domain()
+    method = Method.EXTERNAL if fail == "block:external_snapshot" else None
+    op = asyncio.run(create("h", method=method)(host.service(fail=frozenset({fail}))))
+    assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
+    assert_no_trace(host, "h", before["disks"])
+    assert host.domain()["state"] == "running" and not host.journal()
+
+
+# ------------------------------------------------------------------ revert
+
+
+@pytest.mark.parametrize(("live", "method"), MODES)
+@pytest.mark.parametrize("step", REVERT_STEPS)
+def test_revert_killed_at_every_step(host: Host, step: str, live: bool, method: Method | None) -> None:
+    """Past its point of no return a revert is finished by the next agent."""
+    succeeds(host, create("base", live, method))
+    host.write(2)
+    killed_at(host, f"revert:{step}", revert("base"))
+    assert host.domain()["state"] == "running"
+    assert host.holds(1), f"{step}: the disks did not go back to the snapshot's content"
+    assert asyncio.run(host.service().get_snapshot(DOMAIN, "base")).current
+    assert not host.journal()
+
+
+@pytest.mark.parametrize("step", REVERT_STEPS[:-1])
+def test_revert_failing_at_a_step_is_reported_and_can_be_retried(host: Host, step: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    succeeds(host, create("base"))
+    host.write(2)
+    op = asyncio.run(revert("base")(failing_at(host.service(), "revert", step, monkeypatch)))
+    assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
+    assert not host.journal(), "a failed revert leaves its outcome to the caller, not to recovery"
+    # The domain was destroyed at the first step: the retry recreates it (forced).
+    succeeds(host, revert("base", force=True))
+    assert host.domain()["state"] == "running" and host.holds(1)
+
+
+def test_revert_with_a_failing_restore_is_reported(host: Host) -> None:
+    succeeds(host, create("base"))
+    op = asyncio.run(revert("base")(host.service(fail=frozenset({"restore"}))))
+    assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
+    assert not host.journal()
+    succeeds(host, revert("base", force=True))
+    assert host.domain()["state"] == "running"
+
+
+# ------------------------------------------------------------------ delete
+
+
+@pytest.mark.parametrize("step", DELETE_STEPS)
+def test_delete_killed_at_every_step(host: Host, step: str) -> None:
+    """Finished by the next agent; the snapshot it did not delete stays intact and revertable."""
+    succeeds(host, create("keep"))
+    succeeds(host, create("gone"))
+    host.write(2)
+    killed_at(host, f"delete:{step}", delete("gone"))
+    assert listed(host) == ["keep"]
+    assert tags(host.disk("xvda")) == ["keep"]
+    assert not host.snapdir("gone").exists()
+    assert not host.journal()
+    succeeds(host, revert("keep"))
+    assert host.holds(1)
+
+
+@pytest.mark.parametrize("step", DELETE_STEPS)
+def test_delete_failing_at_a_step_is_finished_by_recovery(host: Host, step: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    succeeds(host, create("keep"))
+    succeeds(host, create("gone"))
+    op = asyncio.run(delete("gone")(failing_at(host.service(), "delete", step, monkeypatch)))
+    assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
+    assert host.journal(), "a delete past its point of no return is left for recovery to finish"
+    assert asyncio.run(host.service().recover()) == 1
+    assert listed(host) == ["keep"] and tags(host.disk("xvda")) == ["keep"]
+    assert not host.snapdir("gone").exists() and not host.journal()
+
+
+# -------------------------------------------------------------- operations
+
+
+def test_one_operation_per_domain_retries_answered_once_cancel_rolls_back(host: Host) -> None:
+    before = host.domain()
+    fake = FakeHypervisor(host.base / "hypervisor.json", gate=asyncio.Event())
+
+    async def scenario() -> Operation:
+        service = host.service(driver=fake)
+        op = await service.create_snapshot(create_request("held"), "request-1")
+        await fake.at_gate.wait()
+        # A retry with the same request_id is the same operation, not a second one.
+        assert await service.create_snapshot(create_request("held"), "request-1") is op
+        with pytest.raises(Busy, match="busy with operation"):
+            await service.create_snapshot(create_request("other"), "request-2")
+        with pytest.raises(Busy):
+            await service.delete_snapshot(DOMAIN, "held", False, "")
+        with pytest.raises(FailedPrecondition, match="already used for create"):
+            await service.delete_snapshot(DOMAIN, "held", False, "request-1")
+        service.operations.cancel(op.id)
+        return await finished(op)
+
+    op = asyncio.run(scenario())
+    assert op.state is OpState.CANCELLED
+    assert_no_trace(host, "held", before["disks"])
+    assert host.domain()["state"] == "running" and not host.journal()

@@ -57,8 +57,8 @@ from bench.vs_libvirt import latencies, pct
 from domsnap.agent import manifest
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
-from tests import guestprobe, harness
-from tests.harness import BIN, Agent, guest_config, make_disk
+from testbed import guestprobe, harness
+from testbed.harness import BIN, Agent, guest_config, make_disk
 
 HERE = Path(__file__).resolve().parent
 RPC_CALLS = 300

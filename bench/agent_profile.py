@@ -39,8 +39,8 @@ from qemu.qmp import EventListener, QMPClient
 
 from bench.snapshot_pause import machine
 from domsnap.v1 import domsnap_pb2 as pb
-from tests import guestprobe
-from tests.harness import BIN, Agent, guest_config, make_disk
+from testbed import guestprobe
+from testbed.harness import BIN, Agent, guest_config, make_disk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PY_SPY = BIN / "py-spy"

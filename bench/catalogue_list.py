@@ -24,7 +24,7 @@ from domsnap.agent import manifest
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.storage.base import DiskRecord, Method
 from domsnap.v1 import domsnap_pb2 as pb
-from tests.harness import BIN, Agent
+from testbed.harness import BIN, Agent
 
 DOMAIN = "big"
 

@@ -28,8 +28,8 @@ from qemu.qmp import QMPClient
 from bench import qmp_direct
 from bench.snapshot_pause import machine
 from domsnap.v1 import domsnap_pb2 as pb
-from tests import guestprobe
-from tests.harness import Agent, guest_config, make_disk
+from testbed import guestprobe
+from testbed.harness import Agent, guest_config, make_disk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = {"default 300 ms": (300, 0), "adaptive 20 ms, x2 per pass, up to 300 ms": (20, 300)}

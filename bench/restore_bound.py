@@ -24,8 +24,8 @@ from pathlib import Path
 from bench.scale import cell, drop_caches
 from bench.snapshot_pause import machine, publish, restore_seconds, timed_stream
 from domsnap.v1 import domsnap_pb2 as pb
-from tests import guestprobe
-from tests.harness import Agent, guest_config, make_disk
+from testbed import guestprobe
+from testbed.harness import Agent, guest_config, make_disk
 
 SHM = Path("/dev/shm")
 

@@ -39,8 +39,8 @@ import matplotlib
 
 from bench.snapshot_pause import RESULTS, machine, publish, restore_seconds, timed_stream
 from domsnap.v1 import domsnap_pb2 as pb
-from tests import guestprobe
-from tests.harness import Agent, guest_config, make_disk
+from testbed import guestprobe
+from testbed.harness import Agent, guest_config, make_disk
 
 MiB = 1 << 20
 # Disks holding more data than this are measured once (each pass copies it twice).

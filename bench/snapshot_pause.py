@@ -29,8 +29,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from domsnap.v1 import domsnap_pb2 as pb
-from tests import guestprobe
-from tests.harness import Agent, guest_config, make_disk
+from testbed import guestprobe
+from testbed.harness import Agent, guest_config, make_disk
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

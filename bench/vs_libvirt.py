@@ -5,7 +5,7 @@
 Sets up what it needs: Debian's libvirt (`apt-get install -y
 libvirt-daemon-system libvirt-clients` if missing), virtlogd and libvirtd for
 the run only (when not already running; it stops what it started), a domsnapd
-(tests/harness.py's Agent) on a private unix socket plus a plain-TCP loopback
+(testbed/harness.py's Agent) on a private unix socket plus a plain-TCP loopback
 listener (`allow_plaintext_loopback`), and per guest size the same guest
 (guest/build.sh: kernel, initramfs, cmdline, memory, 1 vCPU, a 64 MiB qcow2
 disk with 64 KiB clusters, writeback cache, serial to a file, TCG,
@@ -64,8 +64,8 @@ from bench import qmp_direct
 from bench.snapshot_pause import dd_write_read, machine
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
-from tests import guestprobe
-from tests.harness import BIN, Agent, guest_config, make_disk
+from testbed import guestprobe
+from testbed.harness import BIN, Agent, guest_config, make_disk
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

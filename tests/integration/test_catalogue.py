@@ -17,9 +17,9 @@ import pytest
 
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
-from tests import guestprobe
-from tests.conftest import BootGuest, Guest, destroy_all, start_guest
-from tests.harness import Agent
+from testbed import guestprobe
+from testbed.harness import Agent
+from tests.integration.conftest import BootGuest, Guest, destroy_all, start_guest
 
 pytestmark = [pytest.mark.guest]
 

@@ -15,7 +15,7 @@ from domsnap.agent.catalogue_index import FILE
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.storage.base import DiskRecord, Method
 from domsnap.v1 import domsnap_pb2 as pb
-from tests.harness import Agent
+from testbed.harness import Agent
 
 COUNT = 2500
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from domsnap.v1 import domsnap_pb2 as pb
-from tests.conftest import Agent, BootGuest, Guest, destroy_all, start_guest
-from tests.harness import BIN
+from testbed.harness import BIN
+from tests.integration.conftest import Agent, BootGuest, Guest, destroy_all, start_guest
 
 pytestmark = [pytest.mark.guest]
 

@@ -36,8 +36,8 @@ from domsnap.client import (
     fan_out_async,
 )
 from domsnap.v1 import domsnap_pb2 as pb
-from tests.conftest import BootGuest
-from tests.harness import BIN, Agent
+from testbed.harness import BIN, Agent
+from tests.integration.conftest import BootGuest
 from tests.tlscerts import CA
 
 # Per-host deadline of the fan-out tests: the stopped agent must cost this, not more.

@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from domsnap.v1 import domsnap_pb2 as pb
-from tests import guestprobe
-from tests.conftest import Agent, BootGuest
-from tests.harness import BIN
+from testbed import guestprobe
+from testbed.harness import BIN
+from tests.integration.conftest import Agent, BootGuest
 
 pytestmark = pytest.mark.guest
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import guestprobe
-from tests.conftest import Agent, BootGuest
+from testbed import guestprobe
+from tests.integration.conftest import Agent, BootGuest
 from tests.integration.test_snapshots import EXTERNAL, _cli_refused, revert_and_check, take
 
 pytestmark = [pytest.mark.guest]

@@ -35,8 +35,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from domsnap.v1 import domsnap_pb2 as pb
-from tests.conftest import Guest, own_agent, start_guest
-from tests.harness import Agent
+from testbed.harness import Agent
+from tests.integration.conftest import Guest, own_agent, start_guest
 from tests.integration.test_security import NOBODY, cli_as
 
 pytestmark = pytest.mark.guest

@@ -17,9 +17,9 @@ import grpc
 import pytest
 
 from domsnap.v1 import domsnap_pb2 as pb
-from tests import guestprobe
-from tests.conftest import Agent, Guest, own_agent
-from tests.harness import make_disk
+from testbed import guestprobe
+from testbed.harness import make_disk
+from tests.integration.conftest import Agent, Guest, own_agent
 from tests.integration.test_snapshots import bad_lines, revert_and_check, run_on, take
 
 # Until the self-check starts: ~20 s on an idle 2-core host, minutes on a loaded one.

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from domsnap.agent.journal import KILL_ENV
 from domsnap.v1 import domsnap_pb2 as pb
-from tests.conftest import Guest, destroy_all, own_agent, start_guest
-from tests.harness import Agent
+from testbed.harness import Agent
+from tests.integration.conftest import Guest, destroy_all, own_agent, start_guest
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -18,8 +18,8 @@ import google.rpc
 import pytest
 
 from domsnap.v1 import domsnap_pb2 as pb
-from tests.conftest import BootGuest
-from tests.harness import Agent
+from testbed.harness import Agent
+from tests.integration.conftest import BootGuest
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node"
 NODE = shutil.which("node")

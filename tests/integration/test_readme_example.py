@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from domsnap.v1 import domsnap_pb2 as pb
-from tests.conftest import Guest, destroy_all, start_guest
-from tests.harness import Agent
+from testbed.harness import Agent
+from tests.integration.conftest import Guest, destroy_all, start_guest
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -16,9 +16,9 @@ import pytest
 
 from domsnap.agent.journal import FAIL_ENV, KILL_ENV
 from domsnap.v1 import domsnap_pb2 as pb
-from tests import guestprobe
-from tests.conftest import Guest, own_agent, start_guest
-from tests.harness import Agent
+from testbed import guestprobe
+from testbed.harness import Agent
+from tests.integration.conftest import Guest, own_agent, start_guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]
 

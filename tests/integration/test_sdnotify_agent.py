@@ -20,7 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.harness import Agent
+from testbed.harness import Agent
 
 WATCHDOG_USEC = 400_000
 

@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 from domsnap.agent import limits, snapshot_create
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
-from tests.conftest import BootGuest
-from tests.harness import BIN, Agent
+from testbed.harness import BIN, Agent
+from tests.integration.conftest import BootGuest
 from tests.tlscerts import CA, Pair
 
 ADMIN_CN, READER_CN, STRANGER_CN = "ops", "monitor", "stranger"

@@ -30,8 +30,8 @@ import grpc
 import pytest
 
 from domsnap.v1 import domsnap_pb2 as pb
-from tests import guestprobe
-from tests.conftest import Agent, BootGuest, Guest
+from testbed import guestprobe
+from tests.integration.conftest import Agent, BootGuest, Guest
 
 pytestmark = [pytest.mark.guest]
 

@@ -1,4 +1,4 @@
-"""A real domsnapd and real test guests, for the tests and the benchmarks."""
+"""A real domsnapd (started, restarted, stopped) and the disks and configs of test guests."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from domsnap.v1 import domsnap_pb2 as pb
-from tests import guestprobe
-from tests.harness import Agent, guest_config, kvm_boots, make_disk
+from testbed import guestprobe
+from testbed.harness import Agent, guest_config, kvm_boots, make_disk
 
 __all__ = ["Agent", "BootGuest", "Guest", "destroy_all", "own_agent", "start_guest"]
 

@@ -83,7 +83,7 @@ class Operation:
         span = max(until - base, 0.0)
         self._publish(Progress(name, base))
 
-        def report(fraction: float, done: int, total: int, rate: float, message: str) -> None:
+        def report(fraction: float, *, done: int = 0, total: int = 0, rate: float = 0.0, message: str = "") -> None:
             # Never backwards: a phase may report after a nested one began.
             pct = max(base + span * min(max(fraction, 0.0), 1.0), self.progress.percent)
             self._publish(Progress(name, pct, done, total, rate, message))
@@ -95,14 +95,14 @@ class Operation:
         on the mode) share the range up to `until` by weight, e.g. bytes."""
         base = self.progress.percent
         span = max(until - base, 0.0)
-        total = sum(weights.values()) or 1.0
-        done = dict.fromkeys(weights, 0.0)
+        weight = sum(weights.values()) or 1.0
+        reached = dict.fromkeys(weights, 0.0)
 
         def sink(name: str) -> StepProgress:
-            def report(fraction: float, bytes_done: int, bytes_total: int, rate: float, message: str) -> None:
-                done[name] = min(max(fraction, 0.0), 1.0)
-                pct = base + span * sum(weights[k] * done[k] for k in weights) / total
-                self._publish(Progress(name, max(pct, self.progress.percent), bytes_done, bytes_total, rate, message))
+            def report(fraction: float, *, done: int = 0, total: int = 0, rate: float = 0.0, message: str = "") -> None:
+                reached[name] = min(max(fraction, 0.0), 1.0)
+                pct = base + span * sum(weights[k] * reached[k] for k in weights) / weight
+                self._publish(Progress(name, max(pct, self.progress.percent), done, total, rate, message))
 
             return report
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import time
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -18,19 +18,23 @@ class Progress:
     time: float = field(default_factory=time)
 
 
-# A step reports how far *it* got (0..1) and the bytes it moved; the
-# operation maps that into its overall percentage.
-StepProgress = Callable[[float, int, int, float, str], None]
+class StepProgress(Protocol):
+    """A step reports how far *it* got (0..1) and, where it moves bytes, how
+    many of how many at what rate; the operation maps that into its overall
+    percentage."""
+
+    def __call__(self, fraction: float, /, *, done: int = 0, total: int = 0, rate: float = 0.0,
+                 message: str = "") -> None: ...
 
 
-def ignore_progress(_fraction: float, _done: int, _total: int, _rate: float, _message: str) -> None:
+def ignore_progress(fraction: float, *, done: int = 0, total: int = 0, rate: float = 0.0, message: str = "") -> None:
     """For steps run where nobody is watching (recovery, rollback)."""
 
 
 def share(progress: StepProgress, index: int, count: int) -> StepProgress:
     """The progress sink of item `index` of `count` equal parts of one step."""
 
-    def report(fraction: float, done: int, total: int, rate: float, message: str) -> None:
-        progress((index + fraction) / count, done, total, rate, message)
+    def report(fraction: float, *, done: int = 0, total: int = 0, rate: float = 0.0, message: str = "") -> None:
+        progress((index + fraction) / count, done=done, total=total, rate=rate, message=message)
 
     return report

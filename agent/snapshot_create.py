@@ -114,8 +114,7 @@ class SnapshotCreate:
 
     async def run(self, op: Operation, req: CreateRequest, plan: Plan) -> Entry:
         domain = plan.domain
-        op.phase("validate", 5)(1.0, 0, 0, 0.0,
-                                f"{len(plan.records)} disk(s), memory {domain.config.memory_mib} MiB")
+        op.phase("validate", 5)(1.0, message=f"{len(plan.records)} disk(s), memory {domain.config.memory_mib} MiB")
         op.check_cancel()
         created = time.time()
         journal = JournalEntry(op.id, "create", domain.name, req.name, op.request_id, data={
@@ -139,7 +138,7 @@ class SnapshotCreate:
             mem_progress, disk_progress = sinks["memory"], sinks["disks"]
 
             async def in_pause(block: BlockOps) -> None:
-                disk_progress(0.0, 0, 0, 0.0, "guest paused")
+                disk_progress(0.0, message="guest paused")
                 for i, rec in enumerate(plan.records):
                     # Not written: the durable "checkpoint" step already has
                     # every disk undone by a rollback, taken or not.

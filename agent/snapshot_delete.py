@@ -92,7 +92,7 @@ class SnapshotDelete:
     async def run(self, op: Operation, plan: DeletePlan) -> DeletePlan:
         """Delete what the plan names; the plan is the result (what was deleted)."""
         domain, doomed, dom = plan.domain, plan.doomed, plan.dom
-        op.phase("validate", 5)(1.0, 0, 0, 0.0, ", ".join(e.manifest.name for e in doomed))
+        op.phase("validate", 5)(1.0, message=", ".join(e.manifest.name for e in doomed))
         op.commit()
         sink = op.phase("delete", 99)
         for i, e in enumerate(doomed):
@@ -107,7 +107,7 @@ class SnapshotDelete:
             except Exception as err:
                 await self._again(journal, err)
             await self._journal.finish(journal)
-            sink((i + 1) / len(doomed), 0, 0, 0.0, f"deleted {e.manifest.name}")
+            sink((i + 1) / len(doomed), message=f"deleted {e.manifest.name}")
         return plan
 
     async def _again(self, journal: JournalEntry, err: Exception) -> None:
@@ -153,7 +153,7 @@ class SnapshotDelete:
         await self._journal.step(journal, "merge")
         for merge in journal.data["merges"]:
             rec = DiskRecord.from_dict(merge["record"])
-            progress(0.5, 0, 0, 0.0, f"{rec.vdev}: merging {rec.file} into {rec.image}")
+            progress(0.5, message=f"{rec.vdev}: merging {rec.file} into {rec.image}")
             await self._backends.for_record(rec).merge(rec, block, merge["top"] or None, merge["children"])
             self._repoint(m.domain, rec)
             layers.refresh(self._catalogue, self._backends, m.domain, [rec.image, *merge["children"]])
@@ -180,7 +180,7 @@ class SnapshotDelete:
     async def _plan_merges(self, m: Manifest, dom: Domain | None, progress: StepProgress) -> list[dict[str, Any]]:
         def skip(reason: str) -> None:
             log.info("delete %s: %s", m.name, reason)
-            progress(0.5, 0, 0, 0.0, reason)
+            progress(0.5, message=reason)
 
         chains = await self._chains(m, dom)
         frozen = {r.image: e.manifest.name for e in self._catalogue.entries(m.domain) for r in e.manifest.disks}

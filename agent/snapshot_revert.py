@@ -184,7 +184,7 @@ class SnapshotRevert:
 
     async def run(self, op: Operation, plan: RevertPlan) -> Entry:
         snapdir, m, domain, current, paused = plan.snapdir, plan.manifest, plan.domain, plan.current, plan.paused
-        op.phase("validate", 5)(1.0, 0, 0, 0.0, "snapshot complete" + (
+        op.phase("validate", 5)(1.0, message="snapshot complete" + (
             f"; forced past: {'; '.join(plan.risks)}" if plan.risks else ""))
         # The manifest goes into the journal: recovery redoes what was checked
         # here, whatever the snapshot's folder holds by then.

@@ -125,7 +125,7 @@ async def save(
         raise
     finally:
         os.close(fd)
-    progress(1.0, size, size, 0.0, "memory image written")
+    progress(1.0, done=size, total=size, message="memory image written")
     return SaveResult(size, stopped, resumed)
 
 
@@ -217,7 +217,8 @@ class _Watch:
             if total and status == "active":
                 remaining = int(ram.get("remaining", total))
                 fraction = 1 - remaining / total if live else min(written / total, 1.0)
-                self._progress(min(fraction, 0.99), written, total, self._rate.of(written), f"memory: {status}")
+                self._progress(min(fraction, 0.99), done=written, total=total, rate=self._rate.of(written),
+                               message=f"memory: {status}")
             await _next_change(self._changes)
 
     async def _adapt(self, passes: int) -> None:
@@ -278,8 +279,9 @@ async def load(qmp: QmpSession, memory: Path, *, progress: StepProgress) -> None
                 if status in ("failed", "cancelled"):
                     _raise_failed(info, "loading the memory image")
                 done = os.lseek(fd, 0, os.SEEK_CUR)
-                progress(min(done / max(total, 1), 0.99), done, total, rate.of(done), "memory: loading")
+                progress(min(done / max(total, 1), 0.99), done=done, total=total, rate=rate.of(done),
+                         message="memory: loading")
                 await _next_change(changes)
-        progress(1.0, total, total, 0.0, "memory image loaded")
+        progress(1.0, done=total, total=total, message="memory image loaded")
     finally:
         os.close(fd)

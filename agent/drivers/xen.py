@@ -322,7 +322,7 @@ class XenDriver(Hypervisor):
             if pages is not None:
                 done, total = pages[0] * page, pages[1] * page
                 rate = done / max(time.monotonic() - t0, 1e-6)
-                progress(min(done / total, 0.99), done, total, rate, "memory: saving")
+                progress(min(done / total, 0.99), done=done, total=total, rate=rate, message="memory: saving")
 
         return on_line
 
@@ -360,7 +360,7 @@ class XenDriver(Hypervisor):
             memory.unlink(missing_ok=True)
             raise
         size = memory.stat().st_size
-        progress(1.0, size, size, 0.0, "memory image written")
+        progress(1.0, done=size, total=size, message="memory image written")
         return CheckpointResult(size, downtime)
 
     async def abandon_transfers(self, name: str) -> None:
@@ -420,5 +420,5 @@ class XenDriver(Hypervisor):
             with contextlib.suppress(Exception):
                 await self.destroy(config.name)
             raise
-        progress(1.0, size, size, 0.0, "memory image loaded")
+        progress(1.0, done=size, total=size, message="memory image loaded")
         return domain

@@ -133,7 +133,8 @@ async def _until_complete(
             sent = int(arg)
             rate = sent / max(time.monotonic() - t0, 1e-6)
             # Pre-copy sends memory more than once: the size is only a guide.
-            progress(min(sent / max(expected, 1), 0.99), sent, expected, rate, "memory: live pre-copy")
+            progress(min(sent / max(expected, 1), 0.99), done=sent, total=expected, rate=rate,
+                     message="memory: live pre-copy")
             continue
         why = f"the sink reported: {arg}" if kind == xen_sink.FAILED else "the sink went away"
         await asyncio.shield(xl)
@@ -179,5 +180,5 @@ async def live_save(
     if RESUMED not in result.stderr:
         raise InternalError(f"live snapshot of domain {domain}: xl did not report resuming the domain; "
                             f"xl: {_tail(result.stderr)}")
-    progress(1.0, size, size, 0.0, "memory image written")
+    progress(1.0, done=size, total=size, message="memory image written")
     return LiveSaveResult(size, downtime)

@@ -23,6 +23,7 @@ the pause, as nothing else can hold the instant.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import stat
@@ -167,8 +168,8 @@ class LvmBackend(DiskBackend):
         await self._run(lvm_argv.snapshot(lv.vg, lv.name, record.tag, size_bytes=size,
                                           activate=lv.thin and record.method is Method.EXTERNAL),
                         timeout=QUERY_TIMEOUT)
-        progress(0.0 if record.method is Method.EXTERNAL else 1.0, 0, 0, 0.0,
-                 f"{record.vdev}: LVM snapshot {record.tag} taken")
+        progress(0.0 if record.method is Method.EXTERNAL else 1.0,
+                 message=f"{record.vdev}: LVM snapshot {record.tag} taken")
 
     async def complete(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
         if record.method is not Method.EXTERNAL or not record.tag:
@@ -232,7 +233,7 @@ class LvmBackend(DiskBackend):
             await self._swap_thin(vg, lv, record.tag)
         else:
             await self._merge_thick(vg, lv, record.tag, record.vdev)
-        progress(1.0, 0, 0, 0.0, f"{record.vdev}: {vg}/{lv} reverted to {record.tag}")
+        progress(1.0, message=f"{record.vdev}: {vg}/{lv} reverted to {record.tag}")
         return current
 
     async def _swap_thin(self, vg: str, lv: str, snap: str) -> None:
@@ -263,6 +264,7 @@ async def _copy(copy: blockcopy.CopyFunction, src: Path, dst: Path, vdev: str, p
     loop = asyncio.get_running_loop()
 
     def report(done: int, total: int, rate: float) -> None:
-        loop.call_soon_threadsafe(progress, done / max(total, 1), done, total, rate, f"{vdev}: copying")
+        loop.call_soon_threadsafe(functools.partial(progress, done / max(total, 1), done=done, total=total, rate=rate,
+                                                    message=f"{vdev}: copying"))
 
     await asyncio.to_thread(copy, src, dst, report)

@@ -68,7 +68,7 @@ class Qcow2Backend(DiskBackend):
         else:
             await self._run(qemu_img.create_overlay(self._img, record.file, record.image, record.format),
                             timeout=TIMEOUT)
-        progress(1.0, 0, 0, 0.0, f"{record.vdev}: {record.method} snapshot taken")
+        progress(1.0, message=f"{record.vdev}: {record.method} snapshot taken")
 
     async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
         if record.method is Method.INTERNAL:
@@ -87,13 +87,13 @@ class Qcow2Backend(DiskBackend):
     async def revert(self, record: DiskRecord, current: DiskSpec, progress: StepProgress) -> DiskSpec:
         if record.method is Method.INTERNAL:
             await self._run(qemu_img.snapshot_apply(self._img, record.image, record.tag), timeout=TIMEOUT)
-            progress(1.0, 0, 0, 0.0, f"{record.vdev}: tag {record.tag} applied")
+            progress(1.0, message=f"{record.vdev}: tag {record.tag} applied")
             return current
         # A fresh overlay over the frozen image: the overlays of later
         # snapshots (which may have this image below them) stay untouched.
         fresh = fresh_revert_layer(Path(record.file))
         await self._run(qemu_img.create_overlay(self._img, fresh, record.image, record.format), timeout=TIMEOUT)
-        progress(1.0, 0, 0, 0.0, f"{record.vdev}: new overlay {fresh.name}")
+        progress(1.0, message=f"{record.vdev}: new overlay {fresh.name}")
         return dataclasses.replace(current, target=str(fresh), format="qcow2")
 
     def overlays(self, record: DiskRecord) -> list[Path]:

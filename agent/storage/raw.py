@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 from pathlib import Path
@@ -37,7 +38,8 @@ async def _copy(src: Path, dst: Path, vdev: str, progress: StepProgress) -> None
     loop = asyncio.get_running_loop()
 
     def report(done: int, total: int, rate: float) -> None:
-        loop.call_soon_threadsafe(progress, done / max(total, 1), done, total, rate, f"{vdev}: copying")
+        loop.call_soon_threadsafe(functools.partial(progress, done / max(total, 1), done=done, total=total, rate=rate,
+                                                    message=f"{vdev}: copying"))
 
     stop = threading.Event()
     copying = loop.run_in_executor(None, copy_image, src, dst, report, stop)
@@ -89,7 +91,7 @@ class RawBackend(DiskBackend):
         # (through the page cache) holds exactly what the guest wrote.
         if block is not None and block.can_overlay(record.vdev):
             await block.external_snapshot(record.vdev, pending_overlay(record), "qcow2")
-            progress(0.0, 0, 0, 0.0, f"{record.vdev}: image frozen; copied once the guest runs")
+            progress(0.0, message=f"{record.vdev}: image frozen; copied once the guest runs")
         else:
             await _copy(Path(record.image), Path(record.file), record.vdev, progress)
 
@@ -100,7 +102,7 @@ class RawBackend(DiskBackend):
         if block is None:
             raise InternalError(f"disk {record.vdev}: the domain went away while its image was being copied")
         await _copy(Path(record.image), Path(record.file), record.vdev, progress)
-        progress(1.0, 0, 0, 0.0, f"{record.vdev}: merging what the guest wrote meanwhile")
+        progress(1.0, message=f"{record.vdev}: merging what the guest wrote meanwhile")
         merging = asyncio.ensure_future(block.drop_overlay(record.vdev, Path(record.image), record.format))
         try:
             await asyncio.shield(merging)

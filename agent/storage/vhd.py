@@ -68,7 +68,7 @@ class VhdBackend(DiskBackend):
             await block.external_snapshot(record.vdev, Path(record.file), "vhd")
         else:
             await self._vhd_util(vhd_util.snapshot(self._bin, record.file, record.image))
-        progress(1.0, 0, 0, 0.0, f"{record.vdev}: child {Path(record.file).name} created")
+        progress(1.0, message=f"{record.vdev}: child {Path(record.file).name} created")
 
     async def undo(self, record: DiskRecord, block: BlockOps | None) -> None:
         child = Path(record.file)
@@ -101,5 +101,5 @@ class VhdBackend(DiskBackend):
     async def revert(self, record: DiskRecord, current: DiskSpec, progress: StepProgress) -> DiskSpec:
         fresh = fresh_revert_layer(Path(record.file))
         await self._vhd_util(vhd_util.snapshot(self._bin, fresh, record.image))
-        progress(1.0, 0, 0, 0.0, f"{record.vdev}: new child {fresh.name}")
+        progress(1.0, message=f"{record.vdev}: new child {fresh.name}")
         return dataclasses.replace(current, target=str(fresh), format="vhd")

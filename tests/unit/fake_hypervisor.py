@@ -124,7 +124,7 @@ class FakeHypervisor(Hypervisor):
         await in_pause(self.block_ops(domain.name))
         if not live:
             memory.write_text(image)
-        progress(1.0, memory.stat().st_size, memory.stat().st_size, 0.0, "memory saved")
+        progress(1.0, done=memory.stat().st_size, total=memory.stat().st_size, message="memory saved")
         self._set_state(domain.name, domain.state)
         return CheckpointResult(memory.stat().st_size, 0.001)
 
@@ -142,7 +142,7 @@ class FakeHypervisor(Hypervisor):
         if json.loads(memory.read_text())["domain"] != config.name or facts != {"machine": "fake"}:
             raise InternalError(f"fake hypervisor: {memory} is not an image of {config.name}")
         domain = await self.create(config, paused=paused)
-        progress(1.0, 0, 0, 0.0, "restored")
+        progress(1.0, message="restored")
         return domain
 
 

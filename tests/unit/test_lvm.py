@@ -285,7 +285,7 @@ def test_external_copy_and_copy_back(tmp_path: Path) -> None:
         rec = DiskRecord("xvda", "raw", "lvm", Method.EXTERNAL, str(lv), file=str(tmp_path / "xvda.raw"))
         backend = LvmBackend(FakeRunner([]))
         events: list[float] = []
-        await backend.take(rec, None, lambda f, *_: events.append(f))
+        await backend.take(rec, None, lambda f, **_: events.append(f))
         copy = Path(rec.file)
         assert copy.read_bytes() == before
         assert copy.stat().st_blocks * 512 < 4 * MiB  # the zeros stayed holes

@@ -50,7 +50,8 @@ class Progress:
     def __init__(self) -> None:
         self.events: list[tuple[float, int, int, str]] = []
 
-    def __call__(self, fraction: float, done: int, total: int, rate: float, message: str) -> None:
+    def __call__(self, fraction: float, *, done: int = 0, total: int = 0, rate: float = 0.0,
+                 message: str = "") -> None:
         assert rate >= 0
         self.events.append((fraction, done, total, message))
 

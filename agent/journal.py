@@ -31,7 +31,7 @@ FAIL_ENV = "DOMSNAP_FAIL_AT"
 
 
 @dataclass
-class Entry:
+class JournalEntry:
     op_id: str
     kind: str
     domain: str
@@ -59,7 +59,7 @@ class Journal:
     def _path(self, op_id: str) -> Path:
         return self._dir / f"{op_id}.json"
 
-    def _write(self, entry: Entry) -> None:
+    def _write(self, entry: JournalEntry) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self._path(entry.op_id), json.dumps(asdict(entry)), mode=0o600)
 
@@ -67,17 +67,17 @@ class Journal:
     # other call the agent answers meanwhile); each is awaited, so a step is
     # durable before it runs.
 
-    async def begin(self, entry: Entry) -> None:
+    async def begin(self, entry: JournalEntry) -> None:
         await asyncio.to_thread(self._write, entry)
 
-    async def step(self, entry: Entry, step: str, **data: Any) -> None:
+    async def step(self, entry: JournalEntry, step: str, **data: Any) -> None:
         """Record durably that `step` is about to run (with what undoing it needs)."""
         entry.steps.append(step)
         entry.data.update(data)
         await asyncio.to_thread(self._write, entry)
         self._kill_point(entry, step)
 
-    def mark(self, entry: Entry, step: str) -> None:
+    def mark(self, entry: JournalEntry, step: str) -> None:
         """Record that `step` is about to run, for this process only: for a
         step whose undo (or redo) the last durable step already covers, where
         a write would cost more than it tells (inside a guest's pause). A
@@ -85,7 +85,7 @@ class Journal:
         entry.steps.append(step)
         self._kill_point(entry, step)
 
-    def _kill_point(self, entry: Entry, step: str) -> None:
+    def _kill_point(self, entry: JournalEntry, step: str) -> None:
         if self._kill_at == f"{entry.kind}:{step}":
             log.warning("fault injection: killing the agent at %s:%s", entry.kind, step)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -93,16 +93,16 @@ class Journal:
             self._failures_left -= 1
             raise InternalError(f"fault injection: step {entry.kind}:{step} failed")
 
-    async def finish(self, entry: Entry) -> None:
+    async def finish(self, entry: JournalEntry) -> None:
         await asyncio.to_thread(self._path(entry.op_id).unlink, missing_ok=True)
 
-    def pending(self) -> list[Entry]:
+    def pending(self) -> list[JournalEntry]:
         if not self._dir.is_dir():
             return []
         entries = []
         for path in sorted(self._dir.glob("*.json"), key=lambda p: p.stat().st_mtime):
             try:
-                entries.append(Entry(**json.loads(path.read_text())))
+                entries.append(JournalEntry(**json.loads(path.read_text())))
             except (OSError, ValueError, TypeError) as err:
                 log.error("journal entry %s is unreadable (%s); moving it aside", path, err)
                 path.rename(path.with_suffix(".corrupt"))

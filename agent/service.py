@@ -19,8 +19,7 @@ from domsnap.agent.config import AgentConfig
 from domsnap.agent.domain import Domain, DomainConfig, RunState
 from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import DomsnapError, FailedPrecondition, InternalError, InvalidArgument, NotFound
-from domsnap.agent.journal import Entry as JournalEntry
-from domsnap.agent.journal import Journal
+from domsnap.agent.journal import Journal, JournalEntry
 from domsnap.agent.ledger import Ledger
 from domsnap.agent.op_history import DAY, History
 from domsnap.agent.operations import Observer, Operation, Operations, OpKind, OpState

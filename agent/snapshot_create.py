@@ -22,8 +22,7 @@ from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain, RunState
 from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from domsnap.agent.journal import Entry as JournalEntry
-from domsnap.agent.journal import Journal
+from domsnap.agent.journal import Journal, JournalEntry
 from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.names import check_name, default_snapshot_name

@@ -17,8 +17,7 @@ from pathlib import Path
 from domsnap.agent import manifest
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.errors import AlreadyExists, FailedPrecondition
-from domsnap.agent.journal import Entry as JournalEntry
-from domsnap.agent.journal import Journal
+from domsnap.agent.journal import Journal, JournalEntry
 from domsnap.agent.ledger import Ledger
 from domsnap.agent.names import check_name
 

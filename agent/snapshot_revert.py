@@ -23,8 +23,7 @@ from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain, DomainConfig
 from domsnap.agent.drivers.base import Hypervisor
 from domsnap.agent.errors import DomsnapError, FailedPrecondition, InternalError, InvalidArgument, NotFound
-from domsnap.agent.journal import Entry as JournalEntry
-from domsnap.agent.journal import Journal
+from domsnap.agent.journal import Journal, JournalEntry
 from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.operations import Operation

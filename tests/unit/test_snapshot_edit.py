@@ -15,8 +15,7 @@ from domsnap.agent import manifest
 from domsnap.agent.catalogue import Catalogue
 from domsnap.agent.convert import snapshot_listing
 from domsnap.agent.errors import AlreadyExists, FailedPrecondition
-from domsnap.agent.journal import Entry as JournalEntry
-from domsnap.agent.journal import Journal
+from domsnap.agent.journal import Journal, JournalEntry
 from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
 from domsnap.agent.snapshot_edit import SnapshotEdit

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from domsnap.agent.domain import DomainConfig
 from domsnap.agent.errors import InvalidArgument
-from domsnap.agent.journal import Entry as JournalEntry
+from domsnap.agent.journal import JournalEntry
 from domsnap.agent.snapshot_revert import Stranded
 from domsnap.agent.xldisk import (
     BACKEND_TYPES,

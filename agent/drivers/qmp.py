@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, QMPError
 
@@ -143,8 +143,3 @@ class QmpSession:
             # re-raises the reader's EOFError here, which means "closed".
             with contextlib.suppress(Exception):
                 await client.disconnect()
-
-
-def event_time(event: Mapping[str, Any]) -> float:
-    stamp = cast(Mapping[str, int], event["timestamp"])
-    return stamp["seconds"] + stamp["microseconds"] / 1e6

@@ -1,6 +1,6 @@
 """Agent configuration: defaults, then the TOML file, then command-line flags.
 
-Listening follows the security rules of the design: a unix socket by default
+Listening follows the security rules of docs/design.md: a unix socket by default
 (mode 0660, group `socket_group`); TCP only with TLS and client certificates
 (`[tls]`), except plain TCP on loopback when `allow_plaintext_loopback` says so.
 """

@@ -1,7 +1,9 @@
 """The operations journal: before each step of an operation runs, its intent
 is written durably to `<state_dir>/journal/<op-id>.json`, so that an agent
 restarted after a crash (or `kill -9`) finds what was under way and finishes
-or rolls it back (see recovery.py). A finished operation's entry is removed.
+or rolls it back (AgentService.recover hands each entry to the `recover` of
+its procedure: SnapshotCreate, SnapshotRevert or SnapshotDelete). A finished
+operation's entry is removed.
 
 Fault injection for tests: with `[testing] fault_injection = true` in the
 config, the environment variable DOMSNAP_KILL_AT=<kind>:<step> (e.g.

@@ -1,6 +1,7 @@
 """XenDriver against a fake runner that checks every xl argv and replays the
-recorded Xen 4.17 output in tests/data/xen-4.17 (see its README: reconstructed
-from the Xen sources, not captured)."""
+recorded Xen 4.17 output in tests/data/xen-4.17 (see its README): the files
+there were reconstructed from the Xen sources; real captures from the Xen lab
+are in tests/data/xen-4.17/captured/, which test_xen_captured.py reads."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ isort:skip_file
 domsnap agent API, version 1.
 
 Semantics (what each call does, which status codes it returns and when) are
-documented next to each message; docs/domsnap.cfg.5 and DESIGN.md give the
-product's rules. Errors leave as gRPC status codes with a human message and,
+documented next to each message; docs/domsnap.cfg.5 and docs/design.md give
+the product's rules. Errors leave as gRPC status codes with a human message and,
 in the `grpc-status-details-bin` trailer, a google.rpc.Status whose details
 hold a google.rpc.ErrorInfo (domain "domsnap.dev", a stable `reason`).
 

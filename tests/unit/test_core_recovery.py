@@ -136,9 +136,9 @@ def revert(name: str, *, force: bool = False) -> Call:
     return call
 
 
-def delete(name: str) -> Call:
+def delete(name: str, *, children: bool = False) -> Call:
     async def call(service: AgentService) -> Operation:
-        return await finished(await service.delete_snapshot(DOMAIN, name, False, ""))
+        return await finished(await service.delete_snapshot(DOMAIN, name, children, ""))
 
     return call
 
@@ -328,3 +328,28 @@ def test_one_operation_per_domain_retries_answered_once_cancel_rolls_back(host: 
     assert op.state is OpState.CANCELLED
     assert_no_trace(host, "held", before["disks"])
     assert host.domain()["state"] == "running" and not host.journal()
+
+
+# --------------------------------------------------------------- catalogue
+
+
+def test_the_tree_follows_creates_reverts_and_deletes(host: Host) -> None:
+    """Each snapshot's parent is the one the domain's state descended from;
+    a deleted snapshot's children get its parent; --children takes descendants."""
+    service = host.service()
+
+    def parents() -> dict[str, str]:
+        return {e.manifest.name: e.manifest.parent for e in asyncio.run(service.list_snapshots(DOMAIN))}
+
+    for step in (create("a"), create("b"), revert("a"), create("c"), create("d")):
+        succeeds(host, step)
+    assert parents() == {"a": "", "b": "a", "c": "a", "d": "c"}
+    assert asyncio.run(service.get_snapshot(DOMAIN, "d")).current
+    succeeds(host, delete("a"))
+    assert parents() == {"b": "", "c": "", "d": "c"}
+    succeeds(host, delete("c", children=True))
+    assert parents() == {"b": ""}
+    assert tags(host.disk("xvda")) == ["b"], "the deleted snapshots' tags went with them"
+    assert sorted(p.name for p in (host.base / "snapshots" / DOMAIN).iterdir()) == ["b"]
+    succeeds(host, revert("b"))
+    assert host.holds(1) and host.domain()["state"] == "running" and not host.journal()

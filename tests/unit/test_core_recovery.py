@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +21,11 @@ from typing import Any
 import pytest
 
 from domsnap.agent import config as agent_config
-from domsnap.agent.errors import Busy, FailedPrecondition, InternalError
+from domsnap.agent import runner
+from domsnap.agent.errors import Busy, CommandError, FailedPrecondition, InternalError
 from domsnap.agent.journal import KILL_ENV
 from domsnap.agent.operations import Operation, OpState
+from domsnap.agent.runner import CommandResult, Runner
 from domsnap.agent.service import AgentService
 from domsnap.agent.snapshot_create import CreateRequest, parse_request
 from domsnap.agent.snapshot_revert import RevertRequest, RunAfter
@@ -63,10 +65,11 @@ class Host:
         return self.base / "state"
 
     def service(self, *, fault_injection: bool = False, fail: frozenset[str] = frozenset(),
-                driver: FakeHypervisor | None = None) -> AgentService:
+                driver: FakeHypervisor | None = None, run: Runner = runner.run) -> AgentService:
         config = agent_config.AgentConfig(state_dir=self.state_dir, snapshot_root=self.base / "snapshots",
                                           testing=agent_config.TestingConfig(fault_injection=fault_injection))
-        return AgentService(config, driver or FakeHypervisor(self.base / "hypervisor.json", set(fail)), Backends())
+        return AgentService(config, driver or FakeHypervisor(self.base / "hypervisor.json", set(fail)),
+                            Backends(run=run))
 
     def snapdir(self, name: str) -> Path:
         return self.base / "snapshots" / DOMAIN / name
@@ -233,6 +236,26 @@ def test_create_with_a_failing_hypervisor_rolls_back(host: Host, fail: str) -> N
     assert host.domain()["state"] == "running" and not host.journal()
 
 
+def failing(*words: str) -> Runner:
+    """The real runner, except that a command with all of `words` in its argv fails as the tool would."""
+
+    async def run(argv: Sequence[str], *, timeout: float, check: bool = True,
+                  on_stderr_line: Callable[[str], None] | None = None) -> CommandResult:
+        if all(w in argv for w in words):
+            raise CommandError(argv, 1, "", "injected failure")
+        return await runner.run(argv, timeout=timeout, check=check, on_stderr_line=on_stderr_line)
+
+    return run
+
+
+def test_create_whose_storage_fails_in_planning_touches_nothing(host: Host) -> None:
+    before = host.domain()
+    with pytest.raises(CommandError):
+        asyncio.run(create("p")(host.service(run=failing("qemu-img", "info"))))
+    assert_no_trace(host, "p", before["disks"])
+    assert host.domain()["state"] == "running" and not host.journal()
+
+
 # ------------------------------------------------------------------ revert
 
 
@@ -258,6 +281,18 @@ def test_revert_failing_at_a_step_is_reported_and_can_be_retried(host: Host, ste
     assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
     assert not host.journal(), "a failed revert leaves its outcome to the caller, not to recovery"
     # The domain was destroyed at the first step: the retry recreates it (forced).
+    succeeds(host, revert("base", force=True))
+    assert host.domain()["state"] == "running" and host.holds(1)
+
+
+@pytest.mark.parametrize(("method", "words"), [(None, ("snapshot", "-a")), (Method.EXTERNAL, ("create", "-b"))])
+def test_revert_whose_storage_fails_is_reported_and_can_be_retried(host: Host, method: Method | None,
+                                                                   words: tuple[str, ...]) -> None:
+    succeeds(host, create("base", method=method))
+    host.write(2)
+    op = asyncio.run(revert("base")(host.service(run=failing("qemu-img", *words))))
+    assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
+    assert not host.journal()
     succeeds(host, revert("base", force=True))
     assert host.domain()["state"] == "running" and host.holds(1)
 

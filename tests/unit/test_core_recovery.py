@@ -1,7 +1,7 @@
-"""The core's failure paths in milliseconds: the agent's service over a fake
-hypervisor (tests/unit/fake_hypervisor.py) and the real storage backends on
-tiny qcow2 and raw files, failing or killed at every journaled step of
-create, revert and delete, then recovered. The same matrix as the guest-based
+"""The core's failure paths in seconds, without a guest: the agent's service
+over a fake hypervisor (tests/unit/fake_hypervisor.py) and the real storage
+backends on tiny qcow2 and raw files, failing or killed at every journaled
+step of create, revert and delete, then recovered. The same matrix as the guest-based
 tests/integration/test_recovery.py, whose guests prove what this cannot (a
 real QEMU's memory and disks at one instant); here a kill is a real SIGKILL
 of a forked agent, and what it left is recovered by a fresh one."""

@@ -22,7 +22,14 @@ from domsnap.agent import layers, manifest, snapshot_cfg, xlcfg
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain, DomainConfig
 from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import DomsnapError, FailedPrecondition, InternalError, InvalidArgument, NotFound
+from domsnap.agent.errors import (
+    CommandError,
+    DomsnapError,
+    FailedPrecondition,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+)
 from domsnap.agent.journal import Journal, JournalEntry
 from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
@@ -229,7 +236,8 @@ class SnapshotRevert:
             self._stranded[journal.domain] = Stranded(journal, reason, self._driver.xl_version)
             log.error("domain %s is stranded: %s; the agent tries again at its next start, and "
                       "snapshot-revert %s %s finishes it", journal.domain, reason, journal.domain, m.name)
-            cls = type(err) if isinstance(err, DomsnapError) else InternalError
+            # Same status code; a CommandError (what a tool said) is told as the InternalError it is.
+            cls = type(err) if isinstance(err, DomsnapError) and not isinstance(err, CommandError) else InternalError
             raise cls(f"domain {journal.domain}: {reason}; it was tried twice; snapshot-revert {journal.domain} "
                       f"{m.name} finishes it") from err
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from domsnap.agent import runner
 from domsnap.agent.domain import Domain, DomainConfig, RunState
-from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause
-from domsnap.agent.errors import AlreadyExists, InternalError, NotFound
+from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause, Step, no_step
+from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InternalError, NotFound
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.storage import qemu_img
 from domsnap.agent.storage.base import BlockOps
@@ -111,7 +111,8 @@ class FakeHypervisor(Hypervisor):
         return FakeBlockOps(self, name)
 
     async def checkpoint(
-        self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress
+        self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress,
+        step: Step = no_step,
     ) -> CheckpointResult:
         self._check("checkpoint")
         if self.gate is not None:
@@ -133,6 +134,10 @@ class FakeHypervisor(Hypervisor):
 
     def facts(self, domain: Domain) -> dict[str, str]:
         return {"machine": "fake"}
+
+    async def check_facts(self, facts: Mapping[str, str]) -> None:
+        if facts != {"machine": "fake"}:
+            raise FailedPrecondition(f"fake hypervisor: cannot restore an image made with {dict(facts)}")
 
     async def restore(
         self, config: DomainConfig, memory: Path, *, facts: Mapping[str, str], paused: bool,
@@ -175,5 +180,18 @@ class FakeBlockOps:
         self._move(vdev, str(overlay), fmt)
 
     async def drop_overlay(self, vdev: str, backing: Path, fmt: str) -> None:
-        await runner.run(["qemu-img", "commit", "-q", self._target(vdev)], timeout=TIMEOUT)
+        if self._target(vdev) != str(backing):
+            await runner.run(qemu_img.commit("qemu-img", self._target(vdev)), timeout=TIMEOUT)
         self._move(vdev, str(backing), fmt)
+
+    async def commit(self, vdev: str, top: Path, base: Path) -> None:
+        # As QEMU's block-commit: the data into `base`, then the layer above `top` reads `base`.
+        out = await runner.run(qemu_img.backing_chain("qemu-img", self._target(vdev)), timeout=TIMEOUT)
+        chain = qemu_img.parse_chain(out.stdout)
+        above = chain[chain.index(str(top)) - 1]
+        await runner.run(qemu_img.commit("qemu-img", top), timeout=TIMEOUT)
+        # The chains of these tests are all qcow2.
+        await runner.run(qemu_img.rebase_unsafe("qemu-img", above, base, "qcow2"), timeout=TIMEOUT)
+
+    def can_overlay(self, vdev: str) -> bool:
+        return True

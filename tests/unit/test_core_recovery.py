@@ -22,8 +22,8 @@ import pytest
 
 from domsnap.agent import config as agent_config
 from domsnap.agent import runner
-from domsnap.agent.errors import Busy, CommandError, FailedPrecondition, InternalError
-from domsnap.agent.journal import KILL_ENV
+from domsnap.agent.errors import Busy, CommandError, FailedPrecondition
+from domsnap.agent.journal import FAIL_ENV, KILL_ENV
 from domsnap.agent.operations import Operation, OpState
 from domsnap.agent.runner import CommandResult, Runner
 from domsnap.agent.service import AgentService
@@ -33,9 +33,9 @@ from domsnap.agent.storage import Backends
 from domsnap.agent.storage.base import Method
 from tests.unit.fake_hypervisor import FakeHypervisor
 
-CREATE_STEPS = ["mkdir", "checkpoint", "disk:xvda", "disk:xvdb", "manifest", "register"]
+CREATE_STEPS = ["mkdir", "checkpoint", "disk:xvda", "disk:xvdb", "copy:xvda", "copy:xvdb", "manifest", "register"]
 REVERT_STEPS = ["destroy", "disk:xvda", "disk:xvdb", "restore", "restored"]
-DELETE_STEPS = ["unregister", "disks", "files"]
+DELETE_STEPS = ["unregister", "disks", "merge", "files"]
 DOMAIN = "core"
 # Two modes, as in test_recovery.py: qcow2 internal (a tag) and, live, external (an overlay); raw is a copy.
 MODES = [(False, None), (True, Method.EXTERNAL)]
@@ -146,8 +146,8 @@ def delete(name: str, *, children: bool = False) -> Call:
     return call
 
 
-def succeeds(host: Host, call: Call) -> None:
-    op = asyncio.run(call(host.service()))
+def succeeds(host: Host, call: Call, service: AgentService | None = None) -> None:
+    op = asyncio.run(call(service or host.service()))
     assert op.state is OpState.SUCCEEDED, op.error
 
 
@@ -167,18 +167,14 @@ def killed_at(host: Host, step: str, call: Call) -> None:
     assert asyncio.run(host.service().recover()) == 1
 
 
-def failing_at(service: AgentService, kind: str, step: str, monkeypatch: pytest.MonkeyPatch) -> AgentService:
-    """The service with an error raised right after `kind:step` is journaled."""
-    journal = service.journal
-    real = journal.step
+def failing_at(host: Host, step: str, times: int, monkeypatch: pytest.MonkeyPatch) -> AgentService:
+    """An agent whose journal fails `step` (right after journaling it) the first `times` times."""
+    monkeypatch.setenv(FAIL_ENV, f"{step}:{times}")
+    return host.service(fault_injection=True)
 
-    def step_then_fail(entry: Any, name: str, **data: Any) -> None:
-        real(entry, name, **data)
-        if (entry.kind, name) == (kind, step):
-            raise InternalError(f"injected failure at {kind}:{step}")
 
-    monkeypatch.setattr(journal, "step", step_then_fail)
-    return service
+def failed(op: Operation, because: str = "injected") -> bool:
+    return op.state is OpState.FAILED and op.error is not None and because in op.error.message
 
 
 def listed(host: Host) -> list[str]:
@@ -217,8 +213,8 @@ def test_create_killed_at_every_step(host: Host, step: str, live: bool, method: 
 def test_create_failing_at_every_step_rolls_back(host: Host, step: str, live: bool, method: Method | None,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     before = host.domain()
-    op = asyncio.run(create("f", live, method)(failing_at(host.service(), "create", step, monkeypatch)))
-    assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
+    op = asyncio.run(create("f", live, method)(failing_at(host, f"create:{step}", 1, monkeypatch)))
+    assert failed(op, "fault injection")
     assert_no_trace(host, "f", before["disks"])
     assert host.domain()["state"] == "running" and not host.journal()
     # Nothing of it is in the way of the same snapshot, taken again.
@@ -231,7 +227,7 @@ def test_create_with_a_failing_hypervisor_rolls_back(host: Host, fail: str) -> N
     before = host.domain()
     method = Method.EXTERNAL if fail == "block:external_snapshot" else None
     op = asyncio.run(create("h", method=method)(host.service(fail=frozenset({fail}))))
-    assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
+    assert failed(op)
     assert_no_trace(host, "h", before["disks"])
     assert host.domain()["state"] == "running" and not host.journal()
 
@@ -272,38 +268,56 @@ def test_revert_killed_at_every_step(host: Host, step: str, live: bool, method: 
     assert not host.journal()
 
 
-@pytest.mark.parametrize("step", REVERT_STEPS[:-1])
-def test_revert_failing_at_a_step_is_reported_and_can_be_retried(host: Host, step: str,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("step", REVERT_STEPS)
+def test_revert_failing_once_at_a_step_is_done_again_at_once(host: Host, step: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     succeeds(host, create("base"))
     host.write(2)
-    op = asyncio.run(revert("base")(failing_at(host.service(), "revert", step, monkeypatch)))
-    assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
-    assert not host.journal(), "a failed revert leaves its outcome to the caller, not to recovery"
-    # The domain was destroyed at the first step: the retry recreates it (forced).
-    succeeds(host, revert("base", force=True))
-    assert host.domain()["state"] == "running" and host.holds(1)
+    succeeds(host, revert("base"), failing_at(host, f"revert:{step}", 1, monkeypatch))
+    assert host.domain()["state"] == "running" and host.holds(1) and not host.journal()
+
+
+def test_revert_failing_twice_strands_the_domain_until_it_is_reverted_again(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    succeeds(host, create("base"))
+    succeeds(host, create("other"))
+    host.write(2)
+    service = failing_at(host, "revert:restore", 2, monkeypatch)
+
+    async def scenario() -> None:
+        assert failed(await revert("base")(service), "it was tried twice")
+        assert host.journal(), "a stranded revert keeps its journal entry"
+        (gone,) = await service.list_domains()
+        assert gone.state.value == "shutdown" and "the revert to base failed" in service.problem(DOMAIN)
+        with pytest.raises(FailedPrecondition, match="finishes that first"):
+            await revert("other")(service)
+        # The same revert, asked again, finishes it (the journal's injected failures are used up).
+        assert (await revert("base")(service)).state is OpState.SUCCEEDED
+
+    asyncio.run(scenario())
+    assert host.domain()["state"] == "running" and host.holds(1) and not host.journal()
+
+
+def recovered_after_failing_twice(host: Host, failing_service: AgentService) -> None:
+    """A revert that failed twice, stranded, then finished by the next agent's recovery."""
+    assert failed(asyncio.run(revert("base")(failing_service)), "it was tried twice")
+    assert host.journal()
+    assert asyncio.run(host.service().recover()) == 1
+    assert host.domain()["state"] == "running" and host.holds(1) and not host.journal()
 
 
 @pytest.mark.parametrize(("method", "words"), [(None, ("snapshot", "-a")), (Method.EXTERNAL, ("create", "-b"))])
-def test_revert_whose_storage_fails_is_reported_and_can_be_retried(host: Host, method: Method | None,
-                                                                   words: tuple[str, ...]) -> None:
+def test_revert_whose_storage_fails_is_finished_by_the_next_agent(host: Host, method: Method | None,
+                                                                  words: tuple[str, ...]) -> None:
     succeeds(host, create("base", method=method))
     host.write(2)
-    op = asyncio.run(revert("base")(host.service(run=failing("qemu-img", *words))))
-    assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
-    assert not host.journal()
-    succeeds(host, revert("base", force=True))
-    assert host.domain()["state"] == "running" and host.holds(1)
+    recovered_after_failing_twice(host, host.service(run=failing("qemu-img", *words)))
 
 
-def test_revert_with_a_failing_restore_is_reported(host: Host) -> None:
+def test_revert_whose_restore_fails_is_finished_by_the_next_agent(host: Host) -> None:
     succeeds(host, create("base"))
-    op = asyncio.run(revert("base")(host.service(fail=frozenset({"restore"}))))
-    assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
-    assert not host.journal()
-    succeeds(host, revert("base", force=True))
-    assert host.domain()["state"] == "running"
+    host.write(2)
+    recovered_after_failing_twice(host, host.service(fail=frozenset({"restore"})))
 
 
 # ------------------------------------------------------------------ delete
@@ -329,8 +343,8 @@ def test_delete_failing_at_a_step_is_finished_by_recovery(host: Host, step: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     succeeds(host, create("keep"))
     succeeds(host, create("gone"))
-    op = asyncio.run(delete("gone")(failing_at(host.service(), "delete", step, monkeypatch)))
-    assert op.state is OpState.FAILED and op.error is not None and "injected" in op.error.message
+    op = asyncio.run(delete("gone")(failing_at(host, f"delete:{step}", 1, monkeypatch)))
+    assert failed(op, "fault injection")
     assert host.journal(), "a delete past its point of no return is left for recovery to finish"
     assert asyncio.run(host.service().recover()) == 1
     assert listed(host) == ["keep"] and tags(host.disk("xvda")) == ["keep"]
@@ -340,22 +354,18 @@ def test_delete_failing_at_a_step_is_finished_by_recovery(host: Host, step: str,
 # -------------------------------------------------------------- operations
 
 
-def test_one_operation_per_domain_retries_answered_once_cancel_rolls_back(host: Host) -> None:
+def test_one_operation_per_domain_and_a_cancel_rolls_back(host: Host) -> None:
     before = host.domain()
     fake = FakeHypervisor(host.base / "hypervisor.json", gate=asyncio.Event())
 
     async def scenario() -> Operation:
         service = host.service(driver=fake)
-        op = await service.create_snapshot(create_request("held"), "request-1")
+        op = await service.create_snapshot(create_request("held"), "")
         await fake.at_gate.wait()
-        # A retry with the same request_id is the same operation, not a second one.
-        assert await service.create_snapshot(create_request("held"), "request-1") is op
         with pytest.raises(Busy, match="busy with operation"):
-            await service.create_snapshot(create_request("other"), "request-2")
+            await service.create_snapshot(create_request("other"), "")
         with pytest.raises(Busy):
             await service.delete_snapshot(DOMAIN, "held", False, "")
-        with pytest.raises(FailedPrecondition, match="already used for create"):
-            await service.delete_snapshot(DOMAIN, "held", False, "request-1")
         service.operations.cancel(op.id)
         return await finished(op)
 

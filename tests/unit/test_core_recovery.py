@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from domsnap.agent import config as agent_config
-from domsnap.agent import runner
+from domsnap.agent import convert, runner
 from domsnap.agent.errors import Busy, CommandError, FailedPrecondition
 from domsnap.agent.journal import FAIL_ENV, KILL_ENV
 from domsnap.agent.operations import Operation, OpState
@@ -31,6 +31,7 @@ from domsnap.agent.snapshot_create import CreateRequest, parse_request
 from domsnap.agent.snapshot_revert import RevertRequest, RunAfter
 from domsnap.agent.storage import Backends
 from domsnap.agent.storage.base import Method
+from domsnap.v1 import domsnap_pb2 as pb
 from tests.unit.fake_hypervisor import FakeHypervisor
 
 CREATE_STEPS = ["mkdir", "checkpoint", "disk:xvda", "disk:xvdb", "copy:xvda", "copy:xvdb", "manifest", "register"]
@@ -69,7 +70,7 @@ class Host:
         config = agent_config.AgentConfig(state_dir=self.state_dir, snapshot_root=self.base / "snapshots",
                                           testing=agent_config.TestingConfig(fault_injection=fault_injection))
         return AgentService(config, driver or FakeHypervisor(self.base / "hypervisor.json", set(fail)),
-                            Backends(run=run))
+                            Backends(run=run), convert.snapshot_listing)
 
     def snapdir(self, name: str) -> Path:
         return self.base / "snapshots" / DOMAIN / name
@@ -177,8 +178,13 @@ def failed(op: Operation, because: str = "injected") -> bool:
     return op.state is OpState.FAILED and op.error is not None and because in op.error.message
 
 
+def snapshots(service: AgentService) -> list[pb.Snapshot]:
+    page = asyncio.run(service.list_snapshots(DOMAIN))
+    return [pb.Snapshot.FromString(s.listing) for s in page.snapshots]
+
+
 def listed(host: Host) -> list[str]:
-    return [e.manifest.name for e in asyncio.run(host.service().list_snapshots(DOMAIN))]
+    return [s.name for s in snapshots(host.service())]
 
 
 def assert_no_trace(host: Host, name: str, disks_before: list[dict[str, str]]) -> None:
@@ -384,7 +390,7 @@ def test_the_tree_follows_creates_reverts_and_deletes(host: Host) -> None:
     service = host.service()
 
     def parents() -> dict[str, str]:
-        return {e.manifest.name: e.manifest.parent for e in asyncio.run(service.list_snapshots(DOMAIN))}
+        return {s.name: s.parent for s in snapshots(service)}
 
     for step in (create("a"), create("b"), revert("a"), create("c"), create("d")):
         succeeds(host, step)

@@ -26,7 +26,7 @@ from domsnap.agent import dirfd, layers, manifest
 from domsnap.agent.catalogue import Catalogue, Entry
 from domsnap.agent.domain import Domain
 from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import DomsnapError, FailedPrecondition, InternalError, NotFound
+from domsnap.agent.errors import CommandError, DomsnapError, FailedPrecondition, InternalError, NotFound
 from domsnap.agent.journal import Journal, JournalEntry
 from domsnap.agent.ledger import Ledger
 from domsnap.agent.manifest import Manifest
@@ -117,7 +117,9 @@ class SnapshotDelete:
         try:
             await self._delete(journal, await self._domain(journal.domain))
         except Exception as again:
-            cls = type(again) if isinstance(again, DomsnapError) else InternalError
+            # Same status code; a CommandError (what a tool said) is told as the InternalError it is.
+            told = isinstance(again, DomsnapError) and not isinstance(again, CommandError)
+            cls = type(again) if told else InternalError
             message = again.message if isinstance(again, DomsnapError) else str(again)
             raise cls(f"delete of snapshot {journal.snapshot} failed half-way, twice: {message}; it is no longer "
                       "listed, and the agent removes the rest at its next start") from again

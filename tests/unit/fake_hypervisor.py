@@ -141,8 +141,9 @@ class FakeHypervisor(Hypervisor):
 
     async def restore(
         self, config: DomainConfig, memory: Path, *, facts: Mapping[str, str], paused: bool,
-        progress: StepProgress,
+        progress: StepProgress, reset_nvram: bool = False,
     ) -> Domain:
+        # No firmware here: reset_nvram changes nothing.
         self._check("restore")
         if json.loads(memory.read_text())["domain"] != config.name or facts != {"machine": "fake"}:
             raise InternalError(f"fake hypervisor: {memory} is not an image of {config.name}")

@@ -345,12 +345,22 @@ def test_delete_killed_at_every_step(host: Host, step: str) -> None:
 
 
 @pytest.mark.parametrize("step", DELETE_STEPS)
-def test_delete_failing_at_a_step_is_finished_by_recovery(host: Host, step: str,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_delete_failing_once_at_a_step_is_done_again_at_once(host: Host, step: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     succeeds(host, create("keep"))
     succeeds(host, create("gone"))
-    op = asyncio.run(delete("gone")(failing_at(host, f"delete:{step}", 1, monkeypatch)))
-    assert failed(op, "fault injection")
+    succeeds(host, delete("gone"), failing_at(host, f"delete:{step}", 1, monkeypatch))
+    assert listed(host) == ["keep"] and tags(host.disk("xvda")) == ["keep"]
+    assert not host.snapdir("gone").exists() and not host.journal()
+
+
+@pytest.mark.parametrize("step", DELETE_STEPS)
+def test_delete_failing_twice_is_finished_by_the_next_agent(host: Host, step: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    succeeds(host, create("keep"))
+    succeeds(host, create("gone"))
+    op = asyncio.run(delete("gone")(failing_at(host, f"delete:{step}", 2, monkeypatch)))
+    assert failed(op, "failed half-way, twice")
     assert host.journal(), "a delete past its point of no return is left for recovery to finish"
     assert asyncio.run(host.service().recover()) == 1
     assert listed(host) == ["keep"] and tags(host.disk("xvda")) == ["keep"]

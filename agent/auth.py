@@ -36,11 +36,12 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_status import rpc_status
 
-from domsnap.agent.config import RolesConfig
-from domsnap.agent.convert import error_status
-from domsnap.agent.errors import PermissionDenied
-from domsnap.agent.unix_socket import PeerCred, PeerTable
 from domsnap.v1 import domsnap_pb2 as pb
+
+from .config import RolesConfig
+from .convert import error_status
+from .errors import PermissionDenied
+from .unix_socket import PeerCred, PeerTable
 
 audit_log = logging.getLogger("domsnap.audit")
 request_log = logging.getLogger("domsnap.requests")

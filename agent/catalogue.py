@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from domsnap.agent import manifest
-from domsnap.agent.catalogue_index import CatalogueIndex, Key, Row, decode_token, encode_token
-from domsnap.agent.errors import DomsnapError, NotFound
-from domsnap.agent.fsutil import write_atomic
-from domsnap.agent.manifest import Manifest
-from domsnap.agent.names import check_domain_name, check_name
+from . import manifest
+from .catalogue_index import CatalogueIndex, Key, Row, decode_token, encode_token
+from .errors import DomsnapError, NotFound
+from .fsutil import write_atomic
+from .manifest import Manifest
+from .names import check_domain_name, check_name
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from domsnap.agent.errors import InvalidArgument
+from .errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from domsnap.agent.errors import InvalidArgument
+from .errors import InvalidArgument
 
 DEFAULT_CONFIG_FILE = Path("/etc/domsnap/domsnapd.toml")
 DEFAULT_SOCKET = "unix:/run/domsnap/domsnapd.sock"

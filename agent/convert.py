@@ -7,19 +7,20 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
-from domsnap.agent import disk_usage
-from domsnap.agent.catalogue import Entry, Page
-from domsnap.agent.domain import Domain, RunState
-from domsnap.agent.errors import DomsnapError
-from domsnap.agent.manifest import Manifest
-from domsnap.agent.operations import Finished, Operation, OpKind, OpState, Started
-from domsnap.agent.progress import Progress
-from domsnap.agent.service import AgentInfo
-from domsnap.agent.snapshot_create import Plan as CreatePlan
-from domsnap.agent.snapshot_delete import DeletePlan
-from domsnap.agent.snapshot_revert import RevertPlan, RunAfter
-from domsnap.agent.storage.base import DiskRecord, Method
 from domsnap.v1 import domsnap_pb2 as pb
+
+from . import disk_usage
+from .catalogue import Entry, Page
+from .domain import Domain, RunState
+from .errors import DomsnapError
+from .manifest import Manifest
+from .operations import Finished, Operation, OpKind, OpState, Started
+from .progress import Progress
+from .service import AgentInfo
+from .snapshot_create import Plan as CreatePlan
+from .snapshot_delete import DeletePlan
+from .snapshot_revert import RevertPlan, RunAfter
+from .storage.base import DiskRecord, Method
 
 ERROR_DOMAIN = "domsnap.dev"
 

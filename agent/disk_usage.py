@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from domsnap.agent.catalogue import Entry
+from .catalogue import Entry
 
 
 def size_on_disk(entry: Entry) -> int:

@@ -7,10 +7,10 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from functools import cached_property
 
-from domsnap.agent import xlcfg
-from domsnap.agent.errors import InvalidArgument
-from domsnap.agent.names import check_domain_name
-from domsnap.agent.xldisk import DEFAULT_XL, DiskSpec, XlVersion, parse_disk
+from . import xlcfg
+from .errors import InvalidArgument
+from .names import check_domain_name
+from .xldisk import DEFAULT_XL, DiskSpec, XlVersion, parse_disk
 
 # Settings no caller reads back, not even an admin.
 SECRET_KEYS = frozenset({"vncpasswd"})

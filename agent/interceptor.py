@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc_status import rpc_status
 
-from domsnap.agent.auth import current_caller
-from domsnap.agent.convert import error_status
-from domsnap.agent.errors import DomsnapError, InternalError
-from domsnap.agent.limits import check_request
+from .auth import current_caller
+from .convert import error_status
+from .errors import DomsnapError, InternalError
+from .limits import check_request
 
 log = logging.getLogger("domsnap.requests")
 

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from domsnap.agent.errors import InternalError
-from domsnap.agent.fsutil import write_atomic
+from .errors import InternalError
+from .fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from domsnap.agent import manifest
-from domsnap.agent.catalogue import Catalogue
-from domsnap.agent.manifest import Manifest
-from domsnap.agent.storage import Backends
-from domsnap.agent.storage.base import DiskRecord, Method
-from domsnap.agent.xldisk import DiskSpec
+from . import manifest
+from .catalogue import Catalogue
+from .manifest import Manifest
+from .storage import Backends
+from .storage.base import DiskRecord, Method
+from .xldisk import DiskSpec
 
 # What a manifest keeps of each layer: {"size": bytes, "mtime_ns": ns}.
 Fingerprint = dict[str, int]

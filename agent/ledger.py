@@ -15,10 +15,10 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from domsnap.agent.errors import FailedPrecondition
-from domsnap.agent.fsutil import read_regular, write_atomic
-from domsnap.agent.manifest import Manifest
-from domsnap.agent.names import check_domain_name, check_name
+from .errors import FailedPrecondition
+from .fsutil import read_regular, write_atomic
+from .manifest import Manifest
+from .names import check_domain_name, check_name
 
 MAX_BYTES = 1 << 20
 

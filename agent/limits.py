@@ -13,7 +13,7 @@ from __future__ import annotations
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from domsnap.agent.errors import InvalidArgument
+from .errors import InvalidArgument
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from domsnap import __version__
-from domsnap.agent import config as agent_config
-from domsnap.agent.errors import DomsnapError
-from domsnap.agent.server import serve
+
+from . import config as agent_config
+from .errors import DomsnapError
+from .server import serve
 
 
 def _parser() -> argparse.ArgumentParser:

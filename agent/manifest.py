@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from domsnap.agent.errors import DomsnapError, FailedPrecondition, NotFound
-from domsnap.agent.fsutil import read_regular, write_atomic
-from domsnap.agent.names import check_domain_name, check_name
-from domsnap.agent.storage.base import DiskRecord
-from domsnap.agent.xldisk import valid_vdev
+from .errors import DomsnapError, FailedPrecondition, NotFound
+from .fsutil import read_regular, write_atomic
+from .names import check_domain_name, check_name
+from .storage.base import DiskRecord
+from .xldisk import valid_vdev
 
 MANIFEST = "snapshot.json"
 MEMORY = "memory.save"

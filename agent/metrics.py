@@ -26,12 +26,13 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 
 from domsnap import __version__
-from domsnap.agent.catalogue import Entry
-from domsnap.agent.config import parse_metrics_listen
-from domsnap.agent.errors import InvalidArgument
-from domsnap.agent.operations import Operation, OpKind
-from domsnap.agent.storage import Backends
-from domsnap.agent.unix_socket import prepare_socket_path
+
+from .catalogue import Entry
+from .config import parse_metrics_listen
+from .errors import InvalidArgument
+from .operations import Operation, OpKind
+from .storage import Backends
+from .unix_socket import prepare_socket_path
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-from domsnap.agent.errors import InvalidArgument
+from .errors import InvalidArgument
 
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 

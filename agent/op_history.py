@@ -15,10 +15,10 @@ import logging
 import time
 from pathlib import Path
 
-from domsnap.agent import errors
-from domsnap.agent.errors import DomsnapError, InternalError
-from domsnap.agent.fsutil import read_regular, write_atomic
-from domsnap.agent.operations import FINAL, Operation, OpKind, OpState
+from . import errors
+from .errors import DomsnapError, InternalError
+from .fsutil import read_regular, write_atomic
+from .operations import FINAL, Operation, OpKind, OpState
 
 log = logging.getLogger(__name__)
 

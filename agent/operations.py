@@ -17,8 +17,8 @@ from enum import StrEnum
 from time import time
 from typing import Any, Protocol
 
-from domsnap.agent.errors import Busy, Cancelled, DomsnapError, FailedPrecondition, InternalError, NotFound
-from domsnap.agent.progress import Progress, StepProgress
+from .errors import Busy, Cancelled, DomsnapError, FailedPrecondition, InternalError, NotFound
+from .progress import Progress, StepProgress
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from domsnap.agent.errors import InvalidArgument
+from .errors import InvalidArgument
 
 MAX_PATH = 4096
 # Never snapshot storage, whatever the roots say, unless a root lies inside one.

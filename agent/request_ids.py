@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from domsnap.agent.errors import InvalidArgument
+from .errors import InvalidArgument
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from domsnap.agent.errors import CommandError, InvalidArgument
+from .errors import CommandError, InvalidArgument
 
 log = logging.getLogger(__name__)
 

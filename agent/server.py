@@ -25,21 +25,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from domsnap.agent import convert, limits
-from domsnap.agent.auth import AuthInterceptor, Authorizer
-from domsnap.agent.config import AgentConfig, TlsConfig, parse_listen
-from domsnap.agent.conn_limit import ConnectionLimit, raise_fd_limit
-from domsnap.agent.drivers import make_driver
-from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import FailedPrecondition, InvalidArgument
-from domsnap.agent.interceptor import ErrorInterceptor
-from domsnap.agent.metrics import Metrics, MetricsServer
-from domsnap.agent.sdnotify import Notifier
-from domsnap.agent.service import AgentService
-from domsnap.agent.servicer import SnapshotAgentServicer
-from domsnap.agent.storage import Backends
-from domsnap.agent.unix_socket import PeerTable, UnixListener, group_id, prepare_socket_path, private_socket_path
 from domsnap.v1 import domsnap_pb2, domsnap_pb2_grpc
+
+from . import convert, limits
+from .auth import AuthInterceptor, Authorizer
+from .config import AgentConfig, TlsConfig, parse_listen
+from .conn_limit import ConnectionLimit, raise_fd_limit
+from .drivers import make_driver
+from .drivers.base import Hypervisor
+from .errors import FailedPrecondition, InvalidArgument
+from .interceptor import ErrorInterceptor
+from .metrics import Metrics, MetricsServer
+from .sdnotify import Notifier
+from .service import AgentService
+from .servicer import SnapshotAgentServicer
+from .storage import Backends
+from .unix_socket import PeerTable, UnixListener, group_id, prepare_socket_path, private_socket_path
 
 log = logging.getLogger(__name__)
 

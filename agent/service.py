@@ -13,24 +13,25 @@ from time import time
 from typing import Protocol
 
 from domsnap import __version__
-from domsnap.agent import layers
-from domsnap.agent.catalogue import Catalogue, Entry, Page, Render
-from domsnap.agent.config import AgentConfig
-from domsnap.agent.domain import Domain, DomainConfig, RunState
-from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import DomsnapError, FailedPrecondition, InternalError, InvalidArgument, NotFound
-from domsnap.agent.journal import Journal, JournalEntry
-from domsnap.agent.ledger import Ledger
-from domsnap.agent.op_history import DAY, History
-from domsnap.agent.operations import Observer, Operation, Operations, OpKind, OpState
-from domsnap.agent.paths import confine
-from domsnap.agent.progress import Progress, ignore_progress
-from domsnap.agent.snapshot_create import CreateRequest, SnapshotCreate
-from domsnap.agent.snapshot_create import Plan as CreatePlan
-from domsnap.agent.snapshot_delete import DeletePlan, SnapshotDelete
-from domsnap.agent.snapshot_edit import SnapshotEdit
-from domsnap.agent.snapshot_revert import RevertPlan, RevertRequest, SnapshotRevert, Stranded
-from domsnap.agent.storage import Backends
+
+from . import layers
+from .catalogue import Catalogue, Entry, Page, Render
+from .config import AgentConfig
+from .domain import Domain, DomainConfig, RunState
+from .drivers.base import Hypervisor
+from .errors import DomsnapError, FailedPrecondition, InternalError, InvalidArgument, NotFound
+from .journal import Journal, JournalEntry
+from .ledger import Ledger
+from .op_history import DAY, History
+from .operations import Observer, Operation, Operations, OpKind, OpState
+from .paths import confine
+from .progress import Progress, ignore_progress
+from .snapshot_create import CreateRequest, SnapshotCreate
+from .snapshot_create import Plan as CreatePlan
+from .snapshot_delete import DeletePlan, SnapshotDelete
+from .snapshot_edit import SnapshotEdit
+from .snapshot_revert import RevertPlan, RevertRequest, SnapshotRevert, Stranded
+from .storage import Backends
 
 API_VERSION = "domsnap.v1"
 # ListSnapshots pages: at most this many snapshots, and about this many bytes

@@ -9,16 +9,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from domsnap.agent import convert, disk_usage
-from domsnap.agent.auth import current_identity
-from domsnap.agent.catalogue import Entry
-from domsnap.agent.operations import Finished, Operation, Started
-from domsnap.agent.request_ids import RequestIds
-from domsnap.agent.service import AgentService
-from domsnap.agent.snapshot_create import parse_request
-from domsnap.agent.snapshot_revert import RevertRequest, snapshot_ref
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
+
+from . import convert, disk_usage
+from .auth import current_identity
+from .catalogue import Entry
+from .operations import Finished, Operation, Started
+from .request_ids import RequestIds
+from .service import AgentService
+from .snapshot_create import parse_request
+from .snapshot_revert import RevertRequest, snapshot_ref
 
 if TYPE_CHECKING:  # the stubs' generics do not exist at run time
     Ctx = grpc.aio.ServicerContext[Any, Any]

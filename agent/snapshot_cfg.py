@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from domsnap.agent import xlcfg
-from domsnap.agent.errors import InvalidArgument
+from . import xlcfg
+from .errors import InvalidArgument
 
 KEYS = ("name", "description", "memory_path", "disks")
 SOURCE = "<snapshot cfgfile>"

@@ -17,20 +17,21 @@ from functools import partial
 from pathlib import Path
 
 from domsnap import __version__
-from domsnap.agent import layers, manifest, snapshot_cfg, xlcfg
-from domsnap.agent.catalogue import Catalogue, Entry
-from domsnap.agent.domain import Domain, RunState
-from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from domsnap.agent.journal import Journal, JournalEntry
-from domsnap.agent.ledger import Ledger
-from domsnap.agent.manifest import Manifest
-from domsnap.agent.names import check_name, default_snapshot_name
-from domsnap.agent.operations import Operation
-from domsnap.agent.paths import confine
-from domsnap.agent.progress import share
-from domsnap.agent.storage import Backends
-from domsnap.agent.storage.base import BlockOps, DiskRecord, Method
+
+from . import layers, manifest, snapshot_cfg, xlcfg
+from .catalogue import Catalogue, Entry
+from .domain import Domain, RunState
+from .drivers.base import Hypervisor
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from .journal import Journal, JournalEntry
+from .ledger import Ledger
+from .manifest import Manifest
+from .names import check_name, default_snapshot_name
+from .operations import Operation
+from .paths import confine
+from .progress import share
+from .storage import Backends
+from .storage.base import BlockOps, DiskRecord, Method
 
 log = logging.getLogger(__name__)
 

@@ -22,19 +22,19 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from domsnap.agent import dirfd, layers, manifest
-from domsnap.agent.catalogue import Catalogue, Entry
-from domsnap.agent.domain import Domain
-from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import CommandError, DomsnapError, FailedPrecondition, InternalError, NotFound
-from domsnap.agent.journal import Journal, JournalEntry
-from domsnap.agent.ledger import Ledger
-from domsnap.agent.manifest import Manifest
-from domsnap.agent.operations import Operation
-from domsnap.agent.progress import StepProgress, ignore_progress, share
-from domsnap.agent.snapshot_edit import reparent
-from domsnap.agent.storage import Backends
-from domsnap.agent.storage.base import DiskBackend, DiskRecord, Method
+from . import dirfd, layers, manifest
+from .catalogue import Catalogue, Entry
+from .domain import Domain
+from .drivers.base import Hypervisor
+from .errors import CommandError, DomsnapError, FailedPrecondition, InternalError, NotFound
+from .journal import Journal, JournalEntry
+from .ledger import Ledger
+from .manifest import Manifest
+from .operations import Operation
+from .progress import StepProgress, ignore_progress, share
+from .snapshot_edit import reparent
+from .storage import Backends
+from .storage.base import DiskBackend, DiskRecord, Method
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from domsnap.agent import manifest
-from domsnap.agent.catalogue import Catalogue, Entry
-from domsnap.agent.errors import AlreadyExists, FailedPrecondition
-from domsnap.agent.journal import Journal, JournalEntry
-from domsnap.agent.ledger import Ledger
-from domsnap.agent.names import check_name
+from . import manifest
+from .catalogue import Catalogue, Entry
+from .errors import AlreadyExists, FailedPrecondition
+from .journal import Journal, JournalEntry
+from .ledger import Ledger
+from .names import check_name
 
 
 def reparent(catalogue: Catalogue, domain: str, old: str, new: str) -> None:

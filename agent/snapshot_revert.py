@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from domsnap.agent import layers, manifest, snapshot_cfg, xlcfg
-from domsnap.agent.catalogue import Catalogue, Entry
-from domsnap.agent.domain import Domain, DomainConfig
-from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import (
+from . import layers, manifest, snapshot_cfg, xlcfg
+from .catalogue import Catalogue, Entry
+from .domain import Domain, DomainConfig
+from .drivers.base import Hypervisor
+from .errors import (
     CommandError,
     DomsnapError,
     FailedPrecondition,
@@ -30,13 +30,13 @@ from domsnap.agent.errors import (
     InvalidArgument,
     NotFound,
 )
-from domsnap.agent.journal import Journal, JournalEntry
-from domsnap.agent.ledger import Ledger
-from domsnap.agent.manifest import Manifest
-from domsnap.agent.operations import Operation
-from domsnap.agent.progress import StepProgress, ignore_progress, share
-from domsnap.agent.storage import Backends
-from domsnap.agent.xldisk import XlVersion
+from .journal import Journal, JournalEntry
+from .ledger import Ledger
+from .manifest import Manifest
+from .operations import Operation
+from .progress import StepProgress, ignore_progress, share
+from .storage import Backends
+from .xldisk import XlVersion
 
 log = logging.getLogger(__name__)
 

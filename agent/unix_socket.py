@@ -26,8 +26,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from domsnap.agent.conn_limit import ConnectionLimit
-from domsnap.agent.errors import InvalidArgument
+from .conn_limit import ConnectionLimit
+from .errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeAlias, TypeVar, overload
 
-from domsnap.agent.errors import InvalidArgument
+from .errors import InvalidArgument
 
 Scalar: TypeAlias = str | int
 Value: TypeAlias = Scalar | list["Value"]

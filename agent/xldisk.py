@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, NamedTuple
 
-from domsnap.agent.errors import InvalidArgument
+from .errors import InvalidArgument
 
 FORMATS: Final = frozenset({"raw", "qcow", "qcow2", "vhd", "qed", "empty"})
 ACCESS_MODES: Final = frozenset({"ro", "rw"})

@@ -1,7 +1,7 @@
 """The domsnap client: the CLI, and the library controllers use to drive agents.
 
-    from domsnap.client import Client, AsyncClient, fan_out, fan_out_async
-    from domsnap.client import errors          # DomsnapError, NotFound, Busy, ...
+    from . import Client, AsyncClient, fan_out, fan_out_async
+    from . import errors          # DomsnapError, NotFound, Busy, ...
 
 See api.py (sync), aio.py (asyncio), fanout.py (one call across many agents)
 and errors.py (the exception tree).

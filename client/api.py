@@ -1,6 +1,6 @@
 """The client library for controllers, synchronous: one `Client` per agent.
 
-    from domsnap.client import Client
+    from . import Client
 
     with Client("unix:/run/domsnap/domsnapd.sock") as agent:
         snap = agent.create_snapshot("web", on_progress=lambda p: print(p.phase, p.percent))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import shutil
 
-from domsnap.agent.config import AgentConfig
-from domsnap.agent.drivers.base import Hypervisor
-from domsnap.agent.errors import DomsnapError
+from ..config import AgentConfig
+from ..errors import DomsnapError
+from .base import Hypervisor
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +16,8 @@ async def make_driver(config: AgentConfig) -> Hypervisor:
     # Imported here, not at the package's top: `python -m
     # domsnap.agent.drivers.xen_sink` (the live-snapshot sink xl runs) must
     # not find its own module imported already by its package.
-    from domsnap.agent.drivers.qemu import QemuDriver
-    from domsnap.agent.drivers.xen import XenDriver
+    from .qemu import QemuDriver
+    from .xen import XenDriver
 
     if config.driver == "qemu":
         return QemuDriver(config.qemu, config.state_dir)

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from domsnap.agent.domain import Domain, DomainConfig
-from domsnap.agent.errors import FailedPrecondition
-from domsnap.agent.progress import StepProgress
-from domsnap.agent.storage.base import BlockOps
-from domsnap.agent.xldisk import DEFAULT_XL, XlVersion
+from ..domain import Domain, DomainConfig
+from ..errors import FailedPrecondition
+from ..progress import StepProgress
+from ..storage.base import BlockOps
+from ..xldisk import DEFAULT_XL, XlVersion
 
 
 @dataclass(frozen=True)

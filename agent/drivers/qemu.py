@@ -24,17 +24,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from domsnap.agent import runner
-from domsnap.agent.config import QemuConfig
-from domsnap.agent.domain import Domain, DomainConfig, RunState
-from domsnap.agent.drivers import kvm_probe, qemu_argv, qemu_migration, qemu_spec
-from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause, Step, no_step
-from domsnap.agent.drivers.qemu_block import QmpBlockOps
-from domsnap.agent.drivers.qmp import QmpSession
-from domsnap.agent.errors import AlreadyExists, CommandError, FailedPrecondition, InvalidArgument, NotFound
-from domsnap.agent.fsutil import copy_atomic, fsync_path, write_atomic
-from domsnap.agent.progress import StepProgress, ignore_progress
-from domsnap.agent.runner import Runner
+from .. import runner
+from ..config import QemuConfig
+from ..domain import Domain, DomainConfig, RunState
+from ..errors import AlreadyExists, CommandError, FailedPrecondition, InvalidArgument, NotFound
+from ..fsutil import copy_atomic, fsync_path, write_atomic
+from ..progress import StepProgress, ignore_progress
+from ..runner import Runner
+from . import kvm_probe, qemu_argv, qemu_migration, qemu_spec
+from .base import CheckpointResult, Hypervisor, InPause, Step, no_step
+from .qemu_block import QmpBlockOps
+from .qmp import QmpSession
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from domsnap.agent.domain import DomainConfig
-from domsnap.agent.drivers import qemu_spec
-from domsnap.agent.errors import InvalidArgument
-from domsnap.agent.xldisk import DiskSpec
+from ..domain import DomainConfig
+from ..errors import InvalidArgument
+from ..xldisk import DiskSpec
+from . import qemu_spec
 
 # Debian's ovmf package: the firmware (read-only) and the variable store
 # every UEFI domain's own NVRAM file starts as.

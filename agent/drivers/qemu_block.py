@@ -6,9 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from domsnap.agent.drivers import qemu_argv
-from domsnap.agent.drivers.qmp import QmpSession
-from domsnap.agent.errors import InternalError, NotFound
+from ..errors import InternalError, NotFound
+from . import qemu_argv
+from .qmp import QmpSession
 
 # Told when a device moved to another image, so the domain's config follows.
 OnMove = Callable[[str, str, str], None]

@@ -21,9 +21,9 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from domsnap.agent.drivers.qmp import QmpSession
-from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InternalError, ResourceExhausted
-from domsnap.agent.progress import StepProgress
+from ..errors import AlreadyExists, FailedPrecondition, InternalError, ResourceExhausted
+from ..progress import StepProgress
+from .qmp import QmpSession
 
 FDNAME = "domsnap-memory"
 POLL = 0.1

@@ -12,10 +12,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from domsnap.agent import xlcfg
-from domsnap.agent.domain import DomainConfig
-from domsnap.agent.errors import InvalidArgument
-from domsnap.agent.xldisk import DiskSpec
+from .. import xlcfg
+from ..domain import DomainConfig
+from ..errors import InvalidArgument
+from ..xldisk import DiskSpec
 
 # Keys every domain may have; `kernel`, `ramdisk` and `extra` boot a kernel
 # directly (the only way for type "pv"/"pvh", which QEMU runs as a PC).

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from qemu.qmp import EventListener, ExecuteError, Message, QMPClient, QMPError
 
-from domsnap.agent.errors import FailedPrecondition, Unavailable
+from ..errors import FailedPrecondition, Unavailable
 
 # What an event says the run state (query-status's `status`) is now.
 _EVENT_STATUS = {"RESUME": "running", "STOP": "paused", "SHUTDOWN": "shutdown", "GUEST_PANICKED": "guest-panicked"}

@@ -21,14 +21,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from domsnap.agent import runner
-from domsnap.agent.domain import Domain, DomainConfig, RunState
-from domsnap.agent.drivers import xen_feed, xen_live, xen_stream, xl_argv
-from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause, Step, no_step
-from domsnap.agent.drivers.xen_block import XenBlockOps
-from domsnap.agent.drivers.xen_config import domain_config, with_fresh_genid
-from domsnap.agent.drivers.xl_argv import XlDomain, XlListEntry
-from domsnap.agent.errors import (
+from .. import runner
+from ..domain import Domain, DomainConfig, RunState
+from ..errors import (
     AlreadyExists,
     CommandError,
     FailedPrecondition,
@@ -37,10 +32,15 @@ from domsnap.agent.errors import (
     NotFound,
     ResourceExhausted,
 )
-from domsnap.agent.fsutil import fsync_path, write_atomic
-from domsnap.agent.progress import StepProgress
-from domsnap.agent.runner import CommandResult, Runner
-from domsnap.agent.xldisk import XlVersion
+from ..fsutil import fsync_path, write_atomic
+from ..progress import StepProgress
+from ..runner import CommandResult, Runner
+from ..xldisk import XlVersion
+from . import xen_feed, xen_live, xen_stream, xl_argv
+from .base import CheckpointResult, Hypervisor, InPause, Step, no_step
+from .xen_block import XenBlockOps
+from .xen_config import domain_config, with_fresh_genid
+from .xl_argv import XlDomain, XlListEntry
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-from domsnap.agent.drivers.qmp import QmpSession
-from domsnap.agent.drivers.xl_argv import XlDisk
-from domsnap.agent.errors import FailedPrecondition, NotFound
+from ..errors import FailedPrecondition, NotFound
+from .qmp import QmpSession
+from .xl_argv import XlDisk
 
 # libxl__device_disk_string_of_format, then QEMU's renaming in xen_block_drive_create.
 _QEMU_DRIVERS: Final = {"qcow2": "qcow2", "qcow": "qcow", "qed": "qed", "vhd": "vpc", "raw": "raw"}

@@ -16,10 +16,10 @@ import os
 from collections.abc import Mapping
 from typing import Any, Final
 
-from domsnap.agent import xlcfg
-from domsnap.agent.domain import DomainConfig
-from domsnap.agent.drivers.xl_argv import XlDisk, XlDomain, XlNic
-from domsnap.agent.xldisk import BACKEND_TYPES, DiskSpec
+from .. import xlcfg
+from ..domain import DomainConfig
+from ..xldisk import BACKEND_TYPES, DiskSpec
+from .xl_argv import XlDisk, XlDomain, XlNic
 
 _ACTIONS: Final = ("on_poweroff", "on_reboot", "on_watchdog", "on_crash", "on_soft_reset")
 # libxl_action_on_shutdown names as JSON has them -> xl.cfg's (xl_parse.c);

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from domsnap.agent.drivers import xen_sink
-from domsnap.agent.errors import FailedPrecondition, InternalError
-from domsnap.agent.progress import StepProgress
-from domsnap.agent.runner import CommandResult, Runner
+from ..errors import FailedPrecondition, InternalError
+from ..progress import StepProgress
+from ..runner import CommandResult, Runner
+from . import xen_sink
 
 RESUMED: Final = "Migration failed, resuming at sender."
 NOT_SUSPENDED: Final = "Migration failed, failed to suspend at sender."

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
-from domsnap.agent.drivers.xen_stream import StreamError, StreamParser
+from .xen_stream import StreamError, StreamParser
 
 # tools/xl/xl.h migrate_receiver_banner, sent without its NUL.
 BANNER: Final = b"xl migration receiver ready, send binary domain data.\n"

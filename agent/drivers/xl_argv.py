@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from domsnap.agent.domain import RunState
-from domsnap.agent.errors import InvalidArgument
-from domsnap.agent.names import check_domain_name
+from ..domain import RunState
+from ..errors import InvalidArgument
+from ..names import check_domain_name
 
 XL: Final = "xl"
 # What a word of the migration rune may contain (see migrate_to_sink).

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from domsnap.agent import runner
-from domsnap.agent.errors import InvalidArgument
-from domsnap.agent.runner import Runner
-from domsnap.agent.storage.base import DiskBackend, DiskRecord
-from domsnap.agent.storage.lvm import LvmBackend, is_logical_volume
-from domsnap.agent.storage.qcow2 import Qcow2Backend
-from domsnap.agent.storage.raw import RawBackend
-from domsnap.agent.storage.vhd import VhdBackend
-from domsnap.agent.xldisk import DiskSpec
+from .. import runner
+from ..errors import InvalidArgument
+from ..runner import Runner
+from ..xldisk import DiskSpec
+from .base import DiskBackend, DiskRecord
+from .lvm import LvmBackend, is_logical_volume
+from .qcow2 import Qcow2Backend
+from .raw import RawBackend
+from .vhd import VhdBackend
 
 
 class Backends:

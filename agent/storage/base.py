@@ -10,9 +10,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from domsnap.agent.errors import FailedPrecondition, InvalidArgument
-from domsnap.agent.progress import StepProgress
-from domsnap.agent.xldisk import DiskSpec
+from ..errors import FailedPrecondition, InvalidArgument
+from ..progress import StepProgress
+from ..xldisk import DiskSpec
 
 
 class Method(StrEnum):

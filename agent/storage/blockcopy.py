@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from domsnap.agent.errors import AlreadyExists, FailedPrecondition, ResourceExhausted
+from ..errors import AlreadyExists, FailedPrecondition, ResourceExhausted
 
 CHUNK: Final = 4 << 20
 # Zeros are looked for in blocks of this size, each left a hole in the copy.

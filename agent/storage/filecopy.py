@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from domsnap.agent.errors import AlreadyExists, Cancelled, ResourceExhausted
+from ..errors import AlreadyExists, Cancelled, ResourceExhausted
 
 FICLONE = 0x40049409
 CHUNK = 8 << 20

@@ -30,14 +30,14 @@ import stat
 from pathlib import Path
 from typing import Final
 
-from domsnap.agent import runner
-from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from domsnap.agent.progress import StepProgress
-from domsnap.agent.runner import Runner
-from domsnap.agent.storage import blockcopy, lvm_argv
-from domsnap.agent.storage.base import BlockOps, DiskBackend, DiskRecord, Method
-from domsnap.agent.storage.lvm_argv import LogicalVolume
-from domsnap.agent.xldisk import DiskSpec
+from .. import runner
+from ..errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from ..progress import StepProgress
+from ..runner import Runner
+from ..xldisk import DiskSpec
+from . import blockcopy, lvm_argv
+from .base import BlockOps, DiskBackend, DiskRecord, Method
+from .lvm_argv import LogicalVolume
 
 log = logging.getLogger(__name__)
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from domsnap.agent import runner
-from domsnap.agent.errors import AlreadyExists, FailedPrecondition, NotFound
-from domsnap.agent.progress import StepProgress
-from domsnap.agent.runner import Runner
-from domsnap.agent.storage import qemu_img
-from domsnap.agent.storage.base import (
+from .. import runner
+from ..errors import AlreadyExists, FailedPrecondition, NotFound
+from ..progress import StepProgress
+from ..runner import Runner
+from ..xldisk import DiskSpec
+from . import qemu_img
+from .base import (
     BlockOps,
     DiskBackend,
     DiskRecord,
@@ -19,7 +20,6 @@ from domsnap.agent.storage.base import (
     fresh_revert_layer,
     named_as_revert_layer,
 )
-from domsnap.agent.xldisk import DiskSpec
 
 TIMEOUT = 120.0
 # An offline merge writes a whole layer's data.

@@ -24,14 +24,14 @@ import os
 import threading
 from pathlib import Path
 
-from domsnap.agent import runner
-from domsnap.agent.errors import InternalError, NotFound
-from domsnap.agent.progress import StepProgress
-from domsnap.agent.runner import Runner
-from domsnap.agent.storage import qemu_img
-from domsnap.agent.storage.base import BlockOps, DiskBackend, DiskRecord, Method
-from domsnap.agent.storage.filecopy import copy_image
-from domsnap.agent.xldisk import DiskSpec
+from .. import runner
+from ..errors import InternalError, NotFound
+from ..progress import StepProgress
+from ..runner import Runner
+from ..xldisk import DiskSpec
+from . import qemu_img
+from .base import BlockOps, DiskBackend, DiskRecord, Method
+from .filecopy import copy_image
 
 
 async def _copy(src: Path, dst: Path, vdev: str, progress: StepProgress) -> None:

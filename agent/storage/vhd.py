@@ -7,12 +7,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from domsnap.agent import runner
-from domsnap.agent.errors import AlreadyExists, CommandError, FailedPrecondition, InternalError, NotFound
-from domsnap.agent.progress import StepProgress
-from domsnap.agent.runner import CommandResult, Runner
-from domsnap.agent.storage import vhd_util
-from domsnap.agent.storage.base import (
+from .. import runner
+from ..errors import AlreadyExists, CommandError, FailedPrecondition, InternalError, NotFound
+from ..progress import StepProgress
+from ..runner import CommandResult, Runner
+from ..xldisk import DiskSpec
+from . import vhd_util
+from .base import (
     BlockOps,
     DiskBackend,
     DiskRecord,
@@ -20,7 +21,6 @@ from domsnap.agent.storage.base import (
     fresh_revert_layer,
     named_as_revert_layer,
 )
-from domsnap.agent.xldisk import DiskSpec
 
 TIMEOUT = 120.0
 

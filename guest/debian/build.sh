@@ -66,19 +66,7 @@ for f in /usr/lib/syslinux/mbr/mbr.bin /usr/lib/systemd/boot/efi/systemd-bootx64
     [[ -s $f ]] || die "missing $f: run scripts/setup"
 done
 
-mirror() {
-    if [[ -n ${DOMSNAP_DEBIAN_MIRROR:-} ]]; then
-        printf '%s\n' "$DOMSNAP_DEBIAN_MIRROR"
-        return
-    fi
-    local uri
-    uri=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '
-        /^URIs:/ {u=$2} /^Suites:/ {s=$0}
-        /^$/ {if (s ~ / bookworm( |$)/ && u != "") {print u; exit} u=""; s=""}
-        END {if (s ~ / bookworm( |$)/ && u != "") print u}' | head -n1)
-    [[ -n $uri ]] || uri=$(awk '$1=="deb" && $3=="bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
-    printf '%s\n' "${uri:-http://deb.debian.org/debian}"
-}
+mirror() { bookworm_mirror "${DOMSNAP_DEBIAN_MIRROR:-}"; }
 
 T0=$(date +%s)
 TMP=$(mktemp -d "$OUT/.build.XXXXXX")

@@ -188,20 +188,7 @@ trap cleanup EXIT
 
 DEBS=$OUT/debs
 mkdir -p "$DEBS" "$OUT/debcache"
-mirror() {
-    if [[ -n ${DOMSNAP_XENLAB_MIRROR:-} ]]; then
-        printf '%s\n' "$DOMSNAP_XENLAB_MIRROR"
-        return
-    fi
-    local uri
-    # deb822 sources first, then one-line ones: the URI serving bookworm main.
-    uri=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '
-        /^URIs:/ {u=$2} /^Suites:/ {s=$0}
-        /^$/ {if (s ~ / bookworm( |$)/ && u != "") {print u; exit} u=""; s=""}
-        END {if (s ~ / bookworm( |$)/ && u != "") print u}' | head -n1)
-    [[ -n $uri ]] || uri=$(awk '$1=="deb" && $3=="bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
-    printf '%s\n' "${uri:-http://deb.debian.org/debian}"
-}
+mirror() { bookworm_mirror "${DOMSNAP_XENLAB_MIRROR:-}"; }
 
 security_mirror() {
     if [[ -n ${DOMSNAP_XENLAB_SECURITY_MIRROR:-} ]]; then

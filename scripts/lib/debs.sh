@@ -1,5 +1,5 @@
 # Helpers of the scripts that build images from Debian packages
-# (guest/build.sh, lab/xen/build.sh), which source this file and hash it
+# (guest/build.sh, guest/debian/build.sh, lab/xen/build.sh), which source this file and hash it
 # into their cache keys. The caller defines log().
 
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -36,4 +36,21 @@ fetch_deb() {
         return 0
     done
     return 1
+}
+
+# bookworm_mirror [OVERRIDE]: OVERRIDE when set, else the URI the host's apt
+# sources use for bookworm, else Debian's own.
+bookworm_mirror() {
+    if [[ -n ${1:-} ]]; then
+        printf '%s\n' "$1"
+        return
+    fi
+    local uri
+    # deb822 sources first, then one-line ones: the URI serving bookworm main.
+    uri=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '
+        /^URIs:/ {u=$2} /^Suites:/ {s=$0}
+        /^$/ {if (s ~ / bookworm( |$)/ && u != "") {print u; exit} u=""; s=""}
+        END {if (s ~ / bookworm( |$)/ && u != "") print u}' | head -n1)
+    [[ -n $uri ]] || uri=$(awk '$1=="deb" && $3=="bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null)
+    printf '%s\n' "${uri:-http://deb.debian.org/debian}"
 }

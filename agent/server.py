@@ -19,7 +19,9 @@ import contextlib
 import logging
 import signal
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,6 +45,9 @@ from .storage import Backends
 from .unix_socket import PeerTable, UnixListener, group_id, prepare_socket_path, private_socket_path
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from .auth import Handler
 
 SERVICE_NAME = domsnap_pb2.DESCRIPTOR.services_by_name["SnapshotAgent"].full_name
 DRAIN_SECONDS = 30.0
@@ -69,6 +74,26 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
     except (ssl.SSLError, ValueError) as err:
         raise InvalidArgument(f"[tls] client_ca {tls.client_ca}: no CA certificate in it") from err
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca, require_client_auth=True)
+
+
+class _ReadyGate(grpc.aio.ServerInterceptor):
+    """Calls of the domsnap service wait until the driver has been probed, its
+    domains re-attached and the journal recovered (health and reflection do
+    not): a call answered earlier would race that start, e.g. a domain created
+    while the driver re-attaches the domains it finds, two QMP sessions on a
+    socket that serves one."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        if details.method.startswith(f"/{SERVICE_NAME}/"):
+            await self.open.wait()
+        return await continuation(details)
 
 
 class _Listeners:
@@ -154,8 +179,9 @@ async def _serve(config: AgentConfig, driver: Hypervisor | None, ready: asyncio.
     peers = PeerTable()
     authorizer = Authorizer(config.roles, peers=peers, admin_gid=group_id(config.admin_group, "admin_group"),
                             socket_gid=socket_gid)
+    gate = _ReadyGate()
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(authorizer), ErrorInterceptor()],
+        interceptors=[gate, AuthInterceptor(authorizer), ErrorInterceptor()],
         options=[("grpc.max_receive_message_length", limits.MAX_REQUEST_BYTES)],
     )
     domsnap_pb2_grpc.add_SnapshotAgentServicer_to_server(SnapshotAgentServicer(service), server)
@@ -195,6 +221,7 @@ async def _serve(config: AgentConfig, driver: Hypervisor | None, ready: asyncio.
         log.info("journal: %d interrupted operation(s) dealt with", recovered)
         if metrics is not None:
             metrics.recovered(recovered)
+    gate.open.set()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("driver %s ready: %s", driver.name, version)

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from domsnap.agent import limits, snapshot_create
+from domsnap.agent import limits
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 from testbed.harness import BIN, Agent
@@ -492,8 +492,6 @@ def test_fuzzing_changed_nothing(plain_agent: Agent) -> None:
 # ----------------------------------------------------------- path escapes ----
 
 @pytest.mark.guest
-@pytest.mark.skipif(not hasattr(snapshot_create, "confine"),
-                    reason="agent.paths.confine is not wired into snapshot_create yet")
 def test_snapshot_paths_cannot_escape_the_roots(agent: Agent, boot_guest: BootGuest,
                                                tmp_path_factory: pytest.TempPathFactory) -> None:
     # The suite's agent has pytest's base temp dir as its one snapshot root

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from time import time
@@ -90,23 +90,16 @@ class Operation:
 
         return report
 
-    def parts(self, until: float, weights: Mapping[str, float]) -> dict[str, StepProgress]:
-        """Phases that interleave (memory and disks, in an order that depends
-        on the mode) share the range up to `until` by weight, e.g. bytes."""
-        base = self.progress.percent
-        span = max(until - base, 0.0)
-        weight = sum(weights.values()) or 1.0
-        reached = dict.fromkeys(weights, 0.0)
+    def note(self) -> StepProgress:
+        """A sink for a step nested in the current phase, whose own fraction
+        says nothing of the phase's: its messages show, the percentage stays."""
 
-        def sink(name: str) -> StepProgress:
-            def report(fraction: float, *, done: int = 0, total: int = 0, rate: float = 0.0, message: str = "") -> None:
-                reached[name] = min(max(fraction, 0.0), 1.0)
-                pct = base + span * sum(weights[k] * reached[k] for k in weights) / weight
-                self._publish(Progress(name, max(pct, self.progress.percent), done, total, rate, message))
+        def report(fraction: float, *, done: int = 0, total: int = 0, rate: float = 0.0, message: str = "") -> None:
+            now = self.progress
+            self._publish(Progress(now.phase, now.percent, now.bytes_done, now.bytes_total, now.bytes_per_second,
+                                   message or now.message))
 
-            return report
-
-        return {name: sink(name) for name in weights}
+        return report
 
     def check_cancel(self) -> None:
         """Called at step boundaries before the point of no return."""

@@ -134,18 +134,22 @@ class SnapshotCreate:
             plan.snapdir.parent.mkdir(parents=True, exist_ok=True)
             plan.snapdir.mkdir(mode=0o700)
             copies = sum(self._backends.for_record(r).copy_bytes(r) for r in plan.records)
-            sinks = op.parts(95, {"memory": domain.config.memory_mib * MiB, "disks": copies + MiB})
-            mem_progress, disk_progress = sinks["memory"], sinks["disks"]
+            # Phases in the order they happen, each once: the memory save (the
+            # pause, and each disk's snapshot in it, are events within it),
+            # then the disks' copies; the range up to 95 % split by bytes.
+            ram = domain.config.memory_mib * MiB
+            mem_progress = op.phase("memory", 5 + 90 * ram / (ram + copies + MiB))
+            in_pause_progress = op.note()
 
             async def in_pause(block: BlockOps) -> None:
-                disk_progress(0.0, message="guest paused")
-                for i, rec in enumerate(plan.records):
+                in_pause_progress(0.0, message="guest paused")
+                for rec in plan.records:
                     # Not written: the durable "checkpoint" step already has
                     # every disk undone by a rollback, taken or not.
                     op.check_cancel()
                     self._journal.mark(journal, f"disk:{rec.vdev}")
                     backend = self._backends.for_record(rec)
-                    await backend.take(rec, block, share(disk_progress, i, len(plan.records)))
+                    await backend.take(rec, block, in_pause_progress)
 
             await step("checkpoint")
             result = await self._driver.checkpoint(domain, plan.memory, live=req.live, in_pause=in_pause,
@@ -154,6 +158,7 @@ class SnapshotCreate:
                                                    step=partial(self._journal.step, journal))
             # The guest runs again: the bulk of each disk's copy is made now.
             block = self._driver.block_ops(domain.name)
+            disk_progress = op.phase("disks", 95)
             for i, rec in enumerate(plan.records):
                 await step(f"copy:{rec.vdev}")
                 await self._backends.for_record(rec).complete(rec, block, share(disk_progress, i, len(plan.records)))

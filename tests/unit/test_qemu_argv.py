@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from domsnap.agent.domain import DomainConfig
-from domsnap.agent.drivers import qemu_argv
+from domsnap.agent.drivers import qemu_argv, qemu_spec
 from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.storage import qemu_img
 
@@ -185,6 +185,13 @@ def test_direct_kernel_boot_stays_under_hvm() -> None:
 def test_bad_hvm_settings_are_refused_by_name(overrides: tuple[str, ...], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         _hvm(*overrides)
+
+
+def test_every_refused_key_is_named_with_its_reason_all_at_once() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        _hvm(*(f"{key}=1" for key in qemu_spec.REFUSED))
+    for key, reason in qemu_spec.REFUSED.items():
+        assert f"{key} ({reason})" in err.value.message, key
 
 
 def test_kvm_probe_runs_under_kvm_alone() -> None:

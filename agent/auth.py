@@ -74,10 +74,12 @@ RPC_ROLES: Mapping[str, Role] = {
     "/grpc.health.v1.Health/Watch": Role.NONE,
     "/grpc.health.v1.Health/List": Role.NONE,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Role.READ_ONLY,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": Role.READ_ONLY,
 }
 
 # What the audit line shows of a request, when the request has it.
-AUDIT_FIELDS = ("domain", "name", "snapshot", "path", "operation_id", "request_id")
+AUDIT_FIELDS = ("domain_name", "domain_uid", "domid", "name", "snapshot_name", "snapshot_path", "path", "operation_id",
+                "request_id")
 _AUDIT_VALUE_MAX = 200
 
 

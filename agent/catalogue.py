@@ -125,10 +125,12 @@ class Catalogue:
         elif (found := self.path_of(domain, ref)) is not None:
             path = found
         else:
-            raise NotFound(f"domain {domain} has no snapshot named {ref!r}")
+            raise NotFound(f"domain {domain} has no snapshot named {ref!r}", reason="SNAPSHOT_NOT_FOUND", domain=domain,
+                           snapshot=ref)
         m = self._manifest(path)
         if m.domain != domain:
-            raise NotFound(f"{path} is a snapshot of domain {m.domain}, not of {domain}")
+            raise NotFound(f"{path} is a snapshot of domain {m.domain}, not of {domain}", reason="SNAPSHOT_NOT_FOUND",
+                           domain=domain, path=str(path))
         return path, m
 
     def domains(self) -> list[str]:
@@ -141,7 +143,8 @@ class Catalogue:
         of thousands of snapshots then costs a stat each, not a parse."""
         mpath = path / manifest.MANIFEST
         if (key := _stamp(mpath)) is None:
-            raise NotFound(f"{path} holds no snapshot (no {manifest.MANIFEST})")
+            raise NotFound(f"{path} holds no snapshot (no {manifest.MANIFEST})", reason="SNAPSHOT_NOT_FOUND",
+                           path=str(path))
         cached = self._manifests.get(mpath)
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -14,9 +14,6 @@ next start puts them back.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
 import sqlite3
 import threading
@@ -25,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from . import paging
 from .errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
 FILE = "catalogue.sqlite"
-SCHEMA_VERSION = 1
+# 2: listings carry uids, resource names and Durations.
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE snapshots (
     domain TEXT NOT NULL,
@@ -94,19 +93,16 @@ class Listing(NamedTuple):
 
 def encode_token(domain_filter: str, after: Key) -> str:
     """An opaque page token (AIP-158) that also names the filter it belongs to."""
-    raw = json.dumps([domain_filter, after.domain, after.created_at, after.name]).encode()
-    return base64.urlsafe_b64encode(raw).decode()
+    return paging.encode(domain_filter, [after.domain, after.created_at, after.name])
 
 
 def decode_token(token: str, domain_filter: str) -> Key:
+    domain, created_at, name = paging.decode(token, domain_filter, 3)
     try:
-        filt, domain, created_at, name = json.loads(base64.urlsafe_b64decode(token.encode()))
-        key = Key(str(domain), float(created_at), str(name))
-    except (ValueError, TypeError, binascii.Error) as err:
-        raise InvalidArgument("page_token is not one this agent gave out") from err
-    if filt != domain_filter:
-        raise InvalidArgument("page_token belongs to a listing of another domain filter; start again without it")
-    return key
+        return Key(str(domain), float(created_at), str(name))
+    except (ValueError, TypeError) as err:
+        raise InvalidArgument("page_token is not one this agent gave out", reason="INVALID_PAGE_TOKEN",
+                              field="page_token") from err
 
 
 class CatalogueIndex:

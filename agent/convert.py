@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
@@ -12,10 +13,10 @@ from domsnap.v1 import domsnap_pb2 as pb
 from . import disk_usage
 from .catalogue import Entry, Page
 from .domain import Domain, RunState
-from .errors import DomsnapError
+from .errors import DomsnapError, RevertRisky, Risk
 from .manifest import Manifest
 from .operations import Finished, Operation, OpKind, OpState, Started
-from .progress import Progress
+from .progress import Phase, Progress
 from .service import AgentInfo
 from .snapshot_create import Plan as CreatePlan
 from .snapshot_delete import DeletePlan
@@ -45,6 +46,7 @@ _OP_STATE = {
     OpState.CANCELLED: pb.OPERATION_STATE_CANCELLED,
 }
 _RUN_AFTER = {
+    pb.RUN_STATE_AFTER_REVERT_UNSPECIFIED: RunAfter.SNAPSHOT,
     pb.RUN_STATE_AFTER_REVERT_SNAPSHOT: RunAfter.SNAPSHOT,
     pb.RUN_STATE_AFTER_REVERT_RUNNING: RunAfter.RUNNING,
     pb.RUN_STATE_AFTER_REVERT_PAUSED: RunAfter.PAUSED,
@@ -57,11 +59,22 @@ def timestamp(seconds: float) -> Timestamp:
     return ts
 
 
+def duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
 def method_from_pb(value: pb.SnapshotMethod.ValueType) -> Method | None:
     for method, wire in _METHOD.items():
         if wire == value:
             return method
     return None
+
+
+def state_from_pb(value: pb.DomainState.ValueType) -> RunState | None:
+    """A filter's state: None (every state) for UNSPECIFIED."""
+    return next((state for state, wire in _STATE.items() if wire == value), None)
 
 
 def run_after_from_pb(value: pb.RunStateAfterRevert.ValueType) -> RunAfter:
@@ -76,14 +89,18 @@ def agent_info(info: AgentInfo) -> pb.AgentInfo:
     )
 
 
-def domain(d: Domain, busy_with: str = "", problem: str = "") -> pb.Domain:
-    return pb.Domain(
+def domain(d: Domain, uid: str, busy_with: str = "", problem: str = "", *, full: bool = True) -> pb.Domain:
+    """`full`: with the config text and the disks (the FULL view)."""
+    msg = pb.Domain(
         name=d.name, domid=d.domid, memory_mib=d.config.memory_mib, vcpus=d.config.vcpus,
-        state=_STATE[d.state], cpu_seconds=d.cpu_seconds,
-        disks=[pb.Disk(vdev=x.vdev, target=x.target, format=x.format, read_only=x.access == "ro")
-               for x in d.config.disks],
-        config=d.config.shown(), busy_with_operation=busy_with, problem=problem,
+        state=_STATE[d.state], cpu_time=duration(d.cpu_seconds), busy_with_operation=busy_with, problem=problem,
+        uid=uid, resource_name=f"domains/{d.name}",
     )
+    if full:
+        msg.disks.extend(pb.Disk(vdev=x.vdev, target=x.target, format=x.format, read_only=x.access == "ro")
+                         for x in d.config.disks)
+        msg.config = d.config.shown()
+    return msg
 
 
 def snapshot(entry: Entry, size_bytes: int = 0, *, with_manifest: bool = False) -> pb.Snapshot:
@@ -98,8 +115,9 @@ def snapshot(entry: Entry, size_bytes: int = 0, *, with_manifest: bool = False) 
                                image=r.image, tag=r.tag, file=r.file) for r in m.disks],
         memory=pb.MemoryImage(path=m.memory_file, size_bytes=m.memory_bytes),
         parent=m.parent, current=entry.current, size_bytes=size_bytes,
-        driver=m.driver, hypervisor_version=m.hypervisor_version, downtime_seconds=m.downtime,
-        manifest=m.to_json() if with_manifest else "",
+        driver=m.driver, hypervisor_version=m.hypervisor_version, downtime=duration(m.downtime),
+        manifest=m.to_json() if with_manifest else "", uid=m.snapshot_uid(),
+        resource_name=f"domains/{m.domain}/snapshots/{m.name}", domain_uid=m.domain_uid,
     )
 
 
@@ -110,12 +128,15 @@ def snapshot_listing(path: Path, m: Manifest) -> bytes:
     return snapshot(entry, disk_usage.size_on_disk(entry)).SerializeToString()
 
 
-def snapshot_page(page: Page) -> pb.ListSnapshotsResponse:
+def snapshot_page(page: Page, *, full: bool) -> pb.ListSnapshotsResponse:
+    """`full`: with the disks (the FULL view)."""
     resp = pb.ListSnapshotsResponse(next_page_token=page.next_token)
     for listed in page.snapshots:
         snap = resp.snapshots.add()
         snap.MergeFromString(listed.listing)
         snap.current = listed.current
+        if not full:
+            snap.ClearField("disks")
     return resp
 
 
@@ -132,7 +153,8 @@ def create_plan(p: CreatePlan, name: str) -> pb.Plan:
 def revert_plan(p: RevertPlan) -> pb.Plan:
     m = p.manifest
     return pb.Plan(kind=pb.OPERATION_KIND_REVERT_SNAPSHOT, domain=m.domain, snapshot=m.name, path=str(p.snapdir),
-                   disks=_planned(m.disks), memory_path=m.memory_file, risks=p.risks, paused=p.paused)
+                   disks=_planned(m.disks), memory_path=m.memory_file, risks=[_violation(r) for r in p.risks],
+                   paused=p.paused)
 
 
 def delete_plan(p: DeletePlan) -> pb.Plan:
@@ -142,8 +164,11 @@ def delete_plan(p: DeletePlan) -> pb.Plan:
                    memory_path=target.manifest.memory_file, deletes=[e.manifest.name for e in p.doomed])
 
 
+_PHASE = {phase: pb.Phase.Value(f"PHASE_{phase.name}") for phase in Phase}
+
+
 def progress(p: Progress) -> pb.Progress:
-    return pb.Progress(phase=p.phase, percent=p.percent, bytes_done=p.bytes_done, bytes_total=p.bytes_total,
+    return pb.Progress(phase=_PHASE[p.phase], percent=p.percent, bytes_done=p.bytes_done, bytes_total=p.bytes_total,
                        bytes_per_second=p.bytes_per_second, message=p.message, time=timestamp(p.time))
 
 
@@ -153,11 +178,25 @@ def progress(p: Progress) -> pb.Progress:
 MAX_ERROR_MESSAGE = 1024
 
 
+def _violation(risk: Risk) -> error_details_pb2.PreconditionFailure.Violation:
+    return error_details_pb2.PreconditionFailure.Violation(type=risk.type, subject=risk.subject,
+                                                           description=risk.description)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_MESSAGE else text[:MAX_ERROR_MESSAGE] + "…"
+
+
 def error_status(err: DomsnapError) -> status_pb2.Status:
-    info = error_details_pb2.ErrorInfo(reason=type(err).__name__, domain=ERROR_DOMAIN)
-    message = err.message if len(err.message) <= MAX_ERROR_MESSAGE else err.message[:MAX_ERROR_MESSAGE] + "…"
-    status = status_pb2.Status(code=err.code.value[0], message=message)
+    """The error as a google.rpc.Status: its ErrorInfo (AIP-193) and, for a
+    risky revert, a PreconditionFailure with one violation per risk."""
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN,
+                                       metadata={k: _cut(v) for k, v in err.metadata.items()})
+    status = status_pb2.Status(code=err.code.value[0], message=_cut(err.message))
     status.details.add().Pack(info)
+    if isinstance(err, RevertRisky):
+        status.details.add().Pack(error_details_pb2.PreconditionFailure(
+            violations=[_violation(r) for r in err.risks]))
     return status
 
 

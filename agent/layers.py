@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from . import manifest
 from .catalogue import Catalogue
+from .errors import FailedPrecondition, Risk
 from .manifest import Manifest
 from .storage import Backends
 from .storage.base import DiskRecord, Method
@@ -69,7 +70,7 @@ def refresh(catalogue: Catalogue, backends: Backends, domain: str, touched: Iter
             catalogue.reindex(domain, m.name, e.path)
 
 
-def changed(backends: Backends, m: Manifest) -> list[str]:
+def changed(backends: Backends, m: Manifest) -> list[Risk]:
     """The risks of trusting a snapshot's layers: each one missing or not as recorded."""
     risks = []
     for rec in m.disks:
@@ -80,14 +81,15 @@ def changed(backends: Backends, m: Manifest) -> list[str]:
             try:
                 now = fingerprint(layer)
             except FileNotFoundError:
-                risks.append(f"disk {rec.vdev}'s frozen layer {layer} is gone")
+                risks.append(Risk("LAYER_GONE", layer, f"disk {rec.vdev}'s frozen layer {layer} is gone"))
                 continue
             if now != recorded:
                 when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now["mtime_ns"] / 1e9))
-                risks.append(
+                risks.append(Risk(
+                    "LAYER_WRITTEN", layer,
                     f"disk {rec.vdev}'s frozen layer {layer} was written since the snapshot (size "
                     f"{recorded['size']} -> {now['size']} bytes, modified {when}): the snapshot's disk is no "
-                    "longer what the guest's memory expects")
+                    "longer what the guest's memory expects"))
     return risks
 
 
@@ -108,10 +110,13 @@ def on_frozen(disks: Iterable[DiskSpec], layers: Mapping[str, FrozenLayer]) -> l
             if d.target and d.access != "ro" and (real := os.path.realpath(d.target)) in layers]
 
 
-def refusal(disk: DiskSpec, layer: FrozenLayer, *, way_out: str) -> str:
+def refusal(disk: DiskSpec, layer: FrozenLayer, *, way_out: str) -> FailedPrecondition:
     what = (f"disk {disk.vdev}: {disk.target} is the frozen layer of snapshot {layer.snapshot} of domain "
             f"{layer.domain}; writing it would corrupt that snapshot")
     if layer.overlay:
-        return (f"{what}. Start the domain on the overlay it went on with ({layer.overlay}), go back to the "
+        what = (f"{what}. Start the domain on the overlay it went on with ({layer.overlay}), go back to the "
                 f"snapshot (domsnap snapshot-revert {layer.domain} {layer.snapshot}), or {way_out}")
-    return f"{what}; it is the snapshot's copy: start the domain on a copy of it"
+    else:
+        what = f"{what}; it is the snapshot's copy: start the domain on a copy of it"
+    return FailedPrecondition(what, reason="FROZEN_LAYER", domain=layer.domain, snapshot=layer.snapshot,
+                              vdev=disk.vdev, path=disk.target)

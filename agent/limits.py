@@ -30,13 +30,15 @@ DEFAULT_STRING = 4096
 # Bytes (UTF-8) per string, by field name.
 STRING_LIMITS: dict[str, int] = {
     "domain": NAME,
+    "domain_name": NAME,
+    "domain_uid": ID,
     "name": NAME,
     "new_name": NAME,
     "vdev": NAME,
     "request_id": ID,
     "operation_id": ID,
-    # A snapshot's name or its directory.
-    "snapshot": PATH,
+    "snapshot_name": NAME,
+    "snapshot_path": PATH,
     "path": PATH,
     "description": TEXT,
     "config": CFG,
@@ -62,15 +64,17 @@ def check_request(msg: Message) -> None:
         if field.is_repeated:
             most = REPEATED_LIMITS.get(name, DEFAULT_REPEATED)
             if len(values) > most:
-                raise InvalidArgument(f"{name}: {len(values)} items, at most {most}")
+                raise InvalidArgument(f"{name}: {len(values)} items, at most {most}", reason="FIELD_TOO_LONG",
+                                      field=name)
         for item in values:
             if field.type == FieldDescriptor.TYPE_STRING:
                 _check_string(name, item)
             elif field.type == FieldDescriptor.TYPE_BYTES and len(item) > STRING_LIMITS.get(name, DEFAULT_STRING):
-                raise InvalidArgument(f"{name}: {len(item)} bytes, at most {STRING_LIMITS.get(name, DEFAULT_STRING)}")
+                raise InvalidArgument(f"{name}: {len(item)} bytes, at most {STRING_LIMITS.get(name, DEFAULT_STRING)}",
+                                      reason="FIELD_TOO_LONG", field=name)
             elif field.type == FieldDescriptor.TYPE_ENUM and field.enum_type is not None \
                     and field.enum_type.values_by_number.get(item) is None:
-                raise InvalidArgument(f"{name}: {item} is not a {field.enum_type.name} value")
+                raise InvalidArgument(f"{name}: {item} is not a {field.enum_type.name} value", field=name)
             elif field.type == FieldDescriptor.TYPE_MESSAGE:
                 check_request(item)
 
@@ -79,6 +83,6 @@ def _check_string(name: str, text: str) -> None:
     limit = STRING_LIMITS.get(name, DEFAULT_STRING)
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > limit:
-        raise InvalidArgument(f"{name}: {size} bytes, at most {limit}")
+        raise InvalidArgument(f"{name}: {size} bytes, at most {limit}", reason="FIELD_TOO_LONG", field=name)
     if "\0" in text:
-        raise InvalidArgument(f"{name}: contains a NUL character")
+        raise InvalidArgument(f"{name}: contains a NUL character", field=name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ VERSION = 1
 MAX_BYTES = 2 << 20
 # A qcow2 tag is a snapshot name; an LVM one, "<lv>.<name>" (LVM's characters, 127 at most).
 _TAG = re.compile(r"[A-Za-z0-9._+][A-Za-z0-9._+-]{0,126}")
+_UID_NAMESPACE = uuid.UUID("4c1d5f0e-9a57-4f0b-8d0e-6d6f6d736e61")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,14 @@ class Manifest:
     # Each frozen layer's {"size", "mtime_ns"} when the snapshot was taken:
     # a revert checks them (see layers.py). Older manifests have none.
     layers: dict[str, dict[str, int]] = field(default_factory=dict)
+    # The snapshot's and its domain's uids (UUIDs); older manifests have none.
+    uid: str = ""
+    domain_uid: str = ""
+
+    def snapshot_uid(self) -> str:
+        """The uid, or for a manifest older than uids one derived from what never changes: the domain and
+        the creation time."""
+        return self.uid or str(uuid.uuid5(_UID_NAMESPACE, f"{self.domain}/{self.created_at!r}"))
 
     def to_json(self) -> str:
         data: dict[str, Any] = {"format": FORMAT, "version": VERSION, **asdict(self)}
@@ -73,7 +83,8 @@ class Manifest:
             return m
         except (ValueError, KeyError, TypeError, DomsnapError) as err:
             why = err.message if isinstance(err, DomsnapError) else err
-            raise FailedPrecondition(f"{where}: not a valid snapshot manifest ({why})") from err
+            raise FailedPrecondition(f"{where}: not a valid snapshot manifest ({why})", reason="MANIFEST_INVALID",
+                                     path=where) from err
 
     def _check(self) -> None:
         """Every field of the type it is declared with, names and paths of the
@@ -125,11 +136,14 @@ def read(directory: Path) -> Manifest:
     try:
         data = read_regular(path, MAX_BYTES)
     except FileNotFoundError:
-        raise NotFound(f"{directory} holds no snapshot (no {MANIFEST})") from None
+        raise NotFound(f"{directory} holds no snapshot (no {MANIFEST})", reason="SNAPSHOT_NOT_FOUND",
+                       path=str(directory)) from None
     except OSError as err:
-        raise FailedPrecondition(f"{path}: not a snapshot manifest ({err.strerror or err})") from err
+        raise FailedPrecondition(f"{path}: not a snapshot manifest ({err.strerror or err})", reason="MANIFEST_INVALID",
+                                 path=str(path)) from err
     try:
         text = data.decode()
     except UnicodeDecodeError as err:
-        raise FailedPrecondition(f"{path}: not a snapshot manifest (not UTF-8)") from err
+        raise FailedPrecondition(f"{path}: not a snapshot manifest (not UTF-8)", reason="MANIFEST_INVALID",
+                                 path=str(path)) from err
     return Manifest.from_json(text, str(path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from .errors import InvalidArgument
@@ -15,7 +16,7 @@ def check_name(kind: str, value: str) -> str:
     if not _NAME.fullmatch(value) or value in (".", "..") or value.startswith("-"):
         raise InvalidArgument(
             f"invalid {kind} name {value!r}: use 1-64 characters from A-Z a-z 0-9 . _ - "
-            "(not starting with '-', not '.' or '..')"
+            "(not starting with '-', not '.' or '..')", reason="INVALID_NAME", field=kind,
         )
     return value
 
@@ -24,9 +25,22 @@ def check_domain_name(value: str) -> str:
     check_name("domain", value)
     if value.isdigit():
         # xl reads an all-digit <Domain> as a domid.
-        raise InvalidArgument(f"invalid domain name {value!r}: it must not be all digits")
+        raise InvalidArgument(f"invalid domain name {value!r}: it must not be all digits", reason="INVALID_NAME",
+                              field="domain")
     return value
 
 
 def default_snapshot_name(now: datetime | None = None) -> str:
-    return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    """The UTC time to the millisecond: two nameless creates a second apart
+    differ (the service adds "-2", "-3"... to one taken, see unique_name)."""
+    now = now or datetime.now(UTC)
+    return now.strftime("%Y%m%dT%H%M%S") + f".{now.microsecond // 1000:03d}Z"
+
+
+def unique_name(name: str, taken: Callable[[str], bool]) -> str:
+    """`name`, or the first of name-2, name-3... that is not `taken`."""
+    n, candidate = 1, name
+    while taken(candidate):
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate

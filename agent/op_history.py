@@ -26,11 +26,14 @@ MAX_RECORD = 64 << 10
 DAY = 86400.0
 
 
-def _error(name: str, message: str) -> DomsnapError:
+def _error(name: str, message: str, reason: str, metadata: dict[str, str]) -> DomsnapError:
     cls = getattr(errors, name, None)
     if not (isinstance(cls, type) and issubclass(cls, DomsnapError)):
         cls = InternalError
-    return cls(message)
+    # A class with fields of its own (CommandError's argv) comes back as the
+    # nearest one that has none: same code, same reason.
+    base = next(c for c in cls.__mro__ if issubclass(c, DomsnapError) and c.__init__ is DomsnapError.__init__)
+    return base(message, reason=reason, **metadata)
 
 
 class History:
@@ -44,7 +47,8 @@ class History:
                 "request_id": op.request_id, "state": str(op.state), "started_at": op.started_at,
                 "finished_at": op.finished_at, "message": op.progress.message}
         if op.error is not None:
-            data["error"] = {"class": type(op.error).__name__, "message": op.error.message}
+            data["error"] = {"class": type(op.error).__name__, "message": op.error.message,
+                             "reason": op.error.reason, "metadata": op.error.metadata}
         try:
             self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             write_atomic(self._dir / f"{op.id}.json", json.dumps(data))
@@ -65,7 +69,9 @@ class History:
                 if op.state not in FINAL:
                     raise ValueError(f"state {op.state} is not final")
                 if "error" in data:
-                    op.error = _error(data["error"]["class"], data["error"]["message"])
+                    error = data["error"]
+                    op.error = _error(error["class"], error["message"], str(error.get("reason", "")),
+                                      {str(k): str(v) for k, v in dict(error.get("metadata", {})).items()})
             except (OSError, ValueError, KeyError, TypeError) as err:
                 log.warning("operation record %s is unreadable (%s); removing it", path, err)
                 path.unlink(missing_ok=True)

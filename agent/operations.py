@@ -18,7 +18,7 @@ from time import time
 from typing import Any, Protocol
 
 from .errors import Busy, Cancelled, DomsnapError, FailedPrecondition, InternalError, NotFound
-from .progress import Progress, StepProgress
+from .progress import Phase, Progress, StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Operation:
     state: OpState = OpState.PENDING
     started_at: float = field(default_factory=time)
     finished_at: float | None = None
-    progress: Progress = field(default_factory=lambda: Progress("pending"))
+    progress: Progress = field(default_factory=lambda: Progress(Phase.PENDING))
     result: Any = None
     error: DomsnapError | None = None
     # Past this point a cancel can no longer roll back.
@@ -77,7 +77,7 @@ class Operation:
 
     # --------------------------------------------------------- for the body
 
-    def phase(self, name: str, until: float) -> StepProgress:
+    def phase(self, name: Phase, until: float) -> StepProgress:
         """Enter a phase that ends at `until` percent; returns its progress sink."""
         base = self.progress.percent
         span = max(until - base, 0.0)
@@ -186,7 +186,8 @@ class Operations:
             raise Busy(
                 f"domain {domain} is busy with operation {running.id} "
                 f"({running.kind} snapshot {running.snapshot or '?'}, {running.progress.phase}): wait for it "
-                f"(domsnap watch {running.id}) or stop it (domsnap cancel {running.id}), then try again"
+                f"(domsnap watch {running.id}) or stop it (domsnap cancel {running.id}), then try again",
+                domain=domain, operation_id=running.id,
             )
 
     def busy_with(self, domain: str) -> Operation | None:
@@ -220,7 +221,7 @@ class Operations:
         finally:
             self._busy.pop(op.domain, None)
         if op.error is None:
-            op._publish(Progress("done", 100.0))
+            op._publish(Progress(Phase.DONE, 100.0))
             op._finish(OpState.SUCCEEDED)
         else:
             op._finish(OpState.CANCELLED if isinstance(op.error, Cancelled) else OpState.FAILED)
@@ -241,7 +242,8 @@ class Operations:
         try:
             return self._ops[op_id]
         except KeyError:
-            raise NotFound(f"operation {op_id!r} is unknown (finished long ago, or never existed)") from None
+            raise NotFound(f"operation {op_id!r} is unknown (finished long ago, or never existed)",
+                           reason="OPERATION_NOT_FOUND", operation_id=op_id) from None
 
     def list(self, domain: str = "") -> list[Operation]:
         ops = [o for o in self._ops.values() if not domain or o.domain == domain]
@@ -252,7 +254,8 @@ class Operations:
         if op.state in FINAL:
             raise FailedPrecondition(f"operation {op.id} has already {op.state}")
         if op.committed:
-            raise FailedPrecondition(f"operation {op.id} is past its point of no return ({op.progress.phase})")
+            raise FailedPrecondition(f"operation {op.id} is past its point of no return ({op.progress.phase})",
+                                     reason="PAST_NO_RETURN", operation_id=op.id)
         op._cancel.set()
         op.state = OpState.CANCELLING
         # Interrupts whatever the operation awaits (a memory save, a copy);

@@ -37,6 +37,13 @@ def confine(path: str, roots: Sequence[Path], forbidden: Sequence[Path] = (), *,
     directory between the root and the path, root and path included, that
     is owned by another user or writable by another group or by anyone.
     """
+    try:
+        return _checked(path, roots, forbidden, what)
+    except InvalidArgument as err:
+        raise InvalidArgument(err.message, reason="PATH_NOT_ALLOWED", path=path) from err.__cause__
+
+
+def _checked(path: str, roots: Sequence[Path], forbidden: Sequence[Path], what: str) -> Path:
     if not path:
         raise InvalidArgument(f"{what}: empty")
     if "\0" in path:

@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from time import time
 from typing import Protocol
 
 
+class Phase(StrEnum):
+    """Where an operation is (domsnap.proto's Phase, which documents each)."""
+
+    PENDING = "pending"
+    VALIDATE = "validate"
+    MEMORY = "memory"
+    DISKS = "disks"
+    MANIFEST = "manifest"
+    DESTROY = "destroy"
+    RESTORE = "restore"
+    RETRY = "retry"
+    DELETE = "delete"
+    DONE = "done"
+    RECOVERED = "recovered"
+
+
 @dataclass(frozen=True)
 class Progress:
-    phase: str
+    phase: Phase
     percent: float = 0.0
     bytes_done: int = 0
     bytes_total: int = 0

@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 REMEMBERED = 1000
 # What names the first request in a refusal, when the request has it.
-_SHOWN = ("domain", "name", "snapshot", "path")
+_SHOWN = ("domain_name", "domain_uid", "domid", "name", "snapshot_name", "snapshot_path", "path")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ class RequestIds:
         if (first := self._first.get(key)) is not None:
             if first.fingerprint != fingerprint:
                 raise InvalidArgument(f"request_id {request_id!r} was already used for a different request, "
-                                      f"{first.shown}; a new request needs a new request_id")
+                                      f"{first.shown}; a new request needs a new request_id",
+                                      reason="REQUEST_ID_REUSED", request_id=request_id)
             answer: T = await asyncio.shield(first.answer)
             return answer
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

@@ -25,11 +25,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from domsnap.v1 import domsnap_pb2, domsnap_pb2_grpc
 
-from . import convert, limits, runner
+from . import convert, limits, reflection, runner
 from .auth import AuthInterceptor, Authorizer
 from .config import AgentConfig, TlsConfig, parse_listen
 from .conn_limit import ConnectionLimit, raise_fd_limit
@@ -191,7 +190,7 @@ async def _serve(config: AgentConfig, driver: Hypervisor | None, ready: asyncio.
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable(server, [SERVICE_NAME, health.SERVICE_NAME])
     listeners = _Listeners(config, server, peers)
     listeners.bind_tcp()
     listeners.bind_unix(socket_gid)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -14,7 +15,7 @@ from typing import Protocol
 
 from domsnap import __version__
 
-from . import layers
+from . import layers, paging
 from .catalogue import Catalogue, Entry, Page, Render
 from .config import AgentConfig
 from .domain import Domain, DomainConfig, RunState
@@ -22,16 +23,18 @@ from .drivers.base import Hypervisor
 from .errors import DomsnapError, FailedPrecondition, InternalError, InvalidArgument, NotFound
 from .journal import Journal, JournalEntry
 from .ledger import Ledger
+from .names import unique_name
 from .op_history import DAY, History
 from .operations import Observer, Operation, Operations, OpKind, OpState
 from .paths import confine
-from .progress import Progress, ignore_progress
+from .progress import Phase, Progress, ignore_progress
 from .snapshot_create import CreateRequest, SnapshotCreate
 from .snapshot_create import Plan as CreatePlan
 from .snapshot_delete import DeletePlan, SnapshotDelete
 from .snapshot_edit import SnapshotEdit
 from .snapshot_revert import RevertPlan, RevertRequest, SnapshotRevert, Stranded
 from .storage import Backends
+from .uids import DomainUids
 
 API_VERSION = "domsnap.v1"
 # ListSnapshots pages: at most this many snapshots, and about this many bytes
@@ -73,6 +76,7 @@ class AgentService:
         self._revert = SnapshotRevert(driver, backends, self.catalogue, self.journal, ledger)
         self._delete = SnapshotDelete(driver, backends, self.catalogue, self.journal, ledger)
         self._edit = SnapshotEdit(self.catalogue, self.journal, ledger)
+        self.uids = DomainUids(config.state_dir)
         self._procedures: dict[str, _Recoverable] = {
             "create": self._create, "revert": self._revert, "delete": self._delete, "rename": self._edit}
 
@@ -108,11 +112,24 @@ class AgentService:
     def _recovered(self, op: Operation, error: DomsnapError | None) -> None:
         """A journaled operation of a dead agent, with the outcome of its recovery, listed and recorded."""
         op.state, op.error, op.finished_at = (OpState.SUCCEEDED if error is None else OpState.FAILED), error, time()
-        op.progress = Progress("recovered", 100.0, message="finished by the agent started after it")
+        op.progress = Progress(Phase.RECOVERED, 100.0, message="finished by the agent started after it")
         self.operations.add_finished([op])
         self._history.record(op)
 
     # --------------------------------------------------------------- domains
+
+    async def list_domains_page(self, page_size: int, page_token: str, state: RunState | None) -> tuple[
+            list[Domain], str]:
+        """One page of the domains in `state` (None: all), by name (AIP-158), and the next page's token."""
+        if page_size < 0:
+            raise InvalidArgument(f"page_size {page_size} is negative", field="page_size")
+        after = str(paging.decode(page_token, f"domains:{state or ''}", 1)[0]) if page_token else ""
+        domains = sorted((d for d in await self.list_domains()
+                          if (state is None or d.state is state) and d.name > after), key=lambda d: d.name)
+        size = min(page_size or PAGE_SIZE, PAGE_SIZE)
+        more = len(domains) > size
+        page = domains[:size]
+        return page, paging.encode(f"domains:{state or ''}", [page[-1].name]) if more else ""
 
     async def list_domains(self) -> list[Domain]:
         """The hypervisor's domains, and those a failed revert left destroyed (see `problem`)."""
@@ -153,8 +170,7 @@ class AgentService:
         hits = layers.on_frozen(config.disks, layers.frozen(self.catalogue, self._backends))
         for disk, layer in hits:
             if not force or not layer.overlay:
-                raise FailedPrecondition(layers.refusal(
-                    disk, layer, way_out="start it with --force, on a fresh overlay over that layer"))
+                raise layers.refusal(disk, layer, way_out="start it with --force, on a fresh overlay over that layer")
         disks = {d.vdev: d for d in config.disks}
         made: list[str] = []
         for disk, layer in hits:
@@ -173,7 +189,10 @@ class AgentService:
         return await action(domain.name) or domain
 
     async def destroy_domain(self, ref: str) -> Domain:
-        return await self._domain_call(ref, self.driver.destroy)
+        """The domain as it was, shut down; it loses its uid."""
+        domain = await self._domain_call(ref, self.driver.destroy)
+        self.uids.forget(domain.name)
+        return replace(domain, domid=0, state=RunState.SHUTDOWN)
 
     async def pause_domain(self, ref: str) -> Domain:
         return await self._domain_call(ref, self.driver.pause)
@@ -186,9 +205,21 @@ class AgentService:
 
     # ------------------------------------------------------------- snapshots
 
-    async def plan_create(self, req: CreateRequest) -> CreatePlan:
-        """What create_snapshot would do; touches nothing."""
-        return await self._create.prepare(await self.driver.lookup(req.domain), req)
+    def _named(self, domain: str, req: CreateRequest) -> CreateRequest:
+        """A request with its default name made unique (a second nameless create within a millisecond), and
+        with the domain's uid to record."""
+        def taken(name: str) -> bool:
+            return self.catalogue.path_of(domain, name) is not None or (
+                not req.path and os.path.lexists(self.config.snapshot_root / domain / name))
+
+        name = unique_name(req.name, taken) if req.default_name else req.name
+        return replace(req, name=name, domain_uid=self.uids.uid(domain))
+
+    async def plan_create(self, req: CreateRequest) -> tuple[CreatePlan, str]:
+        """What create_snapshot would do, and the snapshot's name; touches nothing."""
+        domain = await self.driver.lookup(req.domain)
+        req = self._named(domain.name, req)
+        return await self._create.prepare(domain, req), req.name
 
     async def plan_revert(self, req: RevertRequest) -> RevertPlan:
         """What revert_snapshot would do, its risks listed even without `force`; touches nothing."""
@@ -202,6 +233,7 @@ class AgentService:
         domain = await self.driver.lookup(req.domain)
         # Validated before the operation exists: a refusal is one plain error.
         self.operations.check_idle(domain.name)
+        req = self._named(domain.name, req)
         plan = await self._create.prepare(domain, req)
         return self.operations.start(OpKind.CREATE, domain.name, req.name, request_id,
                                      lambda op: self._create.run(op, req, plan))
@@ -213,6 +245,7 @@ class AgentService:
             return self._resume_revert(name, req.snapshot, request_id, stranded)
         ref = self._confined(req.snapshot)
         plan = await self._revert.prepare(replace(req, domain=name, snapshot=ref))
+        self.uids.adopt(name, plan.manifest.domain_uid)
         return self.operations.start(OpKind.REVERT, name, plan.manifest.name, request_id,
                                      lambda op: self._revert.run(op, plan))
 
@@ -221,7 +254,7 @@ class AgentService:
         snapshot, snapdir = stranded.journal.snapshot, stranded.journal.data["snapdir"]
         if ref not in (snapshot, snapdir) and ("/" not in ref or self._confined(ref) != snapdir):
             raise FailedPrecondition(f"domain {name}: {stranded.reason}; snapshot-revert {name} {snapshot} "
-                                     "finishes that first")
+                                     "finishes that first", reason="DOMAIN_STRANDED", domain=name, snapshot=snapshot)
         return self.operations.start(OpKind.REVERT, name, snapshot, request_id,
                                      lambda op: self._revert.resume(op, stranded))
 

@@ -12,9 +12,11 @@ from google.protobuf.message import Message
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 
-from . import convert, disk_usage
+from . import convert, disk_usage, refs
 from .auth import current_identity
 from .catalogue import Entry
+from .domain import Domain
+from .errors import field_required
 from .operations import Finished, Operation, Started
 from .request_ids import RequestIds
 from .service import AgentService
@@ -56,49 +58,61 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
     async def GetAgentInfo(self, request: pb.GetAgentInfoRequest, context: Ctx) -> pb.AgentInfo:
         return convert.agent_info(await self._s.info())
 
-    def _busy(self, name: str) -> str:
-        op = self._s.operations.busy_with(name)
-        return op.id if op is not None else ""
+    def _domain(self, request: Message, *, required: bool = True) -> str:
+        return refs.domain(request, self._s.uids, required=required)
+
+    def _answer(self, d: Domain, *, full: bool = True) -> pb.Domain:
+        op = self._s.operations.busy_with(d.name)
+        return convert.domain(d, self._s.uids.uid(d.name), op.id if op is not None else "",
+                              self._s.problem(d.name), full=full)
 
     async def ListDomains(self, request: pb.ListDomainsRequest, context: Ctx) -> pb.ListDomainsResponse:
-        domains = await self._s.list_domains()
-        return pb.ListDomainsResponse(
-            domains=[convert.domain(d, self._busy(d.name), self._s.problem(d.name)) for d in domains])
+        domains, next_token = await self._s.list_domains_page(request.page_size, request.page_token,
+                                                              convert.state_from_pb(request.state))
+        self._s.uids.of(d.name for d in domains)
+        full = request.view == pb.VIEW_FULL
+        return pb.ListDomainsResponse(domains=[self._answer(d, full=full) for d in domains],
+                                      next_page_token=next_token)
 
     async def GetDomain(self, request: pb.GetDomainRequest, context: Ctx) -> pb.Domain:
-        d = await self._s.get_domain(request.domain)
-        return convert.domain(d, self._busy(d.name), self._s.problem(d.name))
+        return self._answer(await self._s.get_domain(self._domain(request)))
 
     async def CreateDomain(self, request: pb.CreateDomainRequest, context: Ctx) -> pb.Domain:
-        d = await self._once("CreateDomain", request, lambda: self._s.create_domain(
+        if not request.config:
+            raise field_required("config", "the domain's xl.cfg text")
+        return self._answer(await self._once("CreateDomain", request, lambda: self._s.create_domain(
             request.config, tuple(request.overrides), paused=request.paused, force=request.force,
-            source=request.config_name))
-        return convert.domain(d)
+            source=request.config_name)))
 
     async def DestroyDomain(self, request: pb.DestroyDomainRequest, context: Ctx) -> pb.Domain:
-        return convert.domain(await self._once("DestroyDomain", request,
-                                               lambda: self._s.destroy_domain(request.domain)))
+        ref = self._domain(request)
+        d = await self._once("DestroyDomain", request, lambda: self._s.destroy_domain(ref))
+        return convert.domain(d, "")
 
     async def PauseDomain(self, request: pb.PauseDomainRequest, context: Ctx) -> pb.Domain:
-        return convert.domain(await self._once("PauseDomain", request, lambda: self._s.pause_domain(request.domain)))
+        ref = self._domain(request)
+        return self._answer(await self._once("PauseDomain", request, lambda: self._s.pause_domain(ref)))
 
     async def UnpauseDomain(self, request: pb.UnpauseDomainRequest, context: Ctx) -> pb.Domain:
-        return convert.domain(await self._once("UnpauseDomain", request,
-                                               lambda: self._s.unpause_domain(request.domain)))
+        ref = self._domain(request)
+        return self._answer(await self._once("UnpauseDomain", request, lambda: self._s.unpause_domain(ref)))
 
     async def ChangeMedium(self, request: pb.ChangeMediumRequest, context: Ctx) -> pb.Domain:
-        return convert.domain(await self._once("ChangeMedium", request, lambda: self._s.change_medium(
-            request.domain, request.vdev, request.path)))
+        ref = self._domain(request)
+        if not request.vdev:
+            raise field_required("vdev", "the CD-ROM drive's virtual device")
+        return self._answer(await self._once("ChangeMedium", request, lambda: self._s.change_medium(
+            ref, request.vdev, request.path)))
 
     async def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
         req = parse_request(
-            request.domain, name=request.name, live=request.live, method=convert.method_from_pb(request.method),
+            self._domain(request), name=request.name, live=request.live, method=convert.method_from_pb(request.method),
             path=request.path, description=request.description, cfg_text=request.config,
             overrides=tuple(request.overrides), cfg_name=request.config_name,
         )
         if request.dry_run:
-            yield pb.OperationEvent(plan=convert.create_plan(await self._s.plan_create(req), req.name))
+            yield pb.OperationEvent(plan=convert.create_plan(*await self._s.plan_create(req)))
             return
         op = await self._once("CreateSnapshot", request, lambda: self._s.create_snapshot(req, request.request_id))
         async for ev in _stream(op):
@@ -106,8 +120,9 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
 
     async def RevertSnapshot(self, request: pb.RevertSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
-        ref = snapshot_ref(request.snapshot, request.config, tuple(request.overrides), request.config_name)
-        req = RevertRequest(request.domain, ref, convert.run_after_from_pb(request.run_state), request.force,
+        ref = snapshot_ref(refs.snapshot(request, required=False), request.config, tuple(request.overrides),
+                           request.config_name)
+        req = RevertRequest(self._domain(request), ref, convert.run_after_from_pb(request.run_state), request.force,
                             request.reset_nvram)
         if request.dry_run:
             yield pb.OperationEvent(plan=convert.revert_plan(await self._s.plan_revert(req)))
@@ -118,21 +133,26 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
 
     async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
+        domain, snapshot = self._domain(request), refs.snapshot(request)
         if request.dry_run:
-            plan = await self._s.plan_delete(request.domain, request.snapshot, request.children)
+            plan = await self._s.plan_delete(domain, snapshot, request.children)
             yield pb.OperationEvent(plan=convert.delete_plan(plan))
             return
         op = await self._once("DeleteSnapshot", request, lambda: self._s.delete_snapshot(
-            request.domain, request.snapshot, request.children, request.request_id))
+            domain, snapshot, request.children, request.request_id))
         async for ev in _stream(op):
             yield ev
 
     async def WatchOperation(self, request: pb.WatchOperationRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
+        if not request.operation_id:
+            raise field_required("operation_id", "the operation to watch")
         async for ev in _stream(self._s.operations.get(request.operation_id)):
             yield ev
 
     async def CancelOperation(self, request: pb.CancelOperationRequest, context: Ctx) -> pb.Operation:
+        if not request.operation_id:
+            raise field_required("operation_id", "the operation to cancel")
         return convert.operation(self._s.operations.cancel(request.operation_id))
 
     async def ListOperations(self, request: pb.ListOperationsRequest, context: Ctx) -> pb.ListOperationsResponse:
@@ -142,15 +162,16 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
             operations=[convert.operation(op, n) for op, n in zip(ops, sizes, strict=True)])
 
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Ctx) -> pb.ListSnapshotsResponse:
-        return convert.snapshot_page(
-            await self._s.list_snapshots(request.domain, request.page_size, request.page_token))
+        page = await self._s.list_snapshots(self._domain(request, required=False), request.page_size,
+                                            request.page_token)
+        return convert.snapshot_page(page, full=request.view == pb.VIEW_FULL)
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: Ctx) -> pb.Snapshot:
-        entry = await self._s.get_snapshot(request.domain, request.snapshot)
+        entry = await self._s.get_snapshot(self._domain(request), refs.snapshot(request))
         return convert.snapshot(entry, (await _sizes([entry]))[0], with_manifest=request.manifest)
 
     async def EditSnapshot(self, request: pb.EditSnapshotRequest, context: Ctx) -> pb.Snapshot:
         description = request.description if request.HasField("description") else None
-        entry = await self._s.edit_snapshot(request.domain, request.snapshot, description=description,
+        entry = await self._s.edit_snapshot(self._domain(request), refs.snapshot(request), description=description,
                                             new_name=request.new_name, request_id=request.request_id)
         return convert.snapshot(entry, (await _sizes([entry]))[0])

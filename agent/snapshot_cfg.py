@@ -19,7 +19,7 @@ def read(text: str, overrides: Sequence[str], source: str = "") -> dict[str, xlc
     cfg = xlcfg.parse(text, overrides, source=source or SOURCE)
     if unknown := set(cfg) - set(KEYS):
         raise InvalidArgument(f"snapshot cfgfile: unknown setting(s) {', '.join(sorted(unknown))} "
-                              f"(known: {', '.join(KEYS)})")
+                              f"(known: {', '.join(KEYS)})", reason="INVALID_CONFIG")
     if (memory := xlcfg.get_str(cfg, "memory_path", "")) and not memory.startswith("/"):
-        raise InvalidArgument(f"snapshot cfgfile: memory_path {memory!r} must be absolute")
+        raise InvalidArgument(f"snapshot cfgfile: memory_path {memory!r} must be absolute", reason="INVALID_CONFIG")
     return cfg

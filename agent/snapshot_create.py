@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -29,7 +30,7 @@ from .manifest import Manifest
 from .names import check_name, default_snapshot_name
 from .operations import Operation
 from .paths import confine
-from .progress import share
+from .progress import Phase, share
 from .storage import Backends
 from .storage.base import BlockOps, DiskRecord, Method
 
@@ -58,6 +59,10 @@ class CreateRequest:
     # Per-disk choices from a snapshot cfgfile, by vdev.
     disk_choices: Mapping[str, DiskChoice]
     memory_path: str
+    # The name is the default one (the time): the service makes it unique.
+    default_name: bool = False
+    # Recorded in the manifest (uids.py); set by the service.
+    domain_uid: str = ""
 
 
 def parse_request(
@@ -66,7 +71,9 @@ def parse_request(
 ) -> CreateRequest:
     """Merge the request's fields over the snapshot cfgfile (the fields win)."""
     cfg = snapshot_cfg.read(cfg_text, overrides, cfg_name)
-    name = name or xlcfg.get_str(cfg, "name", "") or default_snapshot_name()
+    name = name or xlcfg.get_str(cfg, "name", "")
+    default_name = not name
+    name = name or default_snapshot_name()
     choices: dict[str, DiskChoice] = {}
     for spec in xlcfg.get_list(cfg, "disks", []):
         # The thread's syntax: '/path/file,format,vdev' is external to that
@@ -83,7 +90,7 @@ def parse_request(
     return CreateRequest(
         domain=domain, name=check_name("snapshot", name), live=live, method=method,
         path=path, description=description or xlcfg.get_str(cfg, "description", ""),
-        disk_choices=choices, memory_path=memory_path,
+        disk_choices=choices, memory_path=memory_path, default_name=default_name,
     )
 
 
@@ -114,7 +121,7 @@ class SnapshotCreate:
 
     async def run(self, op: Operation, req: CreateRequest, plan: Plan) -> Entry:
         domain = plan.domain
-        op.phase("validate", 5)(1.0, message=f"{len(plan.records)} disk(s), memory {domain.config.memory_mib} MiB")
+        op.phase(Phase.VALIDATE, 5)(1.0, message=f"{len(plan.records)} disk(s), memory {domain.config.memory_mib} MiB")
         op.check_cancel()
         created = time.time()
         journal = JournalEntry(op.id, "create", domain.name, req.name, op.request_id, data={
@@ -138,7 +145,7 @@ class SnapshotCreate:
             # pause, and each disk's snapshot in it, are events within it),
             # then the disks' copies; the range up to 95 % split by bytes.
             ram = domain.config.memory_mib * MiB
-            mem_progress = op.phase("memory", 5 + 90 * ram / (ram + copies + MiB))
+            mem_progress = op.phase(Phase.MEMORY, 5 + 90 * ram / (ram + copies + MiB))
             in_pause_progress = op.note()
 
             async def in_pause(block: BlockOps) -> None:
@@ -158,11 +165,11 @@ class SnapshotCreate:
                                                    step=partial(self._journal.step, journal))
             # The guest runs again: the bulk of each disk's copy is made now.
             block = self._driver.block_ops(domain.name)
-            disk_progress = op.phase("disks", 95)
+            disk_progress = op.phase(Phase.DISKS, 95)
             for i, rec in enumerate(plan.records):
                 await step(f"copy:{rec.vdev}")
                 await self._backends.for_record(rec).complete(rec, block, share(disk_progress, i, len(plan.records)))
-            op.phase("manifest", 99)
+            op.phase(Phase.MANIFEST, 99)
             m = Manifest(
                 name=req.name, domain=domain.name, description=req.description,
                 created_at=created, finished_at=time.time(),
@@ -173,6 +180,7 @@ class SnapshotCreate:
                 facts={**self._driver.facts(domain), **result.facts}, parent=self._catalogue.current(domain.name),
                 downtime=result.downtime, agent_version=__version__,
                 layers=layers.fingerprints(self._backends, plan.records),
+                uid=str(uuid.uuid4()), domain_uid=req.domain_uid,
             )
             await step("manifest")
             op.commit()
@@ -237,19 +245,20 @@ class SnapshotCreate:
     async def _plan(self, domain: Domain, req: CreateRequest) -> Plan:
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):
             raise FailedPrecondition(f"domain {domain.name} is {domain.state}: only a running or paused domain "
-                                     "can be snapshotted")
+                                     "can be snapshotted", reason="DOMAIN_NOT_RUNNING", domain=domain.name)
         if self._catalogue.path_of(domain.name, req.name) is not None:
             raise AlreadyExists(f"domain {domain.name} already has a snapshot named {req.name!r}: choose another "
-                                "--name, or delete that one first")
+                                "--name, or delete that one first", reason="SNAPSHOT_EXISTS", domain=domain.name,
+                                snapshot=req.name)
         snapdir = confine(req.path or str(self._root / domain.name / req.name), self._roots, self._forbidden,
                           what="snapshot path")
         if os.path.lexists(snapdir):
-            raise AlreadyExists(f"snapshot path {snapdir} already exists")
+            raise AlreadyExists(f"snapshot path {snapdir} already exists", reason="PATH_EXISTS", path=str(snapdir))
         if req.path and not snapdir.parent.is_dir():
-            raise NotFound(f"snapshot path {snapdir}: its parent directory does not exist")
+            raise NotFound(f"snapshot path {snapdir}: its parent directory does not exist", path=str(snapdir))
         if hits := layers.on_frozen(domain.config.disks, layers.frozen(self._catalogue, self._backends)):
-            raise FailedPrecondition(layers.refusal(*hits[0], way_out=f"destroy domain {domain.name} and start "
-                                                    "it again with 'domsnap create --force' (a fresh overlay first)"))
+            raise layers.refusal(*hits[0], way_out=f"destroy domain {domain.name} and start it again with "
+                                 "'domsnap create --force' (a fresh overlay first)")
         unknown = set(req.disk_choices) - {d.vdev for d in domain.config.disks}
         if unknown:
             raise InvalidArgument(f"snapshot cfgfile names disk(s) {', '.join(sorted(unknown))} that domain "
@@ -270,13 +279,14 @@ class SnapshotCreate:
             if choice is not None and choice.file:
                 file = confine(choice.file, self._roots, self._forbidden, what=f"disk {disk.vdev}'s snapshot file")
                 if os.path.lexists(file):
-                    raise AlreadyExists(f"disk {disk.vdev}: {file} already exists")
+                    raise AlreadyExists(f"disk {disk.vdev}: {file} already exists", reason="PATH_EXISTS",
+                                        path=str(file), vdev=disk.vdev)
                 rec = replace(rec, file=str(file))
             records.append(rec)
         memory = (confine(req.memory_path, self._roots, self._forbidden, what="memory_path") if req.memory_path
                   else snapdir / manifest.MEMORY)
         if os.path.lexists(memory):
-            raise AlreadyExists(f"memory image {memory} already exists")
+            raise AlreadyExists(f"memory image {memory} already exists", reason="PATH_EXISTS", path=str(memory))
         self._check_space(domain, memory, records)
         return Plan(domain, snapdir, memory, tuple(records))
 
@@ -297,4 +307,4 @@ class SnapshotCreate:
             st = os.statvfs(place[dev])
             if size > (free := st.f_bavail * st.f_frsize):
                 raise ResourceExhausted(f"{place[dev]} has {free // MiB} MiB free; this snapshot needs about "
-                                        f"{size // MiB} MiB there")
+                                        f"{size // MiB} MiB there", path=str(place[dev]))

@@ -31,7 +31,7 @@ from .journal import Journal, JournalEntry
 from .ledger import Ledger
 from .manifest import Manifest
 from .operations import Operation
-from .progress import StepProgress, ignore_progress, share
+from .progress import Phase, StepProgress, ignore_progress, share
 from .snapshot_edit import reparent
 from .storage import Backends
 from .storage.base import DiskBackend, DiskRecord, Method
@@ -91,9 +91,9 @@ class SnapshotDelete:
     async def run(self, op: Operation, plan: DeletePlan) -> DeletePlan:
         """Delete what the plan names; the plan is the result (what was deleted)."""
         domain, doomed, dom = plan.domain, plan.doomed, plan.dom
-        op.phase("validate", 5)(1.0, message=", ".join(e.manifest.name for e in doomed))
+        op.phase(Phase.VALIDATE, 5)(1.0, message=", ".join(e.manifest.name for e in doomed))
         op.commit()
-        sink = op.phase("delete", 99)
+        sink = op.phase(Phase.DELETE, 99)
         for i, e in enumerate(doomed):
             journal = JournalEntry(op.id, "delete", domain, e.manifest.name, op.request_id,
                                    data={"snapdir": str(e.path), "manifest": e.manifest.to_json(),

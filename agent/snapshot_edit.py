@@ -44,7 +44,8 @@ class SnapshotEdit:
         if new_name and new_name != m.name:
             check_name("snapshot", new_name)
             if self._catalogue.path_of(domain, new_name) is not None:
-                raise AlreadyExists(f"domain {domain} already has a snapshot named {new_name!r}")
+                raise AlreadyExists(f"domain {domain} already has a snapshot named {new_name!r}",
+                                    reason="SNAPSHOT_EXISTS", domain=domain, snapshot=new_name)
             if held := [f"{r.vdev} ({r.backend} {r.tag})" for r in m.disks if r.tag]:
                 raise FailedPrecondition(
                     f"snapshot {m.name} cannot be renamed: its disks hold the name ({', '.join(held)}), and "

@@ -29,12 +29,14 @@ from .errors import (
     InternalError,
     InvalidArgument,
     NotFound,
+    RevertRisky,
+    Risk,
 )
 from .journal import Journal, JournalEntry
 from .ledger import Ledger
 from .manifest import Manifest
 from .operations import Operation
-from .progress import StepProgress, ignore_progress, share
+from .progress import Phase, StepProgress, ignore_progress, share
 from .storage import Backends
 from .xldisk import XlVersion
 
@@ -105,7 +107,7 @@ class RevertPlan:
     domain: Domain | None
     current: DomainConfig
     paused: bool
-    risks: tuple[str, ...]
+    risks: tuple[Risk, ...]
     reset_nvram: bool = False
 
 
@@ -125,15 +127,17 @@ class SnapshotRevert:
     def all_stranded(self) -> list[Stranded]:
         return list(self._stranded.values())
 
-    def risks(self, m: Manifest, snap_config: DomainConfig, domain: Domain | None, version: str) -> list[str]:
+    def risks(self, m: Manifest, snap_config: DomainConfig, domain: Domain | None, version: str) -> list[Risk]:
         risks = []
         if domain is None:
-            risks.append(f"domain {m.domain} no longer exists")
+            risks.append(Risk("DOMAIN_GONE", f"domains/{m.domain}", f"domain {m.domain} no longer exists"))
         elif _shape(domain.config) != _shape(snap_config):
             changed = [k for k, v in _shape(snap_config).items() if _shape(domain.config)[k] != v]
-            risks.append(f"the domain's configuration changed since the snapshot ({', '.join(changed)})")
+            risks.append(Risk("CONFIG_CHANGED", f"domains/{m.domain}",
+                              f"the domain's configuration changed since the snapshot ({', '.join(changed)})"))
         if m.hypervisor_version != version:
-            risks.append(f"the memory image was made by {m.hypervisor_version}, this host runs {version}")
+            risks.append(Risk("HYPERVISOR_CHANGED", m.memory_file,
+                              f"the memory image was made by {m.hypervisor_version}, this host runs {version}"))
         return risks + layers.changed(self._backends, m)
 
     def _discarded(self, domain: str, before: DomainConfig, after: DomainConfig) -> list[Path]:
@@ -175,8 +179,7 @@ class SnapshotRevert:
             domain = None
         risks = self.risks(m, snap_config, domain, await self._driver.probe())
         if risks and not req.force:
-            raise FailedPrecondition(f"refusing to revert {m.domain} to {m.name}: " + "; ".join(risks)
-                                     + " (--force reverts anyway)")
+            raise RevertRisky(m.domain, m.name, risks)
         memory = Path(m.memory_file)
         if not memory.is_file() or memory.stat().st_size != m.memory_bytes:
             raise FailedPrecondition(f"snapshot {m.name}: memory image {memory} is missing or truncated")
@@ -190,8 +193,8 @@ class SnapshotRevert:
 
     async def run(self, op: Operation, plan: RevertPlan) -> Entry:
         snapdir, m, domain, current, paused = plan.snapdir, plan.manifest, plan.domain, plan.current, plan.paused
-        op.phase("validate", 5)(1.0, message="snapshot complete" + (
-            f"; forced past: {'; '.join(plan.risks)}" if plan.risks else ""))
+        op.phase(Phase.VALIDATE, 5)(1.0, message="snapshot complete" + (
+            f"; forced past: {'; '.join(r.description for r in plan.risks)}" if plan.risks else ""))
         # The manifest goes into the journal: recovery redoes what was checked
         # here, whatever the snapshot's folder holds by then.
         journal = JournalEntry(op.id, "revert", m.domain, m.name, op.request_id, data={
@@ -205,14 +208,14 @@ class SnapshotRevert:
         op.commit()
         try:
             await self._journal.step(journal, "destroy")
-            op.phase("destroy", 10)
+            op.phase(Phase.DESTROY, 10)
             if domain is not None:
                 await self._driver.destroy(domain.name)
-            await self._apply(journal, m, op.phase("disks", 40), lambda: op.phase("restore", 98))
+            await self._apply(journal, m, op.phase(Phase.DISKS, 40), lambda: op.phase(Phase.RESTORE, 98))
         except Exception as err:
             log.warning("revert of %s to %s failed after the domain was destroyed (%s); doing it once more from "
                         "the journal", m.domain, m.name, _message(err))
-            await self._again(journal, m, op.phase("retry", 98))
+            await self._again(journal, m, op.phase(Phase.RETRY, 98))
         return Entry(snapdir, m, current=True)
 
     async def resume(self, op: Operation, stranded: Stranded) -> Entry:
@@ -220,7 +223,7 @@ class SnapshotRevert:
         op.commit()
         journal = stranded.journal
         m = Manifest.from_json(journal.data["manifest"], "<journal>")
-        await self._again(journal, m, op.phase("restore", 98))
+        await self._again(journal, m, op.phase(Phase.RESTORE, 98))
         return Entry(Path(journal.data["snapdir"]), m, current=True)
 
     async def _again(self, journal: JournalEntry, m: Manifest, progress: StepProgress) -> None:

@@ -84,13 +84,14 @@ class XlCfgError(InvalidArgument):
     of them (the source is then "<command line>"), else None.
     """
 
-    def __init__(self, source: str, line: int, column: int, reason: str, override: int | None = None) -> None:
+    def __init__(self, source: str, line: int, column: int, why: str, override: int | None = None) -> None:
         where = source if override is None else f"{source}[{override}]"
-        super().__init__(f"{where}:{line}:{column}: {reason}")
+        super().__init__(f"{where}:{line}:{column}: {why}", reason="INVALID_CONFIG", source=where,
+                         line=str(line), column=str(column))
         self.source = source
         self.line = line
         self.column = column
-        self.reason = reason
+        self.why = why
         self.override = override
 
 

@@ -78,7 +78,7 @@ def run(*argv: str) -> Callable[[], object]:
 def list_all(stub: pb_grpc.SnapshotAgentStub, domain: str) -> int:
     n, token = 0, ""
     while True:
-        page = stub.ListSnapshots(pb.ListSnapshotsRequest(domain=domain, page_token=token), timeout=300)
+        page = stub.ListSnapshots(pb.ListSnapshotsRequest(domain_name=domain, page_token=token), timeout=300)
         n += len(page.snapshots)
         if not (token := page.next_page_token):
             return n
@@ -139,12 +139,12 @@ def boot(agent: Agent, work: Path, name: str, mib: int, extra: str = "") -> None
 
 def create(stub: pb_grpc.SnapshotAgentStub, dom: str, name: str) -> pb.Snapshot:
     events = list(stub.CreateSnapshot(pb.CreateSnapshotRequest(
-        domain=dom, name=name, method=pb.SNAPSHOT_METHOD_INTERNAL, request_id=uuid.uuid4().hex), timeout=600))
+        domain_name=dom, name=name, method=pb.SNAPSHOT_METHOD_INTERNAL, request_id=uuid.uuid4().hex), timeout=600))
     return events[-1].finished.result
 
 
 def delete(stub: pb_grpc.SnapshotAgentStub, dom: str, name: str) -> None:
-    list(stub.DeleteSnapshot(pb.DeleteSnapshotRequest(domain=dom, snapshot=name, request_id=uuid.uuid4().hex),
+    list(stub.DeleteSnapshot(pb.DeleteSnapshotRequest(domain_name=dom, snapshot_name=name, request_id=uuid.uuid4().hex),
                              timeout=600))
 
 
@@ -163,7 +163,7 @@ def overhead_rows(agent: Agent, work: Path, repeat: int) -> Rows:
                 t0 = time.perf_counter()
                 snap = create(stub, "ov", f"ov{i}")
                 wall[side].append(time.perf_counter() - t0)
-                pause[side].append(snap.downtime_seconds)
+                pause[side].append(snap.downtime.ToNanoseconds() / 1e9)
                 delete(stub, "ov", f"ov{i}")
             else:
                 agent.stop()
@@ -206,8 +206,9 @@ def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
             "health Check (baseline)": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10),
             "GetAgentInfo": lambda: stub.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=10),
             "ListDomains": lambda: stub.ListDomains(pb.ListDomainsRequest(), timeout=10),
-            "GetDomain": lambda: stub.GetDomain(pb.GetDomainRequest(domain="d00"), timeout=10),
-            "ListSnapshots, 1 domain": lambda: stub.ListSnapshots(pb.ListSnapshotsRequest(domain="ov"), timeout=10),
+            "GetDomain": lambda: stub.GetDomain(pb.GetDomainRequest(domain_name="d00"), timeout=10),
+            "ListSnapshots, 1 domain": lambda: stub.ListSnapshots(pb.ListSnapshotsRequest(domain_name="ov"),
+                                                                  timeout=10),
         }
         assert len(stub.ListDomains(pb.ListDomainsRequest(), timeout=10).domains) == domains + 1
         log_from = agent.log.stat().st_size
@@ -279,7 +280,7 @@ def main() -> int:
         finally:
             stub = agent.stub()
             for d in stub.ListDomains(pb.ListDomainsRequest(), timeout=30).domains:
-                stub.DestroyDomain(pb.DestroyDomainRequest(domain=d.name, request_id=uuid.uuid4().hex), timeout=60)
+                stub.DestroyDomain(pb.DestroyDomainRequest(domain_name=d.name, request_id=uuid.uuid4().hex), timeout=60)
             agent.stop()
     return print_rows(started, load0, args.repeat, rows)
 

@@ -166,7 +166,8 @@ def main() -> int:
                 c0, t0 = cpu_seconds(pid), time.monotonic()
                 events = list(
                     stub.CreateSnapshot(
-                        pb.CreateSnapshotRequest(domain="prof", name=f"p{i}", request_id=uuid.uuid4().hex), timeout=600
+                        pb.CreateSnapshotRequest(domain_name="prof", name=f"p{i}",
+                                                 request_id=uuid.uuid4().hex), timeout=600
                     )
                 )
                 rows.append(("non-live create", time.monotonic() - t0, cpu_seconds(pid) - c0))
@@ -175,7 +176,7 @@ def main() -> int:
             list(
                 stub.RevertSnapshot(
                     pb.RevertSnapshotRequest(
-                        domain="prof", snapshot=f"p{args.repeat - 1}", request_id=uuid.uuid4().hex
+                        domain_name="prof", snapshot_name=f"p{args.repeat - 1}", request_id=uuid.uuid4().hex
                     ),
                     timeout=600,
                 )
@@ -207,7 +208,7 @@ def main() -> int:
             argv = Path(f"/proc/{qpid}/cmdline").read_text().split("\0")[:-1]
             keep = base / "image.save"
             shutil.copy(image, keep)
-            stub.DestroyDomain(pb.DestroyDomainRequest(domain="prof", request_id=uuid.uuid4().hex), timeout=60)
+            stub.DestroyDomain(pb.DestroyDomainRequest(domain_name="prof", request_id=uuid.uuid4().hex), timeout=60)
         finally:
             agent.stop()
         # The domain's command line with our own QMP socket and pid file (the

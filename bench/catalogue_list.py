@@ -84,7 +84,8 @@ def main() -> int:
             def rpc() -> None:
                 n, token = 0, ""
                 while True:
-                    page = stub.ListSnapshots(pb.ListSnapshotsRequest(domain=DOMAIN, page_token=token), timeout=300)
+                    page = stub.ListSnapshots(pb.ListSnapshotsRequest(domain_name=DOMAIN, page_token=token),
+                                              timeout=300)
                     n += len(page.snapshots)
                     if not (token := page.next_page_token):
                         break

@@ -114,7 +114,8 @@ def main() -> int:
             stub = agent.stub()
             for dom in ("idle", "busy"):
                 with contextlib.suppress(Exception):
-                    stub.DestroyDomain(pb.DestroyDomainRequest(domain=dom, request_id=uuid.uuid4().hex), timeout=60)
+                    stub.DestroyDomain(pb.DestroyDomainRequest(domain_name=dom, request_id=uuid.uuid4().hex),
+                                       timeout=60)
             agent.stop()
 
     def f(values: list[float]) -> str:

@@ -63,7 +63,7 @@ def main() -> int:
             stub = agent.stub()
             places = {"disk": str(base / "snap-disk"), "tmpfs": str(Path(shm) / "snap-shm")}
             for name, path in places.items():
-                list(stub.CreateSnapshot(pb.CreateSnapshotRequest(domain="rb", name=name, path=path,
+                list(stub.CreateSnapshot(pb.CreateSnapshotRequest(domain_name="rb", name=name, path=path,
                                                                   request_id=uuid.uuid4().hex), timeout=600))
             image = Path(places["disk"]) / "memory.save"
             size = image.stat().st_size
@@ -76,10 +76,10 @@ def main() -> int:
                         subprocess.run(["cat", str(Path(places[name]) / "memory.save")], check=True,
                                        stdout=subprocess.DEVNULL)
                     _, events = timed_stream(stub.RevertSnapshot(pb.RevertSnapshotRequest(
-                        domain="rb", snapshot=name, request_id=uuid.uuid4().hex), timeout=600))
+                        domain_name="rb", snapshot_name=name, request_id=uuid.uuid4().hex), timeout=600))
                     r.setdefault(label, []).append(size / restore_seconds(events) / 1e6)
                 r.setdefault("dd read, cold cache", []).append(dd_cold_read(image) / 1e6)
-            stub.DestroyDomain(pb.DestroyDomainRequest(domain="rb"), timeout=60)
+            stub.DestroyDomain(pb.DestroyDomainRequest(domain_name="rb"), timeout=60)
         finally:
             agent.stop()
     rows = "\n".join(f"| {label} | {cell(v, 1, ' MB/s')} |" for label, v in r.items())

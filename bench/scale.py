@@ -79,7 +79,7 @@ def copy_rate(events: list[pb.OperationEvent]) -> float:
     """Bytes/s of a create's disk copy after the resume: its first "copying"
     progress to the merge that follows it (the copy's fsync included)."""
     stamps = [(e.progress.time.ToNanoseconds() / 1e9, e.progress) for e in events
-              if e.WhichOneof("event") == "progress" and e.progress.phase == "disks"]
+              if e.WhichOneof("event") == "progress" and e.progress.phase == pb.PHASE_DISKS]
     copying = [(t, p) for t, p in stamps if "copying" in p.message]
     merging = [t for t, p in stamps if "merging" in p.message]
     if not copying or not merging:
@@ -105,24 +105,24 @@ class Bench:
 
     def create(self, r: R, key: str, domain: str, name: str, **fields: object) -> list[pb.OperationEvent]:
         wall, events = timed_stream(self.agent.stub().CreateSnapshot(pb.CreateSnapshotRequest(
-            domain=domain, name=name, request_id=uuid.uuid4().hex, **fields), timeout=3600))  # type: ignore[arg-type]
+            domain_name=domain, name=name, request_id=uuid.uuid4().hex, **fields), timeout=3600))  # type: ignore[arg-type]
         r.setdefault(f"{key} wall", []).append(wall)
-        r.setdefault(f"{key} pause", []).append(events[-1].finished.result.downtime_seconds)
+        r.setdefault(f"{key} pause", []).append(events[-1].finished.result.downtime.ToNanoseconds() / 1e9)
         return events
 
     def revert(self, r: R, domain: str, name: str) -> None:
         wall, events = timed_stream(self.agent.stub().RevertSnapshot(pb.RevertSnapshotRequest(
-            domain=domain, snapshot=name, request_id=uuid.uuid4().hex), timeout=3600))
+            domain_name=domain, snapshot_name=name, request_id=uuid.uuid4().hex), timeout=3600))
         r.setdefault("revert wall", []).append(wall)
         r.setdefault("restore", []).append(restore_seconds(events))
 
     def delete(self, r: R, domain: str, name: str) -> None:
         wall, _ = timed_stream(self.agent.stub().DeleteSnapshot(pb.DeleteSnapshotRequest(
-            domain=domain, snapshot=name, request_id=uuid.uuid4().hex), timeout=3600))
+            domain_name=domain, snapshot_name=name, request_id=uuid.uuid4().hex), timeout=3600))
         r.setdefault("delete wall", []).append(wall)
 
     def destroy(self, domain: str) -> None:
-        self.agent.stub().DestroyDomain(pb.DestroyDomainRequest(domain=domain), timeout=120)
+        self.agent.stub().DestroyDomain(pb.DestroyDomainRequest(domain_name=domain), timeout=120)
 
     def disk_series(self, ram_mib: int, data_mib: int, repeat: int) -> R:
         r: R = {}

@@ -80,7 +80,7 @@ def timed_stream(stream: Iterator[pb.OperationEvent]) -> tuple[float, list[pb.Op
 def restore_seconds(events: list[pb.OperationEvent]) -> float:
     """Time of the revert's restore phase, from the agent's own progress stamps."""
     stamps = [e.progress.time.ToNanoseconds() / 1e9 for e in events
-              if e.WhichOneof("event") == "progress" and e.progress.phase == "restore"]
+              if e.WhichOneof("event") == "progress" and e.progress.phase == pb.PHASE_RESTORE]
     return stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
 
 
@@ -117,22 +117,23 @@ def bench_size(base: Path, kernel: Path, ramdisk: Path, mib: int, repeat: int) -
                     stub = agent.stub()
                 name = f"{label}-{i}"
                 wall, events = timed_stream(stub.CreateSnapshot(pb.CreateSnapshotRequest(
-                    domain="bench", name=name, live=live, request_id=uuid.uuid4().hex), timeout=600))
+                    domain_name="bench", name=name, live=live, request_id=uuid.uuid4().hex), timeout=600))
                 snap = events[-1].finished.result
                 r.setdefault(f"{label} wall", []).append(wall)
-                r.setdefault(f"{label} pause", []).append(snap.downtime_seconds)
+                r.setdefault(f"{label} pause", []).append(snap.downtime.ToNanoseconds() / 1e9)
                 if label == "nonlive":
                     r.setdefault("image bytes", []).append(snap.memory.size_bytes)
-                    r.setdefault("save MB/s", []).append(snap.memory.size_bytes / snap.downtime_seconds / 1e6)
+                    r.setdefault("save MB/s",
+                                 []).append(snap.memory.size_bytes / snap.downtime.ToNanoseconds() / 1e9 / 1e6)
             wall, events = timed_stream(stub.RevertSnapshot(pb.RevertSnapshotRequest(
-                domain="bench", snapshot=f"nonlive-{i}", request_id=uuid.uuid4().hex), timeout=600))
+                domain_name="bench", snapshot_name=f"nonlive-{i}", request_id=uuid.uuid4().hex), timeout=600))
             r.setdefault("revert wall", []).append(wall)
             size = r["image bytes"][-1]
             r.setdefault("restore MB/s", []).append(size / restore_seconds(events) / 1e6)
             w, rd = dd_write_read(base / "dd.bin", int(size))
             r.setdefault("dd write MB/s", []).append(w / 1e6)
             r.setdefault("dd read MB/s", []).append(rd / 1e6)
-        stub.DestroyDomain(pb.DestroyDomainRequest(domain="bench"), timeout=60)
+        stub.DestroyDomain(pb.DestroyDomainRequest(domain_name="bench"), timeout=60)
     finally:
         agent.stop()
     return r

@@ -62,6 +62,7 @@ import grpc
 from bench import libvirt_peer as lv
 from bench import qmp_direct
 from bench.snapshot_pause import dd_write_read, machine
+from domsnap.client.views import phase_word
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 from testbed import guestprobe
@@ -119,8 +120,9 @@ def stamps(events: list[pb.OperationEvent]) -> dict[str, float]:
     out: dict[str, float] = {}
     for e in events:
         if e.WhichOneof("event") == "progress":
-            out.setdefault(e.progress.phase, e.progress.time.ToNanoseconds() / 1e9)
-            out["_last_" + e.progress.phase] = e.progress.time.ToNanoseconds() / 1e9
+            phase, at = phase_word(e.progress.phase), e.progress.time.ToNanoseconds() / 1e9
+            out.setdefault(phase, at)
+            out["_last_" + phase] = at
     return out
 
 
@@ -198,7 +200,8 @@ class DomsnapSide:
         t0 = time.monotonic()
         events = list(
             self.stub.CreateSnapshot(
-                pb.CreateSnapshotRequest(domain=dom, name=name, live=live, method=method, request_id=uuid.uuid4().hex),
+                pb.CreateSnapshotRequest(domain_name=dom, name=name, live=live, method=method,
+                                         request_id=uuid.uuid4().hex),
                 timeout=900,
             )
         )
@@ -209,7 +212,7 @@ class DomsnapSide:
         migr = [r["ret"] for r in trace if r["kind"] == "qmp" and r["cmd"] == "query-migrate"]
         return {
             "wall": wall,
-            "pause": snap.downtime_seconds,
+            "pause": snap.downtime.ToNanoseconds() / 1e9,
             "bytes": snap.memory.size_bytes,
             "memory": snap.memory.path,
             "fdatasync": sum(syncs) if syncs else None,
@@ -223,17 +226,17 @@ class DomsnapSide:
         t0 = time.monotonic()
         events = list(
             self.stub.RevertSnapshot(
-                pb.RevertSnapshotRequest(domain=dom, snapshot=name, request_id=uuid.uuid4().hex), timeout=900
+                pb.RevertSnapshotRequest(domain_name=dom, snapshot_name=name, request_id=uuid.uuid4().hex), timeout=900
             )
         )
         wall = time.monotonic() - t0
         return {"wall": wall, "stamps": stamps(events), "trace": read_trace(self.trace, t_wall0, time.time())}
 
     def pause(self, dom: str) -> None:
-        self.stub.PauseDomain(pb.PauseDomainRequest(domain=dom, request_id=uuid.uuid4().hex), timeout=60)
+        self.stub.PauseDomain(pb.PauseDomainRequest(domain_name=dom, request_id=uuid.uuid4().hex), timeout=60)
 
     def unpause(self, dom: str) -> None:
-        self.stub.UnpauseDomain(pb.UnpauseDomainRequest(domain=dom, request_id=uuid.uuid4().hex), timeout=60)
+        self.stub.UnpauseDomain(pb.UnpauseDomainRequest(domain_name=dom, request_id=uuid.uuid4().hex), timeout=60)
 
 
 def latencies(call: Callable[[], object], n: int) -> list[float]:
@@ -413,7 +416,7 @@ def bench_size(
         for dom in ("dsi", "dsb"):
             try:
                 ds.start()
-                ds.stub.DestroyDomain(pb.DestroyDomainRequest(domain=dom, request_id=uuid.uuid4().hex), timeout=60)
+                ds.stub.DestroyDomain(pb.DestroyDomainRequest(domain_name=dom, request_id=uuid.uuid4().hex), timeout=60)
             except Exception as err:  # clean up the rest regardless
                 print(f"cleanup: domsnap destroy {dom}: {err}")
         ds.stop()

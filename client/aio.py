@@ -89,24 +89,31 @@ class AsyncClient:
 
     # ---------------------------------------------------------------- domains
 
-    async def list_domains(self, *, timeout: float | None = None) -> list[pb.Domain]:
-        return list((await self._call(self.stub.ListDomains, pb.ListDomainsRequest(), timeout)).domains)
+    async def list_domains(self, *, full: bool = False, timeout: float | None = None) -> list[pb.Domain]:
+        out: list[pb.Domain] = []
+        page = None
+        while (request := calls.next_domains_page(page, full=full)) is not None:
+            page = await self._call(self.stub.ListDomains, request, timeout)
+            out.extend(page.domains)
+        return out
 
     async def get_domain(self, domain: str, *, timeout: float | None = None) -> pb.Domain:
-        return await self._call(self.stub.GetDomain, pb.GetDomainRequest(domain=domain), timeout)
+        return await self._call(self.stub.GetDomain, pb.GetDomainRequest(**calls.domain_ref(domain)), timeout)
 
     # -------------------------------------------------------------- snapshots
 
-    async def list_snapshots(self, domain: str = "", *, timeout: float | None = None) -> list[pb.Snapshot]:
+    async def list_snapshots(self, domain: str = "", *, full: bool = False, timeout: float | None = None,
+                             ) -> list[pb.Snapshot]:
         out: list[pb.Snapshot] = []
         page = None
-        while (request := calls.next_snapshots_page(domain, page)) is not None:
+        while (request := calls.next_snapshots_page(domain, page, full=full)) is not None:
             page = await self._call(self.stub.ListSnapshots, request, timeout)
             out.extend(page.snapshots)
         return out
 
     async def get_snapshot(self, domain: str, snapshot: str, *, timeout: float | None = None) -> pb.Snapshot:
-        return await self._call(self.stub.GetSnapshot, pb.GetSnapshotRequest(domain=domain, snapshot=snapshot),
+        return await self._call(self.stub.GetSnapshot, pb.GetSnapshotRequest(
+            **calls.domain_ref(domain), **calls.snapshot_ref(snapshot)),
                                 timeout)
 
     def create_snapshot_events(self, domain: str, *, name: str = "", live: bool = False, method: Method | None = None,

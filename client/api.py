@@ -115,12 +115,18 @@ class Client:
 
     # ---------------------------------------------------------------- domains
 
-    def list_domains(self, *, timeout: float | None = None) -> list[pb.Domain]:
-        return list(self._call(self.stub.ListDomains, pb.ListDomainsRequest(), timeout).domains)
+    def list_domains(self, *, full: bool = False, timeout: float | None = None) -> list[pb.Domain]:
+        """Every domain (every page); with `full`, each one's config text and disks too."""
+        out: list[pb.Domain] = []
+        page = None
+        while (request := calls.next_domains_page(page, full=full)) is not None:
+            page = self._call(self.stub.ListDomains, request, timeout)
+            out.extend(page.domains)
+        return out
 
     def get_domain(self, domain: str, *, timeout: float | None = None) -> pb.Domain:
-        """A domain by name or domid."""
-        return self._call(self.stub.GetDomain, pb.GetDomainRequest(domain=domain), timeout)
+        """A domain by name or domid (all digits)."""
+        return self._call(self.stub.GetDomain, pb.GetDomainRequest(**calls.domain_ref(domain)), timeout)
 
     def create_domain(self, config: str, *, overrides: Sequence[str] = (), paused: bool = False, force: bool = False,
                       config_name: str = "", request_id: str | None = None, timeout: float | None = None,
@@ -133,32 +139,33 @@ class Client:
 
     def destroy_domain(self, domain: str, *, request_id: str | None = None, timeout: float | None = None,
                        ) -> pb.Domain:
-        request = pb.DestroyDomainRequest(request_id=calls.new_request_id(request_id), domain=domain)
+        request = pb.DestroyDomainRequest(request_id=calls.new_request_id(request_id), **calls.domain_ref(domain))
         return self._call(self.stub.DestroyDomain, request, timeout)
 
     def pause_domain(self, domain: str, *, request_id: str | None = None, timeout: float | None = None) -> pb.Domain:
-        request = pb.PauseDomainRequest(request_id=calls.new_request_id(request_id), domain=domain)
+        request = pb.PauseDomainRequest(request_id=calls.new_request_id(request_id), **calls.domain_ref(domain))
         return self._call(self.stub.PauseDomain, request, timeout)
 
     def unpause_domain(self, domain: str, *, request_id: str | None = None, timeout: float | None = None,
                        ) -> pb.Domain:
-        request = pb.UnpauseDomainRequest(request_id=calls.new_request_id(request_id), domain=domain)
+        request = pb.UnpauseDomainRequest(request_id=calls.new_request_id(request_id), **calls.domain_ref(domain))
         return self._call(self.stub.UnpauseDomain, request, timeout)
 
     def change_medium(self, domain: str, vdev: str, path: str = "", *, request_id: str | None = None,
                       timeout: float | None = None) -> pb.Domain:
         """Put the image at `path` into the domain's CD-ROM drive `vdev` (xl cd-insert); "" ejects it."""
-        request = pb.ChangeMediumRequest(request_id=calls.new_request_id(request_id), domain=domain, vdev=vdev,
-                                         path=path)
+        request = pb.ChangeMediumRequest(request_id=calls.new_request_id(request_id), **calls.domain_ref(domain),
+                                         vdev=vdev, path=path)
         return self._call(self.stub.ChangeMedium, request, timeout)
 
     # -------------------------------------------------------------- snapshots
 
-    def list_snapshots(self, domain: str = "", *, timeout: float | None = None) -> list[pb.Snapshot]:
-        """One domain's snapshots, or every domain's (every page of them)."""
+    def list_snapshots(self, domain: str = "", *, full: bool = False, timeout: float | None = None,
+                       ) -> list[pb.Snapshot]:
+        """One domain's snapshots, or every domain's (every page of them); with `full`, their disks too."""
         out: list[pb.Snapshot] = []
         page = None
-        while (request := calls.next_snapshots_page(domain, page)) is not None:
+        while (request := calls.next_snapshots_page(domain, page, full=full)) is not None:
             page = self._call(self.stub.ListSnapshots, request, timeout)
             out.extend(page.snapshots)
         return out
@@ -167,15 +174,15 @@ class Client:
                      ) -> pb.Snapshot:
         """A snapshot by name, or by its directory (an absolute path on the agent's host);
         with `manifest`, its snapshot.json text in `.manifest` too."""
-        request = pb.GetSnapshotRequest(domain=domain, snapshot=snapshot, manifest=manifest)
+        request = pb.GetSnapshotRequest(**calls.domain_ref(domain), **calls.snapshot_ref(snapshot), manifest=manifest)
         return self._call(self.stub.GetSnapshot, request, timeout)
 
     def edit_snapshot(self, domain: str, snapshot: str, *, description: str | None = None, new_name: str = "",
                       request_id: str | None = None, timeout: float | None = None) -> pb.Snapshot:
         """Change a snapshot's description (None: unchanged) or its name (FailedPrecondition
         where a disk holds the name: qcow2 tags, LVM volumes); the snapshot as it is now."""
-        request = pb.EditSnapshotRequest(request_id=calls.new_request_id(request_id), domain=domain, snapshot=snapshot,
-                                         description=description, new_name=new_name)
+        request = pb.EditSnapshotRequest(request_id=calls.new_request_id(request_id), **calls.domain_ref(domain),
+                                         **calls.snapshot_ref(snapshot), description=description, new_name=new_name)
         return self._call(self.stub.EditSnapshot, request, timeout)
 
     def create_snapshot_events(self, domain: str, *, name: str = "", live: bool = False, method: Method | None = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 
@@ -21,12 +21,12 @@ EventCallback = Callable[[pb.OperationEvent], object]
 DEFAULT_TIMEOUT = connection.DEFAULT_TIMEOUT
 
 _METHODS: dict[Method | None, pb.SnapshotMethod.ValueType] = {
-    None: pb.SNAPSHOT_METHOD_DEFAULT,
+    None: pb.SNAPSHOT_METHOD_UNSPECIFIED,
     "internal": pb.SNAPSHOT_METHOD_INTERNAL,
     "external": pb.SNAPSHOT_METHOD_EXTERNAL,
 }
 _RUN_STATES: dict[RunState | None, pb.RunStateAfterRevert.ValueType] = {
-    None: pb.RUN_STATE_AFTER_REVERT_SNAPSHOT,
+    None: pb.RUN_STATE_AFTER_REVERT_UNSPECIFIED,
     "running": pb.RUN_STATE_AFTER_REVERT_RUNNING,
     "paused": pb.RUN_STATE_AFTER_REVERT_PAUSED,
 }
@@ -53,6 +53,18 @@ def new_request_id(given: str | None) -> str:
     return given or str(uuid.uuid4())
 
 
+def domain_ref(domain: str) -> dict[str, Any]:
+    """xl's <Domain> as the request's `domain` oneof: all digits is a domid, anything else a name."""
+    return {"domid": int(domain)} if domain.isdigit() else {"domain_name": domain}
+
+
+def snapshot_ref(snapshot: str) -> dict[str, Any]:
+    """A snapshot as the request's `snapshot` oneof: a path (it has a "/") or a name; "" sets neither."""
+    if not snapshot:
+        return {}
+    return {"snapshot_path": snapshot} if "/" in snapshot else {"snapshot_name": snapshot}
+
+
 def _method(value: Method | None) -> pb.SnapshotMethod.ValueType:
     if value not in _METHODS:
         raise errors.InvalidArgument(f"method {value!r}: expected 'internal', 'external' or None (per disk)")
@@ -70,17 +82,29 @@ def create_request(domain: str, *, name: str = "", live: bool = False, method: M
                    description: str = "", config: str = "", overrides: Sequence[str] = (), config_name: str = "",
                    dry_run: bool = False, request_id: str | None = None) -> pb.CreateSnapshotRequest:
     return pb.CreateSnapshotRequest(
-        request_id=new_request_id(request_id), domain=domain, name=name, live=live,
+        request_id=new_request_id(request_id), **domain_ref(domain), name=name, live=live,
         method=_method(method), path=path, description=description, config=config, overrides=list(overrides),
         config_name=config_name, dry_run=dry_run)
 
 
-def next_snapshots_page(domain: str, last: pb.ListSnapshotsResponse | None) -> pb.ListSnapshotsRequest | None:
+def next_snapshots_page(domain: str, last: pb.ListSnapshotsResponse | None, *, full: bool = False,
+                        ) -> pb.ListSnapshotsRequest | None:
     """The request for the listing's next page (AIP-158): the first with `last`
-    None, then one per page until the agent says there is no more (None)."""
-    if last is None:
-        return pb.ListSnapshotsRequest(domain=domain)
-    return pb.ListSnapshotsRequest(domain=domain, page_token=last.next_page_token) if last.next_page_token else None
+    None, then one per page until the agent says there is no more (None);
+    every domain's with domain "", with the disks when `full`."""
+    if last is not None and not last.next_page_token:
+        return None
+    view = pb.VIEW_FULL if full else pb.VIEW_BASIC
+    return pb.ListSnapshotsRequest(**(domain_ref(domain) if domain else {}), view=view,
+                                   page_token=last.next_page_token if last is not None else "")
+
+
+def next_domains_page(last: pb.ListDomainsResponse | None, *, full: bool = False) -> pb.ListDomainsRequest | None:
+    """As next_snapshots_page, for ListDomains; with the config text and disks when `full`."""
+    if last is not None and not last.next_page_token:
+        return None
+    return pb.ListDomainsRequest(view=pb.VIEW_FULL if full else pb.VIEW_BASIC,
+                                 page_token=last.next_page_token if last is not None else "")
 
 
 def revert_request(domain: str, snapshot: str = "", *, run_state: RunState | None = None, force: bool = False,
@@ -88,7 +112,7 @@ def revert_request(domain: str, snapshot: str = "", *, run_state: RunState | Non
                    reset_nvram: bool = False, dry_run: bool = False, request_id: str | None = None,
                    ) -> pb.RevertSnapshotRequest:
     return pb.RevertSnapshotRequest(
-        request_id=new_request_id(request_id), domain=domain, snapshot=snapshot, config=config,
+        request_id=new_request_id(request_id), **domain_ref(domain), **snapshot_ref(snapshot), config=config,
         overrides=list(overrides), run_state=_run_state(run_state), force=force, config_name=config_name,
         reset_nvram=reset_nvram, dry_run=dry_run)
 
@@ -101,8 +125,8 @@ def create_domain_request(config: str, *, overrides: Sequence[str] = (), paused:
 
 def delete_request(domain: str, snapshot: str, *, children: bool = False, dry_run: bool = False,
                    request_id: str | None = None) -> pb.DeleteSnapshotRequest:
-    return pb.DeleteSnapshotRequest(request_id=new_request_id(request_id), domain=domain, snapshot=snapshot,
-                                    children=children, dry_run=dry_run)
+    return pb.DeleteSnapshotRequest(request_id=new_request_id(request_id), **domain_ref(domain),
+                                    **snapshot_ref(snapshot), children=children, dry_run=dry_run)
 
 
 class Outcome:

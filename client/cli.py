@@ -511,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(handler: Handler, parser: argparse.ArgumentParser, session: Session, ns: argparse.Namespace) -> int:
     """Run a handler; every failure becomes one stderr line and an exit status."""
-    from .errors import DomsnapError, TlsError
+    from .errors import DomsnapError, TlsError, refusal_line
 
     try:
         return handler(session, ns)
@@ -519,7 +519,7 @@ def _run(handler: Handler, parser: argparse.ArgumentParser, session: Session, ns
         _fail_json(session, "usage", str(err))
         return _parse_error(parser, str(err))
     except DomsnapError as err:
-        _fail(session, f"TLS: {err.message}" if isinstance(err, TlsError) else err.message, err.code.name)
+        _fail(session, f"TLS: {err.message}" if isinstance(err, TlsError) else refusal_line(err), err.code.name)
     except CliError as err:
         _fail(session, str(err), "client")
     except KeyboardInterrupt:

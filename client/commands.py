@@ -210,7 +210,8 @@ def detach_message(session: Session, operation_id: str, request_id: str) -> str:
 
 def cmd_list(s: Session, ns: argparse.Namespace) -> int:
     # The agent resolves names and domids the way xl does.
-    domains = [s.client.get_domain(d) for d in ns.domains] if ns.domains else s.client.list_domains()
+    domains = ([s.client.get_domain(d) for d in ns.domains] if ns.domains
+               else s.client.list_domains(full=ns.long or s.json))
     if s.json:
         s.print_json([views.to_dict(d) for d in domains])
     elif ns.long:
@@ -386,7 +387,7 @@ def select_snapshots(snapshots: Sequence[pb.Snapshot], ns: argparse.Namespace) -
 
 
 def cmd_snapshot_list(s: Session, ns: argparse.Namespace) -> int:
-    snapshots = select_snapshots(s.client.list_snapshots(ns.domain or ""), ns)
+    snapshots = select_snapshots(s.client.list_snapshots(ns.domain or "", full=s.json), ns)
     if s.json:
         s.print_json([views.to_dict(snap) for snap in snapshots])
     elif ns.tree:

@@ -19,10 +19,17 @@ code the agent uses, each carrying the agent's message.
 An operation that failed (its stream's `finished` event carries a
 google.rpc.Status) raises the same classes, with its `operation_id`. The
 original grpc.RpcError, when there is one, is the exception's __cause__.
+
+Code acts on `reason` (the agent's google.rpc.ErrorInfo.reason: a stable
+UPPER_SNAKE name listed in domsnap.proto, e.g. DOMAIN_BUSY), on `metadata`
+(the resources it names: "domain", "snapshot", "operation_id"...) and, for a
+risky revert (REVERT_RISKY), on `violations`: each risk as a
+google.rpc.PreconditionFailure violation. The message is for people.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
@@ -35,19 +42,41 @@ if TYPE_CHECKING:
     from google.rpc import status_pb2
 
 
+@dataclass(frozen=True)
+class Violation:
+    """One failed precondition (google.rpc.PreconditionFailure.Violation): a
+    risky revert's risk, e.g. type "DOMAIN_GONE", subject "domains/web"."""
+
+    type: str
+    subject: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Details:
+    """What a google.rpc.Status's details say beyond its code and message."""
+
+    reason: str = ""
+    metadata: dict[str, str] | None = None
+    violations: tuple[Violation, ...] = ()
+
+
 class DomsnapError(Exception):
     """Base of every error the client library raises."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, reason: str = "", address: str = "",
-                 operation_id: str = "") -> None:
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, details: Details | None = None,
+                 address: str = "", operation_id: str = "") -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
-        # The agent's stable name for the error (google.rpc.ErrorInfo.reason), e.g. "Busy".
-        self.reason = reason
+        details = details or Details()
+        # The agent's stable name for the error (google.rpc.ErrorInfo.reason), e.g. "DOMAIN_BUSY".
+        self.reason = details.reason
+        self.metadata: dict[str, str] = dict(details.metadata or {})
+        self.violations = details.violations
         # The agent it came from ("" when unknown), and the operation that failed.
         self.address = address
         self.operation_id = operation_id
@@ -128,25 +157,40 @@ _BY_CODE: dict[grpc.StatusCode, type[DomsnapError]] = {
 _BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
+def refusal_line(err: DomsnapError) -> str:
+    """The line a command-line user reads for `err`: a risky revert is worded
+    from its violations, with the CLI's own way past them; anything else is
+    the agent's message."""
+    if err.reason == "REVERT_RISKY" and err.violations:
+        what = f"{err.metadata.get('domain', '?')} to {err.metadata.get('snapshot', '?')}"
+        return (f"refusing to revert {what}: " + "; ".join(v.description for v in err.violations)
+                + " (--force reverts anyway)")
+    return err.message
+
+
 def error_class(code: grpc.StatusCode) -> type[DomsnapError]:
     return _BY_CODE.get(code, DomsnapError)
 
 
-def _reason(status: status_pb2.Status | None) -> str:
+def _details(status: status_pb2.Status | None) -> Details:
     from google.rpc import error_details_pb2
 
+    info, failure = error_details_pb2.ErrorInfo(), error_details_pb2.PreconditionFailure()
+    found = Details()
     for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return str(info.reason)
-    return ""
+            found = Details(info.reason, dict(info.metadata), found.violations)
+        elif detail.Unpack(failure):
+            found = Details(found.reason, found.metadata, tuple(
+                Violation(v.type, v.subject, v.description) for v in failure.violations))
+    return found
 
 
 def from_status(status: status_pb2.Status, *, address: str = "", operation_id: str = "") -> DomsnapError:
     """The error of a finished operation (its google.rpc.Status)."""
     code = _BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
     message = " ".join(status.message.split()) or f"operation {operation_id} ended with {code.name}"
-    return error_class(code)(message, code=code, reason=_reason(status), address=address,
+    return error_class(code)(message, code=code, details=_details(status), address=address,
                              operation_id=operation_id)
 
 
@@ -190,5 +234,5 @@ def from_rpc_error(err: grpc.RpcError, address: connection.Address | None = None
             message = connection.unreachable_message(address, details, tls_used=uses_tls)
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout is not None:
         message = f"the agent did not answer within {timeout:g} s ({details}); give it longer with --timeout"
-    return cls(message, code=code, reason=_reason(status), address=where)
+    return cls(message, code=code, details=_details(status), address=where)
 

@@ -17,7 +17,16 @@ from typing import Protocol, TextIO
 
 from domsnap.v1 import domsnap_pb2 as pb
 
-from .views import domain_state_word, human_bytes, human_duration, json_text, operation_kind_word, to_dict
+from .views import (
+    domain_state_word,
+    human_bytes,
+    human_duration,
+    json_text,
+    operation_kind_word,
+    phase_word,
+    seconds,
+    to_dict,
+)
 
 MIB = 1024 * 1024
 # Redrawing faster than this only costs CPU and flickers.
@@ -74,7 +83,7 @@ class LineRenderer:
     def __init__(self, err: TextIO, *, clock: Callable[[], float] = time.time) -> None:
         self._err = err
         self._clock = clock
-        self._phase = ""
+        self._phase: pb.Phase.ValueType = pb.PHASE_UNSPECIFIED
         self._last = 0.0
 
     def event(self, event: pb.OperationEvent) -> None:
@@ -87,7 +96,7 @@ class LineRenderer:
             p = event.progress
             if p.phase != self._phase or now - self._last >= LINE_INTERVAL:
                 self._phase = p.phase
-                self._emit(now, f"{p.phase} {p.percent:.0f}% {p.message}".rstrip())
+                self._emit(now, f"{phase_word(p.phase)} {p.percent:.0f}% {p.message}".rstrip())
 
     def _emit(self, now: float, line: str) -> None:
         self._last = now
@@ -172,7 +181,7 @@ def eta(p: pb.Progress, elapsed: float) -> float | None:
 def bar_line(p: pb.Progress, left: float | None = None) -> str:
     percent = min(max(p.percent, 0.0), 100.0)
     filled = round(_BAR_WIDTH * percent / 100)
-    parts = [f"{p.phase:<9}", f"[{'#' * filled}{'-' * (_BAR_WIDTH - filled)}]", f"{percent:3.0f}%"]
+    parts = [f"{phase_word(p.phase):<9}", f"[{'#' * filled}{'-' * (_BAR_WIDTH - filled)}]", f"{percent:3.0f}%"]
     if p.bytes_total:
         parts.append(f"{human_bytes(p.bytes_done)} / {human_bytes(p.bytes_total)}")
     if p.bytes_per_second:
@@ -197,7 +206,7 @@ def result_line(op: pb.Operation, domain: pb.Domain | None = None, command: str 
     timing = [human_duration(elapsed)] if elapsed is not None else []
     snap = op.result
     if op.kind == pb.OPERATION_KIND_CREATE_SNAPSHOT:
-        timing.append(f"guest paused {human_duration(snap.downtime_seconds)}")
+        timing.append(f"guest paused {human_duration(seconds(snap.downtime))}")
         text = f"Snapshot {snap.name} of {snap.domain} created at {snap.path}"
     elif op.kind == pb.OPERATION_KIND_REVERT_SNAPSHOT:
         text = f"Domain {op.domain} reverted to snapshot {snap.name or op.snapshot}"

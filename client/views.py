@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from google.protobuf import descriptor, json_format, message, timestamp_pb2
+from google.protobuf import descriptor, duration_pb2, json_format, message, timestamp_pb2
 
 from domsnap.v1 import domsnap_pb2 as pb
 
@@ -103,6 +103,16 @@ def domain_state_word(state: pb.DomainState.ValueType) -> str:
     return enum_word(pb.DomainState.Name(state), "DOMAIN_STATE_")
 
 
+def phase_word(phase: pb.Phase.ValueType) -> str:
+    """`PHASE_VALIDATE` -> `validate`; "" for none (and for a phase newer than this client)."""
+    name = pb.Phase.Name(phase) if phase in pb.Phase.values() else "PHASE_UNSPECIFIED"
+    return "" if name == "PHASE_UNSPECIFIED" else enum_word(name, "PHASE_")
+
+
+def seconds(d: duration_pb2.Duration) -> float:
+    return d.ToNanoseconds() / 1e9
+
+
 def local_time(ts: timestamp_pb2.Timestamp, *, utc: bool = False) -> str:
     """The local time (TZ is honoured) with its zone, or UTC with `utc`."""
     if ts.seconds == 0 and ts.nanos == 0:
@@ -133,8 +143,8 @@ def domain_table(domains: Iterable[pb.Domain]) -> list[str]:
     for d in domains:
         flags = _STATE_FLAGS.get(d.state, "------")
         busy = d.busy_with_operation or "-"
-        lines.append(f"{d.name:<40} {d.domid:>5} {d.memory_mib:>5} {d.vcpus:>5}     {flags:<6}  {d.cpu_seconds:>8.1f}"
-                     f"  {busy}")
+        lines.append(f"{d.name:<40} {d.domid:>5} {d.memory_mib:>5} {d.vcpus:>5}     {flags:<6}  "
+                     f"{seconds(d.cpu_time):>8.1f}  {busy}")
     # Below the table, so that the rows stay as xl prints them.
     lines += [f"{d.name}: {d.problem}" for d in troubled]
     return lines
@@ -233,7 +243,7 @@ def _method_word(method: pb.SnapshotMethod.ValueType) -> str:
 
 
 def snapshot_details(s: pb.Snapshot, *, utc: bool = False) -> list[str]:
-    downtime = human_duration(s.downtime_seconds) if s.downtime_seconds else "-"
+    downtime = human_duration(seconds(s.downtime)) if s.HasField("downtime") else "-"
     memory = f"{s.memory.path} ({human_bytes(s.memory.size_bytes)})" if s.memory.path else "-"
     lines = key_values(
         [
@@ -277,7 +287,7 @@ def operation_table(operations: Iterable[pb.Operation], *, utc: bool = False) ->
             op.domain,
             op.snapshot or "-",
             operation_state_word(op.state),
-            f"{op.progress.percent:.0f}% {op.progress.phase}".rstrip(),
+            f"{op.progress.percent:.0f}% {phase_word(op.progress.phase)}".rstrip(),
             local_time(op.started_at, utc=utc),
         )
         for op in operations
@@ -297,7 +307,8 @@ def plan_lines(p: pb.Plan) -> list[str]:
         pairs.append(("Deletes", ", ".join(p.deletes)))
     if p.kind == pb.OPERATION_KIND_REVERT_SNAPSHOT:
         pairs.append(("Leaves the domain", "paused" if p.paused else "running"))
-        pairs.append(("Risks", "; ".join(p.risks) + " (refused without --force)" if p.risks else "none"))
+        risks = "; ".join(r.description for r in p.risks)
+        pairs.append(("Risks", risks + " (refused without --force)" if p.risks else "none"))
     lines += key_values(pairs)
     lines.append("Disks:")
     rows = [(d.vdev, _method_word(d.method), d.backend, d.image, d.target or "-") for d in p.disks]

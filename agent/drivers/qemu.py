@@ -272,7 +272,7 @@ class QemuDriver(Hypervisor):
             for inst in self._instances.values():
                 if inst.domid == int(ref):
                     return inst
-        raise NotFound(f"domain {ref!r} does not exist")
+        raise NotFound(f"domain {ref!r} does not exist", reason="DOMAIN_NOT_FOUND", domain=ref)
 
     async def _domain(self, inst: _Instance) -> Domain:
         pid, stat = inst.process()
@@ -320,7 +320,8 @@ class QemuDriver(Hypervisor):
     ) -> _Instance:
         async with self._create_lock:
             if config.name in self._instances:
-                raise AlreadyExists(f"domain {config.name!r} already exists")
+                raise AlreadyExists(f"domain {config.name!r} already exists", reason="DOMAIN_EXISTS",
+                                    domain=config.name)
             spec = self._check_host(config)
             folder = self._root / config.name
             # A re-launched domain keeps its folder.
@@ -439,7 +440,7 @@ class QemuDriver(Hypervisor):
         nvram = inst.paths.nvram if qemu_spec.guest_spec(inst.config).uefi else None
         copy = _nvram_copy(memory)
         if nvram is not None and os.path.lexists(copy):
-            raise AlreadyExists(f"{copy} already exists")
+            raise AlreadyExists(f"{copy} already exists", reason="PATH_EXISTS", path=str(copy))
 
         async def pause_work() -> None:
             await in_pause(block)

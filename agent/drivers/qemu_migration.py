@@ -46,7 +46,7 @@ def _open_new(path: Path) -> int:
     try:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError as err:
-        raise AlreadyExists(f"memory image {path} already exists") from err
+        raise AlreadyExists(f"memory image {path} already exists", reason="PATH_EXISTS", path=str(path)) from err
 
 
 def _raise_failed(info: dict[str, Any], what: str) -> None:

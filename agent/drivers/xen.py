@@ -74,7 +74,7 @@ def _create_private(path: Path) -> None:
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
     except FileExistsError as err:
-        raise AlreadyExists(f"memory image {path} already exists") from err
+        raise AlreadyExists(f"memory image {path} already exists", reason="PATH_EXISTS", path=str(path)) from err
 
 
 def _disks_of(saved: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
@@ -158,7 +158,7 @@ class XenDriver(Hypervisor):
             out = await self._xl(xl_argv.list_(ref, xl=self._xl_bin), timeout=QUERY_TIMEOUT)
         except CommandError as err:
             if ref is not None and ("invalid domain identifier" in err.stderr or "does not exist" in err.stderr):
-                raise NotFound(f"domain {ref!r} does not exist") from err
+                raise NotFound(f"domain {ref!r} does not exist", reason="DOMAIN_NOT_FOUND", domain=str(ref)) from err
             raise
         return xl_argv.parse_list(out.stdout)
 
@@ -200,11 +200,12 @@ class XenDriver(Hypervisor):
     async def lookup(self, ref: str) -> Domain:
         rows = await self._table(ref)
         if not rows or rows[0].domid == 0:
-            raise NotFound(f"domain {ref!r} is not a guest domain")
+            raise NotFound(f"domain {ref!r} is not a guest domain", reason="DOMAIN_NOT_FOUND", domain=ref)
         row = rows[0]
         xd = (await self._configs(row.domid)).get(row.domid)
         if xd is None:
-            raise NotFound(f"domain {ref!r} (id {row.domid}) has no configuration left (it is being destroyed)")
+            raise NotFound(f"domain {ref!r} (id {row.domid}) has no configuration left (it is being destroyed)",
+                           reason="DOMAIN_NOT_FOUND", domain=ref)
         return self._domain(row, xd)
 
     def _config_path(self, name: str) -> Path:
@@ -216,7 +217,7 @@ class XenDriver(Hypervisor):
         except NotFound:
             pass
         else:
-            raise AlreadyExists(f"domain {config.name!r} already exists")
+            raise AlreadyExists(f"domain {config.name!r} already exists", reason="DOMAIN_EXISTS", domain=config.name)
         path = self._config_path(config.name)
         self._dir.mkdir(parents=True, exist_ok=True)
         write_atomic(path, config.to_text(), mode=0o600)
@@ -242,7 +243,8 @@ class XenDriver(Hypervisor):
         try:
             return self._known[name]
         except KeyError:
-            raise NotFound(f"domain {name!r} is unknown to the xen driver (look it up first)") from None
+            raise NotFound(f"domain {name!r} is unknown to the xen driver (look it up first)",
+                           reason="DOMAIN_NOT_FOUND", domain=name) from None
 
     def block_ops(self, name: str) -> XenBlockOps:
         xd = self._xl_domain(name)

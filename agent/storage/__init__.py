@@ -34,7 +34,7 @@ class Backends:
         except KeyError:
             raise InvalidArgument(
                 f"disk {disk.vdev}: no storage backend handles {disk.format!r} disks "
-                f"(known: {', '.join(sorted(self._by_format))})"
+                f"(known: {', '.join(sorted(self._by_format))})", reason="FORMAT_UNSUPPORTED", vdev=disk.vdev,
             ) from None
 
     def for_record(self, record: DiskRecord) -> DiskBackend:

@@ -88,7 +88,7 @@ class DiskBackend(ABC):
         if method not in self.methods:
             raise InvalidArgument(
                 f"disk {disk.vdev} ({disk.format}) cannot take an {method} snapshot; "
-                f"it supports: {', '.join(sorted(self.methods))}"
+                f"it supports: {', '.join(sorted(self.methods))}", reason="METHOD_UNSUPPORTED", vdev=disk.vdev,
             )
         return method
 

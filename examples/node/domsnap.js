@@ -21,9 +21,9 @@ const REPO_PROTO = path.resolve(__dirname, '..', '..', 'proto');
 
 function loadApi() {
   const definition = protoLoader.loadSync('domsnap/v1/domsnap.proto', {
-    // domsnap.proto, and google/rpc/status.proto vendored beside this script;
+    // domsnap.proto and the googleapis files it imports (proto/googleapis/);
     // google/protobuf/*.proto come with protobufjs.
-    includeDirs: [REPO_PROTO, path.join(__dirname, 'protos')],
+    includeDirs: [REPO_PROTO, path.join(REPO_PROTO, 'googleapis')],
     keepCase: true,
     longs: String,
     enums: String,
@@ -54,21 +54,22 @@ function listDomains(agent) {
 
 function createSnapshot(agent, domain, name) {
   return new Promise((resolve, reject) => {
-    const call = agent.CreateSnapshot({ request_id: crypto.randomUUID(), domain, name: name || '' });
+    const call = agent.CreateSnapshot({ request_id: crypto.randomUUID(), domain_name: domain, name: name || '' });
     let finished = null;
     call.on('data', (event) => {
       if (event.event === 'started') {
         console.log(`started operation ${event.started.id} (${event.started.kind} on ${event.started.domain})`);
       } else if (event.event === 'progress') {
         const p = event.progress;
-        console.log(`progress ${p.phase} ${p.percent.toFixed(1)}%${p.message ? ` ${p.message}` : ''}`);
+        const phase = p.phase.replace('PHASE_', '').toLowerCase();
+        console.log(`progress ${phase} ${p.percent.toFixed(1)}%${p.message ? ` ${p.message}` : ''}`);
       } else if (event.event === 'finished') {
         finished = event.finished;
         const s = finished.result || {};
         const outcome = finished.state.replace('OPERATION_STATE_', '').toLowerCase();
         if (finished.state === 'OPERATION_STATE_SUCCEEDED') {
           console.log(`finished ${outcome}: snapshot ${s.name} of ${s.domain} in ${s.path}` +
-            ` (guest paused ${(s.downtime_seconds * 1000).toFixed(0)} ms)`);
+            ` (guest paused ${(Number(s.downtime.seconds) * 1000 + s.downtime.nanos / 1e6).toFixed(0)} ms)`);
         } else {
           console.log(`finished ${outcome}: ${finished.error ? finished.error.message : ''}`);
         }

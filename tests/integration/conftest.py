@@ -46,14 +46,14 @@ class Guest:
         return value
 
     def domain(self) -> pb.Domain:
-        return self.agent.stub().GetDomain(pb.GetDomainRequest(domain=self.name), timeout=30)
+        return self.agent.stub().GetDomain(pb.GetDomainRequest(domain_name=self.name), timeout=30)
 
     def create_snapshot(self, **fields: object) -> list[pb.OperationEvent]:
-        req = pb.CreateSnapshotRequest(domain=self.name, request_id=uuid.uuid4().hex, **fields)  # type: ignore[arg-type]
+        req = pb.CreateSnapshotRequest(domain_name=self.name, request_id=uuid.uuid4().hex, **fields)  # type: ignore[arg-type]
         return list(self.agent.stub().CreateSnapshot(req, timeout=300))
 
     def revert(self, snapshot: str, **fields: object) -> list[pb.OperationEvent]:
-        req = pb.RevertSnapshotRequest(domain=self.name, snapshot=snapshot, request_id=uuid.uuid4().hex,
+        req = pb.RevertSnapshotRequest(domain_name=self.name, snapshot_name=snapshot, request_id=uuid.uuid4().hex,
                                        **fields)  # type: ignore[arg-type]
         return list(self.agent.stub().RevertSnapshot(req, timeout=300))
 
@@ -103,7 +103,7 @@ def own_agent(base: Path, accel: str, *, top: str = "", qemu: str = "", tables: 
             a.start()
         stub = a.stub()
         for d in stub.ListDomains(pb.ListDomainsRequest(), timeout=30).domains:
-            stub.DestroyDomain(pb.DestroyDomainRequest(domain=d.name), timeout=60)
+            stub.DestroyDomain(pb.DestroyDomainRequest(domain_name=d.name), timeout=60)
         a.stop()
 
 
@@ -141,7 +141,7 @@ def destroy_all(agent: Agent, guests: list[Guest]) -> None:
     stub = agent.stub()
     for g in guests:
         try:
-            stub.DestroyDomain(pb.DestroyDomainRequest(domain=g.name), timeout=60)
+            stub.DestroyDomain(pb.DestroyDomainRequest(domain_name=g.name), timeout=60)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
                 raise

@@ -31,13 +31,13 @@ def chain(image: str) -> list[str]:
 
 
 def snapshots(agent: Agent, domain: str) -> dict[str, pb.Snapshot]:
-    resp = agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain=domain), timeout=30)
+    resp = agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain_name=domain), timeout=30)
     return {s.name: s for s in resp.snapshots}
 
 
 def delete(agent: Agent, domain: str, name: str, children: bool = False) -> list[pb.OperationEvent]:
     return list(agent.stub().DeleteSnapshot(pb.DeleteSnapshotRequest(
-        domain=domain, snapshot=name, children=children, request_id=uuid.uuid4().hex), timeout=120))
+        domain_name=domain, snapshot_name=name, children=children, request_id=uuid.uuid4().hex), timeout=120))
 
 
 def assert_reverts(g: Guest, name: str) -> None:
@@ -120,11 +120,11 @@ def started(stream: Iterator[pb.OperationEvent]) -> str:
 def test_cancel_mid_memory_rolls_back(slow_agent: Agent, slow_guest: Guest) -> None:
     g = slow_guest
     stub = slow_agent.stub()
-    stream = stub.CreateSnapshot(pb.CreateSnapshotRequest(domain=g.name, name="c1", request_id=uuid.uuid4().hex),
+    stream = stub.CreateSnapshot(pb.CreateSnapshotRequest(domain_name=g.name, name="c1", request_id=uuid.uuid4().hex),
                                  timeout=120)
     op_id = started(stream)
     for ev in stream:
-        if ev.WhichOneof("event") == "progress" and ev.progress.phase == "memory" and ev.progress.bytes_done:
+        if ev.WhichOneof("event") == "progress" and ev.progress.phase == pb.PHASE_MEMORY and ev.progress.bytes_done:
             break
     op = stub.CancelOperation(pb.CancelOperationRequest(operation_id=op_id), timeout=30)
     assert op.state in (pb.OPERATION_STATE_CANCELLING, pb.OPERATION_STATE_CANCELLED)
@@ -145,7 +145,7 @@ def test_cancel_mid_memory_rolls_back(slow_agent: Agent, slow_guest: Guest) -> N
 def test_dropped_client_reattaches_and_retry_is_idempotent(slow_agent: Agent, slow_guest: Guest) -> None:
     g = slow_guest
     request_id = uuid.uuid4().hex
-    req = pb.CreateSnapshotRequest(domain=g.name, name="w1", request_id=request_id)
+    req = pb.CreateSnapshotRequest(domain_name=g.name, name="w1", request_id=request_id)
     with slow_agent.channel() as ch:
         stream = pb_grpc.SnapshotAgentStub(ch).CreateSnapshot(req, timeout=120)
         op_id = started(stream)
@@ -220,7 +220,7 @@ def test_operations_on_two_domains_run_in_parallel(agent: Agent, boot_guest: Boo
 
 def test_hundred_clients_list_and_watch_while_a_create_runs(slow_agent: Agent, slow_guest: Guest) -> None:
     stub = slow_agent.stub()
-    stream = stub.CreateSnapshot(pb.CreateSnapshotRequest(domain=slow_guest.name, name="load",
+    stream = stub.CreateSnapshot(pb.CreateSnapshotRequest(domain_name=slow_guest.name, name="load",
                                                           request_id=uuid.uuid4().hex), timeout=120)
     op_id = started(stream)
 

@@ -49,7 +49,7 @@ def test_a_corrupt_index_is_rebuilt_and_listings_page(tmp_path: Path) -> None:
         stub = agent.stub()
         pages, token = [], ""
         while True:
-            resp = stub.ListSnapshots(pb.ListSnapshotsRequest(domain="big", page_size=1000, page_token=token),
+            resp = stub.ListSnapshots(pb.ListSnapshotsRequest(domain_name="big", page_size=1000, page_token=token),
                                       timeout=30)
             pages.append([s.name for s in resp.snapshots])
             if not (token := resp.next_page_token):
@@ -60,7 +60,8 @@ def test_a_corrupt_index_is_rebuilt_and_listings_page(tmp_path: Path) -> None:
         assert len(every.snapshots) == 1000 and every.next_page_token, "page_size over the cap is not 1000"
         with pytest.raises(grpc.RpcError) as err:
             # A token of the all-domains listing, offered to one domain's.
-            stub.ListSnapshots(pb.ListSnapshotsRequest(domain="small", page_token=every.next_page_token), timeout=30)
+            stub.ListSnapshots(pb.ListSnapshotsRequest(domain_name="small", page_token=every.next_page_token),
+                               timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.RpcError) as err:
             stub.ListSnapshots(pb.ListSnapshotsRequest(page_size=-1), timeout=30)

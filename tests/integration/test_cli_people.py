@@ -128,7 +128,7 @@ def test_results_and_the_commands_people_reach_for(agent: Agent, boot_guest: Boo
 def test_a_busy_domain_names_its_operation(slow_agent: Agent, slow_guest: Guest) -> None:
     g = slow_guest
     first = slow_agent.stub().CreateSnapshot(pb.CreateSnapshotRequest(
-        request_id=uuid.uuid4().hex, domain=g.name, name="first"), timeout=300)
+        request_id=uuid.uuid4().hex, domain_name=g.name, name="first"), timeout=300)
     op_id = next(first).started.id
     out = cli(slow_agent, "snapshot-create", g.name, "--name", "second")
     busy = ok(slow_agent, "list", g.name).splitlines()[1]

@@ -61,14 +61,15 @@ def test_sync_client_on_a_real_guest(agent: Agent, boot_guest: BootGuest) -> Non
         snap = c.create_snapshot(g.name, name="lib1", description="from the library", on_progress=progress.append)
         assert (snap.name, snap.domain, snap.description) == ("lib1", g.name, "from the library")
         assert Path(snap.path, "snapshot.json").is_file()
-        assert progress and progress[-1].percent == 100 and {"memory", "disks"} <= {p.phase for p in progress}
+        assert progress and progress[-1].percent == 100
+        assert {pb.PHASE_MEMORY, pb.PHASE_DISKS} <= {p.phase for p in progress}
         assert [s.name for s in c.list_snapshots(g.name)] == ["lib1"]
         assert c.get_snapshot(g.name, "lib1").current
 
         # The agent's own words, as the right class.
         with pytest.raises(AlreadyExists, match="already has a snapshot named 'lib1'") as exists:
             c.create_snapshot(g.name, name="lib1")
-        assert exists.value.reason == "AlreadyExists" and exists.value.address == agent.address
+        assert exists.value.reason == "SNAPSHOT_EXISTS" and exists.value.address == agent.address
         with pytest.raises(NotFound, match="nosuch"):
             c.create_snapshot("nosuch")
         with pytest.raises(InvalidArgument):
@@ -113,7 +114,7 @@ def test_async_client_on_a_real_guest(agent: Agent, boot_guest: BootGuest) -> No
             async for event in c.create_snapshot_events(g.name, name="a1"):
                 kinds.append(str(event.WhichOneof("event")))
             seen: list[str] = []
-            snap = await c.create_snapshot(g.name, name="a2", on_progress=lambda p: seen.append(p.phase))
+            snap = await c.create_snapshot(g.name, name="a2", on_progress=lambda p: seen.append(pb.Phase.Name(p.phase)))
             with pytest.raises(NotFound):
                 await c.get_snapshot(g.name, "nosuch")
             with pytest.raises(AlreadyExists):
@@ -124,7 +125,7 @@ def test_async_client_on_a_real_guest(agent: Agent, boot_guest: BootGuest) -> No
 
     names, snap, kinds = asyncio.run(run())
     assert g.name in names and snap.name == "a2"
-    assert kinds[0] == "started" and "finished" in kinds and "progress" in kinds and "done" in kinds
+    assert kinds[0] == "started" and "finished" in kinds and "progress" in kinds and "PHASE_DONE" in kinds
 
 
 def test_unreachable_agent(tmp_path: Path) -> None:

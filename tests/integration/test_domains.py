@@ -111,7 +111,7 @@ def test_bad_cfgfile_is_refused_and_creates_nothing(agent: Agent, tmp_path: pyte
 
 def test_unknown_domain_is_not_found(agent: Agent) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        agent.stub().PauseDomain(pb.PauseDomainRequest(domain="no-such-domain"), timeout=10)
+        agent.stub().PauseDomain(pb.PauseDomainRequest(domain_name="no-such-domain"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 

@@ -140,7 +140,7 @@ def fingerprint(paths: list[Path]) -> dict[str, tuple[int, int, int] | None]:
 
 
 def snapshot_names(lab: Lab) -> list[str]:
-    snaps = lab.agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain=lab.guest.name), timeout=30).snapshots
+    snaps = lab.agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain_name=lab.guest.name), timeout=30).snapshots
     return sorted(s.name for s in snaps)
 
 
@@ -177,9 +177,10 @@ def test_a_manifest_linked_to_dev_zero_or_huge_is_refused_without_reading_it(lab
     (linked / "snapshot.json").symlink_to(lab.agent.snapshot_root / lab.guest.name / "real" / "snapshot.json")
     stub = lab.agent.stub()
     for folder, why in ((zero, "is a symlink"), (huge, "is larger than"), (linked, "is a symlink")):
-        for call, request in ((stub.GetSnapshot, pb.GetSnapshotRequest(domain=lab.guest.name, snapshot=str(folder))),
-                              (stub.DeleteSnapshot, pb.DeleteSnapshotRequest(domain=lab.guest.name,
-                                                                             snapshot=str(folder)))):
+        for call, request in ((stub.GetSnapshot, pb.GetSnapshotRequest(domain_name=lab.guest.name,
+                                                                       snapshot_path=str(folder))),
+                              (stub.DeleteSnapshot, pb.DeleteSnapshotRequest(domain_name=lab.guest.name,
+                                                                             snapshot_path=str(folder)))):
             code, message = code_and_message(call, request)
             assert code == grpc.StatusCode.FAILED_PRECONDITION, message
             assert why in message, message
@@ -209,7 +210,7 @@ def test_a_planted_manifest_outside_the_roots_is_refused_and_nothing_is_deleted(
     (folder / "snapshot.json").write_text(json.dumps(m))
     before = fingerprint([folder, *victims])
     code, message = code_and_message(lab.agent.stub().DeleteSnapshot,
-                                     pb.DeleteSnapshotRequest(domain=lab.guest.name, snapshot=str(folder)))
+                                     pb.DeleteSnapshotRequest(domain_name=lab.guest.name, snapshot_path=str(folder)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "outside the snapshot roots" in message
     assert fingerprint([folder, *victims]) == before
@@ -224,8 +225,10 @@ def test_a_planted_manifest_inside_a_root_touches_only_its_own_folder(lab: Lab) 
     (folder / "snapshot.json").write_text(json.dumps(m))
     before = fingerprint([folder, *victims, lab.agent.snapshot_root, lab.base / "guests"])
     stub = lab.agent.stub()
-    for call, request in ((stub.DeleteSnapshot, pb.DeleteSnapshotRequest(domain=lab.guest.name, snapshot=str(folder))),
-                          (stub.RevertSnapshot, pb.RevertSnapshotRequest(domain=lab.guest.name, snapshot=str(folder),
+    for call, request in ((stub.DeleteSnapshot, pb.DeleteSnapshotRequest(domain_name=lab.guest.name,
+                                                                         snapshot_path=str(folder))),
+                          (stub.RevertSnapshot, pb.RevertSnapshotRequest(domain_name=lab.guest.name,
+                                                                         snapshot_path=str(folder),
                                                                          force=True))):
         code, message = code_and_message(call, request)
         assert code == grpc.StatusCode.FAILED_PRECONDITION, message
@@ -241,7 +244,8 @@ def test_a_planted_manifest_inside_a_root_touches_only_its_own_folder(lab: Lab) 
     (own / "snapshot.json").write_text(json.dumps(m))
     real = fingerprint([lab.agent.snapshot_root, lab.base / "guests", *victims])
     code, message = code_and_message(lab.agent.stub().DeleteSnapshot,
-                                     pb.DeleteSnapshotRequest(domain=lab.guest.name, snapshot=str(own)), timeout=60)
+                                     pb.DeleteSnapshotRequest(domain_name=lab.guest.name,
+                                                              snapshot_path=str(own)), timeout=60)
     assert code == grpc.StatusCode.OK, message
     assert not own.exists()
     assert "real" in snapshot_names(lab)
@@ -279,13 +283,13 @@ def test_a_users_folder_in_a_root_is_refused_even_while_raced(lab: Lab) -> None:
         stub = lab.agent.stub()
         for i in range(10):
             code, message = code_and_message(stub.CreateSnapshot, pb.CreateSnapshotRequest(
-                domain=lab.guest.name, name=f"race{i}", path=str(alice / "snap" / "s"),
+                domain_name=lab.guest.name, name=f"race{i}", path=str(alice / "snap" / "s"),
                 request_id=uuid.uuid4().hex), timeout=60)
             assert code == grpc.StatusCode.INVALID_ARGUMENT, message
             # Refused for the folder's owner, or, caught swapped, for leaving the roots.
             assert f"{alice} is owned by uid {NOBODY}" in message or "outside the snapshot roots" in message, message
         code, message = code_and_message(stub.GetSnapshot, pb.GetSnapshotRequest(
-            domain=lab.guest.name, snapshot=str(alice / "snap")))
+            domain_name=lab.guest.name, snapshot_path=str(alice / "snap")))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, message
     finally:
         racer.kill()
@@ -308,7 +312,7 @@ def test_a_machine_type_with_options_in_it_is_refused_before_the_domain_is_touch
     manifest.write_text(json.dumps(m))
     domid = lab.guest.domain().domid
     code, message = code_and_message(lab.agent.stub().RevertSnapshot, pb.RevertSnapshotRequest(
-        domain=lab.guest.name, snapshot="machine", request_id=uuid.uuid4().hex), timeout=60)
+        domain_name=lab.guest.name, snapshot_name="machine", request_id=uuid.uuid4().hex), timeout=60)
     assert code == grpc.StatusCode.FAILED_PRECONDITION, message
     assert "machine type 'pc-i440fx-7.2,accel=kvm,memory-backend=evil' is not one that" in message
     d = lab.guest.domain()
@@ -321,19 +325,19 @@ def test_a_machine_type_with_options_in_it_is_refused_before_the_domain_is_touch
 def test_a_request_id_means_one_request(lab: Lab) -> None:
     stub, name = lab.agent.stub(), lab.guest.name
     rid = uuid.uuid4().hex
-    assert stub.PauseDomain(pb.PauseDomainRequest(domain=name, request_id=rid), timeout=30).state == \
+    assert stub.PauseDomain(pb.PauseDomainRequest(domain_name=name, request_id=rid), timeout=30).state == \
         pb.DOMAIN_STATE_PAUSED
     # The same request again: the first answer, not a second pause.
-    assert stub.PauseDomain(pb.PauseDomainRequest(domain=name, request_id=rid), timeout=30).state == \
+    assert stub.PauseDomain(pb.PauseDomainRequest(domain_name=name, request_id=rid), timeout=30).state == \
         pb.DOMAIN_STATE_PAUSED
     # Another RPC with the same id is another request: it runs.
-    assert stub.UnpauseDomain(pb.UnpauseDomainRequest(domain=name, request_id=rid), timeout=30).state == \
+    assert stub.UnpauseDomain(pb.UnpauseDomainRequest(domain_name=name, request_id=rid), timeout=30).state == \
         pb.DOMAIN_STATE_RUNNING
     assert lab.guest.domain().state == pb.DOMAIN_STATE_RUNNING
-    code, message = code_and_message(stub.PauseDomain, pb.PauseDomainRequest(domain="other", request_id=rid))
+    code, message = code_and_message(stub.PauseDomain, pb.PauseDomainRequest(domain_name="other", request_id=rid))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert message == (f"request_id {rid!r} was already used for a different request, "
-                       f"PauseDomain(domain={name!r}); a new request needs a new request_id")
+                       f"PauseDomain(domain_name={name!r}); a new request needs a new request_id")
     # Another caller's ids are its own: the admin group's user pauses with the same id.
     out = cli_as(lab.admin, "-H", lab.agent.address, "--request-id", rid, "pause", name)
     assert out.returncode == 0, out.stderr
@@ -341,11 +345,13 @@ def test_a_request_id_means_one_request(lab: Lab) -> None:
     lab.agent.cli("unpause", name, check=True)
 
     rid = uuid.uuid4().hex
-    first = list(stub.CreateSnapshot(pb.CreateSnapshotRequest(domain=name, name="rA", request_id=rid), timeout=120))
-    again = list(stub.CreateSnapshot(pb.CreateSnapshotRequest(domain=name, name="rA", request_id=rid), timeout=120))
+    first = list(stub.CreateSnapshot(pb.CreateSnapshotRequest(domain_name=name, name="rA", request_id=rid),
+                                     timeout=120))
+    again = list(stub.CreateSnapshot(pb.CreateSnapshotRequest(domain_name=name, name="rA", request_id=rid),
+                                     timeout=120))
     assert again[0].started.id == first[0].started.id
     code, message = code_and_message(stub.CreateSnapshot,
-                                     pb.CreateSnapshotRequest(domain=name, name="rB", request_id=rid))
+                                     pb.CreateSnapshotRequest(domain_name=name, name="rB", request_id=rid))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert f"CreateSnapshot(domain={name!r} name='rA')" in message
     assert "rB" not in snapshot_names(lab)
@@ -402,10 +408,12 @@ def test_random_manifests_touch_nothing_outside_their_folder(lab: Lab) -> None:
             before = fingerprint(guarded)
             stub = lab.agent.stub()
             for call, request in (
-                    (stub.GetSnapshot, pb.GetSnapshotRequest(domain=lab.guest.name, snapshot=str(folder))),
-                    (stub.RevertSnapshot, pb.RevertSnapshotRequest(domain=lab.guest.name, snapshot=str(folder),
+                    (stub.GetSnapshot, pb.GetSnapshotRequest(domain_name=lab.guest.name, snapshot_path=str(folder))),
+                    (stub.RevertSnapshot, pb.RevertSnapshotRequest(domain_name=lab.guest.name,
+                                                                   snapshot_path=str(folder),
                                                                    force=True)),
-                    (stub.DeleteSnapshot, pb.DeleteSnapshotRequest(domain=lab.guest.name, snapshot=str(folder)))):
+                    (stub.DeleteSnapshot, pb.DeleteSnapshotRequest(domain_name=lab.guest.name,
+                                                                   snapshot_path=str(folder)))):
                 code, message = code_and_message(call, request, timeout=60)
                 assert code in (grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
                                 grpc.StatusCode.INVALID_ARGUMENT), (code, message)

@@ -87,7 +87,7 @@ def guests(agent: Agent) -> Iterator[list[str]]:
     yield names
     for name in names:
         try:
-            agent.stub().DestroyDomain(pb.DestroyDomainRequest(domain=name), timeout=60)
+            agent.stub().DestroyDomain(pb.DestroyDomainRequest(domain_name=name), timeout=60)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -132,7 +132,7 @@ serial = "file:{serial}"
     # Not aligned on the self-check's ticks (a Debian guest under TCG on a
     # loaded host ticks too unevenly); the checks allow an instant inside a disk check.
     t = take(g, "bios-nonlive", live=False, align=False)
-    print(f"SeaBIOS Debian guest: non-live snapshot, guest paused {t.snap.downtime_seconds * 1000:.0f} ms, "
+    print(f"SeaBIOS Debian guest: non-live snapshot, guest paused {t.snap.downtime.ToMilliseconds()} ms, "
           f"memory image {t.snap.memory.size_bytes >> 20} MiB")
     snapdir = Path(t.snap.path)
     assert str(iso2) in (snapdir / "snapshot.json").read_text(), "the snapshot records the CD-ROM's medium"
@@ -152,7 +152,7 @@ serial = "file:{serial}"
     assert next(d for d in g.domain().disks if d.vdev == "hdc").target == str(iso2), "the medium comes back"
 
     t = take(g, "bios-live", live=True, align=False)
-    print(f"SeaBIOS Debian guest: live snapshot, guest paused {t.snap.downtime_seconds * 1000:.0f} ms")
+    print(f"SeaBIOS Debian guest: live snapshot, guest paused {t.snap.downtime.ToNanoseconds() / 1e9 * 1000:.0f} ms")
     run_on(g)
     t0 = time.monotonic()
     revert_and_check(g, t)
@@ -187,7 +187,7 @@ serial = "file:{serial}"
     g = Guest(agent, name, tmp_path, disks, serial, checks=("vdb",))
 
     t = take(g, "uefi-live", live=True, align=False)
-    print(f"OVMF Debian guest: live snapshot, guest paused {t.snap.downtime_seconds * 1000:.0f} ms")
+    print(f"OVMF Debian guest: live snapshot, guest paused {t.snap.downtime.ToNanoseconds() / 1e9 * 1000:.0f} ms")
     copy = Path(t.snap.memory.path + ".nvram")
     assert copy.read_bytes() == nvram.read_bytes(), "the snapshot holds the NVRAM of its instant"
     run_on(g)
@@ -196,7 +196,7 @@ serial = "file:{serial}"
     print(f"OVMF Debian guest: live revert to the self-check's first ok {time.monotonic() - t0:.1f} s")
 
     t = take(g, "uefi-nonlive", live=False, align=False)
-    print(f"OVMF Debian guest: non-live snapshot, guest paused {t.snap.downtime_seconds * 1000:.0f} ms, "
+    print(f"OVMF Debian guest: non-live snapshot, guest paused {t.snap.downtime.ToNanoseconds() / 1e9 * 1000:.0f} ms, "
           f"memory image {t.snap.memory.size_bytes >> 20} MiB")
     at_snapshot = Path(t.snap.memory.path + ".nvram").read_bytes()
     run_on(g)

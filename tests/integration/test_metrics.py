@@ -70,7 +70,7 @@ def test_a_create_shows_in_the_metrics(metrics_agent: Agent, guest: Guest) -> No
     assert value(before, "domsnap_operations_running", kind="create") == 0
     assert value(before, "domsnap_agent_info", version=metrics_agent_version(), driver="qemu") == 1
 
-    req = pb.CreateSnapshotRequest(domain=guest.name, request_id=uuid.uuid4().hex, name="m1")
+    req = pb.CreateSnapshotRequest(domain_name=guest.name, request_id=uuid.uuid4().hex, name="m1")
     during: Samples = {}
     result = None
     for event in metrics_agent.stub().CreateSnapshot(req, timeout=300):
@@ -89,8 +89,9 @@ def test_a_create_shows_in_the_metrics(metrics_agent: Agent, guest: Guest) -> No
     assert value(after, "domsnap_operation_duration_seconds_sum", kind="create") > 0
     # The pause is the manifest's downtime, as the API reports it.
     assert value(after, "domsnap_guest_pause_seconds_count", live="false") == 1
-    assert value(after, "domsnap_guest_pause_seconds_sum", live="false") == pytest.approx(result.downtime_seconds)
-    assert result.downtime_seconds > 0
+    assert value(after, "domsnap_guest_pause_seconds_sum",
+                 live="false") == pytest.approx(result.downtime.ToNanoseconds() / 1e9)
+    assert result.downtime.ToNanoseconds() / 1e9 > 0
     # The memory image, and the raw disk's copy (what it holds allocated).
     assert value(after, "domsnap_bytes_written_total", what="memory") == result.memory.size_bytes > 0
     copy = next(d for d in result.disks if d.backend == "raw")
@@ -118,7 +119,7 @@ def test_recoveries_are_counted(metrics_agent: Agent, guest: Guest) -> None:
     """The agent SIGKILLed in the middle of a create; the next one rolls it back and counts it."""
     metrics_agent.env[KILL_ENV] = "create:disk:xvda"
     metrics_agent.restart()
-    req = pb.CreateSnapshotRequest(domain=guest.name, request_id=uuid.uuid4().hex, name="killed")
+    req = pb.CreateSnapshotRequest(domain_name=guest.name, request_id=uuid.uuid4().hex, name="killed")
     with pytest.raises(grpc.RpcError):
         list(metrics_agent.stub().CreateSnapshot(req, timeout=120))
     assert metrics_agent.proc is not None and metrics_agent.proc.wait(timeout=60) == -9

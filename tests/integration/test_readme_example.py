@@ -56,13 +56,13 @@ def test_readme_controller_example_runs(fresh_agent: Agent, guest: Guest, tmp_pa
     assert lines[0] == f"{fresh_agent.address}: {guest.name}"
     assert lines[1] == (f"{gone}: failed: cannot reach the agent at {gone}: No such file or directory. Is domsnapd "
                         "running there (systemctl start domsnapd)? Another agent: -H ADDR or $DOMSNAP_HOST")
-    assert any(re.fullmatch(r" {2}(memory|disks) +\d+\.\d%", line) for line in lines), lines
+    assert any(re.fullmatch(r" {2}PHASE_(MEMORY|DISKS) \d+%", line) for line in lines), lines
     made = re.fullmatch(rf"{guest.name}: snapshot (\S+) in (\S+), guest paused \d+ ms", lines[-2])
     assert made is not None, lines
     assert lines[-1] == f"{guest.name}: back at {made[1]}"
     # Really made, and really reverted to.
     stub = fresh_agent.stub()
-    snap = stub.GetSnapshot(pb.GetSnapshotRequest(domain=guest.name, snapshot=made[1]), timeout=30)
+    snap = stub.GetSnapshot(pb.GetSnapshotRequest(domain_name=guest.name, snapshot_name=made[1]), timeout=30)
     assert snap.path == made[2] and snap.current
     kinds = [op.kind for op in stub.ListOperations(pb.ListOperationsRequest(domain=guest.name), timeout=30).operations]
     assert sorted(kinds) == [pb.OPERATION_KIND_CREATE_SNAPSHOT, pb.OPERATION_KIND_REVERT_SNAPSHOT]

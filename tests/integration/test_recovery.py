@@ -75,7 +75,8 @@ def counter_after_rewind(lines: list[str]) -> int | None:
     return next((v for prev, v in itertools.pairwise(values) if v < prev), None)
 
 
-@pytest.mark.parametrize(("live", "method"), [(False, pb.SNAPSHOT_METHOD_DEFAULT), (True, pb.SNAPSHOT_METHOD_EXTERNAL)])
+@pytest.mark.parametrize(("live", "method"), [(False, pb.SNAPSHOT_METHOD_UNSPECIFIED), (True,
+                                                                                        pb.SNAPSHOT_METHOD_EXTERNAL)])
 def test_create_killed_at_every_step(fault_agent: Agent, guest_image: tuple[Path, Path], tmp_path: Path,
                                      live: bool, method: pb.SnapshotMethod.ValueType) -> None:
     """xvda is qcow2 (internal by default, or an external overlay), xvdb raw (a copy)."""
@@ -86,16 +87,17 @@ def test_create_killed_at_every_step(fault_agent: Agent, guest_image: tuple[Path
         name = f"k-{step.replace(':', '-')}-{int(live)}"
         before = g.domain()
         mark = g.mark()
-        req = pb.CreateSnapshotRequest(domain=g.name, name=name, live=live, method=method,
+        req = pb.CreateSnapshotRequest(domain_name=g.name, name=name, live=live, method=method,
                                        request_id=uuid.uuid4().hex)
         run_until_killed(fault_agent, f"create:{step}", req)
 
         listed = [s.name for s in fault_agent.stub().ListSnapshots(
-            pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots]
+            pb.ListSnapshotsRequest(domain_name=g.name), timeout=30).snapshots]
         after = g.domain()
         if step == "register":  # the manifest was written: the snapshot is complete and kept
             assert name in listed
-            snap = fault_agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot=name), timeout=30)
+            snap = fault_agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_name=name),
+                                                  timeout=30)
             assert snap.current and snap.memory.size_bytes > 0
             assert (root / name / "snapshot.json").is_file()
         else:  # rolled back: no trace anywhere
@@ -117,14 +119,15 @@ def test_revert_killed_at_every_step(fault_agent: Agent, guest_image: tuple[Path
         guestprobe.wait_counter_above(g.serial, c_after + 20, timeout=20)
         mark = g.mark()
         run_until_killed(fault_agent, f"revert:{step}", pb.RevertSnapshotRequest(
-            domain=g.name, snapshot="base", request_id=uuid.uuid4().hex))
+            domain_name=g.name, snapshot_name="base", request_id=uuid.uuid4().hex))
         # Past its point of no return a revert is finished by the next agent.
         d = g.domain()
         assert d.state == pb.DOMAIN_STATE_RUNNING, step
         first = guestprobe.wait_for(g.serial, counter_after_rewind, timeout=20, offset=mark,
                                     what="the counter going back to the snapshot's")
         assert c_before + 1 <= first <= c_after + 1, f"{step}: the guest went on from {first}"
-        snap = fault_agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot="base"), timeout=30)
+        snap = fault_agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_name="base"),
+                                              timeout=30)
         assert snap.current
         assert_running_and_consistent(g, mark)
 
@@ -144,9 +147,9 @@ def test_delete_killed_at_every_step(fault_agent: Agent, guest_image: tuple[Path
         snapdir = fault_agent.snapshot_root / g.name / name
         assert name in tags(xvda) and snapdir.is_dir()
         run_until_killed(fault_agent, f"delete:{step}", pb.DeleteSnapshotRequest(
-            domain=g.name, snapshot=name, request_id=uuid.uuid4().hex))
+            domain_name=g.name, snapshot_name=name, request_id=uuid.uuid4().hex))
         listed = [s.name for s in fault_agent.stub().ListSnapshots(
-            pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots]
+            pb.ListSnapshotsRequest(domain_name=g.name), timeout=30).snapshots]
         assert name not in listed, step
         assert name not in tags(xvda), f"{step}: tag left behind"
         assert not snapdir.exists(), f"{step}: {sorted(p.name for p in snapdir.iterdir())} left behind"
@@ -242,11 +245,11 @@ def test_a_paused_domain_killed_while_relaunched_comes_back(fault_agent: Agent, 
         paused_at = g.counter()
         domid = g.domain().domid
         run_until_killed(fault_agent, f"create:{step}", pb.CreateSnapshotRequest(
-            domain=g.name, name=name, request_id=uuid.uuid4().hex))
+            domain_name=g.name, name=name, request_id=uuid.uuid4().hex))
         d = g.domain()
         assert (d.state, d.domid) == (pb.DOMAIN_STATE_PAUSED, domid), step
         listed = [s.name for s in fault_agent.stub().ListSnapshots(
-            pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots]
+            pb.ListSnapshotsRequest(domain_name=g.name), timeout=30).snapshots]
         assert name not in listed and name not in tags(xvda), step
         assert not (fault_agent.snapshot_root / g.name / name).exists()
         assert not list((fault_agent.state_dir / "journal").glob("*.json")), "journal entry left behind"
@@ -287,14 +290,14 @@ def test_delete_merging_a_layer_killed_at_every_step(fault_agent: Agent, guest_i
         top = next(d.target for d in g.domain().disks if d.vdev == "xvda")
         depth = len(backing_chain(top))
         run_until_killed(fault_agent, f"delete:{step}", pb.DeleteSnapshotRequest(
-            domain=g.name, snapshot=f"m-{step}", request_id=uuid.uuid4().hex))
+            domain_name=g.name, snapshot_name=f"m-{step}", request_id=uuid.uuid4().hex))
         stub = fault_agent.stub()
-        listed = [s.name for s in stub.ListSnapshots(pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots]
+        listed = [s.name for s in stub.ListSnapshots(pb.ListSnapshotsRequest(domain_name=g.name), timeout=30).snapshots]
         assert f"m-{step}" not in listed and f"n-{step}" in listed, step
         assert not (fault_agent.snapshot_root / g.name / f"m-{step}").exists(), f"{step}: m's files stay"
         chain = backing_chain(top)
         assert len(chain) == depth - 1, f"{step}: {chain}"
-        n = stub.GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot=f"n-{step}"), timeout=30)
+        n = stub.GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_name=f"n-{step}"), timeout=30)
         assert n.disks[0].image == chain[1], f"{step}: n must name the image m's layer was merged into"
         assert not list((fault_agent.state_dir / "journal").glob("*.json")), "journal entry left behind"
         assert_running_and_consistent(g, g.mark())
@@ -314,11 +317,11 @@ def test_a_delete_failing_half_way_is_done_again_or_finished_by_the_next_agent(
 
     def delete(name: str) -> None:
         list(fault_agent.stub().DeleteSnapshot(pb.DeleteSnapshotRequest(
-            domain=g.name, snapshot=name, request_id=uuid.uuid4().hex), timeout=120))
+            domain_name=g.name, snapshot_name=name, request_id=uuid.uuid4().hex), timeout=120))
 
     def gone(name: str) -> None:
         listed = [s.name for s in fault_agent.stub().ListSnapshots(
-            pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots]
+            pb.ListSnapshotsRequest(domain_name=g.name), timeout=30).snapshots]
         assert name not in listed and "keep" in listed
         assert name not in tags(xvda) and "keep" in tags(xvda)
         assert not (fault_agent.snapshot_root / g.name / name).exists()

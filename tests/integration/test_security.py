@@ -97,7 +97,7 @@ def code_of(call: Any, *args: Any) -> grpc.StatusCode:
 
 
 def create_nosuch(path: str = "") -> pb.CreateSnapshotRequest:
-    return pb.CreateSnapshotRequest(domain="nosuch", name="s1", path=path, request_id=uuid.uuid4().hex)
+    return pb.CreateSnapshotRequest(domain_name="nosuch", name="s1", path=path, request_id=uuid.uuid4().hex)
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -131,16 +131,16 @@ def test_read_only_certificate_reads_and_changes_nothing(tls_agent: Agent, pki: 
             (stub.ListSnapshots, pb.ListSnapshotsRequest()), (stub.ListOperations, pb.ListOperationsRequest())]
         for call, request in reads:
             assert code_of(call, request) == grpc.StatusCode.OK
-        assert code_of(stub.GetDomain, pb.GetDomainRequest(domain="nosuch")) == grpc.StatusCode.NOT_FOUND
+        assert code_of(stub.GetDomain, pb.GetDomainRequest(domain_name="nosuch")) == grpc.StatusCode.NOT_FOUND
         operations = len(stub.ListOperations(pb.ListOperationsRequest(), timeout=10).operations)
         mutations = [
             (stub.CreateSnapshot, create_nosuch(str(target))),
-            (stub.RevertSnapshot, pb.RevertSnapshotRequest(domain="nosuch", snapshot="s1")),
-            (stub.DeleteSnapshot, pb.DeleteSnapshotRequest(domain="nosuch", snapshot="s1")),
+            (stub.RevertSnapshot, pb.RevertSnapshotRequest(domain_name="nosuch", snapshot_name="s1")),
+            (stub.DeleteSnapshot, pb.DeleteSnapshotRequest(domain_name="nosuch", snapshot_name="s1")),
             (stub.CreateDomain, pb.CreateDomainRequest(config='name = "x"\n')),
-            (stub.DestroyDomain, pb.DestroyDomainRequest(domain="nosuch")),
-            (stub.PauseDomain, pb.PauseDomainRequest(domain="nosuch")),
-            (stub.UnpauseDomain, pb.UnpauseDomainRequest(domain="nosuch")),
+            (stub.DestroyDomain, pb.DestroyDomainRequest(domain_name="nosuch")),
+            (stub.PauseDomain, pb.PauseDomainRequest(domain_name="nosuch")),
+            (stub.UnpauseDomain, pb.UnpauseDomainRequest(domain_name="nosuch")),
             (stub.CancelOperation, pb.CancelOperationRequest(operation_id="x")),
         ]
         for call, request in mutations:
@@ -220,11 +220,11 @@ def test_audit_lines_name_caller_rpc_fields_and_outcome(tls_agent: Agent, pki: P
     request_id = uuid.uuid4().hex
     for pair, code in ((pki.admin, grpc.StatusCode.NOT_FOUND), (pki.reader, grpc.StatusCode.PERMISSION_DENIED)):
         with channel(tls_agent, pki, pair) as ch:
-            request = pb.CreateSnapshotRequest(domain="nosuch", name="s9", path="/x/y", request_id=request_id)
+            request = pb.CreateSnapshotRequest(domain_name="nosuch", name="s9", path="/x/y", request_id=request_id)
             assert code_of(pb_grpc.SnapshotAgentStub(ch).CreateSnapshot, request) == code
     audit = [line for line in tls_agent.log.read_text().splitlines() if "domsnap.audit" in line and request_id in line]
     assert len(audit) == 2, audit
-    fields = f"domain='nosuch' name='s9' path='/x/y' request_id='{request_id}'"
+    fields = f"domain_name='nosuch' name='s9' path='/x/y' request_id='{request_id}'"
     assert audit[0].endswith(f"caller='CN={ADMIN_CN}' role=admin rpc=CreateSnapshot {fields} code=NOT_FOUND")
     assert audit[1].endswith(f"caller='CN={READER_CN}' role=read_only rpc=CreateSnapshot {fields} "
                              "code=PERMISSION_DENIED")
@@ -420,9 +420,9 @@ def test_size_limits_and_message_size(plain_agent: Agent) -> None:
         assert code_of(stub.CreateDomain, too_long) == grpc.StatusCode.INVALID_ARGUMENT
         huge = pb.CreateDomainRequest(config="#" * (3 << 20))
         assert code_of(stub.CreateDomain, huge) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        many = pb.CreateSnapshotRequest(domain="nosuch", overrides=["a=b"] * 257)
+        many = pb.CreateSnapshotRequest(domain_name="nosuch", overrides=["a=b"] * 257)
         assert code_of(stub.CreateSnapshot, many) == grpc.StatusCode.INVALID_ARGUMENT
-        nul = pb.GetSnapshotRequest(domain="nosuch", snapshot="/a\0b")
+        nul = pb.GetSnapshotRequest(domain_name="nosuch", snapshot_path="/a\0b")
         assert code_of(stub.GetSnapshot, nul) == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -441,7 +441,9 @@ def requests(draw: st.DrawFn) -> tuple[str, Message, bool]:
     cls = getattr(pb, method.input_type.name)
     fields: dict[str, Any] = {}
     for f in cls.DESCRIPTOR.fields:
-        if f.type != f.TYPE_STRING:
+        # One field of a oneof at most: a second would clear the first.
+        if f.type != f.TYPE_STRING or (f.containing_oneof is not None and any(
+                g.name in fields for g in f.containing_oneof.fields)):
             continue
         if f.is_repeated:
             fields[f.name] = draw(st.one_of(st.lists(strings, max_size=4), st.just(["a=b"] * 257)))
@@ -527,7 +529,7 @@ def test_snapshot_paths_cannot_escape_the_roots(agent: Agent, boot_guest: BootGu
         assert not escaped.exists()
         assert not Path("/dev/shm/domsnap-escape").exists()
         assert not (agent.state_dir / "snap").exists()
-        assert not agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots
+        assert not agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain_name=g.name), timeout=30).snapshots
         assert g.domain().state == pb.DOMAIN_STATE_RUNNING
     finally:
         link.unlink()

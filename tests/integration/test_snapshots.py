@@ -169,8 +169,9 @@ def check_stream(events: list[pb.OperationEvent], kind: int, phases: set[str]) -
     progress = [e.progress for e in events[1:-1]]
     assert progress, "no progress events"
     assert all(p.phase for p in progress), "a progress event without a phase name"
-    seen = {p.phase for p in progress}
-    assert phases <= seen, f"phases {sorted(phases - seen)} missing from {[p.phase for p in progress]}"
+    names = [pb.Phase.Name(p.phase).removeprefix("PHASE_").lower() for p in progress]
+    seen = set(names)
+    assert phases <= seen, f"phases {sorted(phases - seen)} missing from {names}"
     percents = [p.percent for p in progress]
     assert percents == sorted(percents), percents
     assert percents[0] >= 0 and percents[-1] <= 100, percents
@@ -453,7 +454,7 @@ def test_revert_again_and_between_two_snapshots(agent: Agent, boot_guest: BootGu
         overlays = {p for s in (s1, s2) for p in Path(s.snap.path).glob("*.qcow2")}
         assert overlays == {s1_overlay, Path(now)}, sorted(map(str, overlays))
     # Both still listed, s2 current.
-    listed = agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots
+    listed = agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain_name=g.name), timeout=30).snapshots
     assert [(s.name, s.current) for s in listed] == [("s1", False), ("s2", True)]
     assert not bad_lines(g)
 
@@ -473,7 +474,7 @@ def _settled_counter(g: Guest) -> int:
 def test_paused_domain_snapshots_revert_paused_unless_told(agent: Agent, boot_guest: BootGuest) -> None:
     g = boot_guest("qcow2")
     stub = agent.stub()
-    stub.PauseDomain(pb.PauseDomainRequest(domain=g.name), timeout=30)
+    stub.PauseDomain(pb.PauseDomainRequest(domain_name=g.name), timeout=30)
     c = _settled_counter(g)
     paused_at = g.mark()
 
@@ -485,7 +486,7 @@ def test_paused_domain_snapshots_revert_paused_unless_told(agent: Agent, boot_gu
     assert guestprobe.serial_counters(g.serial, paused_at) == [], "the guest ran during the snapshots"
 
     # Unpaused, the guest goes on where it stopped, disks in step.
-    stub.UnpauseDomain(pb.UnpauseDomainRequest(domain=g.name), timeout=30)
+    stub.UnpauseDomain(pb.UnpauseDomainRequest(domain_name=g.name), timeout=30)
     guestprobe.wait_disk_ok(g.serial, "vda", count=2, offset=paused_at, timeout=15)
     assert guestprobe.serial_counters(g.serial, paused_at)[0] == c + 1
     assert not bad_lines(g, paused_at), bad_lines(g, paused_at)
@@ -501,7 +502,7 @@ def test_paused_domain_snapshots_revert_paused_unless_told(agent: Agent, boot_gu
     assert guestprobe.serial_counters(g.serial, reverted_at) == [], "a domain reverted to a paused snapshot ran"
 
     # --running overrides the snapshot's state; the guest goes on from c.
-    t = Taken(agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot="p2"), timeout=30), c, c)
+    t = Taken(agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_name="p2"), timeout=30), c, c)
     out: list[subprocess.CompletedProcess[str]] = []
     seen = revert_and_check(g, t, do=lambda: out.append(agent.cli("snapshot-revert", g.name, "p2", "--running",
                                                                   check=True)))
@@ -510,7 +511,7 @@ def test_paused_domain_snapshots_revert_paused_unless_told(agent: Agent, boot_gu
 
     # And the API's field does the same on p1.
     run_on(g)
-    p1 = agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot="p1"), timeout=30)
+    p1 = agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_name="p1"), timeout=30)
     seen = revert_and_check(g, Taken(p1, c, c), run_state=pb.RUN_STATE_AFTER_REVERT_RUNNING)
     assert seen.first_counter == c + 1
     assert not bad_lines(g)
@@ -527,9 +528,9 @@ def test_running_domain_keeps_running_through_creates(agent: Agent, boot_guest: 
         events = g.create_snapshot(live=live) if not live else g.create_snapshot(live=live, name="live-one")
         snap = check_stream(events, CREATE, CREATE_PHASES).result
         if not live:
-            assert re.fullmatch(r"\d{8}T\d{6}Z", snap.name), f"default name {snap.name!r} is not the UTC time"
+            assert re.fullmatch(r"\d{8}T\d{6}\.\d{3}Z", snap.name), f"default name {snap.name!r} is not the UTC time"
         assert snap.state == RUNNING
-        assert snap.downtime_seconds > 0
+        assert snap.downtime.ToNanoseconds() / 1e9 > 0
         d = g.domain()
         assert d.state == RUNNING
         assert d.busy_with_operation == ""
@@ -555,7 +556,7 @@ class Before:
 
 def _state(agent: Agent, g: Guest) -> Before:
     d = g.domain()
-    listed = agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots
+    listed = agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain_name=g.name), timeout=30).snapshots
     return Before(tree(agent.snapshot_root), tree(g.folder) - {"serial.log"}, tags(g.disks["xvda"][0]),
                   [(x.vdev, x.target) for x in d.disks], [s.name for s in listed])
 
@@ -631,14 +632,14 @@ def test_bad_requests_are_refused_and_touch_nothing(agent: Agent, boot_guest: Bo
     ]
     for what, code, fields, argv, words in cases:
         before = _state(agent, g)
-        assert words in _refused(agent, code, domain=g.name, **fields), what
+        assert words in _refused(agent, code, domain_name=g.name, **fields), what
         untouched(before, what)
         assert words in _cli_refused(agent, *argv), what
         untouched(before, what + " (CLI)")
     assert not domdir.exists() or not any(domdir.iterdir())
 
     before = _state(agent, g)
-    assert "does not exist" in _refused(agent, grpc.StatusCode.NOT_FOUND, domain="no-such-domain", name="n")
+    assert "does not exist" in _refused(agent, grpc.StatusCode.NOT_FOUND, domain_name="no-such-domain", name="n")
     assert "does not exist" in _cli_refused(agent, "snapshot-create", "no-such-domain", "--name", "n")
     untouched(before, "unknown domain")
     assert not (agent.snapshot_root / "no-such-domain").exists()
@@ -646,12 +647,12 @@ def test_bad_requests_are_refused_and_touch_nothing(agent: Agent, boot_guest: Bo
     # A duplicate name needs a first snapshot.
     take(g, "dup", align=False)
     before = _state(agent, g)
-    assert "dup" in _refused(agent, grpc.StatusCode.ALREADY_EXISTS, domain=g.name, name="dup")
+    assert "dup" in _refused(agent, grpc.StatusCode.ALREADY_EXISTS, domain_name=g.name, name="dup")
     untouched(before, "duplicate name")
     assert "dup" in _cli_refused(agent, "snapshot-create", g.name, "--name", "dup", "--external")
     untouched(before, "duplicate name (CLI)")
     # A path that exists is refused as well once the domain's directory exists.
-    assert "exists" in _refused(agent, grpc.StatusCode.ALREADY_EXISTS, domain=g.name, name="ex2",
+    assert "exists" in _refused(agent, grpc.StatusCode.ALREADY_EXISTS, domain_name=g.name, name="ex2",
                                 path=str(existing))
     untouched(before, "existing path")
 
@@ -672,7 +673,7 @@ def test_refused_create_leaves_no_domain_directory(agent: Agent, boot_guest: Boo
     ]
     leaked = []
     for what, code, fields in cases:
-        _refused(agent, code, domain=g.name, name="n", **fields)
+        _refused(agent, code, domain_name=g.name, name="n", **fields)
         if domdir.exists():
             leaked.append(what)
             domdir.rmdir()
@@ -693,7 +694,7 @@ def test_second_create_on_a_busy_domain_is_refused_at_once(agent: Agent, boot_gu
     g = boot_guest("qcow2", memory=512)
     stub = agent.stub()
     first = stub.CreateSnapshot(pb.CreateSnapshotRequest(
-        request_id=uuid.uuid4().hex, domain=g.name, name="first", live=True), timeout=300)
+        request_id=uuid.uuid4().hex, domain_name=g.name, name="first", live=True), timeout=300)
     started = next(first)
     assert started.WhichOneof("event") == "started"
     op_id = started.started.id
@@ -701,7 +702,7 @@ def test_second_create_on_a_busy_domain_is_refused_at_once(agent: Agent, boot_gu
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         list(stub.CreateSnapshot(pb.CreateSnapshotRequest(
-            request_id=uuid.uuid4().hex, domain=g.name, name="second"), timeout=60))
+            request_id=uuid.uuid4().hex, domain_name=g.name, name="second"), timeout=60))
     refused_at = time.time()
     assert time.monotonic() - t0 < 5, "the second create was not refused at once"
     assert err.value.code() == grpc.StatusCode.ABORTED, (err.value.code(), err.value.details())
@@ -710,7 +711,7 @@ def test_second_create_on_a_busy_domain_is_refused_at_once(agent: Agent, boot_gu
     rest = [started, *first]
     finished = check_stream(rest, CREATE, {"memory", "disks"})
     assert finished.finished_at.ToNanoseconds() / 1e9 > refused_at, "the first create was over before the second"
-    assert [s.name for s in stub.ListSnapshots(pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots] == [
+    assert [s.name for s in stub.ListSnapshots(pb.ListSnapshotsRequest(domain_name=g.name), timeout=30).snapshots] == [
         "first"]
     assert not (agent.snapshot_root / g.name / "second").exists()
     assert tags(g.disks["xvda"][0]) == ["first"]
@@ -727,7 +728,7 @@ def test_cli_round_trip(agent: Agent, boot_guest: BootGuest, tmp_path: Path) -> 
     wait_tick(g)
     c_before = g.counter()
     out = agent.cli("snapshot-create", g.name, "--name", "X", check=True)
-    x = Taken(agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot="X"), timeout=30),
+    x = Taken(agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_name="X"), timeout=30),
               c_before, g.counter())
     # Each line starts with its time.
     progress = [line.split(" ", 1)[1] for line in out.stderr.splitlines()]
@@ -766,7 +767,7 @@ def test_cli_round_trip(agent: Agent, boot_guest: BootGuest, tmp_path: Path) -> 
     cfg.write_text("name=\"fromcfg\"\ndescription=\"d\"\ndisks=[',,xvda']\n")
     out = agent.cli("snapshot-create", g.name, str(cfg), check=True)
     assert "Snapshot fromcfg of" in out.stdout
-    snap = agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot="fromcfg"), timeout=30)
+    snap = agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_name="fromcfg"), timeout=30)
     assert (snap.name, snap.description) == ("fromcfg", "d")
     assert [(d.vdev, d.method, d.tag) for d in snap.disks] == [("xvda", INTERNAL, "fromcfg")]
     assert "fromcfg" in tags(g.disks["xvda"][0])
@@ -831,7 +832,7 @@ def test_raw_copy_after_resume_holds_the_instant_while_the_guest_writes_on(agent
 
     # Cancelled mid-copy: rolled back, the guest's writes since the instant merged back into its image.
     stub = agent.stub()
-    stream = stub.CreateSnapshot(pb.CreateSnapshotRequest(domain=g.name, name="cut", live=True,
+    stream = stub.CreateSnapshot(pb.CreateSnapshotRequest(domain_name=g.name, name="cut", live=True,
                                                           request_id=uuid.uuid4().hex), timeout=300)
     first = next(stream)
     for ev in stream:
@@ -852,7 +853,7 @@ def test_raw_copy_after_resume_holds_the_instant_while_the_guest_writes_on(agent
 def test_raw_copy_of_a_paused_domain(agent: Agent, boot_guest: BootGuest) -> None:
     g = boot_guest("raw")
     image = g.disks["xvda"][0]
-    agent.stub().PauseDomain(pb.PauseDomainRequest(domain=g.name), timeout=30)
+    agent.stub().PauseDomain(pb.PauseDomainRequest(domain_name=g.name), timeout=30)
     paused_at = g.mark()
     snap = check_stream(g.create_snapshot(name="p"), CREATE, {"memory", "disks"}).result
     assert g.domain().state == PAUSED
@@ -860,7 +861,7 @@ def test_raw_copy_of_a_paused_domain(agent: Agent, boot_guest: BootGuest) -> Non
     copy = Path(snap.path) / "xvda.raw"
     assert guestprobe.disk_counter(copy, "raw") == guestprobe.disk_counter(image, "raw")
     assert guestprobe.serial_counters(g.serial, paused_at) == [], "the guest ran during the snapshot"
-    agent.stub().UnpauseDomain(pb.UnpauseDomainRequest(domain=g.name), timeout=30)
+    agent.stub().UnpauseDomain(pb.UnpauseDomainRequest(domain_name=g.name), timeout=30)
     guestprobe.wait_disk_ok(g.serial, "vda", count=2, offset=paused_at, timeout=15)
     assert not bad_lines(g, paused_at)
 
@@ -876,7 +877,7 @@ def chain_of(image: str) -> list[str]:
 
 def delete(g: Guest, name: str) -> None:
     stub = g.agent.stub()
-    events = list(stub.DeleteSnapshot(pb.DeleteSnapshotRequest(domain=g.name, snapshot=name,
+    events = list(stub.DeleteSnapshot(pb.DeleteSnapshotRequest(domain_name=g.name, snapshot_name=name,
                                                                request_id=uuid.uuid4().hex), timeout=300))
     assert events[-1].finished.error.code == 0, events[-1]
 
@@ -898,7 +899,7 @@ def test_keeping_one_of_six_external_snapshots_merges_the_chain_back(agent: Agen
         assert not (agent.snapshot_root / g.name / name).exists(), f"{name}: its files stay"
     chain = chain_of(disk_target(g))
     assert chain == [str(agent.snapshot_root / g.name / "s6" / "xvda.qcow2"), base], chain
-    kept = agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain=g.name, snapshot="s6"), timeout=30)
+    kept = agent.stub().GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_name="s6"), timeout=30)
     assert kept.disks[0].image == base, "the kept snapshot must name the image its layer was merged into"
 
     take(g, "s7", live=True, method=EXTERNAL)

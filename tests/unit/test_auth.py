@@ -11,7 +11,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from domsnap.agent import auth, limits
+from domsnap.agent import auth, limits, reflection
 from domsnap.agent import config as agent_config
 from domsnap.agent.auth import Authorizer, Role
 from domsnap.agent.config import RolesConfig
@@ -25,7 +25,9 @@ SERVED = [AGENT, health_pb2.DESCRIPTOR.services_by_name["Health"],
 
 
 def methods() -> list[str]:
-    return [f"/{service.full_name}/{m.name}" for service in SERVED for m in service.methods]
+    # Reflection v1 is v1alpha's service under another name (agent/reflection.py).
+    return [f"/{service.full_name}/{m.name}" for service in SERVED for m in service.methods] + [
+        f"/{reflection.V1_SERVICE}/ServerReflectionInfo"]
 
 
 # ------------------------------------------------------------------ roles ----
@@ -140,7 +142,7 @@ def test_limits_as_specified() -> None:
 
 def biggest_create() -> pb.CreateSnapshotRequest:
     return pb.CreateSnapshotRequest(
-        request_id="r" * limits.ID, domain="d" * 64, name="n" * 64, path="/" + "p" * 4095, config="c" * (1 << 20),
+        request_id="r" * limits.ID, domain_name="d" * 64, name="n" * 64, path="/" + "p" * 4095, config="c" * (1 << 20),
         overrides=["k=" + "v" * (limits.OVERRIDE - 2)] * 256, description="x" * limits.TEXT,
         method=pb.SNAPSHOT_METHOD_EXTERNAL)
 
@@ -152,13 +154,13 @@ def test_requests_at_the_limits_pass_and_fit_the_message_size() -> None:
 
 
 @pytest.mark.parametrize(("request_", "match"), [
-    (pb.GetDomainRequest(domain="d" * 65), "domain: 65 bytes, at most 64"),
+    (pb.GetDomainRequest(domain_name="d" * 65), "domain_name: 65 bytes, at most 64"),
     (pb.CreateSnapshotRequest(name="é" * 33), "name: 66 bytes"),
     (pb.CreateSnapshotRequest(path="/" + "p" * 4096), "path: 4097 bytes"),
     (pb.CreateDomainRequest(config="c" * ((1 << 20) + 1)), "config:"),
     (pb.CreateDomainRequest(overrides=["a=b"] * 257), "overrides: 257 items, at most 256"),
     (pb.CreateDomainRequest(overrides=["a=" + "b" * 5000]), "overrides: 5002 bytes"),
-    (pb.RevertSnapshotRequest(snapshot="/snap\0/x"), "NUL"),
+    (pb.RevertSnapshotRequest(snapshot_path="/snap\0/x"), "NUL"),
     (pb.CreateSnapshotRequest(method=7), "method: 7 is not a SnapshotMethod value"),  # type: ignore[arg-type]
     (pb.RevertSnapshotRequest(run_state=-1), "run_state: -1"),  # type: ignore[arg-type]
     (pb.WatchOperationRequest(operation_id="o" * 129), "operation_id"),

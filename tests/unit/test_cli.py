@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import message, timestamp_pb2
+from google.protobuf import duration_pb2, message, timestamp_pb2
 
 from domsnap.client import cli, commands, connection, progress, views
 from domsnap.client.commands import Session, split_snapshot_args
@@ -40,19 +40,26 @@ def ts(seconds: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
 def local(seconds: int) -> str:
     return datetime.fromtimestamp(seconds).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 DOMAINS = [
-    pb.Domain(name="Domain-0", domid=0, memory_mib=2048, vcpus=2, state=pb.DOMAIN_STATE_RUNNING, cpu_seconds=12.34),
+    pb.Domain(name="Domain-0", domid=0, memory_mib=2048, vcpus=2, state=pb.DOMAIN_STATE_RUNNING,
+              cpu_time=duration(12.34)),
     pb.Domain(
         name="web",
         domid=7,
         memory_mib=512,
         vcpus=1,
         state=pb.DOMAIN_STATE_PAUSED,
-        cpu_seconds=3.0,
+        cpu_time=duration(3.0),
         config='name = "web"\nmemory = 512\n',
     ),
 ]
@@ -78,7 +85,7 @@ SNAPSHOTS = [
         memory=pb.MemoryImage(path="/snaps/web/base/memory.save", size_bytes=512 * 1024 * 1024),
         driver="qemu",
         hypervisor_version="QEMU 7.2.22",
-        downtime_seconds=0.062,
+        downtime=duration(0.062),
     ),
     pb.Snapshot(name="a", domain="web", created_at=ts(T0 + 60), parent="base", state=pb.DOMAIN_STATE_PAUSED),
     pb.Snapshot(name="b", domain="web", created_at=ts(T0 + 120), parent="base", current=True),
@@ -86,7 +93,7 @@ SNAPSHOTS = [
     pb.Snapshot(name="x", domain="db", created_at=ts(T0 + 240), size_bytes=1536),
 ]
 
-CREATED = pb.Snapshot(name="s1", domain="web", path="/snaps/web/s1", downtime_seconds=0.062)
+CREATED = pb.Snapshot(name="s1", domain="web", path="/snaps/web/s1", downtime=duration(0.062))
 
 
 def operation(state: int = pb.OPERATION_STATE_RUNNING, **fields: object) -> pb.Operation:
@@ -109,7 +116,7 @@ def operation(state: int = pb.OPERATION_STATE_RUNNING, **fields: object) -> pb.O
 def progress_event(phase: str, percent: float, msg: str = "", done: int = 0, total: int = 0) -> pb.OperationEvent:
     return pb.OperationEvent(
         progress=pb.Progress(
-            phase=phase,
+            phase=pb.Phase.Value(f"PHASE_{phase.upper()}"),
             percent=percent,
             message=msg,
             bytes_done=done,
@@ -165,7 +172,7 @@ class FakeAgent(pb_grpc.SnapshotAgentServicer):
 
     def EditSnapshot(self, request: pb.EditSnapshotRequest, context: grpc.ServicerContext) -> pb.Snapshot:
         self._answer("EditSnapshot", request, context)
-        return pb.Snapshot(name=request.snapshot, domain=request.domain, description=request.description)
+        return pb.Snapshot(name=request.snapshot_name, domain=request.domain_name, description=request.description)
 
     def GetAgentInfo(self, request: pb.GetAgentInfoRequest, context: grpc.ServicerContext) -> pb.AgentInfo:
         self._answer("GetAgentInfo", request, context)
@@ -186,9 +193,9 @@ class FakeAgent(pb_grpc.SnapshotAgentServicer):
     def GetDomain(self, request: pb.GetDomainRequest, context: grpc.ServicerContext) -> pb.Domain:
         self._answer("GetDomain", request, context)
         for d in DOMAINS:
-            if request.domain in (d.name, str(d.domid)):
+            if (request.domain_name, request.domid) in ((d.name, 0), ("", d.domid)):
                 return d
-        context.abort(grpc.StatusCode.NOT_FOUND, f"no domain {request.domain}")
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no domain {request.domain_name or request.domid}")
 
     def CreateDomain(self, request: pb.CreateDomainRequest, context: grpc.ServicerContext) -> pb.Domain:
         self._answer("CreateDomain", request, context)
@@ -238,7 +245,7 @@ class FakeAgent(pb_grpc.SnapshotAgentServicer):
         self, request: pb.ListOperationsRequest, context: grpc.ServicerContext
     ) -> pb.ListOperationsResponse:
         self._answer("ListOperations", request, context)
-        running = operation(progress=pb.Progress(phase="memory", percent=42))
+        running = operation(progress=pb.Progress(phase=pb.PHASE_MEMORY, percent=42))
         done = operation(pb.OPERATION_STATE_SUCCEEDED, id="op-0", kind=pb.OPERATION_KIND_DELETE_SNAPSHOT)
         return pb.ListOperationsResponse(operations=[running, done])
 
@@ -246,7 +253,7 @@ class FakeAgent(pb_grpc.SnapshotAgentServicer):
         self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> pb.ListSnapshotsResponse:
         self._answer("ListSnapshots", request, context)
-        return pb.ListSnapshotsResponse(snapshots=[s for s in SNAPSHOTS if request.domain in ("", s.domain)])
+        return pb.ListSnapshotsResponse(snapshots=[s for s in SNAPSHOTS if request.domain_name in ("", s.domain)])
 
     def GetSnapshot(self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext) -> pb.Snapshot:
         self._answer("GetSnapshot", request, context)
@@ -433,7 +440,7 @@ def test_snapshot_create_request(agent: Agent, cfgfile: Path, tmp_path: Path, mo
     assert agent.run(*argv, "memory_path=/m", "--description", "pre-upgrade") == 0
     request = agent.fake.last("CreateSnapshot")
     assert isinstance(request, pb.CreateSnapshotRequest)
-    assert request.domain == "web"
+    assert request.domain_name == "web"
     assert request.config == cfgfile.read_text()  # the TEXT, not the path
     assert list(request.overrides) == ["memory_path=/m"]
     assert request.path == str(tmp_path / "out/s1")
@@ -451,7 +458,7 @@ def test_snapshot_create_defaults_and_overrides_alone(agent: Agent) -> None:
     assert agent.run("snapshot-create", "web", "--path", "/abs/p") == 0
     request = agent.fake.last("CreateSnapshot")
     assert isinstance(request, pb.CreateSnapshotRequest)
-    assert (request.path, request.method) == ("/abs/p", pb.SNAPSHOT_METHOD_DEFAULT)
+    assert (request.path, request.method) == ("/abs/p", pb.SNAPSHOT_METHOD_UNSPECIFIED)
 
 
 def test_request_ids_fresh_or_given(agent: Agent) -> None:
@@ -469,14 +476,14 @@ def test_request_ids_fresh_or_given(agent: Agent) -> None:
 def test_lifecycle_requests(agent: Agent) -> None:
     for verb, method in [("destroy", "DestroyDomain"), ("pause", "PauseDomain"), ("unpause", "UnpauseDomain")]:
         assert agent.run(verb, "7") == 0
-        assert agent.fake.last(method).domain == "7"  # type: ignore[attr-defined]
+        assert agent.fake.last(method).domid == 7  # type: ignore[attr-defined]
 
 
 def test_cd_insert_and_eject_change_the_medium(agent: Agent) -> None:
     assert agent.run("cd-insert", "web", "hdc", "raw:/srv/debian.iso") == 0
     request = agent.fake.last("ChangeMedium")
     assert isinstance(request, pb.ChangeMediumRequest)
-    assert (request.domain, request.vdev, request.path) == ("web", "hdc", "/srv/debian.iso")
+    assert (request.domain_name, request.vdev, request.path) == ("web", "hdc", "/srv/debian.iso")
     assert agent.run("cd-eject", "web", "hdc") == 0
     request = agent.fake.last("ChangeMedium")
     assert (request.vdev, request.path) == ("hdc", "")  # type: ignore[attr-defined]
@@ -515,7 +522,7 @@ def test_revert_request(agent: Agent, cfgfile: Path, tmp_path: Path, monkeypatch
     assert agent.run("snapshot-revert", "web", "base", "--paused") == 0
     request = agent.fake.last("RevertSnapshot")
     assert isinstance(request, pb.RevertSnapshotRequest)
-    assert (request.snapshot, request.config, request.run_state, request.force) == (
+    assert (request.snapshot_name, request.config, request.run_state, request.force) == (
         "base",
         "",
         pb.RUN_STATE_AFTER_REVERT_PAUSED,
@@ -524,23 +531,24 @@ def test_revert_request(agent: Agent, cfgfile: Path, tmp_path: Path, monkeypatch
     assert agent.run("snapshot-revert", "web", str(cfgfile), "--force") == 0
     request = agent.fake.last("RevertSnapshot")
     assert isinstance(request, pb.RevertSnapshotRequest)
-    assert (request.snapshot, request.config, request.run_state, request.force) == (
-        "",
+    assert (request.WhichOneof("snapshot"), request.config, request.run_state, request.force) == (
+        None,
         cfgfile.read_text(),
-        pb.RUN_STATE_AFTER_REVERT_SNAPSHOT,
+        pb.RUN_STATE_AFTER_REVERT_UNSPECIFIED,
         True,
     )
     assert agent.run("snapshot-revert", "web", "./snaps/base", "--running") == 0
     request = agent.fake.last("RevertSnapshot")
     assert isinstance(request, pb.RevertSnapshotRequest)
-    assert (request.snapshot, request.run_state) == (str(tmp_path / "snaps/base"), pb.RUN_STATE_AFTER_REVERT_RUNNING)
+    assert (request.snapshot_path, request.run_state) == (str(tmp_path / "snaps/base"),
+                                                          pb.RUN_STATE_AFTER_REVERT_RUNNING)
 
 
 def test_delete_request(agent: Agent) -> None:
     assert agent.run("snapshot-delete", "web", "base", "--children") == 0
     request = agent.fake.last("DeleteSnapshot")
     assert isinstance(request, pb.DeleteSnapshotRequest)
-    assert (request.domain, request.snapshot, request.children) == ("web", "base", True)
+    assert (request.domain_name, request.snapshot_name, request.children) == ("web", "base", True)
 
 
 # --------------------------------------------------------------- output ----
@@ -560,7 +568,7 @@ def test_list_table(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_list_named_long_and_json(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
     assert agent.run("list", "-l", "7") == 0
-    assert agent.fake.last("GetDomain").domain == "7"  # type: ignore[attr-defined]
+    assert agent.fake.last("GetDomain").domid == 7  # type: ignore[attr-defined]
     out = capsys.readouterr().out
     assert out.startswith("# web (id 7, paused)\n") and 'name = "web"\nmemory = 512\n' in out
     assert agent.run("list", "--json") == 0
@@ -587,7 +595,7 @@ def test_snapshot_list_table(agent: Agent, capsys: pytest.CaptureFixture[str]) -
     assert lines[3].split()[-2:] == ["base", "*"]
     assert lines[5].split()[-3:] == ["1.5", "KiB", "-"]
     assert agent.run("snapshot-list", "db") == 0
-    assert agent.fake.last("ListSnapshots").domain == "db"  # type: ignore[attr-defined]
+    assert agent.fake.last("ListSnapshots").domain_name == "db"  # type: ignore[attr-defined]
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 

@@ -127,16 +127,18 @@ def test_a_request_id_means_one_request() -> None:
             await asyncio.sleep(0.01)
             return f"paused {name}"
 
-        first = pb.PauseDomainRequest(domain="a", request_id="r1")
+        first = pb.PauseDomainRequest(domain_name="a", request_id="r1")
         # A retry while the first still runs waits for its answer.
         both = await asyncio.gather(ids.once("uid=0", "PauseDomain", first, lambda: pause("a")),
                                     ids.once("uid=0", "PauseDomain", first, lambda: pause("a")))
         assert list(both) == ["paused a", "paused a"] and calls == ["a"]
-        with pytest.raises(InvalidArgument, match=r"already used for a different request, PauseDomain\(domain='a'\)"):
-            await ids.once("uid=0", "PauseDomain", pb.PauseDomainRequest(domain="b", request_id="r1"),
+        with pytest.raises(InvalidArgument,
+                           match=r"already used for a different request, PauseDomain\(domain_name='a'\)") as err:
+            await ids.once("uid=0", "PauseDomain", pb.PauseDomainRequest(domain_name="b", request_id="r1"),
                            lambda: pause("b"))
+        assert (err.value.reason, err.value.metadata) == ("REQUEST_ID_REUSED", {"request_id": "r1"})
         # Another RPC, another caller: other requests.
-        await ids.once("uid=0", "UnpauseDomain", pb.UnpauseDomainRequest(domain="a", request_id="r1"),
+        await ids.once("uid=0", "UnpauseDomain", pb.UnpauseDomainRequest(domain_name="a", request_id="r1"),
                        lambda: pause("u"))
         await ids.once("CN=ops", "PauseDomain", first, lambda: pause("other caller"))
         assert calls == ["a", "u", "other caller"]
@@ -145,9 +147,9 @@ def test_a_request_id_means_one_request() -> None:
             raise FailedPrecondition("no")
 
         with pytest.raises(FailedPrecondition):
-            await ids.once("uid=0", "PauseDomain", pb.PauseDomainRequest(domain="c", request_id="r2"), fail)
+            await ids.once("uid=0", "PauseDomain", pb.PauseDomainRequest(domain_name="c", request_id="r2"), fail)
         # A failure is forgotten: the retry runs.
-        assert await ids.once("uid=0", "PauseDomain", pb.PauseDomainRequest(domain="c", request_id="r2"),
+        assert await ids.once("uid=0", "PauseDomain", pb.PauseDomainRequest(domain_name="c", request_id="r2"),
                               lambda: pause("c")) == "paused c"
 
     asyncio.run(main())

@@ -41,6 +41,6 @@ def test_a_snapshots_nvram_lies_beside_its_memory_image(tmp_path: Path) -> None:
 
 def test_a_vnc_password_is_never_shown_to_callers(tmp_path: Path) -> None:
     config = _config(tmp_path, "vnc = 1", 'vncpasswd = "s3cret"')
-    shown = convert.domain(Domain(1, config, RunState.RUNNING)).config
+    shown = convert.domain(Domain(1, config, RunState.RUNNING), uid="u").config
     assert "s3cret" not in shown and 'vncpasswd = "********"' in shown
     assert "s3cret" in config.to_text(), "the agent itself keeps it, to relaunch the domain"

@@ -183,8 +183,8 @@ def test_error_location(text: str, line: int, column: int, reason: str) -> None:
         parse(text, source="guest.cfg")
     err = caught.value
     assert (err.source, err.line, err.column, err.override) == ("guest.cfg", line, column, None)
-    assert reason in err.reason
-    assert str(err) == f"guest.cfg:{line}:{column}: {err.reason}"
+    assert reason in err.why
+    assert str(err) == f"guest.cfg:{line}:{column}: {err.why}"
 
 
 def test_error_message_format() -> None:
@@ -228,7 +228,7 @@ def test_override_errors(overrides: list[str], index: int, column: int, reason: 
         parse("memory = 512\n", overrides, source="guest.cfg")
     err = caught.value
     assert (err.source, err.override, err.line, err.column) == ("<command line>", index, 1, column)
-    assert reason in err.reason
+    assert reason in err.why
     assert str(err).startswith(f"<command line>[{index}]:1:{column}: ")
 
 
@@ -251,7 +251,7 @@ def test_settings_limit() -> None:
     with pytest.raises(XlCfgError) as caught:
         parse(at_limit + "one_more = 1\n")
     assert (caught.value.line, caught.value.column) == (MAX_SETTINGS + 1, 1)
-    assert "too many settings" in caught.value.reason
+    assert "too many settings" in caught.value.why
 
 
 def test_dump_is_canonical() -> None:

@@ -5,31 +5,98 @@ domsnap agent API, version 1.
 
 Semantics (what each call does, which status codes it returns and when) are
 documented next to each message; docs/domsnap.cfg.5 and docs/design.md give
-the product's rules. Errors leave as gRPC status codes with a human message and,
-in the `grpc-status-details-bin` trailer, a google.rpc.Status whose details
-hold a google.rpc.ErrorInfo (domain "domsnap.dev", a stable `reason`).
+the product's rules.
 
-  INVALID_ARGUMENT     malformed request: bad name, bad cfg text (message
-                       names line and column), a method a disk cannot do
-  NOT_FOUND            unknown domain, snapshot or operation
-  ALREADY_EXISTS       snapshot name or path already taken, domain exists
-  FAILED_PRECONDITION  the state does not allow it (e.g. a snapshot of a
-                       shut-down domain, a risky revert without `force`,
-                       a cancel past the point of no return)
-  ABORTED              the domain is busy with another operation (the
-                       message names it)
-  RESOURCE_EXHAUSTED   the disk filled up; nothing was left behind
-  PERMISSION_DENIED    the caller's role does not allow the call
-  UNAVAILABLE          the hypervisor does not answer
-  CANCELLED            the operation was cancelled and rolled back
+Evolution. v1 is frozen: within it, fields, enum values, messages and
+methods are only added, never renamed, renumbered, retyped or given another
+meaning; a removed field's number and name are `reserved`. A client must
+ignore fields it does not know and read an enum value it does not know as
+the `_UNSPECIFIED` one. Every enum's zero is `_UNSPECIFIED` and its meaning
+(the default) is documented on it. Anything else needs domsnap.v2.
+
+Field behaviour (google.api.field_behavior): REQUIRED fields must be set
+(else INVALID_ARGUMENT, reason FIELD_REQUIRED); OUTPUT_ONLY ones are set by
+the agent and ignored in requests; IMMUTABLE ones never change once set;
+fields with no annotation are OPTIONAL, with their zero as documented.
+Where a oneof names a resource, exactly one of its fields is required.
+
+Identity. A domain is named by its xl name or by its `uid`; a domid is a
+number the hypervisor gives a running domain and changes on every revert,
+so it is a lookup for xl's command-line syntax, never an identity. A
+snapshot is named by its name (unique per domain) or by its directory.
+`uid`s are UUIDs that never change: a domain's across reverts and agent
+restarts, a snapshot's across renames. `resource_name`s follow AIP-122:
+`domains/{domain}` and `domains/{domain}/snapshots/{snapshot}` (the field
+`name` keeps the xl name, as every xl user reads it).
+
+Streams (CreateSnapshot, RevertSnapshot, DeleteSnapshot, WatchOperation).
+A request that is refused (bad argument, unknown domain, busy domain, risky
+revert...) ends the call with that non-OK status before any message. Else
+the first message is `started` (the operation, its id), then `progress`
+messages, then `finished`, the last one: the operation in a terminal state.
+A failed or cancelled operation's `finished` carries its error
+(Operation.error) and the call then ends with that same status; a
+succeeded one ends OK. A dry run answers one `plan` and ends OK. A stream
+that breaks before `finished` (UNAVAILABLE, CANCELLED, a deadline) says
+nothing about the operation, which goes on: re-attach with WatchOperation.
+
+Errors leave as gRPC status codes with a human message and, in the
+`grpc-status-details-bin` trailer, a google.rpc.Status whose details hold a
+google.rpc.ErrorInfo (AIP-193) with `domain` "domsnap.dev" and a stable
+UPPER_SNAKE `reason`; its `metadata` names the resources involved (keys
+among "domain", "snapshot", "path", "operation_id", "field", "request_id",
+"vdev", "file"). The message is for people and may change; code reads the
+reason. Reasons, by code (each code's own name is the reason of a refusal
+no finer reason names):
+
+  INVALID_ARGUMENT     FIELD_REQUIRED (metadata field), FIELD_TOO_LONG
+                       (field), INVALID_NAME (field), INVALID_CONFIG (cfg
+                       text: the message names line and column; metadata
+                       source, line, column), INVALID_PAGE_TOKEN,
+                       PATH_NOT_ALLOWED (path: outside snapshot_roots, or
+                       through a directory others may write),
+                       METHOD_UNSUPPORTED (vdev: a method the disk cannot
+                       do), FORMAT_UNSUPPORTED (vdev), REQUEST_ID_REUSED
+                       (request_id: the same id with another request),
+                       INVALID_ARGUMENT
+  NOT_FOUND            DOMAIN_NOT_FOUND (domain or domain_uid),
+                       SNAPSHOT_NOT_FOUND (domain, snapshot or path),
+                       OPERATION_NOT_FOUND (operation_id), NOT_FOUND (a
+                       file or device the request needs)
+  ALREADY_EXISTS       SNAPSHOT_EXISTS (domain, snapshot), DOMAIN_EXISTS
+                       (domain), PATH_EXISTS (path), ALREADY_EXISTS
+  FAILED_PRECONDITION  REVERT_RISKY (domain, snapshot; the details add a
+                       google.rpc.PreconditionFailure, one violation per
+                       risk: type DOMAIN_GONE, CONFIG_CHANGED,
+                       HYPERVISOR_CHANGED, LAYER_GONE or LAYER_WRITTEN,
+                       subject the domain's resource name or the file, and
+                       a description), DOMAIN_NOT_RUNNING (domain),
+                       FROZEN_LAYER (domain, snapshot, vdev, path: a disk is
+                       a snapshot's frozen layer), DOMAIN_STRANDED (domain,
+                       snapshot: a failed revert must be finished first),
+                       PAST_NO_RETURN (operation_id: a cancel too late),
+                       MANIFEST_INVALID (path), FAILED_PRECONDITION
+  ABORTED              DOMAIN_BUSY (domain, operation_id: the operation
+                       running on the domain)
+  RESOURCE_EXHAUSTED   INSUFFICIENT_SPACE (path, where known: the disk is
+                       full; nothing was left behind)
+  PERMISSION_DENIED    PERMISSION_DENIED (the caller's role does not allow
+                       the call)
+  UNAVAILABLE          HYPERVISOR_UNAVAILABLE
+  CANCELLED            OPERATION_CANCELLED (cancelled and rolled back)
+  UNIMPLEMENTED        UNIMPLEMENTED (the driver cannot do it)
+  INTERNAL             COMMAND_FAILED (command: a tool the agent ran
+                       failed), INTERNAL
 """
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import error_details_pb2 as _error_details_pb2
 from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
@@ -49,6 +116,7 @@ class _DomainState:
 class _DomainStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DomainState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DOMAIN_STATE_UNSPECIFIED: _DomainState.ValueType  # 0
+    """In a request: any state. In an answer: the hypervisor did not say."""
     DOMAIN_STATE_RUNNING: _DomainState.ValueType  # 1
     DOMAIN_STATE_PAUSED: _DomainState.ValueType  # 2
     DOMAIN_STATE_SHUTDOWN: _DomainState.ValueType  # 3
@@ -58,11 +126,40 @@ class DomainState(_DomainState, metaclass=_DomainStateEnumTypeWrapper):
     """-------------------------------------------------------------- domains ----"""
 
 DOMAIN_STATE_UNSPECIFIED: DomainState.ValueType  # 0
+"""In a request: any state. In an answer: the hypervisor did not say."""
 DOMAIN_STATE_RUNNING: DomainState.ValueType  # 1
 DOMAIN_STATE_PAUSED: DomainState.ValueType  # 2
 DOMAIN_STATE_SHUTDOWN: DomainState.ValueType  # 3
 DOMAIN_STATE_CRASHED: DomainState.ValueType  # 4
 Global___DomainState: _TypeAlias = DomainState  # noqa: Y015
+
+class _View:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_View.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VIEW_UNSPECIFIED: _View.ValueType  # 0
+    """BASIC."""
+    VIEW_BASIC: _View.ValueType  # 1
+    """Without the bulky parts: a domain's `config` and `disks`, a snapshot's
+    `disks`.
+    """
+    VIEW_FULL: _View.ValueType  # 2
+    """Every field."""
+
+class View(_View, metaclass=_ViewEnumTypeWrapper):
+    """What a listing answers of each resource (AIP-157)."""
+
+VIEW_UNSPECIFIED: View.ValueType  # 0
+"""BASIC."""
+VIEW_BASIC: View.ValueType  # 1
+"""Without the bulky parts: a domain's `config` and `disks`, a snapshot's
+`disks`.
+"""
+VIEW_FULL: View.ValueType  # 2
+"""Every field."""
+Global___View: _TypeAlias = View  # noqa: Y015
 
 class _SnapshotMethod:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -70,7 +167,7 @@ class _SnapshotMethod:
 
 class _SnapshotMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SnapshotMethod.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    SNAPSHOT_METHOD_DEFAULT: _SnapshotMethod.ValueType  # 0
+    SNAPSHOT_METHOD_UNSPECIFIED: _SnapshotMethod.ValueType  # 0
     """Per disk, the cheapest method its backend supports."""
     SNAPSHOT_METHOD_INTERNAL: _SnapshotMethod.ValueType  # 1
     SNAPSHOT_METHOD_EXTERNAL: _SnapshotMethod.ValueType  # 2
@@ -78,7 +175,7 @@ class _SnapshotMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Snapsh
 class SnapshotMethod(_SnapshotMethod, metaclass=_SnapshotMethodEnumTypeWrapper):
     """------------------------------------------------------------ snapshots ----"""
 
-SNAPSHOT_METHOD_DEFAULT: SnapshotMethod.ValueType  # 0
+SNAPSHOT_METHOD_UNSPECIFIED: SnapshotMethod.ValueType  # 0
 """Per disk, the cheapest method its backend supports."""
 SNAPSHOT_METHOD_INTERNAL: SnapshotMethod.ValueType  # 1
 SNAPSHOT_METHOD_EXTERNAL: SnapshotMethod.ValueType  # 2
@@ -90,14 +187,18 @@ class _RunStateAfterRevert:
 
 class _RunStateAfterRevertEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunStateAfterRevert.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    RUN_STATE_AFTER_REVERT_SNAPSHOT: _RunStateAfterRevert.ValueType  # 0
+    RUN_STATE_AFTER_REVERT_UNSPECIFIED: _RunStateAfterRevert.ValueType  # 0
+    """SNAPSHOT."""
+    RUN_STATE_AFTER_REVERT_SNAPSHOT: _RunStateAfterRevert.ValueType  # 3
     """The state the domain had at the snapshot."""
     RUN_STATE_AFTER_REVERT_RUNNING: _RunStateAfterRevert.ValueType  # 1
     RUN_STATE_AFTER_REVERT_PAUSED: _RunStateAfterRevert.ValueType  # 2
 
 class RunStateAfterRevert(_RunStateAfterRevert, metaclass=_RunStateAfterRevertEnumTypeWrapper): ...
 
-RUN_STATE_AFTER_REVERT_SNAPSHOT: RunStateAfterRevert.ValueType  # 0
+RUN_STATE_AFTER_REVERT_UNSPECIFIED: RunStateAfterRevert.ValueType  # 0
+"""SNAPSHOT."""
+RUN_STATE_AFTER_REVERT_SNAPSHOT: RunStateAfterRevert.ValueType  # 3
 """The state the domain had at the snapshot."""
 RUN_STATE_AFTER_REVERT_RUNNING: RunStateAfterRevert.ValueType  # 1
 RUN_STATE_AFTER_REVERT_PAUSED: RunStateAfterRevert.ValueType  # 2
@@ -110,6 +211,7 @@ class _OperationKind:
 class _OperationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OperationKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     OPERATION_KIND_UNSPECIFIED: _OperationKind.ValueType  # 0
+    """Never answered (a client reads an unknown kind so)."""
     OPERATION_KIND_CREATE_SNAPSHOT: _OperationKind.ValueType  # 1
     OPERATION_KIND_REVERT_SNAPSHOT: _OperationKind.ValueType  # 2
     OPERATION_KIND_DELETE_SNAPSHOT: _OperationKind.ValueType  # 3
@@ -118,6 +220,7 @@ class OperationKind(_OperationKind, metaclass=_OperationKindEnumTypeWrapper):
     """----------------------------------------------------------- operations ----"""
 
 OPERATION_KIND_UNSPECIFIED: OperationKind.ValueType  # 0
+"""Never answered (a client reads an unknown kind so)."""
 OPERATION_KIND_CREATE_SNAPSHOT: OperationKind.ValueType  # 1
 OPERATION_KIND_REVERT_SNAPSHOT: OperationKind.ValueType  # 2
 OPERATION_KIND_DELETE_SNAPSHOT: OperationKind.ValueType  # 3
@@ -130,6 +233,7 @@ class _OperationState:
 class _OperationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OperationState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     OPERATION_STATE_UNSPECIFIED: _OperationState.ValueType  # 0
+    """Never answered (a client reads an unknown state so)."""
     OPERATION_STATE_PENDING: _OperationState.ValueType  # 1
     OPERATION_STATE_RUNNING: _OperationState.ValueType  # 2
     OPERATION_STATE_SUCCEEDED: _OperationState.ValueType  # 3
@@ -140,6 +244,7 @@ class _OperationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operat
 class OperationState(_OperationState, metaclass=_OperationStateEnumTypeWrapper): ...
 
 OPERATION_STATE_UNSPECIFIED: OperationState.ValueType  # 0
+"""Never answered (a client reads an unknown state so)."""
 OPERATION_STATE_PENDING: OperationState.ValueType  # 1
 OPERATION_STATE_RUNNING: OperationState.ValueType  # 2
 OPERATION_STATE_SUCCEEDED: OperationState.ValueType  # 3
@@ -147,6 +252,49 @@ OPERATION_STATE_FAILED: OperationState.ValueType  # 4
 OPERATION_STATE_CANCELLING: OperationState.ValueType  # 5
 OPERATION_STATE_CANCELLED: OperationState.ValueType  # 6
 Global___OperationState: _TypeAlias = OperationState  # noqa: Y015
+
+class _Phase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Phase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PHASE_UNSPECIFIED: _Phase.ValueType  # 0
+    """Not reported (a client reads an unknown phase so)."""
+    PHASE_PENDING: _Phase.ValueType  # 1
+    PHASE_VALIDATE: _Phase.ValueType  # 2
+    PHASE_MEMORY: _Phase.ValueType  # 3
+    PHASE_DISKS: _Phase.ValueType  # 4
+    PHASE_MANIFEST: _Phase.ValueType  # 5
+    PHASE_DESTROY: _Phase.ValueType  # 6
+    PHASE_RESTORE: _Phase.ValueType  # 7
+    PHASE_RETRY: _Phase.ValueType  # 8
+    PHASE_DELETE: _Phase.ValueType  # 9
+    PHASE_DONE: _Phase.ValueType  # 10
+    PHASE_RECOVERED: _Phase.ValueType  # 11
+
+class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper):
+    """Where an operation is. create: VALIDATE, MEMORY and DISKS (the two
+    interleave: their order depends on live or not), MANIFEST, DONE; revert:
+    VALIDATE, DESTROY, DISKS, RESTORE (RETRY: done once more after a
+    failure), DONE; delete: VALIDATE, DELETE, DONE. Every operation starts
+    PENDING; one finished by the agent started after a crash ends RECOVERED.
+    """
+
+PHASE_UNSPECIFIED: Phase.ValueType  # 0
+"""Not reported (a client reads an unknown phase so)."""
+PHASE_PENDING: Phase.ValueType  # 1
+PHASE_VALIDATE: Phase.ValueType  # 2
+PHASE_MEMORY: Phase.ValueType  # 3
+PHASE_DISKS: Phase.ValueType  # 4
+PHASE_MANIFEST: Phase.ValueType  # 5
+PHASE_DESTROY: Phase.ValueType  # 6
+PHASE_RESTORE: Phase.ValueType  # 7
+PHASE_RETRY: Phase.ValueType  # 8
+PHASE_DELETE: Phase.ValueType  # 9
+PHASE_DONE: Phase.ValueType  # 10
+PHASE_RECOVERED: Phase.ValueType  # 11
+Global___Phase: _TypeAlias = Phase  # noqa: Y015
 
 @_typing.final
 class GetAgentInfoRequest(_message.Message):
@@ -250,22 +398,25 @@ class Domain(_message.Message):
     MEMORY_MIB_FIELD_NUMBER: _builtins.int
     VCPUS_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
-    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    CPU_TIME_FIELD_NUMBER: _builtins.int
     DISKS_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     BUSY_WITH_OPERATION_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    RESOURCE_NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The xl name."""
     domid: _builtins.int
-    """As in xl: a number the hypervisor gives the running domain."""
+    """As in xl: a number the hypervisor gives the running domain; not an
+    identity (it changes on every revert).
+    """
     memory_mib: _builtins.int
     vcpus: _builtins.int
     state: Global___DomainState.ValueType
-    cpu_seconds: _builtins.float
-    """CPU time used, like the Time(s) column of `xl list`."""
     config: _builtins.str
     """The domain's configuration in xl.cfg syntax, as the agent holds it now
-    (disk paths follow external snapshots).
+    (disk paths follow external snapshots). FULL view only.
     """
     busy_with_operation: _builtins.str
     """The operation running on this domain, if any."""
@@ -274,8 +425,21 @@ class Domain(_message.Message):
     a revert that failed after it destroyed the domain (the domain is then
     listed as shut down, domid 0, until a repeated revert finishes it).
     """
+    uid: _builtins.str
+    """A UUID the agent gave the domain when it first saw it: the same across
+    reverts and agent restarts; a domain destroyed and created anew gets a
+    new one.
+    """
+    resource_name: _builtins.str
+    """"domains/{name}"."""
     @_builtins.property
-    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Disk]: ...
+    def cpu_time(self) -> _duration_pb2.Duration:
+        """CPU time used, like the Time(s) column of `xl list`."""
+
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Disk]:
+        """FULL view only."""
+
     def __init__(
         self,
         *,
@@ -284,15 +448,17 @@ class Domain(_message.Message):
         memory_mib: _builtins.int = ...,
         vcpus: _builtins.int = ...,
         state: Global___DomainState.ValueType = ...,
-        cpu_seconds: _builtins.float = ...,
+        cpu_time: _duration_pb2.Duration | None = ...,
         disks: _abc.Iterable[Global___Disk] | None = ...,
         config: _builtins.str = ...,
         busy_with_operation: _builtins.str = ...,
         problem: _builtins.str = ...,
+        uid: _builtins.str = ...,
+        resource_name: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cpu_time", b"cpu_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_with_operation", b"busy_with_operation", "config", b"config", "cpu_seconds", b"cpu_seconds", "disks", b"disks", "domid", b"domid", "memory_mib", b"memory_mib", "name", b"name", "problem", b"problem", "state", b"state", "vcpus", b"vcpus"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_with_operation", b"busy_with_operation", "config", b"config", "cpu_time", b"cpu_time", "disks", b"disks", "domid", b"domid", "memory_mib", b"memory_mib", "name", b"name", "problem", b"problem", "resource_name", b"resource_name", "state", b"state", "uid", b"uid", "vcpus", b"vcpus"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -300,14 +466,34 @@ Global___Domain: _TypeAlias = Domain  # noqa: Y015
 
 @_typing.final
 class ListDomainsRequest(_message.Message):
+    """Paged as in AIP-158, by name: keep calling with the last response's
+    next_page_token (and the same filter) until it is empty.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many domains in one response; 0 or more than 1000: 1000."""
+    page_token: _builtins.str
+    """From a previous response; empty for the first page."""
+    view: Global___View.ValueType
+    state: Global___DomainState.ValueType
+    """Only domains in this state; UNSPECIFIED: every domain."""
     def __init__(
         self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        view: Global___View.ValueType = ...,
+        state: Global___DomainState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -318,16 +504,20 @@ class ListDomainsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DOMAINS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def domains(self) -> _containers.RepeatedCompositeFieldContainer[Global___Domain]: ...
     def __init__(
         self,
         *,
         domains: _abc.Iterable[Global___Domain] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domains", b"domains", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -337,19 +527,26 @@ Global___ListDomainsResponse: _TypeAlias = ListDomainsResponse  # noqa: Y015
 class GetDomainRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    DOMAIN_FIELD_NUMBER: _builtins.int
-    domain: _builtins.str
-    """A name or a domid, as in xl."""
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    DOMID_FIELD_NUMBER: _builtins.int
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    domid: _builtins.int
     def __init__(
         self,
         *,
-        domain: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+        domid: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
 
 Global___GetDomainRequest: _TypeAlias = GetDomainRequest  # noqa: Y015
 
@@ -399,23 +596,33 @@ Global___CreateDomainRequest: _TypeAlias = CreateDomainRequest  # noqa: Y015
 
 @_typing.final
 class DestroyDomainRequest(_message.Message):
+    """The domain as it was, with state SHUTDOWN and domid 0."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    DOMAIN_FIELD_NUMBER: _builtins.int
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    DOMID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    domain: _builtins.str
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    domid: _builtins.int
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
-        domain: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+        domid: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
 
 Global___DestroyDomainRequest: _TypeAlias = DestroyDomainRequest  # noqa: Y015
 
@@ -424,20 +631,28 @@ class PauseDomainRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    DOMAIN_FIELD_NUMBER: _builtins.int
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    DOMID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    domain: _builtins.str
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    domid: _builtins.int
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
-        domain: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+        domid: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
 
 Global___PauseDomainRequest: _TypeAlias = PauseDomainRequest  # noqa: Y015
 
@@ -446,11 +661,15 @@ class ChangeMediumRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    DOMAIN_FIELD_NUMBER: _builtins.int
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    DOMID_FIELD_NUMBER: _builtins.int
     VDEV_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    domain: _builtins.str
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    domid: _builtins.int
     vdev: _builtins.str
     """The CD-ROM drive's virtual device, as in the domain's disk list (`hdc`)."""
     path: _builtins.str
@@ -459,15 +678,19 @@ class ChangeMediumRequest(_message.Message):
         self,
         *,
         request_id: _builtins.str = ...,
-        domain: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+        domid: _builtins.int = ...,
         vdev: _builtins.str = ...,
         path: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "path", b"path", "request_id", b"request_id", "vdev", b"vdev"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "path", b"path", "request_id", b"request_id", "vdev", b"vdev"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
 
 Global___ChangeMediumRequest: _TypeAlias = ChangeMediumRequest  # noqa: Y015
 
@@ -476,20 +699,28 @@ class UnpauseDomainRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    DOMAIN_FIELD_NUMBER: _builtins.int
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    DOMID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    domain: _builtins.str
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    domid: _builtins.int
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
-        domain: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+        domid: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
 
 Global___UnpauseDomainRequest: _TypeAlias = UnpauseDomainRequest  # noqa: Y015
 
@@ -562,6 +793,8 @@ Global___MemoryImage: _TypeAlias = MemoryImage  # noqa: Y015
 
 @_typing.final
 class Snapshot(_message.Message):
+    """Every field is OUTPUT_ONLY: snapshots change through EditSnapshot."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -578,8 +811,11 @@ class Snapshot(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     DRIVER_FIELD_NUMBER: _builtins.int
     HYPERVISOR_VERSION_FIELD_NUMBER: _builtins.int
-    DOWNTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    DOWNTIME_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    RESOURCE_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     domain: _builtins.str
     path: _builtins.str
@@ -600,18 +836,29 @@ class Snapshot(_message.Message):
     """
     driver: _builtins.str
     hypervisor_version: _builtins.str
-    downtime_seconds: _builtins.float
-    """Guest pause of the create, in seconds, as the hypervisor saw it."""
     manifest: _builtins.str
     """The manifest (snapshot.json) as the agent read it; only when
     GetSnapshotRequest.manifest asked for it.
     """
+    uid: _builtins.str
+    """A UUID given at creation, kept in the manifest: the same across renames
+    and agent restarts (a snapshot made before uids has one derived from its
+    domain and creation time).
+    """
+    resource_name: _builtins.str
+    """"domains/{domain}/snapshots/{name}"."""
+    domain_uid: _builtins.str
+    """The uid of the domain it was taken of ("" for a snapshot made before uids)."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiskSnapshot]: ...
     @_builtins.property
     def memory(self) -> Global___MemoryImage: ...
+    @_builtins.property
+    def downtime(self) -> _duration_pb2.Duration:
+        """Guest pause of the create, as the hypervisor saw it."""
+
     def __init__(
         self,
         *,
@@ -629,12 +876,15 @@ class Snapshot(_message.Message):
         size_bytes: _builtins.int = ...,
         driver: _builtins.str = ...,
         hypervisor_version: _builtins.str = ...,
-        downtime_seconds: _builtins.float = ...,
+        downtime: _duration_pb2.Duration | None = ...,
         manifest: _builtins.str = ...,
+        uid: _builtins.str = ...,
+        resource_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "memory", b"memory"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "downtime", b"downtime", "memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current", b"current", "description", b"description", "disks", b"disks", "domain", b"domain", "downtime_seconds", b"downtime_seconds", "driver", b"driver", "hypervisor_version", b"hypervisor_version", "live", b"live", "manifest", b"manifest", "memory", b"memory", "name", b"name", "parent", b"parent", "path", b"path", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current", b"current", "description", b"description", "disks", b"disks", "domain", b"domain", "domain_uid", b"domain_uid", "downtime", b"downtime", "driver", b"driver", "hypervisor_version", b"hypervisor_version", "live", b"live", "manifest", b"manifest", "memory", b"memory", "name", b"name", "parent", b"parent", "path", b"path", "resource_name", b"resource_name", "size_bytes", b"size_bytes", "state", b"state", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -645,7 +895,9 @@ class CreateSnapshotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    DOMAIN_FIELD_NUMBER: _builtins.int
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    DOMID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     LIVE_FIELD_NUMBER: _builtins.int
     METHOD_FIELD_NUMBER: _builtins.int
@@ -656,10 +908,13 @@ class CreateSnapshotRequest(_message.Message):
     DRY_RUN_FIELD_NUMBER: _builtins.int
     CONFIG_NAME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    domain: _builtins.str
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    domid: _builtins.int
     name: _builtins.str
     """Identifier in the storage backends: [A-Za-z0-9._-]{1,64}, unique per
-    domain. Empty: the UTC creation time, e.g. 20261126T010203Z.
+    domain. Empty: the UTC creation time to the millisecond, e.g.
+    20261126T010203.042Z (with "-2", "-3"... when that name is taken).
     """
     live: _builtins.bool
     """Write the memory image while the guest runs; the disks are taken in the
@@ -686,7 +941,9 @@ class CreateSnapshotRequest(_message.Message):
         self,
         *,
         request_id: _builtins.str = ...,
-        domain: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+        domid: _builtins.int = ...,
         name: _builtins.str = ...,
         live: _builtins.bool = ...,
         method: Global___SnapshotMethod.ValueType = ...,
@@ -697,11 +954,13 @@ class CreateSnapshotRequest(_message.Message):
         dry_run: _builtins.bool = ...,
         config_name: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "description", b"description", "domain", b"domain", "dry_run", b"dry_run", "live", b"live", "method", b"method", "name", b"name", "overrides", b"overrides", "path", b"path", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "description", b"description", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "dry_run", b"dry_run", "live", b"live", "method", b"method", "name", b"name", "overrides", b"overrides", "path", b"path", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
 
 Global___CreateSnapshotRequest: _TypeAlias = CreateSnapshotRequest  # noqa: Y015
 
@@ -710,8 +969,11 @@ class RevertSnapshotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    DOMAIN_FIELD_NUMBER: _builtins.int
-    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    DOMID_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_NAME_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_PATH_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     OVERRIDES_FIELD_NUMBER: _builtins.int
     RUN_STATE_FIELD_NUMBER: _builtins.int
@@ -720,9 +982,12 @@ class RevertSnapshotRequest(_message.Message):
     CONFIG_NAME_FIELD_NUMBER: _builtins.int
     RESET_NVRAM_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    domain: _builtins.str
-    snapshot: _builtins.str
-    """A snapshot's name or its directory. Empty when `config` names it."""
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    domid: _builtins.int
+    snapshot_name: _builtins.str
+    snapshot_path: _builtins.str
+    """Its directory, an absolute path."""
     config: _builtins.str
     """A snapshot cfgfile's text naming the snapshot (`name` or `memory_path`)."""
     run_state: Global___RunStateAfterRevert.ValueType
@@ -749,8 +1014,11 @@ class RevertSnapshotRequest(_message.Message):
         self,
         *,
         request_id: _builtins.str = ...,
-        domain: _builtins.str = ...,
-        snapshot: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+        domid: _builtins.int = ...,
+        snapshot_name: _builtins.str = ...,
+        snapshot_path: _builtins.str = ...,
         config: _builtins.str = ...,
         overrides: _abc.Iterable[_builtins.str] | None = ...,
         run_state: Global___RunStateAfterRevert.ValueType = ...,
@@ -759,11 +1027,18 @@ class RevertSnapshotRequest(_message.Message):
         config_name: _builtins.str = ...,
         reset_nvram: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "domain", b"domain", "dry_run", b"dry_run", "force", b"force", "overrides", b"overrides", "request_id", b"request_id", "reset_nvram", b"reset_nvram", "run_state", b"run_state", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "dry_run", b"dry_run", "force", b"force", "overrides", b"overrides", "request_id", b"request_id", "reset_nvram", b"reset_nvram", "run_state", b"run_state", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    _WhichOneofReturnType_snapshot: _TypeAlias = _typing.Literal["snapshot_name", "snapshot_path"]  # noqa: Y015
+    _WhichOneofArgType_snapshot: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_snapshot) -> _WhichOneofReturnType_snapshot | None: ...
 
 Global___RevertSnapshotRequest: _TypeAlias = RevertSnapshotRequest  # noqa: Y015
 
@@ -772,14 +1047,20 @@ class DeleteSnapshotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    DOMAIN_FIELD_NUMBER: _builtins.int
-    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    DOMID_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_NAME_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_PATH_FIELD_NUMBER: _builtins.int
     CHILDREN_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    domain: _builtins.str
-    snapshot: _builtins.str
-    """A snapshot's name or its directory."""
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    domid: _builtins.int
+    snapshot_name: _builtins.str
+    snapshot_path: _builtins.str
+    """Its directory, an absolute path."""
     children: _builtins.bool
     """Delete the snapshots taken on top of it too."""
     dry_run: _builtins.bool
@@ -788,32 +1069,47 @@ class DeleteSnapshotRequest(_message.Message):
         self,
         *,
         request_id: _builtins.str = ...,
-        domain: _builtins.str = ...,
-        snapshot: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+        domid: _builtins.int = ...,
+        snapshot_name: _builtins.str = ...,
+        snapshot_path: _builtins.str = ...,
         children: _builtins.bool = ...,
         dry_run: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "domain", b"domain", "dry_run", b"dry_run", "request_id", b"request_id", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "dry_run", b"dry_run", "request_id", b"request_id", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    _WhichOneofReturnType_snapshot: _TypeAlias = _typing.Literal["snapshot_name", "snapshot_path"]  # noqa: Y015
+    _WhichOneofArgType_snapshot: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_snapshot) -> _WhichOneofReturnType_snapshot | None: ...
 
 Global___DeleteSnapshotRequest: _TypeAlias = DeleteSnapshotRequest  # noqa: Y015
 
 @_typing.final
 class ListSnapshotsRequest(_message.Message):
     """Paged as in AIP-158: by domain, then creation time. Keep calling with the
-    last response's next_page_token (and the same domain) until it is empty.
+    last response's next_page_token (and the same domain and view) until it is
+    empty.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    DOMAIN_FIELD_NUMBER: _builtins.int
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    DOMID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    domain: _builtins.str
-    """Empty: every domain's."""
+    VIEW_FIELD_NUMBER: _builtins.int
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    domid: _builtins.int
     page_size: _builtins.int
     """At most this many snapshots in one response; 0 or more than 1000: 1000.
     A page may hold fewer (it is also capped in bytes) and still not be the
@@ -821,18 +1117,24 @@ class ListSnapshotsRequest(_message.Message):
     """
     page_token: _builtins.str
     """From a previous response; empty for the first page."""
+    view: Global___View.ValueType
     def __init__(
         self,
         *,
-        domain: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+        domid: _builtins.int = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        view: Global___View.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "page_size", b"page_size", "page_token", b"page_token", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
 
 Global___ListSnapshotsRequest: _TypeAlias = ListSnapshotsRequest  # noqa: Y015
 
@@ -864,25 +1166,42 @@ Global___ListSnapshotsResponse: _TypeAlias = ListSnapshotsResponse  # noqa: Y015
 class GetSnapshotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    DOMAIN_FIELD_NUMBER: _builtins.int
-    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    DOMID_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_NAME_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_PATH_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
-    domain: _builtins.str
-    snapshot: _builtins.str
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    domid: _builtins.int
+    snapshot_name: _builtins.str
+    snapshot_path: _builtins.str
+    """Its directory, an absolute path."""
     manifest: _builtins.bool
     """Also answer the manifest's text (Snapshot.manifest)."""
     def __init__(
         self,
         *,
-        domain: _builtins.str = ...,
-        snapshot: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+        domid: _builtins.int = ...,
+        snapshot_name: _builtins.str = ...,
+        snapshot_path: _builtins.str = ...,
         manifest: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "manifest", b"manifest", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "manifest", b"manifest", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    _WhichOneofReturnType_snapshot: _TypeAlias = _typing.Literal["snapshot_name", "snapshot_path"]  # noqa: Y015
+    _WhichOneofArgType_snapshot: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_snapshot) -> _WhichOneofReturnType_snapshot | None: ...
 
 Global___GetSnapshotRequest: _TypeAlias = GetSnapshotRequest  # noqa: Y015
 
@@ -891,14 +1210,20 @@ class EditSnapshotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    DOMAIN_FIELD_NUMBER: _builtins.int
-    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    DOMID_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_NAME_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_PATH_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     NEW_NAME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    domain: _builtins.str
-    snapshot: _builtins.str
-    """A snapshot's name or its directory."""
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    domid: _builtins.int
+    snapshot_name: _builtins.str
+    snapshot_path: _builtins.str
+    """Its directory, an absolute path."""
     description: _builtins.str
     """The new description (unset: unchanged)."""
     new_name: _builtins.str
@@ -909,18 +1234,30 @@ class EditSnapshotRequest(_message.Message):
         self,
         *,
         request_id: _builtins.str = ...,
-        domain: _builtins.str = ...,
-        snapshot: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+        domid: _builtins.int = ...,
+        snapshot_name: _builtins.str = ...,
+        snapshot_path: _builtins.str = ...,
         description: _builtins.str | None = ...,
         new_name: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description", "domain", b"domain", "new_name", b"new_name", "request_id", b"request_id", "snapshot", b"snapshot"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "new_name", b"new_name", "request_id", b"request_id", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
     _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    _WhichOneofReturnType_snapshot: _TypeAlias = _typing.Literal["snapshot_name", "snapshot_path"]  # noqa: Y015
+    _WhichOneofArgType_snapshot: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_snapshot) -> _WhichOneofReturnType_snapshot | None: ...
 
 Global___EditSnapshotRequest: _TypeAlias = EditSnapshotRequest  # noqa: Y015
 
@@ -935,12 +1272,7 @@ class Progress(_message.Message):
     BYTES_PER_SECOND_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
-    phase: _builtins.str
-    """Short stable phase name. create: "validate", "memory", "disks" (the
-    two interleave: their order depends on live or not), "manifest",
-    "done"; revert: "validate", "destroy", "disks", "restore", "done";
-    delete: "validate", "delete", "done".
-    """
+    phase: Global___Phase.ValueType
     percent: _builtins.float
     """Of the whole operation, 0..100."""
     bytes_done: _builtins.int
@@ -953,7 +1285,7 @@ class Progress(_message.Message):
     def __init__(
         self,
         *,
-        phase: _builtins.str = ...,
+        phase: Global___Phase.ValueType = ...,
         percent: _builtins.float = ...,
         bytes_done: _builtins.int = ...,
         bytes_total: _builtins.int = ...,
@@ -1104,8 +1436,10 @@ class Plan(_message.Message):
         """Delete: every snapshot it would remove, descendants first."""
 
     @_builtins.property
-    def risks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Revert: the risks it runs (refused unless forced)."""
+    def risks(self) -> _containers.RepeatedCompositeFieldContainer[_error_details_pb2.PreconditionFailure.Violation]:
+        """Revert: the risks it runs (refused unless forced), as REVERT_RISKY's
+        violations.
+        """
 
     def __init__(
         self,
@@ -1117,7 +1451,7 @@ class Plan(_message.Message):
         disks: _abc.Iterable[Global___PlannedDisk] | None = ...,
         memory_path: _builtins.str = ...,
         deletes: _abc.Iterable[_builtins.str] | None = ...,
-        risks: _abc.Iterable[_builtins.str] | None = ...,
+        risks: _abc.Iterable[_error_details_pb2.PreconditionFailure.Violation] | None = ...,
         paused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015

@@ -178,12 +178,9 @@ class SnapshotAgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateSnapshot(self, request, context):
-        """Long operations. Each stream's first event is `started` (it carries the
-        operation id), then `progress` events, then `finished` (the result or
-        the error). A failed operation also ends the call with the error's
-        status code. A dropped stream never stops the operation: re-attach with
-        WatchOperation. A mutating request whose `request_id` was seen before
-        returns the stream of that same operation.
+        """Long operations, streamed as the header's "Streams" says. A mutating
+        request whose `request_id` was seen before returns the stream of that
+        same operation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -5,23 +5,88 @@ domsnap agent API, version 1.
 
 Semantics (what each call does, which status codes it returns and when) are
 documented next to each message; docs/domsnap.cfg.5 and docs/design.md give
-the product's rules. Errors leave as gRPC status codes with a human message and,
-in the `grpc-status-details-bin` trailer, a google.rpc.Status whose details
-hold a google.rpc.ErrorInfo (domain "domsnap.dev", a stable `reason`).
+the product's rules.
 
-  INVALID_ARGUMENT     malformed request: bad name, bad cfg text (message
-                       names line and column), a method a disk cannot do
-  NOT_FOUND            unknown domain, snapshot or operation
-  ALREADY_EXISTS       snapshot name or path already taken, domain exists
-  FAILED_PRECONDITION  the state does not allow it (e.g. a snapshot of a
-                       shut-down domain, a risky revert without `force`,
-                       a cancel past the point of no return)
-  ABORTED              the domain is busy with another operation (the
-                       message names it)
-  RESOURCE_EXHAUSTED   the disk filled up; nothing was left behind
-  PERMISSION_DENIED    the caller's role does not allow the call
-  UNAVAILABLE          the hypervisor does not answer
-  CANCELLED            the operation was cancelled and rolled back
+Evolution. v1 is frozen: within it, fields, enum values, messages and
+methods are only added, never renamed, renumbered, retyped or given another
+meaning; a removed field's number and name are `reserved`. A client must
+ignore fields it does not know and read an enum value it does not know as
+the `_UNSPECIFIED` one. Every enum's zero is `_UNSPECIFIED` and its meaning
+(the default) is documented on it. Anything else needs domsnap.v2.
+
+Field behaviour (google.api.field_behavior): REQUIRED fields must be set
+(else INVALID_ARGUMENT, reason FIELD_REQUIRED); OUTPUT_ONLY ones are set by
+the agent and ignored in requests; IMMUTABLE ones never change once set;
+fields with no annotation are OPTIONAL, with their zero as documented.
+Where a oneof names a resource, exactly one of its fields is required.
+
+Identity. A domain is named by its xl name or by its `uid`; a domid is a
+number the hypervisor gives a running domain and changes on every revert,
+so it is a lookup for xl's command-line syntax, never an identity. A
+snapshot is named by its name (unique per domain) or by its directory.
+`uid`s are UUIDs that never change: a domain's across reverts and agent
+restarts, a snapshot's across renames. `resource_name`s follow AIP-122:
+`domains/{domain}` and `domains/{domain}/snapshots/{snapshot}` (the field
+`name` keeps the xl name, as every xl user reads it).
+
+Streams (CreateSnapshot, RevertSnapshot, DeleteSnapshot, WatchOperation).
+A request that is refused (bad argument, unknown domain, busy domain, risky
+revert...) ends the call with that non-OK status before any message. Else
+the first message is `started` (the operation, its id), then `progress`
+messages, then `finished`, the last one: the operation in a terminal state.
+A failed or cancelled operation's `finished` carries its error
+(Operation.error) and the call then ends with that same status; a
+succeeded one ends OK. A dry run answers one `plan` and ends OK. A stream
+that breaks before `finished` (UNAVAILABLE, CANCELLED, a deadline) says
+nothing about the operation, which goes on: re-attach with WatchOperation.
+
+Errors leave as gRPC status codes with a human message and, in the
+`grpc-status-details-bin` trailer, a google.rpc.Status whose details hold a
+google.rpc.ErrorInfo (AIP-193) with `domain` "domsnap.dev" and a stable
+UPPER_SNAKE `reason`; its `metadata` names the resources involved (keys
+among "domain", "snapshot", "path", "operation_id", "field", "request_id",
+"vdev", "file"). The message is for people and may change; code reads the
+reason. Reasons, by code (each code's own name is the reason of a refusal
+no finer reason names):
+
+  INVALID_ARGUMENT     FIELD_REQUIRED (metadata field), FIELD_TOO_LONG
+                       (field), INVALID_NAME (field), INVALID_CONFIG (cfg
+                       text: the message names line and column; metadata
+                       source, line, column), INVALID_PAGE_TOKEN,
+                       PATH_NOT_ALLOWED (path: outside snapshot_roots, or
+                       through a directory others may write),
+                       METHOD_UNSUPPORTED (vdev: a method the disk cannot
+                       do), FORMAT_UNSUPPORTED (vdev), REQUEST_ID_REUSED
+                       (request_id: the same id with another request),
+                       INVALID_ARGUMENT
+  NOT_FOUND            DOMAIN_NOT_FOUND (domain or domain_uid),
+                       SNAPSHOT_NOT_FOUND (domain, snapshot or path),
+                       OPERATION_NOT_FOUND (operation_id), NOT_FOUND (a
+                       file or device the request needs)
+  ALREADY_EXISTS       SNAPSHOT_EXISTS (domain, snapshot), DOMAIN_EXISTS
+                       (domain), PATH_EXISTS (path), ALREADY_EXISTS
+  FAILED_PRECONDITION  REVERT_RISKY (domain, snapshot; the details add a
+                       google.rpc.PreconditionFailure, one violation per
+                       risk: type DOMAIN_GONE, CONFIG_CHANGED,
+                       HYPERVISOR_CHANGED, LAYER_GONE or LAYER_WRITTEN,
+                       subject the domain's resource name or the file, and
+                       a description), DOMAIN_NOT_RUNNING (domain),
+                       FROZEN_LAYER (domain, snapshot, vdev, path: a disk is
+                       a snapshot's frozen layer), DOMAIN_STRANDED (domain,
+                       snapshot: a failed revert must be finished first),
+                       PAST_NO_RETURN (operation_id: a cancel too late),
+                       MANIFEST_INVALID (path), FAILED_PRECONDITION
+  ABORTED              DOMAIN_BUSY (domain, operation_id: the operation
+                       running on the domain)
+  RESOURCE_EXHAUSTED   INSUFFICIENT_SPACE (path, where known: the disk is
+                       full; nothing was left behind)
+  PERMISSION_DENIED    PERMISSION_DENIED (the caller's role does not allow
+                       the call)
+  UNAVAILABLE          HYPERVISOR_UNAVAILABLE
+  CANCELLED            OPERATION_CANCELLED (cancelled and rolled back)
+  UNIMPLEMENTED        UNIMPLEMENTED (the driver cannot do it)
+  INTERNAL             COMMAND_FAILED (command: a tool the agent ran
+                       failed), INTERNAL
 """
 
 from collections import abc as _abc
@@ -67,12 +132,9 @@ class SnapshotAgentStub:
     ChangeMedium: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.ChangeMediumRequest, _domsnap_pb2.Domain]
     """`xl cd-insert` / `xl cd-eject`: the medium of a domain's CD-ROM drive."""
     CreateSnapshot: _grpc.UnaryStreamMultiCallable[_domsnap_pb2.CreateSnapshotRequest, _domsnap_pb2.OperationEvent]
-    """Long operations. Each stream's first event is `started` (it carries the
-    operation id), then `progress` events, then `finished` (the result or
-    the error). A failed operation also ends the call with the error's
-    status code. A dropped stream never stops the operation: re-attach with
-    WatchOperation. A mutating request whose `request_id` was seen before
-    returns the stream of that same operation.
+    """Long operations, streamed as the header's "Streams" says. A mutating
+    request whose `request_id` was seen before returns the stream of that
+    same operation.
     """
     RevertSnapshot: _grpc.UnaryStreamMultiCallable[_domsnap_pb2.RevertSnapshotRequest, _domsnap_pb2.OperationEvent]
     DeleteSnapshot: _grpc.UnaryStreamMultiCallable[_domsnap_pb2.DeleteSnapshotRequest, _domsnap_pb2.OperationEvent]
@@ -109,12 +171,9 @@ class SnapshotAgentAsyncStub(SnapshotAgentStub):
     ChangeMedium: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.ChangeMediumRequest, _domsnap_pb2.Domain]  # type: ignore[assignment]
     """`xl cd-insert` / `xl cd-eject`: the medium of a domain's CD-ROM drive."""
     CreateSnapshot: _aio.UnaryStreamMultiCallable[_domsnap_pb2.CreateSnapshotRequest, _domsnap_pb2.OperationEvent]  # type: ignore[assignment]
-    """Long operations. Each stream's first event is `started` (it carries the
-    operation id), then `progress` events, then `finished` (the result or
-    the error). A failed operation also ends the call with the error's
-    status code. A dropped stream never stops the operation: re-attach with
-    WatchOperation. A mutating request whose `request_id` was seen before
-    returns the stream of that same operation.
+    """Long operations, streamed as the header's "Streams" says. A mutating
+    request whose `request_id` was seen before returns the stream of that
+    same operation.
     """
     RevertSnapshot: _aio.UnaryStreamMultiCallable[_domsnap_pb2.RevertSnapshotRequest, _domsnap_pb2.OperationEvent]  # type: ignore[assignment]
     DeleteSnapshot: _aio.UnaryStreamMultiCallable[_domsnap_pb2.DeleteSnapshotRequest, _domsnap_pb2.OperationEvent]  # type: ignore[assignment]
@@ -202,12 +261,9 @@ class SnapshotAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _domsnap_pb2.CreateSnapshotRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_domsnap_pb2.OperationEvent], _abc.AsyncIterator[_domsnap_pb2.OperationEvent]]:
-        """Long operations. Each stream's first event is `started` (it carries the
-        operation id), then `progress` events, then `finished` (the result or
-        the error). A failed operation also ends the call with the error's
-        status code. A dropped stream never stops the operation: re-attach with
-        WatchOperation. A mutating request whose `request_id` was seen before
-        returns the stream of that same operation.
+        """Long operations, streamed as the header's "Streams" says. A mutating
+        request whose `request_id` was seen before returns the stream of that
+        same operation.
         """
 
     @_abc_1.abstractmethod

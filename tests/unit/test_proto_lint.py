@@ -1,0 +1,33 @@
+"""buf's lint of the API (buf.yaml: STANDARD, less the argued exceptions),
+and proof that it finds what it is there to find."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BUF = REPO / "tools" / "buf" / "node_modules" / ".bin" / "buf"
+
+
+def buf_lint(workdir: Path) -> subprocess.CompletedProcess[str]:
+    if not BUF.exists():
+        pytest.fail("tools/buf/node_modules is missing: run scripts/setup (it runs npm ci there)")
+    return subprocess.run([str(BUF), "lint"], cwd=workdir, capture_output=True, text=True, timeout=120)
+
+
+def test_the_proto_passes_buf_lint() -> None:
+    out = buf_lint(REPO)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+
+
+def test_the_lint_finds_an_enum_without_an_unspecified_zero(tmp_path: Path) -> None:
+    shutil.copy(REPO / "buf.yaml", tmp_path)
+    shutil.copytree(REPO / "proto", tmp_path / "proto", ignore=shutil.ignore_patterns("*.py", "*.pyi", "*.typed"))
+    api = tmp_path / "proto" / "domsnap" / "v1" / "domsnap.proto"
+    api.write_text(api.read_text().replace("DOMAIN_STATE_UNSPECIFIED = 0;", "DOMAIN_STATE_NONE = 0;"))
+    out = buf_lint(tmp_path)
+    assert out.returncode != 0 and "\"DOMAIN_STATE_NONE\" should be suffixed with \"_UNSPECIFIED\"" in out.stdout, out

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_status import rpc_status
@@ -45,9 +45,12 @@ def rid() -> str:
 def v1_reflection(channel: grpc.Channel, *requests: dict[str, str]) -> list[Any]:
     """Ask reflection in its v1 protocol, with messages built from the v1 package's names (the v1alpha
     file renamed, as grpc's v1 reflection.proto is)."""
-    proto = descriptor_pb2.FileDescriptorProto()
-    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
-    proto.name, proto.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    alpha = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(alpha)
+    proto = text_format.Parse(text_format.MessageToString(alpha).replace("grpc.reflection.v1alpha",
+                                                                          "grpc.reflection.v1"),
+                              descriptor_pb2.FileDescriptorProto())
+    proto.name = "grpc/reflection/v1/reflection.proto"
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
     request, response = (message_factory.GetMessageClass(pool.FindMessageTypeByName(f"grpc.reflection.v1.{n}"))

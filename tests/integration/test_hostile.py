@@ -353,7 +353,7 @@ def test_a_request_id_means_one_request(lab: Lab) -> None:
     code, message = code_and_message(stub.CreateSnapshot,
                                      pb.CreateSnapshotRequest(domain_name=name, name="rB", request_id=rid))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"CreateSnapshot(domain={name!r} name='rA')" in message
+    assert f"CreateSnapshot(domain_name={name!r} name='rA')" in message
     assert "rB" not in snapshot_names(lab)
 
 

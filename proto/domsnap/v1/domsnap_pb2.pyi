@@ -596,7 +596,9 @@ Global___CreateDomainRequest: _TypeAlias = CreateDomainRequest  # noqa: Y015
 
 @_typing.final
 class DestroyDomainRequest(_message.Message):
-    """The domain as it was, with state SHUTDOWN and domid 0."""
+    """Answers the domain as it was, with state SHUTDOWN, domid 0 and no uid (it
+    lost it: created anew, it gets a new one).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

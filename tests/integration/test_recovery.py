@@ -384,7 +384,7 @@ def test_uefi_nvram_killed_around_its_copy(fault_agent: Agent, guest_image: tupl
         snap = f"n-{step.replace(':', '-')}"
         mark = g.mark()
         run_until_killed(fault_agent, f"create:{step}", pb.CreateSnapshotRequest(
-            domain=name, name=snap, request_id=uuid.uuid4().hex))
+            domain_name=name, name=snap, request_id=uuid.uuid4().hex))
         copies = list((root / snap).glob("*.nvram")) if (root / snap).exists() else []
         if step == "register":
             # The guest writes no variable after its boot: the copy of the
@@ -404,10 +404,10 @@ def test_uefi_nvram_killed_around_its_copy(fault_agent: Agent, guest_image: tupl
             f.write(bytes([at_snapshot[-1] ^ 0xFF]))
         mark = g.mark()
         run_until_killed(fault_agent, f"revert:{step}", pb.RevertSnapshotRequest(
-            domain=name, snapshot="n-register", request_id=uuid.uuid4().hex))
+            domain_name=name, snapshot_name="n-register", request_id=uuid.uuid4().hex))
         assert nvram.read_bytes() == at_snapshot, f"{step}: the NVRAM is not the snapshot's"
         assert sorted(p.name for p in nvram.parent.iterdir() if p.name.startswith(name)) == [nvram.name], step
         guestprobe.wait_for(serial, counter_after_rewind, timeout=60, offset=mark,
                             what="the counter going back to the snapshot's")
         assert_running_and_consistent(g, mark)
-    fault_agent.stub().DestroyDomain(pb.DestroyDomainRequest(domain=name), timeout=60)
+    fault_agent.stub().DestroyDomain(pb.DestroyDomainRequest(domain_name=name), timeout=60)

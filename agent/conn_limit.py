@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import threading
 import time
 from collections import Counter
 
@@ -43,14 +42,8 @@ class ConnectionLimit:
         self._open: Counter[int] = Counter()
         self._refused = 0
         self._logged_at = float("-inf")
-        # Each unix socket's relay thread admits and releases its own connections.
-        self._lock = threading.Lock()
 
     def admit(self, uid: int) -> bool:
-        with self._lock:
-            return self._admit(uid)
-
-    def _admit(self, uid: int) -> bool:
         trusted = uid in (0, os.geteuid())
         if self._open.total() < self.total and (trusted or self._open[uid] < self.per_user):
             self._open[uid] += 1
@@ -66,7 +59,6 @@ class ConnectionLimit:
         return False
 
     def release(self, uid: int) -> None:
-        with self._lock:
-            self._open[uid] -= 1
-            if self._open[uid] <= 0:
-                del self._open[uid]
+        self._open[uid] -= 1
+        if self._open[uid] <= 0:
+            del self._open[uid]

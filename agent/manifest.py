@@ -29,6 +29,7 @@ MAX_BYTES = 2 << 20
 _TAG = re.compile(r"[A-Za-z0-9._+][A-Za-z0-9._+-]{0,126}")
 _UID_NAMESPACE = uuid.UUID("4c1d5f0e-9a57-4f0b-8d0e-6d6f6d736e61")
 
+_FIRST_SECOND, _LAST_SECOND = -62135596800, 253402300799
 
 @dataclass(frozen=True)
 class Manifest:
@@ -97,6 +98,10 @@ class Manifest:
                 raise TypeError(f"{f.name}: {type(value).__name__}, not {f.type}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in dict(self.facts).items()):
             raise TypeError("facts: not a map of strings")
+        for when in (self.created_at, self.finished_at):
+            # What a protobuf Timestamp can carry (years 1 to 9999): the listing sends them.
+            if not _FIRST_SECOND <= when <= _LAST_SECOND:
+                raise ValueError(f"time {when!r}: not a time of years 1 to 9999")
         check_name("snapshot", self.name)
         check_domain_name(self.domain)
         if self.parent:

@@ -9,7 +9,7 @@ on a private socket (in a directory only the agent's user may enter). Each
 relayed connection comes from its own autobound abstract address, which gRPC
 reports as the call's peer (`unix-abstract:xxxxx`): `PeerTable` maps that
 name back to the credentials for as long as the connection lives. The relay
-itself runs on a thread of its own: unix_relay.py.
+itself: unix_relay.py.
 """
 
 from __future__ import annotations

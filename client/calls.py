@@ -4,7 +4,6 @@ becomes a result or an error. No I/O here."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -50,6 +49,8 @@ def credentials(address: connection.Address, tls: connection.TlsFiles) -> grpc.C
 
 def new_request_id(given: str | None) -> str:
     """The caller's request id, or a fresh one."""
+    import uuid  # only mutating calls have one: reads start without it
+
     return given or str(uuid.uuid4())
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from domsnap.v1 import domsnap_pb2 as pb
 
-from . import calls, connection, progress, views
+from . import calls, connection, views
 from .connection import Address
 from .exits import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
 
@@ -141,6 +141,8 @@ def follow(session: Session, events: Generator[pb.OperationEvent, None, None], *
     words what the library raises for a person: a stream that broke says how
     to find the operation again, Ctrl-C how to watch or cancel it.
     """
+    # Here, not at the top: the commands that only read never load the renderer.
+    from . import progress
     from .errors import DomsnapError
 
     renderer = progress.make_renderer(json=session.json, out=session.out, err=session.err)

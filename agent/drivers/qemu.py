@@ -178,6 +178,9 @@ class QemuDriver(Hypervisor):
             self._accel = "kvm" if await self._kvm_runs() else "tcg"
             log.info("accelerator: %s (accel = \"auto\": a probe guest %s under KVM)", self._accel,
                      "ran" if self._accel == "kvm" else "did not run")
+        if self._cfg.live_mode == "precopy" and qemu_migration.precopy_loses_writes(self._version, self._accel):
+            log.warning("%s under TCG: a live pre-copy snapshot can miss what the guest writes meanwhile (a QEMU "
+                        "bug fixed in 9.0); set [qemu] live_mode = \"background\"", self._version)
         return self._version
 
     async def check_facts(self, facts: Mapping[str, str]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -72,6 +73,22 @@ class LiveMode(StrEnum):
     # copy-on-write while the guest runs: the image holds the state at the
     # start; the pause is the device state only, whatever the dirty rate.
     BACKGROUND = "background"
+
+
+# Before 9.0, QEMU's pre-copy clears the migration dirty bitmap 64 pages at
+# a time without flagging TCG's TLB entries again, so a vCPU keeps writing
+# through them unseen: the image misses guest writes made during the copy
+# (fixed by "physmem: Fix migration dirty bitmap coherency with TCG memory
+# access"). KVM tracks dirty pages itself; background snapshots write-protect
+# guest memory instead of tracking it.
+TCG_PRECOPY_FIXED = (9, 0)
+
+
+def precopy_loses_writes(version: str, accel: str) -> bool:
+    """Whether a live pre-copy of a guest under `accel` by QEMU `version`
+    (as parse_version gives it: "QEMU 7.2.19") can miss guest writes."""
+    m = re.match(r"QEMU (\d+)\.(\d+)", version)
+    return accel == "tcg" and m is not None and (int(m[1]), int(m[2])) < TCG_PRECOPY_FIXED
 
 
 async def save(

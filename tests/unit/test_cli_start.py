@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +26,9 @@ else:
         rc = exit_.code
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("grpc", "grpc_status") or m.startswith(
     ("google.protobuf", "google.rpc", "domsnap.v1")))
-print(json.dumps({"rc": rc, "heavy": heavy, "verbosity": os.environ.get("GRPC_VERBOSITY")}), file=sys.stderr)
+lazy = sorted(m for m in ("domsnap.client.progress", "uuid") if m in sys.modules)
+print(json.dumps({"rc": rc, "heavy": heavy, "lazy": lazy, "verbosity": os.environ.get("GRPC_VERBOSITY")}),
+      file=sys.stderr)
 """
 
 
@@ -57,3 +60,10 @@ def test_help_and_usage_errors_load_no_grpc(argv: list[str], rc: int) -> None:
 def test_the_library_sets_nothing_at_import() -> None:
     # Before, importing domsnap.client set GRPC_VERBOSITY for the whole process.
     assert probe(None)["verbosity"] is None
+
+
+def test_a_read_loads_neither_the_progress_renderer_nor_uuid(tmp_path: Path) -> None:
+    # They serve the long, mutating commands only; `domsnap list` starts without them.
+    result = probe(["-H", f"unix:{tmp_path}/no-agent.sock", "list"])
+    assert result["rc"] != 0  # no agent: the command still ran through its connection
+    assert result["lazy"] == []

@@ -81,6 +81,9 @@ def test_a_manifest_round_trips(tmp_path: Path) -> None:
      "not a virtual device name"),
     ({"disks": [{"vdev": "xvda", "format": "qcow2", "backend": "qcow2", "method": "internal", "image": "/i",
                  "tag": "-d"}]}, "is not one the agent makes"),
+    # Found by test_hostile's fuzzing: past year 9999 the listing failed with INTERNAL.
+    ({"created_at": 253402300800}, "not a time of years 1 to 9999"),
+    ({"finished_at": -1e300}, "not a time of years 1 to 9999"),
 ])
 def test_a_manifest_of_the_wrong_shape_is_refused(tmp_path: Path, change: dict[str, object], why: str) -> None:
     data = json.loads(a_manifest(tmp_path).to_json())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from domsnap.agent.domain import DomainConfig
-from domsnap.agent.drivers import qemu_argv, qemu_spec
+from domsnap.agent.drivers import qemu_argv, qemu_migration, qemu_spec
 from domsnap.agent.errors import InvalidArgument
 from domsnap.agent.storage import qemu_img
 
@@ -208,6 +208,14 @@ def test_machine_alias_and_version_are_read_from_qemus_output() -> None:
     assert qemu_argv.parse_machine_alias(help_text) == "pc-i440fx-7.2"
     assert qemu_argv.parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\n") == \
         "QEMU 7.2.22"
+
+
+@pytest.mark.parametrize(("version", "accel", "loses"), [
+    ("QEMU 7.2.22", "tcg", True), ("QEMU 8.2.2", "tcg", True), ("QEMU 9.0.0", "tcg", False),
+    ("QEMU 10.1.0", "tcg", False), ("QEMU 7.2.22", "kvm", False),
+])
+def test_which_qemus_precopy_loses_a_tcg_guests_writes(version: str, accel: str, loses: bool) -> None:
+    assert qemu_migration.precopy_loses_writes(version, accel) is loses
 
 
 def test_qemu_img_argv_is_exact() -> None:

@@ -85,10 +85,10 @@ def boot(agent: Agent, case: Case, folder: Path, name: str) -> tuple[Path, float
 def snapshot(stub: pb_grpc.SnapshotAgentStub, name: str, snap: str, live: bool, r: Results) -> None:
     kind = "live" if live else "non-live"
     took, events = timed_stream(stub.CreateSnapshot(pb.CreateSnapshotRequest(
-        domain=name, name=snap, live=live, request_id=uuid.uuid4().hex), timeout=900))
+        domain_name=name, name=snap, live=live, request_id=uuid.uuid4().hex), timeout=900))
     finished = events[-1].finished
     assert finished.state == pb.OPERATION_STATE_SUCCEEDED, finished.error.message
-    r.setdefault(f"{kind} snapshot: pause", []).append(finished.result.downtime_seconds)
+    r.setdefault(f"{kind} snapshot: pause", []).append(finished.result.downtime.ToTimedelta().total_seconds())
     r.setdefault(f"{kind} snapshot: total", []).append(took)
 
 
@@ -103,11 +103,11 @@ def bench_case(agent: Agent, case: Case, base: Path, repeat: int) -> Results:
             snapshot(stub, name, f"n{i}", False, r)
             snapshot(stub, name, f"l{i}", True, r)
             took, events = timed_stream(stub.RevertSnapshot(pb.RevertSnapshotRequest(
-                domain=name, snapshot=f"n{i}", request_id=uuid.uuid4().hex), timeout=900))
+                domain_name=name, snapshot_name=f"n{i}", request_id=uuid.uuid4().hex), timeout=900))
             assert events[-1].finished.state == pb.OPERATION_STATE_SUCCEEDED, events[-1].finished.error.message
             r.setdefault("revert (non-live snapshot): total", []).append(took)
     finally:
-        stub.DestroyDomain(pb.DestroyDomainRequest(domain=name), timeout=120)
+        stub.DestroyDomain(pb.DestroyDomainRequest(domain_name=name), timeout=120)
     return r
 
 

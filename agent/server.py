@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from domsnap.v1 import domsnap_pb2, domsnap_pb2_grpc
 
-from . import convert, limits, reflection, runner
+from . import convert, reflection, runner, transport
 from .auth import AuthInterceptor, Authorizer
 from .config import AgentConfig, TlsConfig, parse_listen
 from .conn_limit import ConnectionLimit, raise_fd_limit
@@ -183,7 +183,7 @@ async def _serve(config: AgentConfig, driver: Hypervisor | None, ready: asyncio.
     gate = _ReadyGate()
     server = grpc.aio.server(
         interceptors=[gate, AuthInterceptor(authorizer), ErrorInterceptor()],
-        options=[("grpc.max_receive_message_length", limits.MAX_REQUEST_BYTES)],
+        options=transport.SERVER_OPTIONS,
     )
     domsnap_pb2_grpc.add_SnapshotAgentServicer_to_server(SnapshotAgentServicer(service), server)
     health_servicer = health.aio.HealthServicer()

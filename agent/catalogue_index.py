@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from . import paging
 from .errors import InvalidArgument
+from .sqlite_file import open_db
 
 log = logging.getLogger(__name__)
 
@@ -114,34 +115,9 @@ class CatalogueIndex:
         # threads that operations write through: one user at a time.
         self._lock = threading.Lock()
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        return db
-
     def _open(self) -> sqlite3.Connection:
-        existed = self._path.exists()
-        db: sqlite3.Connection | None = None
-        try:
-            db = self._connect()
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == SCHEMA_VERSION:
-                if (check := db.execute("PRAGMA quick_check").fetchone()[0]) == "ok":
-                    return db
-                problem = f"integrity check: {check}"
-            else:
-                problem = f"schema version {version}, this agent writes {SCHEMA_VERSION}"
-        except sqlite3.DatabaseError as err:
-            problem = str(err)
-        if db is not None:
-            db.close()
-        if existed:
-            log.warning("catalogue index %s is unusable (%s); rebuilding it from the manifests", self._path, problem)
-        for suffix in ("", "-wal", "-shm"):
-            self._path.with_name(self._path.name + suffix).unlink(missing_ok=True)
-        db = self._connect()
-        db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        db, _ = open_db(self._path, _SCHEMA, SCHEMA_VERSION, what="catalogue index",
+                        if_unusable="rebuilding it from the manifests")
         return db
 
     def close(self) -> None:

@@ -62,7 +62,7 @@ class Role(enum.IntEnum):
 
 _AGENT = "/domsnap.v1.SnapshotAgent/"
 READ_ONLY_RPCS = ("GetAgentInfo", "ListDomains", "GetDomain", "ListSnapshots", "GetSnapshot", "ListOperations",
-                  "WatchOperation")
+                  "WatchOperation", "GetOperation", "WatchEvents")
 ADMIN_RPCS = ("CreateDomain", "DestroyDomain", "PauseDomain", "UnpauseDomain", "ChangeMedium", "CreateSnapshot",
               "RevertSnapshot", "DeleteSnapshot", "CancelOperation", "EditSnapshot")
 

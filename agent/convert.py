@@ -14,10 +14,11 @@ from . import disk_usage
 from .catalogue import Entry, Page
 from .domain import Domain, RunState
 from .errors import DomsnapError, RevertRisky, Risk
+from .feed import ChangeKind, Event
 from .manifest import Manifest
 from .operations import Finished, Operation, OpKind, OpState, Started
 from .progress import Phase, Progress
-from .service import AgentInfo
+from .service import AgentInfo, OperationFilter, OperationPage
 from .snapshot_create import Plan as CreatePlan
 from .snapshot_delete import DeletePlan
 from .snapshot_revert import RevertPlan, RunAfter
@@ -45,6 +46,9 @@ _OP_STATE = {
     OpState.CANCELLING: pb.OPERATION_STATE_CANCELLING,
     OpState.CANCELLED: pb.OPERATION_STATE_CANCELLED,
 }
+_EVENT_KIND = {kind: pb.EventKind.Value(f"EVENT_KIND_{kind.name}") for kind in ChangeKind}
+_KIND_FROM_PB = {v: k for k, v in _KIND.items()}
+_OP_STATE_FROM_PB = {v: k for k, v in _OP_STATE.items()}
 _RUN_AFTER = {
     pb.RUN_STATE_AFTER_REVERT_UNSPECIFIED: RunAfter.SNAPSHOT,
     pb.RUN_STATE_AFTER_REVERT_SNAPSHOT: RunAfter.SNAPSHOT,
@@ -85,7 +89,7 @@ def agent_info(info: AgentInfo) -> pb.AgentInfo:
     return pb.AgentInfo(
         agent_version=info.agent_version, driver=info.driver, hypervisor_version=info.hypervisor_version,
         hostname=info.hostname, snapshot_root=str(info.snapshot_root), capabilities=info.capabilities,
-        api_version=info.api_version,
+        api_version=info.api_version, event_token=info.event_token,
     )
 
 
@@ -222,3 +226,25 @@ def event(ev: Started | Progress | Finished, size_bytes: int = 0) -> pb.Operatio
     if isinstance(ev, Finished):
         return pb.OperationEvent(finished=operation(ev.operation, size_bytes))
     return pb.OperationEvent(progress=progress(ev))
+
+
+def operation_filter(request: pb.ListOperationsRequest, domain: str) -> OperationFilter:
+    return OperationFilter(domain, _OP_STATE_FROM_PB.get(request.state), _KIND_FROM_PB.get(request.kind),
+                           request.request_id)
+
+
+def operation_page(page: OperationPage, sizes: list[int]) -> pb.ListOperationsResponse:
+    return pb.ListOperationsResponse(
+        operations=[operation(op, n) for op, n in zip(page.operations, sizes, strict=True)],
+        next_page_token=page.next_token, event_token=page.event_token)
+
+
+def feed_event(ev: Event) -> pb.Event:
+    c = ev.change
+    msg = pb.Event(token=ev.token, time=timestamp(ev.time), kind=_EVENT_KIND[c.kind], domain=c.domain,
+                   snapshot=c.snapshot, operation_id=c.operation_id, previous_name=c.previous_name)
+    if c.operation_state:
+        msg.operation_state = _OP_STATE[OpState(c.operation_state)]
+    if c.operation_kind:
+        msg.operation_kind = _KIND[OpKind(c.operation_kind)]
+    return msg

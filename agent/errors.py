@@ -54,6 +54,14 @@ class FailedPrecondition(DomsnapError):
     caller_fault = True
 
 
+class EventsExpired(DomsnapError):
+    """A change feed token the feed no longer holds the events after: list again."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+    default_reason = "EVENTS_EXPIRED"
+    caller_fault = True
+
+
 class Busy(DomsnapError):
     """The domain is busy with another operation."""
 

@@ -46,6 +46,8 @@ STRING_LIMITS: dict[str, int] = {
     "overrides": OVERRIDE,
     # An opaque listing position the agent made (a name and a domain at most).
     "page_token": 2 * PATH,
+    # A change feed token (an epoch and a number).
+    "since": ID,
 }
 # Items per repeated field, by field name.
 REPEATED_LIMITS: dict[str, int] = {"overrides": MAX_OVERRIDES}

@@ -1,7 +1,8 @@
 """What became of operations, kept across agent restarts.
 
-Each finished operation leaves `operations/<id>.json` in the state dir (its
-kind, domain, snapshot, request id, times, outcome and error); so does each
+Each operation leaves `operations/<id>.json` in the state dir (its kind,
+domain, snapshot, request id, times, outcome and error), written as it
+starts and again once it has finished; so does each
 operation a dead agent left in the journal, once the next agent has
 finished or rolled it back. A new agent lists those of its predecessors with
 their outcome; records older than `keep` seconds (30 days by default, as
@@ -18,7 +19,7 @@ from pathlib import Path
 from . import errors
 from .errors import DomsnapError, InternalError
 from .fsutil import read_regular, write_atomic
-from .operations import FINAL, Operation, OpKind, OpState
+from .operations import Operation, OpKind, OpState
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class History:
             log.warning("operation %s: its record could not be kept: %s", op.id, err)
 
     def load(self) -> list[Operation]:
-        """The recorded operations younger than `keep`; older records are removed."""
+        """The recorded operations younger than `keep`; older records are removed.
+        One not finished was running when its agent died: the caller finishes it."""
         if not self._dir.is_dir():
             return []
         now, out = time.time(), []
@@ -66,8 +68,6 @@ class History:
                 op = Operation(data["id"], OpKind(data["kind"]), data["domain"], data["snapshot"],
                                data["request_id"], state=OpState(data["state"]), started_at=data["started_at"],
                                finished_at=data["finished_at"])
-                if op.state not in FINAL:
-                    raise ValueError(f"state {op.state} is not final")
                 if "error" in data:
                     error = data["error"]
                     op.error = _error(error["class"], error["message"], str(error.get("reason", "")),

@@ -17,6 +17,7 @@ from enum import StrEnum
 from time import time
 from typing import Any, Protocol
 
+from . import paging
 from .errors import Busy, Cancelled, DomsnapError, FailedPrecondition, InternalError, NotFound
 from .progress import Phase, Progress, StepProgress
 
@@ -146,6 +147,10 @@ class Operation:
 Body = Callable[[Operation], Awaitable[Any]]
 
 
+def _order(op: Operation) -> tuple[float, str]:
+    return (op.started_at, op.id)
+
+
 class Observer(Protocol):
     """Told when an operation starts running and when it has finished (the
     metrics); it must not raise, and what it raises is logged and dropped."""
@@ -156,15 +161,22 @@ class Observer(Protocol):
 
 
 class Recorder(Protocol):
-    """Keeps what became of each finished operation beyond the agent's life (op_history.py)."""
+    """Keeps each operation beyond the agent's life (op_history.py): told as
+    it starts (before its first step) and once it has finished."""
 
     def record(self, op: Operation) -> None: ...
 
 
+# Told of every change of an operation's state (the change feed).
+OnChange = Callable[[Operation], None]
+
+
 class Operations:
-    def __init__(self, observer: Observer | None = None, recorder: Recorder | None = None) -> None:
+    def __init__(self, observer: Observer | None = None, recorder: Recorder | None = None,
+                 on_change: OnChange | None = None) -> None:
         self._observer = observer
         self._recorder = recorder
+        self._on_change = on_change
         self._ops: OrderedDict[str, Operation] = OrderedDict()
         self._busy: dict[str, Operation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -174,6 +186,10 @@ class Operations:
         op = Operation(uuid.uuid4().hex[:16], kind, domain, snapshot, request_id)
         self._ops[op.id] = op
         self._busy[domain] = op
+        # Before the body's first step (the task has not run yet): an agent
+        # killed from here on leaves the operation known to the next one.
+        if self._recorder is not None:
+            self._recorder.record(op)
         task = asyncio.get_running_loop().create_task(self._run(op, body), name=f"op-{op.id}")
         op._task = task
         self._tasks.add(task)
@@ -203,6 +219,7 @@ class Operations:
 
     async def _run(self, op: Operation, body: Body) -> None:
         op.state = OpState.RUNNING
+        self._changed(op)
         self._tell(op, finished=False)
         try:
             op.result = await body(op)
@@ -229,6 +246,15 @@ class Operations:
         if self._recorder is not None:
             # Off the event loop: the record's fsync would stall every call answered meanwhile.
             await asyncio.to_thread(self._recorder.record, op)
+        self._changed(op)
+
+    def _changed(self, op: Operation) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(op)
+        except Exception:
+            log.exception("the change feed failed on operation %s", op.id)
 
     def add_finished(self, ops: list[Operation]) -> None:
         """Operations that finished outside this agent's run (a previous agent's, or recovered), oldest first."""
@@ -245,9 +271,14 @@ class Operations:
             raise NotFound(f"operation {op_id!r} is unknown (finished long ago, or never existed)",
                            reason="OPERATION_NOT_FOUND", operation_id=op_id) from None
 
-    def list(self, domain: str = "") -> list[Operation]:
-        ops = [o for o in self._ops.values() if not domain or o.domain == domain]
-        return sorted(ops, key=lambda o: (o.state in FINAL, -o.started_at))
+    def page(self, which: Callable[[Operation], bool], size: int, token: str) -> tuple[list[Operation], str]:
+        """Up to `size` operations that `which` keeps, newest first, after the
+        page `token` ended; and the token of the next page ("" if none)."""
+        ops = sorted((o for o in self._ops.values() if which(o)), key=_order, reverse=True)
+        if token:
+            started_at, op_id = paging.decode(token, repr(which), 2)
+            ops = [o for o in ops if _order(o) < (float(started_at), str(op_id))]
+        return ops[:size], paging.encode(repr(which), list(_order(ops[size - 1]))) if len(ops) > size else ""
 
     def cancel(self, op_id: str) -> Operation:
         op = self.get(op_id)
@@ -258,6 +289,7 @@ class Operations:
                                      reason="PAST_NO_RETURN", operation_id=op.id)
         op._cancel.set()
         op.state = OpState.CANCELLING
+        self._changed(op)
         # Interrupts whatever the operation awaits (a memory save, a copy);
         # its rollback runs on the way out.
         if op._task is not None:

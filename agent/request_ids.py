@@ -7,6 +7,13 @@ same id with a different request is refused with INVALID_ARGUMENT naming the
 first. Ids are remembered per caller identity, so one caller's ids never
 answer another's requests. A request that failed is forgotten: its retry
 runs again.
+
+A request that starts an operation is also remembered on disk
+(`request_ids.sqlite` in the state directory, written before the operation's
+first step, kept as long as operations are): its retry after the agent
+restarted, a `kill -9` included, gets that operation back, as the agent now
+knows it, instead of running again. Other requests are remembered for the
+agent's life only (the last 1000).
 """
 
 from __future__ import annotations
@@ -15,15 +22,33 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from time import time
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, NotFound
+from .operations import Operation
+from .sqlite_file import open_db
 
 T = TypeVar("T")
 
 REMEMBERED = 1000
+FILE = "request_ids.sqlite"
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE requests (
+    caller TEXT NOT NULL,
+    rpc TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    fingerprint BLOB NOT NULL,
+    shown TEXT NOT NULL,
+    operation_id TEXT NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (caller, rpc, request_id)
+);
+"""
 # What names the first request in a refusal, when the request has it.
 _SHOWN = ("domain_name", "domain_uid", "domid", "name", "snapshot_name", "snapshot_path", "path")
 
@@ -48,10 +73,66 @@ def _shown(rpc: str, request: Message) -> str:
     return f"{rpc}({fields})" if fields else rpc
 
 
+def _refusal(request_id: str, shown: str) -> InvalidArgument:
+    return InvalidArgument(f"request_id {request_id!r} was already used for a different request, "
+                           f"{shown}; a new request needs a new request_id",
+                           reason="REQUEST_ID_REUSED", request_id=request_id)
+
+
+class _Started:
+    """The operations requests started, on disk: (caller, RPC, id) -> fingerprint, operation id."""
+
+    def __init__(self, state_dir: Path, keep: float) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._db, _ = open_db(state_dir / FILE, _SCHEMA, SCHEMA_VERSION, what="request ids",
+                              if_unusable="starting anew (retries of earlier requests run again)")
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DELETE FROM requests WHERE time < ?", (time() - keep,))
+
+    def get(self, key: tuple[str, str, str]) -> tuple[bytes, str, str] | None:
+        found = self._db.execute("SELECT fingerprint, shown, operation_id FROM requests "
+                                 "WHERE caller = ? AND rpc = ? AND request_id = ?", key).fetchone()
+        return (bytes(found[0]), str(found[1]), str(found[2])) if found else None
+
+    def put(self, key: tuple[str, str, str], fingerprint: bytes, shown: str, op_id: str) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (*key, fingerprint, shown, op_id, time()))
+
+
 class RequestIds:
-    def __init__(self, remembered: int = REMEMBERED) -> None:
+    def __init__(self, state_dir: Path | None = None, *, keep: float = 0.0, remembered: int = REMEMBERED) -> None:
         self._remembered = remembered
         self._first: OrderedDict[tuple[str, str, str], _First] = OrderedDict()
+        self._started = _Started(state_dir, keep) if state_dir is not None else None
+
+    async def once_operation(self, caller: str, rpc: str, request: Message, call: Callable[[], Awaitable[Operation]],
+                             known: Callable[[str], Operation]) -> Operation:
+        """As `once`, for a request that starts an operation: a retry also gets
+        it after an agent restart (`known` finds an operation by its id)."""
+        request_id: str = getattr(request, "request_id", "")
+        key = (caller, rpc, request_id)
+        if self._started is None or not request_id:
+            return await self.once(caller, rpc, request, call)
+        if key not in self._first and (first := self._started.get(key)) is not None:
+            fingerprint, shown, op_id = first
+            if fingerprint != _fingerprint(request):
+                raise _refusal(request_id, shown)
+            try:
+                return known(op_id)
+            except NotFound:
+                pass  # forgotten with the operation's history: a new request
+        started = self._started
+
+        async def start() -> Operation:
+            op = await call()
+            # Before the operation's first step: it has not run yet.
+            started.put(key, _fingerprint(request), _shown(rpc, request), op.id)
+            return op
+
+        return await self.once(caller, rpc, request, start)
 
     async def once(self, caller: str, rpc: str, request: Message, call: Callable[[], Awaitable[T]]) -> T:
         """`call`'s answer, or the answer of the first request with this caller, RPC and request_id."""
@@ -62,9 +143,7 @@ class RequestIds:
         fingerprint = _fingerprint(request)
         if (first := self._first.get(key)) is not None:
             if first.fingerprint != fingerprint:
-                raise InvalidArgument(f"request_id {request_id!r} was already used for a different request, "
-                                      f"{first.shown}; a new request needs a new request_id",
-                                      reason="REQUEST_ID_REUSED", request_id=request_id)
+                raise _refusal(request_id, first.shown)
             answer: T = await asyncio.shield(first.answer)
             return answer
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

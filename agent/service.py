@@ -21,11 +21,12 @@ from .config import AgentConfig
 from .domain import Domain, DomainConfig, RunState
 from .drivers.base import Hypervisor
 from .errors import DomsnapError, FailedPrecondition, InternalError, InvalidArgument, NotFound
+from .feed import Change, ChangeKind, Feed
 from .journal import Journal, JournalEntry
 from .ledger import Ledger
 from .names import unique_name
 from .op_history import DAY, History
-from .operations import Observer, Operation, Operations, OpKind, OpState
+from .operations import FINAL, Observer, Operation, Operations, OpKind, OpState
 from .paths import confine
 from .progress import Phase, Progress, ignore_progress
 from .snapshot_create import CreateRequest, SnapshotCreate
@@ -41,6 +42,10 @@ API_VERSION = "domsnap.v1"
 # (well under gRPC's 4 MiB default message limit whatever the descriptions).
 PAGE_SIZE = 1000
 PAGE_BYTES = 2 << 20
+OPERATIONS_PAGE_SIZE = 500
+# What a succeeded operation did, in the change feed's terms.
+_DONE = {OpKind.CREATE: ChangeKind.SNAPSHOT_CREATED, OpKind.REVERT: ChangeKind.DOMAIN_REVERTED,
+         OpKind.DELETE: ChangeKind.SNAPSHOT_DELETED}
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +62,30 @@ class AgentInfo:
     hostname: str
     snapshot_root: Path
     capabilities: list[str]
+    event_token: str
     api_version: str = API_VERSION
+
+
+@dataclass(frozen=True)
+class OperationFilter:
+    """ListOperations' filters; an empty field matches anything."""
+
+    domain: str = ""
+    state: OpState | None = None
+    kind: OpKind | None = None
+    request_id: str = ""
+
+    def __call__(self, op: Operation) -> bool:
+        return ((not self.domain or op.domain == self.domain) and (self.state is None or op.state == self.state)
+                and (self.kind is None or op.kind == self.kind)
+                and (not self.request_id or op.request_id == self.request_id))
+
+
+@dataclass(frozen=True)
+class OperationPage:
+    operations: list[Operation]
+    next_token: str
+    event_token: str
 
 
 class AgentService:
@@ -66,7 +94,8 @@ class AgentService:
         self.config = config
         self.driver = driver
         self._history = History(config.state_dir, keep=config.operation_history_days * DAY)
-        self.operations = Operations(observer, self._history)
+        self.feed = Feed(config.state_dir, keep=config.operation_history_days * DAY)
+        self.operations = Operations(observer, self._history, on_change=self._operation_changed)
         self.catalogue = Catalogue(config.state_dir, render)
         self.journal = Journal(config.state_dir, fault_injection=config.testing.fault_injection)
         ledger = Ledger(config.state_dir)
@@ -81,19 +110,38 @@ class AgentService:
             "create": self._create, "revert": self._revert, "delete": self._delete, "rename": self._edit}
 
     async def info(self) -> AgentInfo:
+        token = self.feed.token()
         return AgentInfo(__version__, self.driver.name, await self.driver.probe(), socket.gethostname(),
-                         self.config.snapshot_root, self.driver.capabilities())
+                         self.config.snapshot_root, self.driver.capabilities(), token)
+
+    def _operation_changed(self, op: Operation) -> None:
+        """An operation's new state in the feed; once it succeeded, what it did."""
+        self.feed.append(Change(ChangeKind.OPERATION, op.domain, op.snapshot, op.id, str(op.state), str(op.kind)))
+        if op.state != OpState.SUCCEEDED:
+            return
+        doomed = op.result.doomed if isinstance(op.result, DeletePlan) else ()
+        for name in [e.manifest.name for e in doomed] or [op.snapshot]:
+            self.feed.append(Change(_DONE[op.kind], op.domain, name, op.id))
 
     async def recover(self) -> int:
         """Bring the catalogue's index in line with the manifests, then finish
         or roll back what a dead agent left in the journal; returns how many
         operations."""
         self.catalogue.check()
-        self.operations.add_finished(self._history.load())
+        recorded = self._history.load()
+        self.operations.add_finished([op for op in recorded if op.state in FINAL])
         entries = self.journal.pending()
+        started = {op.id: op.started_at for op in recorded}
+        journaled = {entry.op_id for entry in entries}
+        for op in recorded:
+            if op.state not in FINAL and op.id not in journaled:
+                self._recovered(op, InternalError(
+                    "the agent stopped while this operation ran, before its first journaled step (nothing was "
+                    "done) or after its last (it was done): see the snapshot list"))
         for entry in entries:
             procedure = self._procedures[entry.kind]
             op = Operation(entry.op_id, OpKind(entry.kind), entry.domain, entry.snapshot, entry.request_id)
+            op.started_at = started.get(op.id, op.started_at)
             try:
                 outcome = await procedure.recover(entry)
             except Exception as err:
@@ -115,6 +163,9 @@ class AgentService:
         op.progress = Progress(Phase.RECOVERED, 100.0, message="finished by the agent started after it")
         self.operations.add_finished([op])
         self._history.record(op)
+        # Told once: the feed may have told this outcome before its agent died.
+        if self.feed.operation_state(op.id) != str(op.state):
+            self._operation_changed(op)
 
     # --------------------------------------------------------------- domains
 
@@ -157,11 +208,13 @@ class AgentService:
         self.operations.check_idle(config.name)
         config, made = await self._off_frozen_layers(config, force)
         try:
-            return await self.driver.create(config, paused=paused)
+            domain = await self.driver.create(config, paused=paused)
         except BaseException:
             for path in made:
                 Path(path).unlink(missing_ok=True)
             raise
+        self.feed.append(Change(ChangeKind.DOMAIN_CREATED, domain.name))
+        return domain
 
     async def _off_frozen_layers(self, config: DomainConfig, force: bool) -> tuple[DomainConfig, list[str]]:
         """A config that writes no snapshot's frozen layer: refused if it would,
@@ -181,27 +234,31 @@ class AgentService:
             disks[disk.vdev] = fresh
         return config.with_disks([disks[d.vdev] for d in config.disks]), made
 
-    async def _domain_call(self, ref: str, action: Callable[[str], Awaitable[Domain | None]]) -> Domain:
-        """A lifecycle call on an idle domain; answers the domain as it is after
-        (or, when the action returns nothing, as it was before)."""
+    async def _domain_call(self, ref: str, action: Callable[[str], Awaitable[Domain | None]],
+                           change: ChangeKind) -> Domain:
+        """A lifecycle call on an idle domain, told to the feed; answers the
+        domain as it is after (or, when the action returns nothing, as it was before)."""
         domain = await self.driver.lookup(ref)
         self.operations.check_idle(domain.name)
-        return await action(domain.name) or domain
+        after = await action(domain.name) or domain
+        self.feed.append(Change(change, domain.name))
+        return after
 
     async def destroy_domain(self, ref: str) -> Domain:
         """The domain as it was, shut down; it loses its uid."""
-        domain = await self._domain_call(ref, self.driver.destroy)
+        domain = await self._domain_call(ref, self.driver.destroy, ChangeKind.DOMAIN_DESTROYED)
         self.uids.forget(domain.name)
         return replace(domain, domid=0, state=RunState.SHUTDOWN)
 
     async def pause_domain(self, ref: str) -> Domain:
-        return await self._domain_call(ref, self.driver.pause)
+        return await self._domain_call(ref, self.driver.pause, ChangeKind.DOMAIN_PAUSED)
 
     async def unpause_domain(self, ref: str) -> Domain:
-        return await self._domain_call(ref, self.driver.unpause)
+        return await self._domain_call(ref, self.driver.unpause, ChangeKind.DOMAIN_UNPAUSED)
 
     async def change_medium(self, ref: str, vdev: str, path: str) -> Domain:
-        return await self._domain_call(ref, lambda name: self.driver.change_medium(name, vdev, path))
+        return await self._domain_call(ref, lambda name: self.driver.change_medium(name, vdev, path),
+                                       ChangeKind.DOMAIN_MEDIUM_CHANGED)
 
     # ------------------------------------------------------------- snapshots
 
@@ -279,8 +336,18 @@ class AgentService:
         name = await self._domain_name(domain) if domain else ""
         return self.catalogue.page(name, min(page_size or PAGE_SIZE, PAGE_SIZE), page_token, PAGE_BYTES)
 
-    async def list_operations(self, domain: str) -> list[Operation]:
-        return self.operations.list(await self._domain_name(domain) if domain else "")
+    async def list_operations(self, which: OperationFilter, page_size: int = 0, page_token: str = "",
+                              ) -> OperationPage:
+        """Newest first, paged (AIP-158); the feed's token is read first, so
+        that watching from it misses no change made while this page was made."""
+        if page_size < 0:
+            raise InvalidArgument(f"page_size {page_size} is negative")
+        event_token = self.feed.token()
+        if which.domain:
+            which = replace(which, domain=await self._domain_name(which.domain))
+        ops, token = self.operations.page(which, min(page_size or OPERATIONS_PAGE_SIZE, OPERATIONS_PAGE_SIZE),
+                                          page_token)
+        return OperationPage(ops, token, event_token)
 
     async def get_snapshot(self, domain: str, ref: str) -> Entry:
         name = await self._domain_name(domain)
@@ -292,7 +359,10 @@ class AgentService:
         """Change a snapshot's description or name (see snapshot_edit.py)."""
         name = await self._domain_name(domain)
         self.operations.check_idle(name)
-        return await self._edit.edit(name, ref, description=description, new_name=new_name, request_id=request_id)
+        previous = (await self.get_snapshot(name, ref)).manifest.name if new_name else ""
+        entry = await self._edit.edit(name, ref, description=description, new_name=new_name, request_id=request_id)
+        self.feed.append(Change(ChangeKind.SNAPSHOT_EDITED, name, entry.manifest.name, previous_name=previous))
+        return entry
 
     async def delete_snapshot(self, domain: str, ref: str, children: bool, request_id: str) -> Operation:
         name = await self._domain_name(domain)

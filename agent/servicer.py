@@ -17,6 +17,7 @@ from .auth import current_identity
 from .catalogue import Entry
 from .domain import Domain
 from .errors import field_required
+from .op_history import DAY
 from .operations import Finished, Operation, Started
 from .request_ids import RequestIds
 from .service import AgentService
@@ -50,10 +51,14 @@ async def _stream(op: Operation) -> AsyncIterator[pb.OperationEvent]:
 class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
     def __init__(self, service: AgentService) -> None:
         self._s = service
-        self._ids = RequestIds()
+        self._ids = RequestIds(service.config.state_dir, keep=service.config.operation_history_days * DAY)
 
     async def _once(self, rpc: str, request: Message, call: Callable[[], Awaitable[T]]) -> T:
         return await self._ids.once(current_identity(), rpc, request, call)
+
+    async def _once_operation(self, rpc: str, request: Message, call: Callable[[], Awaitable[Operation]],
+                              ) -> Operation:
+        return await self._ids.once_operation(current_identity(), rpc, request, call, self._s.operations.get)
 
     async def GetAgentInfo(self, request: pb.GetAgentInfoRequest, context: Ctx) -> pb.AgentInfo:
         return convert.agent_info(await self._s.info())
@@ -114,7 +119,8 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
         if request.dry_run:
             yield pb.OperationEvent(plan=convert.create_plan(*await self._s.plan_create(req)))
             return
-        op = await self._once("CreateSnapshot", request, lambda: self._s.create_snapshot(req, request.request_id))
+        op = await self._once_operation("CreateSnapshot", request,
+                                        lambda: self._s.create_snapshot(req, request.request_id))
         async for ev in _stream(op):
             yield ev
 
@@ -127,7 +133,8 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
         if request.dry_run:
             yield pb.OperationEvent(plan=convert.revert_plan(await self._s.plan_revert(req)))
             return
-        op = await self._once("RevertSnapshot", request, lambda: self._s.revert_snapshot(req, request.request_id))
+        op = await self._once_operation("RevertSnapshot", request,
+                                        lambda: self._s.revert_snapshot(req, request.request_id))
         async for ev in _stream(op):
             yield ev
 
@@ -138,7 +145,7 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
             plan = await self._s.plan_delete(domain, snapshot, request.children)
             yield pb.OperationEvent(plan=convert.delete_plan(plan))
             return
-        op = await self._once("DeleteSnapshot", request, lambda: self._s.delete_snapshot(
+        op = await self._once_operation("DeleteSnapshot", request, lambda: self._s.delete_snapshot(
             domain, snapshot, request.children, request.request_id))
         async for ev in _stream(op):
             yield ev
@@ -156,10 +163,19 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
         return convert.operation(self._s.operations.cancel(request.operation_id))
 
     async def ListOperations(self, request: pb.ListOperationsRequest, context: Ctx) -> pb.ListOperationsResponse:
-        ops = await self._s.list_operations(request.domain)
-        sizes = await _sizes([_result(op) for op in ops])
-        return pb.ListOperationsResponse(
-            operations=[convert.operation(op, n) for op, n in zip(ops, sizes, strict=True)])
+        which = convert.operation_filter(request, self._domain(request, required=False))
+        page = await self._s.list_operations(which, request.page_size, request.page_token)
+        return convert.operation_page(page, await _sizes([_result(op) for op in page.operations]))
+
+    async def GetOperation(self, request: pb.GetOperationRequest, context: Ctx) -> pb.Operation:
+        if not request.operation_id:
+            raise field_required("operation_id", "the operation to get")
+        op = self._s.operations.get(request.operation_id)
+        return convert.operation(op, (await _sizes([_result(op)]))[0])
+
+    async def WatchEvents(self, request: pb.WatchEventsRequest, context: Ctx) -> AsyncIterator[pb.Event]:
+        async for ev in self._s.feed.watch(request.since, self._domain(request, required=False)):
+            yield convert.feed_event(ev)
 
     async def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Ctx) -> pb.ListSnapshotsResponse:
         page = await self._s.list_snapshots(self._domain(request, required=False), request.page_size,

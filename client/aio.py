@@ -173,5 +173,5 @@ class AsyncClient:
                                 timeout)
 
     async def list_operations(self, domain: str = "", *, timeout: float | None = None) -> list[pb.Operation]:
-        response = await self._call(self.stub.ListOperations, pb.ListOperationsRequest(domain=domain), timeout)
+        response = await self._call(self.stub.ListOperations, calls.operations_request(domain), timeout)
         return list(response.operations)

@@ -268,7 +268,7 @@ class Client:
         return self._call(self.stub.CancelOperation, pb.CancelOperationRequest(operation_id=operation_id), timeout)
 
     def list_operations(self, domain: str = "", *, timeout: float | None = None) -> list[pb.Operation]:
-        return list(self._call(self.stub.ListOperations, pb.ListOperationsRequest(domain=domain), timeout).operations)
+        return list(self._call(self.stub.ListOperations, calls.operations_request(domain), timeout).operations)
 
 
 def connect(address: str | None = None, *, ca: str | None = None, cert: str | None = None, key: str | None = None,

@@ -108,6 +108,10 @@ def next_domains_page(last: pb.ListDomainsResponse | None, *, full: bool = False
                                  page_token=last.next_page_token if last is not None else "")
 
 
+def operations_request(domain: str = "") -> pb.ListOperationsRequest:
+    return pb.ListOperationsRequest(domain_name=domain) if domain else pb.ListOperationsRequest()
+
+
 def revert_request(domain: str, snapshot: str = "", *, run_state: RunState | None = None, force: bool = False,
                    config: str = "", overrides: Sequence[str] = (), config_name: str = "",
                    reset_nvram: bool = False, dry_run: bool = False, request_id: str | None = None,

@@ -131,7 +131,7 @@ def test_cancel_mid_memory_rolls_back(slow_agent: Agent, slow_guest: Guest) -> N
     with pytest.raises(grpc.RpcError) as err:
         list(stream)
     assert err.value.code() == grpc.StatusCode.CANCELLED
-    final = stub.ListOperations(pb.ListOperationsRequest(domain=g.name), timeout=30).operations[0]
+    final = stub.ListOperations(pb.ListOperationsRequest(domain_name=g.name), timeout=30).operations[0]
     assert (final.id, final.state) == (op_id, pb.OPERATION_STATE_CANCELLED)
     assert "c1" not in snapshots(slow_agent, g.name)
     assert not (slow_agent.snapshot_root / g.name / "c1").exists()

@@ -64,6 +64,7 @@ def test_readme_controller_example_runs(fresh_agent: Agent, guest: Guest, tmp_pa
     stub = fresh_agent.stub()
     snap = stub.GetSnapshot(pb.GetSnapshotRequest(domain_name=guest.name, snapshot_name=made[1]), timeout=30)
     assert snap.path == made[2] and snap.current
-    kinds = [op.kind for op in stub.ListOperations(pb.ListOperationsRequest(domain=guest.name), timeout=30).operations]
+    listed = stub.ListOperations(pb.ListOperationsRequest(domain_name=guest.name), timeout=30).operations
+    kinds = [op.kind for op in listed]
     assert sorted(kinds) == [pb.OPERATION_KIND_CREATE_SNAPSHOT, pb.OPERATION_KIND_REVERT_SNAPSHOT]
     assert guest.domain().state == pb.DOMAIN_STATE_RUNNING

@@ -44,7 +44,8 @@ def test_the_role_table_names_no_rpc_that_does_not_exist() -> None:
 def test_read_only_rpcs_are_exactly_the_ones_that_look() -> None:
     read_only = {auth.rpc_name(m) for m, role in auth.RPC_ROLES.items() if role is Role.READ_ONLY}
     assert read_only == {"GetAgentInfo", "ListDomains", "GetDomain", "ListSnapshots", "GetSnapshot",
-                         "ListOperations", "WatchOperation", "ServerReflectionInfo"}
+                         "ListOperations", "WatchOperation", "GetOperation", "WatchEvents",
+                         "ServerReflectionInfo"}
     anyone = {auth.rpc_name(m) for m, role in auth.RPC_ROLES.items() if role is Role.NONE}
     assert anyone == {"Check", "Watch", "List"}
 

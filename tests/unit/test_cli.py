@@ -145,6 +145,8 @@ class FakeAgent(pb_grpc.SnapshotAgentServicer):
     # method name -> the status it fails with
     fail: dict[str, tuple[grpc.StatusCode, str]] = field(default_factory=dict)
     events: list[pb.OperationEvent] = field(default_factory=create_events)
+    # The change feed's events (WatchEvents).
+    feed: list[pb.Event] = field(default_factory=list)
     # After the events of a stream: end it with this status (a failed operation).
     stream_status: tuple[grpc.StatusCode, str] | None = None
     # After the events of a stream: run this (e.g. hang until the client leaves).
@@ -248,6 +250,14 @@ class FakeAgent(pb_grpc.SnapshotAgentServicer):
         running = operation(progress=pb.Progress(phase=pb.PHASE_MEMORY, percent=42))
         done = operation(pb.OPERATION_STATE_SUCCEEDED, id="op-0", kind=pb.OPERATION_KIND_DELETE_SNAPSHOT)
         return pb.ListOperationsResponse(operations=[running, done])
+
+    def GetOperation(self, request: pb.GetOperationRequest, context: grpc.ServicerContext) -> pb.Operation:
+        self._answer("GetOperation", request, context)
+        return operation(pb.OPERATION_STATE_SUCCEEDED, id=request.operation_id)
+
+    def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.ServicerContext) -> Iterator[pb.Event]:
+        self._answer("WatchEvents", request, context)
+        yield from self.feed
 
     def ListSnapshots(
         self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext

@@ -45,7 +45,7 @@ Errors leave as gRPC status codes with a human message and, in the
 google.rpc.ErrorInfo (AIP-193) with `domain` "domsnap.dev" and a stable
 UPPER_SNAKE `reason`; its `metadata` names the resources involved (keys
 among "domain", "snapshot", "path", "operation_id", "field", "request_id",
-"vdev", "file"). The message is for people and may change; code reads the
+"vdev", "file", "since"). The message is for people and may change; code reads the
 reason. Reasons, by code (each code's own name is the reason of a refusal
 no finer reason names):
 
@@ -53,6 +53,8 @@ no finer reason names):
                        (field), INVALID_NAME (field), INVALID_CONFIG (cfg
                        text: the message names line and column; metadata
                        source, line, column), INVALID_PAGE_TOKEN,
+                       INVALID_EVENT_TOKEN (field since: not a token
+                       WatchEvents gave),
                        PATH_NOT_ALLOWED (path: outside snapshot_roots, or
                        through a directory others may write),
                        METHOD_UNSUPPORTED (vdev: a method the disk cannot
@@ -87,6 +89,9 @@ no finer reason names):
   UNIMPLEMENTED        UNIMPLEMENTED (the driver cannot do it)
   INTERNAL             COMMAND_FAILED (command: a tool the agent ran
                        failed), INTERNAL
+  OUT_OF_RANGE         EVENTS_EXPIRED (since: a change feed token the
+                       agent no longer holds the events after, or one of
+                       another feed; list again, then watch anew)
 """
 
 from collections import abc as _abc
@@ -296,6 +301,55 @@ PHASE_DONE: Phase.ValueType  # 10
 PHASE_RECOVERED: Phase.ValueType  # 11
 Global___Phase: _TypeAlias = Phase  # noqa: Y015
 
+class _EventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    EVENT_KIND_OPERATION: _EventKind.ValueType  # 1
+    """An operation changed state (running, cancelling, succeeded, failed,
+    cancelled): `operation_id`, `operation_state`, `operation_kind`.
+    """
+    EVENT_KIND_DOMAIN_CREATED: _EventKind.ValueType  # 2
+    EVENT_KIND_DOMAIN_DESTROYED: _EventKind.ValueType  # 3
+    EVENT_KIND_DOMAIN_PAUSED: _EventKind.ValueType  # 4
+    EVENT_KIND_DOMAIN_UNPAUSED: _EventKind.ValueType  # 5
+    EVENT_KIND_DOMAIN_REVERTED: _EventKind.ValueType  # 6
+    """A revert succeeded: the domain runs (or is paused) from `snapshot`."""
+    EVENT_KIND_SNAPSHOT_CREATED: _EventKind.ValueType  # 7
+    EVENT_KIND_SNAPSHOT_DELETED: _EventKind.ValueType  # 8
+    EVENT_KIND_SNAPSHOT_EDITED: _EventKind.ValueType  # 9
+    """A snapshot's description or name changed (a rename: `snapshot` is the
+    new name, `previous_name` the old one).
+    """
+    EVENT_KIND_DOMAIN_MEDIUM_CHANGED: _EventKind.ValueType  # 10
+    """A CD-ROM's medium was inserted or ejected."""
+
+class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
+
+EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+EVENT_KIND_OPERATION: EventKind.ValueType  # 1
+"""An operation changed state (running, cancelling, succeeded, failed,
+cancelled): `operation_id`, `operation_state`, `operation_kind`.
+"""
+EVENT_KIND_DOMAIN_CREATED: EventKind.ValueType  # 2
+EVENT_KIND_DOMAIN_DESTROYED: EventKind.ValueType  # 3
+EVENT_KIND_DOMAIN_PAUSED: EventKind.ValueType  # 4
+EVENT_KIND_DOMAIN_UNPAUSED: EventKind.ValueType  # 5
+EVENT_KIND_DOMAIN_REVERTED: EventKind.ValueType  # 6
+"""A revert succeeded: the domain runs (or is paused) from `snapshot`."""
+EVENT_KIND_SNAPSHOT_CREATED: EventKind.ValueType  # 7
+EVENT_KIND_SNAPSHOT_DELETED: EventKind.ValueType  # 8
+EVENT_KIND_SNAPSHOT_EDITED: EventKind.ValueType  # 9
+"""A snapshot's description or name changed (a rename: `snapshot` is the
+new name, `previous_name` the old one).
+"""
+EVENT_KIND_DOMAIN_MEDIUM_CHANGED: EventKind.ValueType  # 10
+"""A CD-ROM's medium was inserted or ejected."""
+Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
+
 @_typing.final
 class GetAgentInfoRequest(_message.Message):
     """---------------------------------------------------------------- agent ----"""
@@ -324,6 +378,7 @@ class AgentInfo(_message.Message):
     SNAPSHOT_ROOT_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     API_VERSION_FIELD_NUMBER: _builtins.int
+    EVENT_TOKEN_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     driver: _builtins.str
     """"qemu" or "xen"."""
@@ -333,6 +388,10 @@ class AgentInfo(_message.Message):
     snapshot_root: _builtins.str
     """Where snapshots go when a create names no path."""
     api_version: _builtins.str
+    event_token: _builtins.str
+    """The change feed's position now: WatchEvents from it gives every change
+    made after this answer.
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What this agent can do: "live", "internal", "external",
@@ -349,10 +408,11 @@ class AgentInfo(_message.Message):
         snapshot_root: _builtins.str = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         api_version: _builtins.str = ...,
+        event_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "api_version", b"api_version", "capabilities", b"capabilities", "driver", b"driver", "hostname", b"hostname", "hypervisor_version", b"hypervisor_version", "snapshot_root", b"snapshot_root"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "api_version", b"api_version", "capabilities", b"capabilities", "driver", b"driver", "event_token", b"event_token", "hostname", b"hostname", "hypervisor_version", b"hypervisor_version", "snapshot_root", b"snapshot_root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1537,21 +1597,55 @@ Global___CancelOperationRequest: _TypeAlias = CancelOperationRequest  # noqa: Y0
 
 @_typing.final
 class ListOperationsRequest(_message.Message):
+    """Paged as in AIP-158, newest first; filters combine (AND). Keep calling
+    with the last response's next_page_token (and the same filters) until it
+    is empty.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
-    DOMAIN_FIELD_NUMBER: _builtins.int
-    domain: _builtins.str
-    """Empty: every domain's."""
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    DOMID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    domid: _builtins.int
+    state: Global___OperationState.ValueType
+    """UNSPECIFIED: any state."""
+    kind: Global___OperationKind.ValueType
+    """UNSPECIFIED: any kind."""
+    request_id: _builtins.str
+    """Only the operations started by a request with this request_id (of any
+    caller: a caller's own ids are unique to it, not to the agent).
+    """
+    page_size: _builtins.int
+    """At most this many operations in one response; 0 or more than 500: 500."""
+    page_token: _builtins.str
+    """From a previous response; empty for the first page."""
     def __init__(
         self,
         *,
-        domain: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+        domid: _builtins.int = ...,
+        state: Global___OperationState.ValueType = ...,
+        kind: Global___OperationKind.ValueType = ...,
+        request_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "request_id", b"request_id", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
 
 Global___ListOperationsRequest: _TypeAlias = ListOperationsRequest  # noqa: Y015
 
@@ -1560,19 +1654,121 @@ class ListOperationsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OPERATIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    EVENT_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    event_token: _builtins.str
+    """The change feed's position when this listing was made (see WatchEvents)."""
     @_builtins.property
-    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]:
-        """Running ones first, then recent finished ones, newest first."""
-
+    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]: ...
     def __init__(
         self,
         *,
         operations: _abc.Iterable[Global___Operation] | None = ...,
+        next_page_token: _builtins.str = ...,
+        event_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["operations", b"operations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_token", b"event_token", "next_page_token", b"next_page_token", "operations", b"operations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListOperationsResponse: _TypeAlias = ListOperationsResponse  # noqa: Y015
+
+@_typing.final
+class GetOperationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOperationRequest: _TypeAlias = GetOperationRequest  # noqa: Y015
+
+@_typing.final
+class WatchEventsRequest(_message.Message):
+    """----------------------------------------------------------- the feed ----"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    DOMAIN_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    since: _builtins.str
+    """The token of the last event seen, or AgentInfo.event_token: the stream
+    starts with the event after it. Empty: from now on.
+    """
+    domain_name: _builtins.str
+    domain_uid: _builtins.str
+    def __init__(
+        self,
+        *,
+        since: _builtins.str = ...,
+        domain_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid"]  # noqa: Y015
+    _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
+
+Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    OPERATION_STATE_FIELD_NUMBER: _builtins.int
+    OPERATION_KIND_FIELD_NUMBER: _builtins.int
+    PREVIOUS_NAME_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """Opaque; resume after this event with WatchEventsRequest.since = token."""
+    kind: Global___EventKind.ValueType
+    domain: _builtins.str
+    snapshot: _builtins.str
+    operation_id: _builtins.str
+    operation_state: Global___OperationState.ValueType
+    operation_kind: Global___OperationKind.ValueType
+    previous_name: _builtins.str
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___EventKind.ValueType = ...,
+        domain: _builtins.str = ...,
+        snapshot: _builtins.str = ...,
+        operation_id: _builtins.str = ...,
+        operation_state: Global___OperationState.ValueType = ...,
+        operation_kind: Global___OperationKind.ValueType = ...,
+        previous_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "kind", b"kind", "operation_id", b"operation_id", "operation_kind", b"operation_kind", "operation_state", b"operation_state", "previous_name", b"previous_name", "snapshot", b"snapshot", "time", b"time", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015

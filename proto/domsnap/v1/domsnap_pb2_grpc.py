@@ -104,6 +104,11 @@ class SnapshotAgentStub:
                 request_serializer=domsnap_dot_v1_dot_domsnap__pb2.ListOperationsRequest.SerializeToString,
                 response_deserializer=domsnap_dot_v1_dot_domsnap__pb2.ListOperationsResponse.FromString,
                 _registered_method=True)
+        self.GetOperation = channel.unary_unary(
+                '/domsnap.v1.SnapshotAgent/GetOperation',
+                request_serializer=domsnap_dot_v1_dot_domsnap__pb2.GetOperationRequest.SerializeToString,
+                response_deserializer=domsnap_dot_v1_dot_domsnap__pb2.Operation.FromString,
+                _registered_method=True)
         self.ListSnapshots = channel.unary_unary(
                 '/domsnap.v1.SnapshotAgent/ListSnapshots',
                 request_serializer=domsnap_dot_v1_dot_domsnap__pb2.ListSnapshotsRequest.SerializeToString,
@@ -118,6 +123,11 @@ class SnapshotAgentStub:
                 '/domsnap.v1.SnapshotAgent/EditSnapshot',
                 request_serializer=domsnap_dot_v1_dot_domsnap__pb2.EditSnapshotRequest.SerializeToString,
                 response_deserializer=domsnap_dot_v1_dot_domsnap__pb2.Snapshot.FromString,
+                _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/domsnap.v1.SnapshotAgent/WatchEvents',
+                request_serializer=domsnap_dot_v1_dot_domsnap__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=domsnap_dot_v1_dot_domsnap__pb2.Event.FromString,
                 _registered_method=True)
 
 
@@ -215,6 +225,15 @@ class SnapshotAgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListOperations(self, request, context):
+        """Operations are resources: kept across agent restarts (a `kill -9`
+        included: an operation that ran when the agent died is listed with the
+        outcome the next agent gave it) for `operation_history_days`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOperation(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -235,6 +254,23 @@ class SnapshotAgentServicer:
 
     def EditSnapshot(self, request, context):
         """Change a snapshot's description or name. Returns the snapshot as it is now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchEvents(self, request, context):
+        """The change feed: every change the agent makes or sees (operations
+        starting and ending, domains created, destroyed, paused, unpaused,
+        reverted, snapshots created, renamed, deleted), in order, each once, with
+        a token to resume from. List once, then follow: take `event_token` from
+        GetAgentInfo (or ListOperations) before listing, then watch from it;
+        after a dropped stream or an agent restart, watch again from the last
+        event's token. Nothing is missed and nothing repeated. A token older
+        than the feed keeps (`events_retention_days`, at most 100,000 events),
+        or from another agent's state, is OUT_OF_RANGE with reason
+        EVENTS_EXPIRED: list again and follow from a new token. The stream
+        never ends on its own; the server pings it while it is idle.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -313,6 +349,11 @@ def add_SnapshotAgentServicer_to_server(servicer, server):
                     request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.ListOperationsRequest.FromString,
                     response_serializer=domsnap_dot_v1_dot_domsnap__pb2.ListOperationsResponse.SerializeToString,
             ),
+            'GetOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOperation,
+                    request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.GetOperationRequest.FromString,
+                    response_serializer=domsnap_dot_v1_dot_domsnap__pb2.Operation.SerializeToString,
+            ),
             'ListSnapshots': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSnapshots,
                     request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.ListSnapshotsRequest.FromString,
@@ -327,6 +368,11 @@ def add_SnapshotAgentServicer_to_server(servicer, server):
                     servicer.EditSnapshot,
                     request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.EditSnapshotRequest.FromString,
                     response_serializer=domsnap_dot_v1_dot_domsnap__pb2.Snapshot.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.WatchEventsRequest.FromString,
+                    response_serializer=domsnap_dot_v1_dot_domsnap__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -718,6 +764,33 @@ class SnapshotAgent:
             _registered_method=True)
 
     @staticmethod
+    def GetOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/domsnap.v1.SnapshotAgent/GetOperation',
+            domsnap_dot_v1_dot_domsnap__pb2.GetOperationRequest.SerializeToString,
+            domsnap_dot_v1_dot_domsnap__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def ListSnapshots(request,
             target,
             options=(),
@@ -788,6 +861,33 @@ class SnapshotAgent:
             '/domsnap.v1.SnapshotAgent/EditSnapshot',
             domsnap_dot_v1_dot_domsnap__pb2.EditSnapshotRequest.SerializeToString,
             domsnap_dot_v1_dot_domsnap__pb2.Snapshot.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/domsnap.v1.SnapshotAgent/WatchEvents',
+            domsnap_dot_v1_dot_domsnap__pb2.WatchEventsRequest.SerializeToString,
+            domsnap_dot_v1_dot_domsnap__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

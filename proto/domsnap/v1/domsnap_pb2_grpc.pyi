@@ -45,7 +45,7 @@ Errors leave as gRPC status codes with a human message and, in the
 google.rpc.ErrorInfo (AIP-193) with `domain` "domsnap.dev" and a stable
 UPPER_SNAKE `reason`; its `metadata` names the resources involved (keys
 among "domain", "snapshot", "path", "operation_id", "field", "request_id",
-"vdev", "file"). The message is for people and may change; code reads the
+"vdev", "file", "since"). The message is for people and may change; code reads the
 reason. Reasons, by code (each code's own name is the reason of a refusal
 no finer reason names):
 
@@ -53,6 +53,8 @@ no finer reason names):
                        (field), INVALID_NAME (field), INVALID_CONFIG (cfg
                        text: the message names line and column; metadata
                        source, line, column), INVALID_PAGE_TOKEN,
+                       INVALID_EVENT_TOKEN (field since: not a token
+                       WatchEvents gave),
                        PATH_NOT_ALLOWED (path: outside snapshot_roots, or
                        through a directory others may write),
                        METHOD_UNSUPPORTED (vdev: a method the disk cannot
@@ -87,6 +89,9 @@ no finer reason names):
   UNIMPLEMENTED        UNIMPLEMENTED (the driver cannot do it)
   INTERNAL             COMMAND_FAILED (command: a tool the agent ran
                        failed), INTERNAL
+  OUT_OF_RANGE         EVENTS_EXPIRED (since: a change feed token the
+                       agent no longer holds the events after, or one of
+                       another feed; list again, then watch anew)
 """
 
 from collections import abc as _abc
@@ -147,11 +152,29 @@ class SnapshotAgentStub:
     FAILED_PRECONDITION when it is past its point of no return.
     """
     ListOperations: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.ListOperationsRequest, _domsnap_pb2.ListOperationsResponse]
+    """Operations are resources: kept across agent restarts (a `kill -9`
+    included: an operation that ran when the agent died is listed with the
+    outcome the next agent gave it) for `operation_history_days`.
+    """
+    GetOperation: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.GetOperationRequest, _domsnap_pb2.Operation]
     ListSnapshots: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.ListSnapshotsRequest, _domsnap_pb2.ListSnapshotsResponse]
     """The snapshot catalogue."""
     GetSnapshot: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.GetSnapshotRequest, _domsnap_pb2.Snapshot]
     EditSnapshot: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.EditSnapshotRequest, _domsnap_pb2.Snapshot]
     """Change a snapshot's description or name. Returns the snapshot as it is now."""
+    WatchEvents: _grpc.UnaryStreamMultiCallable[_domsnap_pb2.WatchEventsRequest, _domsnap_pb2.Event]
+    """The change feed: every change the agent makes or sees (operations
+    starting and ending, domains created, destroyed, paused, unpaused,
+    reverted, snapshots created, renamed, deleted), in order, each once, with
+    a token to resume from. List once, then follow: take `event_token` from
+    GetAgentInfo (or ListOperations) before listing, then watch from it;
+    after a dropped stream or an agent restart, watch again from the last
+    event's token. Nothing is missed and nothing repeated. A token older
+    than the feed keeps (`events_retention_days`, at most 100,000 events),
+    or from another agent's state, is OUT_OF_RANGE with reason
+    EVENTS_EXPIRED: list again and follow from a new token. The stream
+    never ends on its own; the server pings it while it is idle.
+    """
 
 @_typing.type_check_only
 class SnapshotAgentAsyncStub(SnapshotAgentStub):
@@ -186,11 +209,29 @@ class SnapshotAgentAsyncStub(SnapshotAgentStub):
     FAILED_PRECONDITION when it is past its point of no return.
     """
     ListOperations: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.ListOperationsRequest, _domsnap_pb2.ListOperationsResponse]  # type: ignore[assignment]
+    """Operations are resources: kept across agent restarts (a `kill -9`
+    included: an operation that ran when the agent died is listed with the
+    outcome the next agent gave it) for `operation_history_days`.
+    """
+    GetOperation: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.GetOperationRequest, _domsnap_pb2.Operation]  # type: ignore[assignment]
     ListSnapshots: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.ListSnapshotsRequest, _domsnap_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
     """The snapshot catalogue."""
     GetSnapshot: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.GetSnapshotRequest, _domsnap_pb2.Snapshot]  # type: ignore[assignment]
     EditSnapshot: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.EditSnapshotRequest, _domsnap_pb2.Snapshot]  # type: ignore[assignment]
     """Change a snapshot's description or name. Returns the snapshot as it is now."""
+    WatchEvents: _aio.UnaryStreamMultiCallable[_domsnap_pb2.WatchEventsRequest, _domsnap_pb2.Event]  # type: ignore[assignment]
+    """The change feed: every change the agent makes or sees (operations
+    starting and ending, domains created, destroyed, paused, unpaused,
+    reverted, snapshots created, renamed, deleted), in order, each once, with
+    a token to resume from. List once, then follow: take `event_token` from
+    GetAgentInfo (or ListOperations) before listing, then watch from it;
+    after a dropped stream or an agent restart, watch again from the last
+    event's token. Nothing is missed and nothing repeated. A token older
+    than the feed keeps (`events_retention_days`, at most 100,000 events),
+    or from another agent's state, is OUT_OF_RANGE with reason
+    EVENTS_EXPIRED: list again and follow from a new token. The stream
+    never ends on its own; the server pings it while it is idle.
+    """
 
 class SnapshotAgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -305,7 +346,18 @@ class SnapshotAgentServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _domsnap_pb2.ListOperationsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_domsnap_pb2.ListOperationsResponse, _abc.Awaitable[_domsnap_pb2.ListOperationsResponse]]: ...
+    ) -> _typing.Union[_domsnap_pb2.ListOperationsResponse, _abc.Awaitable[_domsnap_pb2.ListOperationsResponse]]:
+        """Operations are resources: kept across agent restarts (a `kill -9`
+        included: an operation that ran when the agent died is listed with the
+        outcome the next agent gave it) for `operation_history_days`.
+        """
+
+    @_abc_1.abstractmethod
+    def GetOperation(
+        self,
+        request: _domsnap_pb2.GetOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_domsnap_pb2.Operation, _abc.Awaitable[_domsnap_pb2.Operation]]: ...
 
     @_abc_1.abstractmethod
     def ListSnapshots(
@@ -329,5 +381,24 @@ class SnapshotAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_domsnap_pb2.Snapshot, _abc.Awaitable[_domsnap_pb2.Snapshot]]:
         """Change a snapshot's description or name. Returns the snapshot as it is now."""
+
+    @_abc_1.abstractmethod
+    def WatchEvents(
+        self,
+        request: _domsnap_pb2.WatchEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_domsnap_pb2.Event], _abc.AsyncIterator[_domsnap_pb2.Event]]:
+        """The change feed: every change the agent makes or sees (operations
+        starting and ending, domains created, destroyed, paused, unpaused,
+        reverted, snapshots created, renamed, deleted), in order, each once, with
+        a token to resume from. List once, then follow: take `event_token` from
+        GetAgentInfo (or ListOperations) before listing, then watch from it;
+        after a dropped stream or an agent restart, watch again from the last
+        event's token. Nothing is missed and nothing repeated. A token older
+        than the feed keeps (`events_retention_days`, at most 100,000 events),
+        or from another agent's state, is OUT_OF_RANGE with reason
+        EVENTS_EXPIRED: list again and follow from a new token. The stream
+        never ends on its own; the server pings it while it is idle.
+        """
 
 def add_SnapshotAgentServicer_to_server(servicer: SnapshotAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

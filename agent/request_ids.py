@@ -109,7 +109,7 @@ class RequestIds:
         self._started = _Started(state_dir, keep) if state_dir is not None else None
 
     async def once_operation(self, caller: str, rpc: str, request: Message, call: Callable[[], Awaitable[Operation]],
-                             known: Callable[[str], Operation]) -> Operation:
+                             known: Callable[[str], Awaitable[Operation]]) -> Operation:
         """As `once`, for a request that starts an operation: a retry also gets
         it after an agent restart (`known` finds an operation by its id)."""
         request_id: str = getattr(request, "request_id", "")
@@ -121,7 +121,7 @@ class RequestIds:
             if fingerprint != _fingerprint(request):
                 raise _refusal(request_id, shown)
             try:
-                return known(op_id)
+                return await known(op_id)
             except NotFound:
                 pass  # forgotten with the operation's history: a new request
         started = self._started

@@ -157,6 +157,18 @@ class AgentService:
                 f"the agent stopped during this operation; the agent started after it: {outcome}"))
         return len(entries)
 
+    async def operation(self, op_id: str) -> Operation:
+        """An operation by id; one a previous agent ran answers its snapshot
+        again (a history keeps no result) while that snapshot exists."""
+        op = self.operations.get(op_id)
+        if op.state == OpState.SUCCEEDED and op.result is None and op.kind != OpKind.DELETE:
+            try:
+                path, m = await asyncio.to_thread(self.catalogue.resolve, op.domain, op.snapshot)
+            except NotFound:
+                return op
+            op.result = Entry(path, m, self.catalogue.current(op.domain) == m.name)
+        return op
+
     def _recovered(self, op: Operation, error: DomsnapError | None) -> None:
         """A journaled operation of a dead agent, with the outcome of its recovery, listed and recorded."""
         op.state, op.error, op.finished_at = (OpState.SUCCEEDED if error is None else OpState.FAILED), error, time()

@@ -58,7 +58,7 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
 
     async def _once_operation(self, rpc: str, request: Message, call: Callable[[], Awaitable[Operation]],
                               ) -> Operation:
-        return await self._ids.once_operation(current_identity(), rpc, request, call, self._s.operations.get)
+        return await self._ids.once_operation(current_identity(), rpc, request, call, self._s.operation)
 
     async def GetAgentInfo(self, request: pb.GetAgentInfoRequest, context: Ctx) -> pb.AgentInfo:
         return convert.agent_info(await self._s.info())
@@ -154,7 +154,7 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
             pb.OperationEvent]:
         if not request.operation_id:
             raise field_required("operation_id", "the operation to watch")
-        async for ev in _stream(self._s.operations.get(request.operation_id)):
+        async for ev in _stream(await self._s.operation(request.operation_id)):
             yield ev
 
     async def CancelOperation(self, request: pb.CancelOperationRequest, context: Ctx) -> pb.Operation:
@@ -170,7 +170,7 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
     async def GetOperation(self, request: pb.GetOperationRequest, context: Ctx) -> pb.Operation:
         if not request.operation_id:
             raise field_required("operation_id", "the operation to get")
-        op = self._s.operations.get(request.operation_id)
+        op = await self._s.operation(request.operation_id)
         return convert.operation(op, (await _sizes([_result(op)]))[0])
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Ctx) -> AsyncIterator[pb.Event]:

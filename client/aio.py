@@ -172,6 +172,29 @@ class AsyncClient:
         return await self._call(self.stub.CancelOperation, pb.CancelOperationRequest(operation_id=operation_id),
                                 timeout)
 
-    async def list_operations(self, domain: str = "", *, timeout: float | None = None) -> list[pb.Operation]:
-        response = await self._call(self.stub.ListOperations, calls.operations_request(domain), timeout)
-        return list(response.operations)
+    async def list_operations(self, domain: str = "", *,
+                              state: pb.OperationState.ValueType = pb.OPERATION_STATE_UNSPECIFIED,
+                              kind: pb.OperationKind.ValueType = pb.OPERATION_KIND_UNSPECIFIED, request_id: str = "",
+                              timeout: float | None = None) -> list[pb.Operation]:
+        first = calls.operations_request(domain, state=state, kind=kind, request_id=request_id)
+        out: list[pb.Operation] = []
+        page = None
+        while (request := calls.next_operations_page(first, page)) is not None:
+            page = await self._call(self.stub.ListOperations, request, timeout)
+            out.extend(page.operations)
+        return out
+
+    async def get_operation(self, operation_id: str, *, timeout: float | None = None) -> pb.Operation:
+        return await self._call(self.stub.GetOperation, pb.GetOperationRequest(operation_id=operation_id), timeout)
+
+    async def watch_events(self, since: str = "", *, domain: str = "", timeout: float | None = None,
+                           ) -> AsyncGenerator[pb.Event, None]:
+        """As Client.watch_events."""
+        call = self.stub.WatchEvents(calls.events_request(since, domain), timeout=timeout)
+        try:
+            async for event in call:
+                yield event
+        except grpc.RpcError as err:
+            raise errors.from_rpc_error(err, self.address, self.tls) from err
+        finally:
+            call.cancel()

@@ -267,8 +267,35 @@ class Client:
         """Ask an operation to stop and roll back; FailedPrecondition past its point of no return."""
         return self._call(self.stub.CancelOperation, pb.CancelOperationRequest(operation_id=operation_id), timeout)
 
-    def list_operations(self, domain: str = "", *, timeout: float | None = None) -> list[pb.Operation]:
-        return list(self._call(self.stub.ListOperations, calls.operations_request(domain), timeout).operations)
+    def list_operations(self, domain: str = "", *, state: pb.OperationState.ValueType = pb.OPERATION_STATE_UNSPECIFIED,
+                        kind: pb.OperationKind.ValueType = pb.OPERATION_KIND_UNSPECIFIED, request_id: str = "",
+                        timeout: float | None = None) -> list[pb.Operation]:
+        """Operations newest first (every page), filtered by domain, state, kind, request id."""
+        first = calls.operations_request(domain, state=state, kind=kind, request_id=request_id)
+        out: list[pb.Operation] = []
+        page = None
+        while (request := calls.next_operations_page(first, page)) is not None:
+            page = self._call(self.stub.ListOperations, request, timeout)
+            out.extend(page.operations)
+        return out
+
+    def get_operation(self, operation_id: str, *, timeout: float | None = None) -> pb.Operation:
+        return self._call(self.stub.GetOperation, pb.GetOperationRequest(operation_id=operation_id), timeout)
+
+    # ------------------------------------------------------------ change feed
+
+    def watch_events(self, since: str = "", *, domain: str = "", timeout: float | None = None,
+                     ) -> Generator[pb.Event, None, None]:
+        """The change feed after `since` (an Event's token, or AgentInfo.event_token;
+        "" : from now), for ever or until `timeout`. Resume after an error from
+        the last event's token; EventsExpired (OUT_OF_RANGE) means list again."""
+        stream = self.stub.WatchEvents(calls.events_request(since, domain), timeout=timeout)
+        try:
+            yield from stream
+        except grpc.RpcError as err:
+            raise errors.from_rpc_error(err, self.address, self.tls, channel=self.channel, timeout=timeout) from err
+        finally:
+            stream.cancel()
 
 
 def connect(address: str | None = None, *, ca: str | None = None, cert: str | None = None, key: str | None = None,

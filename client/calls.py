@@ -108,8 +108,33 @@ def next_domains_page(last: pb.ListDomainsResponse | None, *, full: bool = False
                                  page_token=last.next_page_token if last is not None else "")
 
 
-def operations_request(domain: str = "") -> pb.ListOperationsRequest:
-    return pb.ListOperationsRequest(domain_name=domain) if domain else pb.ListOperationsRequest()
+def next_operations_page(first: pb.ListOperationsRequest,
+                         last: pb.ListOperationsResponse | None) -> pb.ListOperationsRequest | None:
+    """As next_snapshots_page, for ListOperations with `first`'s filters."""
+    if last is None:
+        return first
+    if not last.next_page_token:
+        return None
+    request = pb.ListOperationsRequest()
+    request.CopyFrom(first)
+    request.page_token = last.next_page_token
+    return request
+
+
+def operations_request(domain: str = "", *, state: pb.OperationState.ValueType = pb.OPERATION_STATE_UNSPECIFIED,
+                       kind: pb.OperationKind.ValueType = pb.OPERATION_KIND_UNSPECIFIED,
+                       request_id: str = "") -> pb.ListOperationsRequest:
+    request = pb.ListOperationsRequest(state=state, kind=kind, request_id=request_id)
+    if domain:
+        request.domain_name = domain
+    return request
+
+
+def events_request(since: str, domain: str) -> pb.WatchEventsRequest:
+    request = pb.WatchEventsRequest(since=since)
+    if domain:
+        request.domain_name = domain
+    return request
 
 
 def revert_request(domain: str, snapshot: str = "", *, run_state: RunState | None = None, force: bool = False,

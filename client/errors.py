@@ -2,7 +2,8 @@
 code the agent uses, each carrying the agent's message.
 
     DomsnapError
-    ├── InvalidArgument      INVALID_ARGUMENT, OUT_OF_RANGE
+    ├── InvalidArgument      INVALID_ARGUMENT
+    │   └── EventsExpired    OUT_OF_RANGE: a change feed token the agent no longer holds; list again
     ├── NotFound             NOT_FOUND
     ├── AlreadyExists        ALREADY_EXISTS
     ├── FailedPrecondition   FAILED_PRECONDITION
@@ -86,6 +87,10 @@ class InvalidArgument(DomsnapError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class EventsExpired(InvalidArgument):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class NotFound(DomsnapError):
     code = grpc.StatusCode.NOT_FOUND
 
@@ -138,7 +143,7 @@ class InternalError(DomsnapError):
 
 _BY_CODE: dict[grpc.StatusCode, type[DomsnapError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: EventsExpired,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from domsnap.agent.catalogue import Entry
 from domsnap.agent.errors import EventsExpired, InvalidArgument
 from domsnap.agent.feed import Change, ChangeKind, Event, Feed
 from domsnap.agent.journal import KILL_ENV
@@ -126,7 +127,7 @@ def test_a_retried_request_id_after_a_kill_gets_the_first_operation(host: Host) 
     async def start(service: AgentService) -> Operation:
         return await ids(service).once_operation(
             "uid=0", "CreateSnapshot", request,
-            lambda: service.create_snapshot(create_request(""), request.request_id), service.operations.get)
+            lambda: service.create_snapshot(create_request(""), request.request_id), service.operation)
 
     dies_after(host, start, "create:register")
     service = host.service()
@@ -134,16 +135,17 @@ def test_a_retried_request_id_after_a_kill_gets_the_first_operation(host: Host) 
     [first] = listed(host)
     op = asyncio.run(start(service))
     assert (op.state, op.snapshot) == (OpState.SUCCEEDED, first)
+    assert isinstance(op.result, Entry) and op.result.manifest.name == first
     assert listed(host) == [first], "the retry ran again"
     other = pb.CreateSnapshotRequest(request_id="retry-1", domain_name=DOMAIN, name="different")
     with pytest.raises(InvalidArgument, match="already used for a different request"):
         asyncio.run(ids(service).once_operation("uid=0", "CreateSnapshot", other, lambda: start(service),
-                                                service.operations.get))
+                                                service.operation))
     # Ids are per caller: another caller's same id is a new request.
     async def as_another_caller() -> Operation:
         return await finished(await ids(service).once_operation(
             "uid=1000", "CreateSnapshot", request,
-            lambda: service.create_snapshot(create_request("by-1000"), request.request_id), service.operations.get))
+            lambda: service.create_snapshot(create_request("by-1000"), request.request_id), service.operation))
 
     assert asyncio.run(as_another_caller()).id != op.id
 

@@ -267,7 +267,8 @@ class SnapshotAgentServicer:
         GetAgentInfo (or ListOperations) before listing, then watch from it;
         after a dropped stream or an agent restart, watch again from the last
         event's token. Nothing is missed and nothing repeated. A token older
-        than the feed keeps (`events_retention_days`, at most 100,000 events),
+        than the feed keeps (as long as operations: `operation_history_days`,
+        at most 100,000 events),
         or from another agent's state, is OUT_OF_RANGE with reason
         EVENTS_EXPIRED: list again and follow from a new token. The stream
         never ends on its own; the server pings it while it is idle.

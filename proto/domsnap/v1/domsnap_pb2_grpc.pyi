@@ -45,8 +45,8 @@ Errors leave as gRPC status codes with a human message and, in the
 google.rpc.ErrorInfo (AIP-193) with `domain` "domsnap.dev" and a stable
 UPPER_SNAKE `reason`; its `metadata` names the resources involved (keys
 among "domain", "snapshot", "path", "operation_id", "field", "request_id",
-"vdev", "file", "since"). The message is for people and may change; code reads the
-reason. Reasons, by code (each code's own name is the reason of a refusal
+"vdev", "file", "since"). The message is for people and may change; code
+reads the reason. Reasons, by code (each code's own name is the reason of a refusal
 no finer reason names):
 
   INVALID_ARGUMENT     FIELD_REQUIRED (metadata field), FIELD_TOO_LONG
@@ -92,6 +92,13 @@ no finer reason names):
   OUT_OF_RANGE         EVENTS_EXPIRED (since: a change feed token the
                        agent no longer holds the events after, or one of
                        another feed; list again, then watch anew)
+
+Transport. Clients may send HTTP/2 keepalive pings every 5 s or less
+often, also with no call open (a 10 s keepalive keeps an idle stream
+open); the agent pings a connection idle for 60 s and closes it when no
+answer comes within 20 s. A request is at most 2.1 MiB (its largest valid
+form: a 1 MiB cfg text and 256 overrides), a response at most 4 MiB:
+every list is paged under it.
 """
 
 from collections import abc as _abc
@@ -170,7 +177,8 @@ class SnapshotAgentStub:
     GetAgentInfo (or ListOperations) before listing, then watch from it;
     after a dropped stream or an agent restart, watch again from the last
     event's token. Nothing is missed and nothing repeated. A token older
-    than the feed keeps (`events_retention_days`, at most 100,000 events),
+    than the feed keeps (as long as operations: `operation_history_days`,
+    at most 100,000 events),
     or from another agent's state, is OUT_OF_RANGE with reason
     EVENTS_EXPIRED: list again and follow from a new token. The stream
     never ends on its own; the server pings it while it is idle.
@@ -227,7 +235,8 @@ class SnapshotAgentAsyncStub(SnapshotAgentStub):
     GetAgentInfo (or ListOperations) before listing, then watch from it;
     after a dropped stream or an agent restart, watch again from the last
     event's token. Nothing is missed and nothing repeated. A token older
-    than the feed keeps (`events_retention_days`, at most 100,000 events),
+    than the feed keeps (as long as operations: `operation_history_days`,
+    at most 100,000 events),
     or from another agent's state, is OUT_OF_RANGE with reason
     EVENTS_EXPIRED: list again and follow from a new token. The stream
     never ends on its own; the server pings it while it is idle.
@@ -395,7 +404,8 @@ class SnapshotAgentServicer(metaclass=_abc_1.ABCMeta):
         GetAgentInfo (or ListOperations) before listing, then watch from it;
         after a dropped stream or an agent restart, watch again from the last
         event's token. Nothing is missed and nothing repeated. A token older
-        than the feed keeps (`events_retention_days`, at most 100,000 events),
+        than the feed keeps (as long as operations: `operation_history_days`,
+        at most 100,000 events),
         or from another agent's state, is OUT_OF_RANGE with reason
         EVENTS_EXPIRED: list again and follow from a new token. The stream
         never ends on its own; the server pings it while it is idle.

@@ -324,6 +324,18 @@ VERB_LIST: tuple[Verb, ...] = (
         "cmd_operations",
     ),
     Verb(
+        "events",
+        "[<Domain>] [--since TOKEN] [--count N]",
+        "Follow the agent's change feed: operations, domains, snapshots",
+        (
+            arg("domain", nargs="?", metavar="<Domain>", help="only this domain's; default: every domain's"),
+            arg("--since", metavar="TOKEN", default="",
+                help="resume after this event's token (default: from now on)"),
+            arg("--count", metavar="N", type=int, default=0, help="stop after N events (default: never)"),
+        ),
+        "cmd_events",
+    ),
+    Verb(
         "info",
         "",
         "Get information about the agent and its hypervisor",

@@ -454,6 +454,20 @@ def cmd_operations(s: Session, ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_events(s: Session, ns: argparse.Namespace) -> int:
+    """The change feed, one line (or JSON object) per event as it comes; each
+    line ends with the token to resume from (--since)."""
+    for seen, event in enumerate(s.client.watch_events(ns.since, domain=ns.domain or "", timeout=None), 1):
+        if s.json:
+            s.out.write(views.json_text(views.to_dict(event), pretty=False) + "\n")
+        else:
+            s.print_lines([views.event_line(event, utc=s.utc)])
+        s.out.flush()
+        if seen == ns.count:
+            break
+    return EXIT_OK
+
+
 # ------------------------------------------------------- several agents ----
 
 # Agents asked at once by `-H a,b,...`; each gets --timeout seconds.

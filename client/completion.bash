@@ -13,14 +13,14 @@
 # The lists below copy the verb table of client/cli.py (VERB_LIST);
 # tests/unit/test_docs.py fails when they disagree with it.
 
-_domsnap_commands="list create destroy pause unpause cd-insert cd-eject snapshot-create snapshot-revert snapshot-list snapshot-info snapshot-delete snapshot-current snapshot-edit snapshot-dumpmanifest watch cancel operations info help"
+_domsnap_commands="list create destroy pause unpause cd-insert cd-eject snapshot-create snapshot-revert snapshot-list snapshot-info snapshot-delete snapshot-current snapshot-edit snapshot-dumpmanifest watch cancel operations events info help"
 
 # Accepted before the subcommand and, except --version, after it too.
 _domsnap_global_opts="-H --json --utc -t --timeout --request-id --ca --cert --key -h --help"
 _domsnap_top_only_opts="--version"
 
 # Options that take a value: the next word is not an option or a positional.
-_domsnap_value_opts="-H -t --timeout --request-id --ca --cert --key --name --path --description --parent --rename"
+_domsnap_value_opts="-H -t --timeout --request-id --ca --cert --key --name --path --description --parent --rename --since --count"
 
 # The options of one subcommand.
 _domsnap_verb_opts() {
@@ -32,6 +32,7 @@ _domsnap_verb_opts() {
         snapshot-list) echo "--tree --parent --roots --leaves --name" ;;
         snapshot-delete) echo "--children --dry-run" ;;
         snapshot-edit) echo "--description --rename" ;;
+        events) echo "--since --count" ;;
     esac
 }
 
@@ -47,7 +48,7 @@ _domsnap_verb_args() {
         cd-eject) echo "domain vdev" ;;
         snapshot-create) echo "domain file-or-path..." ;;
         snapshot-revert) echo "domain snapshot-or-file" ;;
-        snapshot-list | operations) echo "domain" ;;
+        snapshot-list | operations | events) echo "domain" ;;
         snapshot-info | snapshot-delete | snapshot-edit | snapshot-dumpmanifest) echo "domain snapshot" ;;
         watch | cancel) echo "operation" ;;
         help) echo "command" ;;

@@ -295,6 +295,20 @@ def operation_table(operations: Iterable[pb.Operation], *, utc: bool = False) ->
     return table(("ID", "Kind", "Domain", "Snapshot", "State", "Progress", "Started"), rows)
 
 
+def event_line(ev: pb.Event, *, utc: bool = False) -> str:
+    """`<time> <what> <domain> [snapshot=..] [operation=.. <state>] token=..`"""
+    words = [local_time(ev.time, utc=utc), enum_word(pb.EventKind.Name(ev.kind), "EVENT_KIND_"), ev.domain]
+    if ev.snapshot:
+        words.append(f"snapshot={ev.snapshot}")
+    if ev.previous_name:
+        words.append(f"was={ev.previous_name}")
+    if ev.operation_id:
+        words.append(f"operation={ev.operation_id}")
+    if ev.operation_state:
+        words.append(operation_state_word(ev.operation_state))
+    return " ".join([*words, f"token={ev.token}"])
+
+
 # ------------------------------------------------------------- dry runs ----
 
 

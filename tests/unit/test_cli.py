@@ -645,6 +645,30 @@ def test_operations_watch_cancel(agent: Agent, capsys: pytest.CaptureFixture[str
     assert capsys.readouterr().out.startswith("Snapshot s1 of web created")
 
 
+def test_events_follow_the_feed_from_a_token(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
+    agent.fake.feed = [
+        pb.Event(token="e-8", time=ts(T0), kind=pb.EVENT_KIND_OPERATION, domain="web", snapshot="s1",
+                 operation_id="op-1", operation_state=pb.OPERATION_STATE_SUCCEEDED),
+        pb.Event(token="e-9", time=ts(T0 + 1), kind=pb.EVENT_KIND_SNAPSHOT_CREATED, domain="web", snapshot="s1"),
+        pb.Event(token="e-10", time=ts(T0 + 2), kind=pb.EVENT_KIND_DOMAIN_PAUSED, domain="web"),
+    ]
+    assert agent.run("--utc", "events", "web", "--since", "e-7", "--count", "2") == 0
+    request = agent.fake.last("WatchEvents")
+    assert (request.since, request.domain) == ("e-7", "web")  # type: ignore[attr-defined]
+    assert capsys.readouterr().out.splitlines() == [
+        "2026-11-18 11:06:40 UTC operation web snapshot=s1 operation=op-1 succeeded token=e-8",
+        "2026-11-18 11:06:41 UTC snapshot-created web snapshot=s1 token=e-9"]
+    assert agent.run("--json", "events", "--count", "1") == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "operation"
+
+
+def test_events_from_a_token_the_agent_no_longer_holds(agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
+    agent.fake.fail["WatchEvents"] = (grpc.StatusCode.OUT_OF_RANGE, "event token 'e-1' is older than the events "
+                                      "this agent keeps: list again")
+    assert agent.run("events", "--since", "e-1") != 0
+    assert_one_error_line(capsys.readouterr().err, "list again")
+
+
 # ------------------------------------------------------------- progress ----
 
 

@@ -18,20 +18,23 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str, *, mode: int = 0o600) -> None:
+def write_atomic(path: Path, text: str, *, mode: int = 0o600, durable: bool = True) -> None:
     """Replace `path` with `text`: written beside it, fsynced, renamed over it,
     the directory fsynced. A crash leaves the old content or the new, never half.
     Private to root and the agent by default: the state dir holds domains'
-    configs and the journal."""
+    configs and the journal. Not `durable`: no fsync, so the new content
+    survives the agent's death (it is in the page cache), not a power cut."""
     tmp = path.with_name(path.name + ".tmp")
     # No following a symlink planted at the temporary name.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     with open(fd, "w") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_path(path.parent)
+    if durable:
+        fsync_path(path.parent)
 
 
 class NotRegularFile(OSError):

@@ -170,7 +170,7 @@ class AgentService:
         return op
 
     def _recovered(self, op: Operation, error: DomsnapError | None) -> None:
-        """A journaled operation of a dead agent, with the outcome of its recovery, listed and recorded."""
+        """An operation a dead agent ran, with the outcome of its recovery, listed, recorded and told."""
         op.state, op.error, op.finished_at = (OpState.SUCCEEDED if error is None else OpState.FAILED), error, time()
         op.progress = Progress(Phase.RECOVERED, 100.0, message="finished by the agent started after it")
         self.operations.add_finished([op])

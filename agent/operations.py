@@ -243,10 +243,12 @@ class Operations:
         else:
             op._finish(OpState.CANCELLED if isinstance(op.error, Cancelled) else OpState.FAILED)
         self._tell(op, finished=True)
+        # The feed first (no fsync): an agent killed before the record below
+        # leaves the outcome there, where the next one finds it.
+        self._changed(op)
         if self._recorder is not None:
             # Off the event loop: the record's fsync would stall every call answered meanwhile.
             await asyncio.to_thread(self._recorder.record, op)
-        self._changed(op)
 
     def _changed(self, op: Operation) -> None:
         if self._on_change is None:

@@ -135,9 +135,7 @@ class AgentService:
         journaled = {entry.op_id for entry in entries}
         for op in recorded:
             if op.state not in FINAL and op.id not in journaled:
-                self._recovered(op, InternalError(
-                    "the agent stopped while this operation ran, before its first journaled step (nothing was "
-                    "done) or after its last (it was done): see the snapshot list"))
+                self._unjournaled(op)
         for entry in entries:
             procedure = self._procedures[entry.kind]
             op = Operation(entry.op_id, OpKind(entry.kind), entry.domain, entry.snapshot, entry.request_id)
@@ -156,6 +154,24 @@ class AgentService:
             self._recovered(op, None if outcome == "completed" else InternalError(
                 f"the agent stopped during this operation; the agent started after it: {outcome}"))
         return len(entries)
+
+    def _unjournaled(self, op: Operation) -> None:
+        """An operation a dead agent ran that left no journal entry: it died
+        before the first step, or after the last (the feed then has the
+        outcome, told before the final record is written, unless it died
+        within the few statements between)."""
+        told = self.feed.operation_state(op.id)
+        if told not in {str(s) for s in FINAL}:
+            self._recovered(op, InternalError(
+                "the agent stopped while this operation ran, before its first journaled step (nothing was done) "
+                "or just after its last (it was done): see the snapshot list"))
+            return
+        op.state, op.finished_at = OpState(told), time()
+        if op.state != OpState.SUCCEEDED:
+            op.error = InternalError("the agent stopped before it recorded why this operation ended "
+                                     f"{op.state}")
+        self.operations.add_finished([op])
+        self._history.record(op)
 
     async def operation(self, op_id: str) -> Operation:
         """An operation by id; one a previous agent ran answers its snapshot

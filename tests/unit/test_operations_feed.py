@@ -18,7 +18,7 @@ from domsnap.agent.catalogue import Entry
 from domsnap.agent.errors import EventsExpired, InvalidArgument
 from domsnap.agent.feed import Change, ChangeKind, Event, Feed
 from domsnap.agent.journal import KILL_ENV
-from domsnap.agent.op_history import DAY
+from domsnap.agent.op_history import DAY, History
 from domsnap.agent.operations import Operation, OpKind, OpState
 from domsnap.agent.request_ids import RequestIds
 from domsnap.agent.service import AgentService, OperationFilter
@@ -114,8 +114,20 @@ def test_an_operation_killed_before_its_first_step_is_listed_failed(host: Host) 
     assert asyncio.run(service.recover()) == 0
     [op] = asyncio.run(service.list_operations(OperationFilter(request_id="req-2"))).operations
     assert op.state is OpState.FAILED and op.error is not None
-    assert "before its first journaled step" in op.error.message
+    assert "before its first journaled step (nothing was done)" in op.error.message
     assert listed(host) == []
+
+
+def test_an_outcome_the_feed_told_before_the_agent_died_is_kept(host: Host) -> None:
+    """Killed between the feed's final event and the final record: the feed's word stands, told once."""
+    op = Operation("0123456789abcdef", OpKind.DELETE, DOMAIN, "gone", "req-3")
+    History(host.state_dir).record(op)
+    token = host.service().feed.token()
+    host.service().feed.append(Change(ChangeKind.OPERATION, DOMAIN, "gone", op.id, "succeeded", "delete"))
+    service = host.service()
+    assert asyncio.run(service.recover()) == 0
+    assert service.operations.get(op.id).state is OpState.SUCCEEDED
+    assert len(feed_after(host, token)) == 1
 
 
 def test_a_retried_request_id_after_a_kill_gets_the_first_operation(host: Host) -> None:

@@ -46,6 +46,9 @@ STRING_LIMITS: dict[str, int] = {
     "overrides": OVERRIDE,
     # An opaque listing position the agent made (a name and a domain at most).
     "page_token": 2 * PATH,
+    # A group snapshot's id (the coordinator's choice), and its members: DOMAIN@ADDR.
+    "id": ID,
+    "members": NAME + 1 + PATH,
 }
 # Items per repeated field, by field name.
 REPEATED_LIMITS: dict[str, int] = {"overrides": MAX_OVERRIDES}

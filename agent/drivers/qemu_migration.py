@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import time
@@ -25,6 +26,8 @@ from qemu.qmp import EventListener
 from ..errors import AlreadyExists, FailedPrecondition, InternalError, ResourceExhausted
 from ..progress import StepProgress
 from .qmp import QmpSession
+
+log = logging.getLogger(__name__)
 
 FDNAME = "domsnap-memory"
 POLL = 0.1
@@ -43,6 +46,8 @@ HOLD_BANDWIDTH = 1 << 20
 # Held from when this much memory is left to copy in the first pass, checked this often.
 READY_BYTES = 16 << 20
 READY_POLL = 0.005
+# QEMU's rate-limit window (BUFFER_DELAY), with a margin.
+WINDOW = 0.15
 
 
 @dataclass(frozen=True)
@@ -193,11 +198,14 @@ async def _hold(qmp: QmpSession, watch: _Watch, before_pause: Callable[[], Await
     sent with the guest stopped, which then waits at pre-switchover."""
     if await watch.until_ready():
         await qmp.execute("migrate-set-parameters", {"max-bandwidth": HOLD_BANDWIDTH})
-    # (Else QEMU converged within the first pass: the guest is already paused.)
+    else:
+        log.info("live save: QEMU converged within its first pass; the guest waits paused")
     await before_pause()
     await qmp.execute("migrate-set-parameters", {"max-bandwidth": bandwidth})
-    info = await qmp.execute("query-migrate")
-    if info.get("status") == "active":
+    # QEMU's migration thread sleeps out its rate-limit window (up to 100 ms)
+    # before it sees the new bandwidth: the guest runs on until it has, so
+    # that the wait is not part of its pause.
+    if await watch.until_awake():
         await qmp.execute("stop")
 
 
@@ -286,6 +294,19 @@ class _Watch:
                                        or int(ram.get("remaining", READY_BYTES + 1)) <= READY_BYTES):
                 return True
             await asyncio.sleep(READY_POLL)
+
+    async def until_awake(self) -> bool:
+        """Until a held save syncs memory again at full bandwidth (True, still active), or it is no longer
+        active (False), or a rate-limit window went by."""
+        info = await self._qmp.execute("query-migrate")
+        syncs = int(info.get("ram", {}).get("dirty-sync-count", 0))
+        deadline = time.monotonic() + WINDOW
+        while info.get("status") == "active":
+            if int(info.get("ram", {}).get("dirty-sync-count", 0)) > syncs or time.monotonic() > deadline:
+                return True
+            await asyncio.sleep(READY_POLL)
+            info = await self._qmp.execute("query-migrate")
+        return False
 
     async def _adapt(self, passes: int) -> None:
         # Another pass over memory (dirty-sync-count went up): the last limit

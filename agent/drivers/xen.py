@@ -281,7 +281,8 @@ class XenDriver(Hypervisor):
         block = self.block_ops(domain.name)
         if before_pause is not None:
             # xl pre-copies and pauses in one command: a group's member waits
-            # before either, so its pause includes its whole live save.
+            # before either, so the members that paused first wait for its
+            # whole live save.
             await before_pause()
         # A paused guest makes no progress to pre-copy against: save it as is.
         if live and domain.state is RunState.RUNNING:

@@ -78,6 +78,9 @@ def main() -> int:
                         client.delete_snapshot(name, f"one-{tag}")
                     group.delete(f"all-{tag}", members)
         finally:
+            # Domains outlive their agent: none is left running.
+            for name in names:
+                agent.cli("destroy", name)
             agent.stop()
     ratio = statistics.median(member) / statistics.median(single)
     worst_ratio = statistics.median(worst) / statistics.median(single)

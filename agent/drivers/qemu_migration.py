@@ -43,8 +43,10 @@ UNLIMITED_BANDWIDTH = 1 << 40
 # keeps copying what the guest dirties without ever stopping it by itself.
 HOLD_DOWNTIME_MS = 1
 HOLD_BANDWIDTH = 1 << 20
-# Held from when this much memory is left to copy in the first pass, checked this often.
-READY_BYTES = 16 << 20
+# Held from when a quarter of the first pass is left to copy (at least 16 MiB,
+# at most 64): the end of a pass over untouched memory goes by faster than a
+# QMP round trip, and QEMU may converge there. Checked this often:
+READY_BYTES = (16 << 20, 64 << 20)
 READY_POLL = 0.005
 # QEMU's rate-limit window (BUFFER_DELAY), with a margin.
 WINDOW = 0.15
@@ -290,8 +292,10 @@ class _Watch:
             if status not in ("setup", "active"):
                 _raise_failed(info, "writing the memory image")
             ram = info.get("ram", {})
+            least, most = READY_BYTES
+            ready = max(least, min(int(ram.get("total", 0)) // 4, most))
             if status == "active" and (int(ram.get("dirty-sync-count", 0)) > 1
-                                       or int(ram.get("remaining", READY_BYTES + 1)) <= READY_BYTES):
+                                       or int(ram.get("remaining", ready + 1)) <= ready):
                 return True
             await asyncio.sleep(READY_POLL)
 

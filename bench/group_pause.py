@@ -17,17 +17,28 @@ import argparse
 import statistics
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.snapshot_pause import machine, publish
 from domsnap.client import Client, group
+from domsnap.v1 import domsnap_pb2 as pb
 from testbed import guestprobe
 from testbed.harness import Agent, guest_config, make_disk
 
 
 def _ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:.0f} ms ({min(values) * 1000:.0f}-{max(values) * 1000:.0f})"
+
+
+def _pause(snap: pb.Snapshot) -> float:
+    return (snap.resumed_at.ToNanoseconds() - snap.paused_at.ToNanoseconds()) / 1e9
+
+
+def _all_at_once(client: Client, names: list[str], snapshot: str) -> list[pb.Snapshot]:
+    with ThreadPoolExecutor(len(names)) as pool:
+        return list(pool.map(lambda n: client.create_snapshot(n, name=snapshot, live=True), names))
 
 
 def main() -> int:
@@ -40,6 +51,7 @@ def main() -> int:
     started = datetime.now(UTC)
     load_before = machine()
     single: list[float] = []
+    parallel: list[float] = []
     member: list[float] = []
     worst: list[float] = []
     spread: list[float] = []
@@ -64,8 +76,9 @@ def main() -> int:
                 for r in range(args.repeat):
                     tag = f"r{r}-{uuid.uuid4().hex[:4]}"
                     for name in names:
-                        snap = client.create_snapshot(name, name=f"one-{tag}", live=True)
-                        single.append(snap.resumed_at.ToNanoseconds() / 1e9 - snap.paused_at.ToNanoseconds() / 1e9)
+                        single.append(_pause(client.create_snapshot(name, name=f"one-{tag}", live=True)))
+                    # The same guests snapshotted at once without a barrier: what running them together costs.
+                    parallel.extend(_pause(s) for s in _all_at_once(client, names, f"par-{tag}"))
                     snaps = group.create(f"all-{tag}", members, live=True)
                     paused = [s.paused_at.ToNanoseconds() / 1e9 for s in snaps.values()]
                     resumed = [s.resumed_at.ToNanoseconds() / 1e9 for s in snaps.values()]
@@ -76,6 +89,7 @@ def main() -> int:
                     spread.append(max(paused) - min(paused))
                     for name in names:
                         client.delete_snapshot(name, f"one-{tag}")
+                        client.delete_snapshot(name, f"par-{tag}")
                     group.delete(f"all-{tag}", members)
         finally:
             # Domains outlive their agent: none is left running.
@@ -84,25 +98,28 @@ def main() -> int:
             agent.stop()
     ratio = statistics.median(member) / statistics.median(single)
     worst_ratio = statistics.median(worst) / statistics.median(single)
+    barrier = statistics.median(member) / statistics.median(parallel)
     text = f"""# Group snapshot pause against a single live snapshot ({started:%Y-%m-%d %H:%M} UTC)
 
 Machine: {load_before} (at the start); {machine().rsplit(", ", 1)[-1]} at the end.
 This machine is shared with other work while it runs (other engineers' tests
 and guests): figures are noisy, compare only within this table.
 
-{args.members} guests of {args.size} MiB (the test guest, idle but for its counter), one domsnapd, live
-snapshots (pre-copy), {args.repeat} rounds; in each round every guest is snapshotted alone, then all
-{args.members} as one group. Pause: QEMU's STOP to RESUME (the manifests' paused_at, resumed_at).
-Median (min-max).
+{args.members} guests of {args.size} MiB (the test guest, idle but for its counter), one domsnapd,
+live snapshots (pre-copy), {args.repeat} rounds; in each round every guest is snapshotted alone,
+then all at once as {args.members} independent snapshots, then all {args.members} as one group.
+Pause: QEMU's STOP to RESUME (the manifests' paused_at, resumed_at). Median (min-max).
 
 | | pause |
 |---|---|
 | single live snapshot, per guest ({len(single)}) | {_ms(single)} |
+| {args.members} single live snapshots at once, no barrier, per guest ({len(parallel)}) | {_ms(parallel)} |
 | group of {args.members}, per member ({len(member)}) | {_ms(member)} |
 | group of {args.members}, the longest member's pause per group ({len(worst)}) | {_ms(worst)} |
 | group of {args.members}, first to last member paused | {_ms(spread)} |
 
 Ratio of medians, group member / single: **{ratio:.2f}x** (longest member: {worst_ratio:.2f}x); goal: at most 2x.
+Group member / the same snapshots at once without a barrier: {barrier:.2f}x.
 """
     publish(f"group-pause-{started:%Y%m%dT%H%M}", text)
     return 0

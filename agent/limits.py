@@ -46,9 +46,11 @@ STRING_LIMITS: dict[str, int] = {
     "overrides": OVERRIDE,
     # An opaque listing position the agent made (a name and a domain at most).
     "page_token": 2 * PATH,
-    # A group snapshot's id (the coordinator's choice), and its members: DOMAIN@ADDR.
+    # A group snapshot's id (the coordinator's choice), and its members:
+    # DOMAIN@ADDR, ADDR a socket path (108 bytes at most) or HOST:PORT (a DNS
+    # name is 253 at most). Every member is in every member's manifest.
     "id": ID,
-    "members": NAME + 1 + PATH,
+    "members": NAME + 1 + 253 + 1 + 5 + 2,
 }
 # Items per repeated field, by field name.
 REPEATED_LIMITS: dict[str, int] = {"overrides": MAX_OVERRIDES}

@@ -180,7 +180,7 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
                                             new_name=request.new_name, request_id=request.request_id)
         return convert.snapshot(entry, (await _sizes([entry]))[0])
 
-    async def GroupSnapshot(self, requests: AsyncIterator[pb.GroupSnapshotCommand], context: Ctx,
+    async def GroupSnapshot(self, requests: AsyncIterator[pb.GroupSnapshotRequest], context: Ctx,
                             ) -> AsyncIterator[pb.GroupSnapshotEvent]:
         first = await anext(aiter(requests), None)
         if first is None or first.command != pb.GROUP_COMMAND_PREPARE:
@@ -206,7 +206,7 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
                 task.cancel()
 
 
-async def _commands(requests: AsyncIterator[pb.GroupSnapshotCommand], gate: Gate) -> None:
+async def _commands(requests: AsyncIterator[pb.GroupSnapshotRequest], gate: Gate) -> None:
     """The coordinator's commands after PREPARE, to the gate; a call that ends is the coordinator gone."""
     try:
         async for request in requests:

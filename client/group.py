@@ -124,7 +124,7 @@ class Listing:
 class _MemberCall:
     """One member's GroupSnapshot call: commands in, events out."""
 
-    def __init__(self, member: Member, client: AsyncClient, prepare: pb.GroupSnapshotCommand,
+    def __init__(self, member: Member, client: AsyncClient, prepare: pb.GroupSnapshotRequest,
                  on_progress: GroupProgress | None) -> None:
         self.member = member
         self._commands: asyncio.Queue[pb.GroupCommand.ValueType | None] = asyncio.Queue()
@@ -134,11 +134,11 @@ class _MemberCall:
         self.operation: pb.Operation | None = None
         self.ended = False
 
-    async def _requests(self, prepare: pb.GroupSnapshotCommand) -> AsyncIterator[pb.GroupSnapshotCommand]:
+    async def _requests(self, prepare: pb.GroupSnapshotRequest) -> AsyncIterator[pb.GroupSnapshotRequest]:
         yield prepare
         # Open until the call ends: an agent takes a closed request stream for a coordinator gone.
         while (command := await self._commands.get()) is not None:
-            yield pb.GroupSnapshotCommand(command=command)
+            yield pb.GroupSnapshotRequest(command=command)
 
     def send(self, command: pb.GroupCommand.ValueType) -> None:
         self._commands.put_nowait(command)
@@ -244,7 +244,7 @@ async def create_async(name: str, members: Sequence[Member], *, live: bool = Fal
     try:
         for m in members:
             create = calls.create_request(m.domain, name=name, live=live, description=description)
-            prepare = pb.GroupSnapshotCommand(command=pb.GROUP_COMMAND_PREPARE, create=create, group=group,
+            prepare = pb.GroupSnapshotRequest(command=pb.GROUP_COMMAND_PREPARE, create=create, group=group,
                                               lease_seconds=lease)
             running.append(_MemberCall(m, clients[m.address], prepare, on_progress))
         try:

@@ -238,7 +238,7 @@ class FakeAgent(pb_grpc.SnapshotAgentServicer):
         return self._stream("WatchOperation", request, context)
 
     def GroupSnapshot(
-        self, requests: Iterator[pb.GroupSnapshotCommand], context: grpc.ServicerContext
+        self, requests: Iterator[pb.GroupSnapshotRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.GroupSnapshotEvent]:
         # The CLI's group verbs run against real agents (tests/integration/test_group.py).
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the fake")

@@ -1671,7 +1671,7 @@ class SnapshotGroup(_message.Message):
 Global___SnapshotGroup: _TypeAlias = SnapshotGroup  # noqa: Y015
 
 @_typing.final
-class GroupSnapshotCommand(_message.Message):
+class GroupSnapshotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMAND_FIELD_NUMBER: _builtins.int
@@ -1706,7 +1706,7 @@ class GroupSnapshotCommand(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GroupSnapshotCommand: _TypeAlias = GroupSnapshotCommand  # noqa: Y015
+Global___GroupSnapshotRequest: _TypeAlias = GroupSnapshotRequest  # noqa: Y015
 
 @_typing.final
 class GroupBarrier(_message.Message):

@@ -121,7 +121,7 @@ class SnapshotAgentStub:
                 _registered_method=True)
         self.GroupSnapshot = channel.stream_stream(
                 '/domsnap.v1.SnapshotAgent/GroupSnapshot',
-                request_serializer=domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotCommand.SerializeToString,
+                request_serializer=domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotRequest.SerializeToString,
                 response_deserializer=domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotEvent.FromString,
                 _registered_method=True)
 
@@ -354,7 +354,7 @@ def add_SnapshotAgentServicer_to_server(servicer, server):
             ),
             'GroupSnapshot': grpc.stream_stream_rpc_method_handler(
                     servicer.GroupSnapshot,
-                    request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotCommand.FromString,
+                    request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotRequest.FromString,
                     response_serializer=domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotEvent.SerializeToString,
             ),
     }
@@ -842,7 +842,7 @@ class SnapshotAgent:
             request_iterator,
             target,
             '/domsnap.v1.SnapshotAgent/GroupSnapshot',
-            domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotCommand.SerializeToString,
+            domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotRequest.SerializeToString,
             domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotEvent.FromString,
             options,
             channel_credentials,

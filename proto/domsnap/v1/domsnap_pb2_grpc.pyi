@@ -152,7 +152,7 @@ class SnapshotAgentStub:
     GetSnapshot: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.GetSnapshotRequest, _domsnap_pb2.Snapshot]
     EditSnapshot: _grpc.UnaryUnaryMultiCallable[_domsnap_pb2.EditSnapshotRequest, _domsnap_pb2.Snapshot]
     """Change a snapshot's description or name. Returns the snapshot as it is now."""
-    GroupSnapshot: _grpc.StreamStreamMultiCallable[_domsnap_pb2.GroupSnapshotCommand, _domsnap_pb2.GroupSnapshotEvent]
+    GroupSnapshot: _grpc.StreamStreamMultiCallable[_domsnap_pb2.GroupSnapshotRequest, _domsnap_pb2.GroupSnapshotEvent]
     """One member of a group snapshot (one instant across several domains, on
     one or many agents), driven by its coordinator, the client library, one
     call per member. The first command is PREPARE (the member's create,
@@ -206,7 +206,7 @@ class SnapshotAgentAsyncStub(SnapshotAgentStub):
     GetSnapshot: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.GetSnapshotRequest, _domsnap_pb2.Snapshot]  # type: ignore[assignment]
     EditSnapshot: _aio.UnaryUnaryMultiCallable[_domsnap_pb2.EditSnapshotRequest, _domsnap_pb2.Snapshot]  # type: ignore[assignment]
     """Change a snapshot's description or name. Returns the snapshot as it is now."""
-    GroupSnapshot: _aio.StreamStreamMultiCallable[_domsnap_pb2.GroupSnapshotCommand, _domsnap_pb2.GroupSnapshotEvent]  # type: ignore[assignment]
+    GroupSnapshot: _aio.StreamStreamMultiCallable[_domsnap_pb2.GroupSnapshotRequest, _domsnap_pb2.GroupSnapshotEvent]  # type: ignore[assignment]
     """One member of a group snapshot (one instant across several domains, on
     one or many agents), driven by its coordinator, the client library, one
     call per member. The first command is PREPARE (the member's create,
@@ -363,7 +363,7 @@ class SnapshotAgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def GroupSnapshot(
         self,
-        request_iterator: _MaybeAsyncIterator[_domsnap_pb2.GroupSnapshotCommand],
+        request_iterator: _MaybeAsyncIterator[_domsnap_pb2.GroupSnapshotRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_domsnap_pb2.GroupSnapshotEvent], _abc.AsyncIterator[_domsnap_pb2.GroupSnapshotEvent]]:
         """One member of a group snapshot (one instant across several domains, on

@@ -102,7 +102,7 @@ class AsyncClient:
 
     async def unpause_domain(self, domain: str, *, request_id: str | None = None, timeout: float | None = None,
                              ) -> pb.Domain:
-        request = pb.UnpauseDomainRequest(request_id=calls.new_request_id(request_id), domain=domain)
+        request = pb.UnpauseDomainRequest(request_id=calls.new_request_id(request_id), **calls.domain_ref(domain))
         return await self._call(self.stub.UnpauseDomain, request, timeout)
 
     # -------------------------------------------------------------- snapshots

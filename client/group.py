@@ -43,6 +43,7 @@ from domsnap.v1 import domsnap_pb2 as pb
 from . import calls, connection, errors
 from .aio import AsyncClient
 from .fanout import fan_out_async
+from .views import enum_word, phase_word
 
 T = TypeVar("T")
 
@@ -93,12 +94,14 @@ class GroupError(errors.DomsnapError):
     def __init__(self, message: str, failures: Mapping[str, errors.DomsnapError]) -> None:
         first = next(iter(failures.values()))
         super().__init__(message + ": " + "; ".join(f"{m}: {e.message}" for m, e in failures.items()),
-                         code=first.code, reason=first.reason)
+                         code=first.code)
+        self.reason = first.reason
         self.failures = dict(failures)
 
 
-# Told each member's progress, and its barriers as phases "prepared" and "frozen".
-GroupProgress = Callable[[Member, pb.Progress], None]
+# Told each member's progress with its phase's word ("memory", "disks", ...), and
+# its barriers as the words "prepared" and "frozen" (with their time).
+GroupProgress = Callable[[Member, str, pb.Progress], None]
 
 
 @dataclass(frozen=True)
@@ -179,18 +182,19 @@ class _MemberCall:
 
     def _tell(self, event: pb.GroupSnapshotEvent) -> None:
         if event.HasField("reached"):
-            phase = pb.GroupPhase.Name(event.reached.phase).removeprefix("GROUP_PHASE_").lower()
-            progress = pb.Progress(phase=phase, message=f"{phase}, waiting for the other members",
-                                   time=event.reached.at)
+            word = enum_word(pb.GroupPhase.Name(event.reached.phase), "GROUP_PHASE_")
+            progress = pb.Progress(message="waiting for the other members", time=event.reached.at)
         elif event.operation.HasField("finished"):
             self.operation = event.operation.finished
             progress = self.operation.progress
+            word = phase_word(progress.phase)
         elif event.operation.HasField("progress"):
             progress = event.operation.progress
+            word = phase_word(progress.phase)
         else:
             return
         if self._on_progress is not None:
-            self._on_progress(self.member, progress)
+            self._on_progress(self.member, word, progress)
 
     def _failure(self, what: str) -> errors.DomsnapError:
         return errors.Unavailable(f"{self.member}: {what}", address=self.member.address)
@@ -337,7 +341,7 @@ async def revert_async(name: str, members: Sequence[Member], *, paused: bool = F
     await _members_of(name, members, deadline=deadline, ca=ca, cert=cert, key=key)
 
     async def revert(client: AsyncClient, m: Member) -> pb.Snapshot:
-        progress = (lambda p: on_progress(m, p)) if on_progress is not None else None
+        progress = (lambda p: on_progress(m, phase_word(p.phase), p)) if on_progress is not None else None
         return await client.revert_snapshot(m.domain, name, run_state="paused", force=force, on_progress=progress)
 
     reverted = await _per_member(members, revert, deadline=deadline, ca=ca, cert=cert, key=key)
@@ -382,7 +386,7 @@ async def delete_async(name: str, members: Sequence[Member], *, on_progress: Gro
     holders = [m for m, s in snaps.items() if s is not None]
 
     async def delete(client: AsyncClient, m: Member) -> pb.Operation:
-        progress = (lambda p: on_progress(m, p)) if on_progress is not None else None
+        progress = (lambda p: on_progress(m, phase_word(p.phase), p)) if on_progress is not None else None
         return await client.delete_snapshot(m.domain, name, on_progress=progress)
 
     deleted = await _per_member(holders, delete, deadline=deadline, ca=ca, cert=cert, key=key)

@@ -41,7 +41,7 @@ def cmd_group_snapshot_create(s: Session, ns: argparse.Namespace) -> int:
         return EXIT_OK
     for m, snap in snaps.items():
         s.out.write(f"{m}: snapshot {snap.name} in {snap.path}, guest paused "
-                    f"{views.human_duration(snap.downtime_seconds)}\n")
+                    f"{views.human_duration(snap.downtime.ToNanoseconds() / 1e9)}\n")
     return EXIT_OK
 
 

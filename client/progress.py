@@ -238,18 +238,19 @@ class MemberLines:
         self._clock = clock
         self._seen: dict[str, tuple[str, float]] = {}
 
-    def __call__(self, member: object, p: pb.Progress) -> None:
+    def __call__(self, member: object, word: str, p: pb.Progress) -> None:
         who = str(member)
         if self._json:
-            self._stream.write(json_text({"member": who, "progress": to_dict(p)}, pretty=False) + "\n")
+            self._stream.write(json_text({"member": who, "phase": word, "progress": to_dict(p)}, pretty=False)
+                               + "\n")
             self._stream.flush()
             return
         now = self._clock()
         phase, last = self._seen.get(who, ("", 0.0))
-        if p.phase == phase and now - last < LINE_INTERVAL:
+        if word == phase and now - last < LINE_INTERVAL:
             return
-        self._seen[who] = (p.phase, now)
-        line = f"{who}: {p.phase}" + (f" {p.percent:.0f}%" if p.percent else "") + (f" {p.message}" if p.message
-                                                                                   else "")
+        self._seen[who] = (word, now)
+        line = f"{who}: {word}" + (f" {p.percent:.0f}%" if p.percent else "") + (f" {p.message}" if p.message
+                                                                                 else "")
         self._stream.write(f"{time.strftime('%H:%M:%S', time.localtime(now))} {line}\n")
         self._stream.flush()

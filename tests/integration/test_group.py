@@ -79,7 +79,7 @@ def _check_instant(snaps: dict[group.Member, pb.Snapshot], name: str, pair: Pair
 def _create(pair: Pair, name: str, *, live: bool) -> tuple[dict[group.Member, pb.Snapshot], list[str]]:
     seen: list[str] = []
     snaps = group.create(name, pair.members, live=live,
-                         on_progress=lambda m, p: seen.append(f"{m.domain}:{p.phase}"))
+                         on_progress=lambda m, word, p: seen.append(f"{m.domain}:{word}"))
     return snaps, seen
 
 
@@ -147,8 +147,8 @@ from domsnap.client import group
 name, how, lease, *members = sys.argv[1:]
 members = group.parse_members(members)
 frozen = set()
-def on_progress(member, p):
-    if p.phase == "frozen":
+def on_progress(member, word, p):
+    if word == "frozen":
         frozen.add(member)
         if len(frozen) == len(members):
             print("FROZEN", flush=True)
@@ -185,7 +185,7 @@ def test_coordinator_gone_between_freeze_and_commit(pair: Pair, how: str) -> Non
         agent = g.agent
         assert not (agent.snapshot_root / g.name / name).exists(), "a member left its snapshot's directory"
         assert name not in [s.name for s in agent.stub().ListSnapshots(
-            pb.ListSnapshotsRequest(domain=g.name), timeout=30).snapshots]
+            pb.ListSnapshotsRequest(domain_name=g.name), timeout=30).snapshots]
         image = g.disks["xvda"][0]
         tags = subprocess.run(["qemu-img", "snapshot", "-l", "-U", str(image)], capture_output=True, text=True,
                               check=True).stdout

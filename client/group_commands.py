@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from . import progress, views
+from . import views
 from .exits import EXIT_OK, CliError, UsageError
 
 if TYPE_CHECKING:
     from . import group
     from .commands import Session
+    from .progress import MemberLines
 
 
 def _members(ns: argparse.Namespace) -> tuple[group.Member, ...]:
@@ -23,8 +24,11 @@ def _members(ns: argparse.Namespace) -> tuple[group.Member, ...]:
         raise UsageError(str(err)) from err
 
 
-def _lines(s: Session) -> progress.MemberLines:
-    return progress.MemberLines(json=s.json, out=s.out, err=s.err)
+def _lines(s: Session) -> MemberLines:
+    # Loaded here: `domsnap list` and the other reads start without the renderers.
+    from .progress import MemberLines
+
+    return MemberLines(json=s.json, out=s.out, err=s.err)
 
 
 def cmd_group_snapshot_create(s: Session, ns: argparse.Namespace) -> int:

@@ -64,7 +64,7 @@ _AGENT = "/domsnap.v1.SnapshotAgent/"
 READ_ONLY_RPCS = ("GetAgentInfo", "ListDomains", "GetDomain", "ListSnapshots", "GetSnapshot", "ListOperations",
                   "WatchOperation", "GetOperation", "WatchEvents")
 ADMIN_RPCS = ("CreateDomain", "DestroyDomain", "PauseDomain", "UnpauseDomain", "ChangeMedium", "CreateSnapshot",
-              "RevertSnapshot", "DeleteSnapshot", "CancelOperation", "EditSnapshot")
+              "RevertSnapshot", "DeleteSnapshot", "CancelOperation", "EditSnapshot", "GroupSnapshot")
 
 # The role each RPC needs, by gRPC method path. Not listed: admin.
 RPC_ROLES: Mapping[str, Role] = {

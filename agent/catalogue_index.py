@@ -29,8 +29,8 @@ from .sqlite_file import open_db
 log = logging.getLogger(__name__)
 
 FILE = "catalogue.sqlite"
-# 2: listings carry uids, resource names and Durations.
-SCHEMA_VERSION = 2
+# 2: listings carry uids, resource names and Durations; 3: a snapshot's group and pause times.
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE snapshots (
     domain TEXT NOT NULL,

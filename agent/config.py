@@ -108,6 +108,9 @@ class AgentConfig:
     max_connections_per_user: int = 64
     # How long the records of finished operations are kept (listed after a restart).
     operation_history_days: int = 30
+    # The longest a group snapshot's coordinator may leave a member waiting
+    # (its guest paused, at worst) before the member resumes and rolls back.
+    group_lease_max_seconds: int = 60
     qemu: QemuConfig = field(default_factory=QemuConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     testing: TestingConfig = field(default_factory=TestingConfig)
@@ -250,6 +253,8 @@ def load(path: Path | None, **overrides: Any) -> AgentConfig:
         raise InvalidArgument(f"log_level {config.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
     if config.operation_history_days <= 0:
         raise InvalidArgument(f"operation_history_days {config.operation_history_days}: expected more than 0")
+    if config.group_lease_max_seconds < 1:
+        raise InvalidArgument(f"group_lease_max_seconds {config.group_lease_max_seconds}: expected at least 1")
     if config.max_connections_per_user < 1:
         raise InvalidArgument(f"max_connections_per_user {config.max_connections_per_user}: expected at least 1")
     if config.max_chain_depth < 1:

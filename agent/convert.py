@@ -15,6 +15,8 @@ from .catalogue import Entry, Page
 from .domain import Domain, RunState
 from .errors import DomsnapError, RevertRisky, Risk
 from .feed import ChangeKind, Event
+from .group_gate import Command, Group
+from .group_gate import Phase as GatePhase
 from .manifest import Manifest
 from .operations import Finished, Operation, OpKind, OpState, Started
 from .progress import Phase, Progress
@@ -122,6 +124,10 @@ def snapshot(entry: Entry, size_bytes: int = 0, *, with_manifest: bool = False) 
         driver=m.driver, hypervisor_version=m.hypervisor_version, downtime=duration(m.downtime),
         manifest=m.to_json() if with_manifest else "", uid=m.snapshot_uid(),
         resource_name=f"domains/{m.domain}/snapshots/{m.name}", domain_uid=m.domain_uid,
+        group=pb.SnapshotGroup(id=m.group["id"], name=m.group["name"], members=m.group["members"]) if m.group
+        else None,
+        paused_at=timestamp(m.paused_at) if m.paused_at else None,
+        resumed_at=timestamp(m.resumed_at) if m.resumed_at else None,
     )
 
 
@@ -248,3 +254,19 @@ def feed_event(ev: Event) -> pb.Event:
     if c.operation_kind:
         msg.operation_kind = _KIND[OpKind(c.operation_kind)]
     return msg
+_GROUP_COMMAND = {pb.GROUP_COMMAND_FREEZE: Command.FREEZE, pb.GROUP_COMMAND_COMMIT: Command.COMMIT,
+                  pb.GROUP_COMMAND_ABORT: Command.ABORT}
+_GROUP_PHASE = {GatePhase.PREPARED: pb.GROUP_PHASE_PREPARED, GatePhase.FROZEN: pb.GROUP_PHASE_FROZEN}
+
+
+def group_command(value: pb.GroupCommand.ValueType) -> Command | None:
+    """A command after PREPARE; None for one that has no place there."""
+    return _GROUP_COMMAND.get(value)
+
+
+def group(g: pb.SnapshotGroup) -> Group:
+    return Group(g.id, g.name, tuple(g.members))
+
+
+def group_reached(phase: GatePhase, at: float) -> pb.GroupSnapshotEvent:
+    return pb.GroupSnapshotEvent(reached=pb.GroupBarrier(phase=_GROUP_PHASE[phase], at=timestamp(at)))

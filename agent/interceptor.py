@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the stubs' generics do not exist at run time
     Handler = grpc.RpcMethodHandler[Any, Any]
     Unary = Callable[[Any, Ctx], Awaitable[Any]]
     Streaming = Callable[[Any, Ctx], AsyncIterator[Any]]
+    Bidi = Callable[[AsyncIterator[Any], Ctx], AsyncIterator[Any]]
 
 
 def _to_error(exc: Exception) -> DomsnapError:
@@ -106,4 +107,26 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
+        if handler.stream_stream is not None and inspect.isasyncgenfunction(handler.stream_stream):
+            inner_bidi = cast("Bidi", handler.stream_stream)
+
+            async def bidi(requests: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
+                call = _Call(method, context)
+                try:
+                    async for item in inner_bidi(_checked(requests), context):
+                        yield item
+                except Exception as exc:
+                    await call.fail(exc)
+                call.ok()
+
+            return grpc.stream_stream_rpc_method_handler(
+                bidi, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
         return handler
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A request stream whose every message is checked against the limits as it comes."""
+    async for request in requests:
+        check_request(request)
+        yield request

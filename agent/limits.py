@@ -48,6 +48,11 @@ STRING_LIMITS: dict[str, int] = {
     "page_token": 2 * PATH,
     # A change feed token (an epoch and a number).
     "since": ID,
+    # A group snapshot's id (the coordinator's choice), and its members:
+    # DOMAIN@ADDR, ADDR a socket path (108 bytes at most) or HOST:PORT (a DNS
+    # name is 253 at most). Every member is in every member's manifest.
+    "id": ID,
+    "members": NAME + 1 + 253 + 1 + 5 + 2,
 }
 # Items per repeated field, by field name.
 REPEATED_LIMITS: dict[str, int] = {"overrides": MAX_OVERRIDES}

@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import DomsnapError, FailedPrecondition, NotFound
 from .fsutil import read_regular, write_atomic
+from .group_gate import Group
 from .names import check_domain_name, check_name
 from .storage.base import DiskRecord
 from .xldisk import valid_vdev
@@ -57,6 +58,12 @@ class Manifest:
     # The snapshot's and its domain's uids (UUIDs); older manifests have none.
     uid: str = ""
     domain_uid: str = ""
+    # The group snapshot this one is a member of ({} for none): its id, name
+    # and members (see group_gate.Group).
+    group: dict[str, Any] = field(default_factory=dict)
+    # Wall-clock seconds when the guest paused for the instant and resumed (0: not recorded).
+    paused_at: float = 0.0
+    resumed_at: float = 0.0
 
     def snapshot_uid(self) -> str:
         """The uid, or for a manifest older than uids one derived from what never changes: the domain and
@@ -98,10 +105,12 @@ class Manifest:
                 raise TypeError(f"{f.name}: {type(value).__name__}, not {f.type}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in dict(self.facts).items()):
             raise TypeError("facts: not a map of strings")
-        for when in (self.created_at, self.finished_at):
+        for when in (self.created_at, self.finished_at, self.paused_at, self.resumed_at):
             # What a protobuf Timestamp can carry (years 1 to 9999): the listing sends them.
             if not _FIRST_SECOND <= when <= _LAST_SECOND:
                 raise ValueError(f"time {when!r}: not a time of years 1 to 9999")
+        if self.group:
+            Group.from_dict(self.group)
         check_name("snapshot", self.name)
         check_domain_name(self.domain)
         if self.parent:

@@ -22,6 +22,7 @@ from .domain import Domain, DomainConfig, RunState
 from .drivers.base import Hypervisor
 from .errors import DomsnapError, FailedPrecondition, InternalError, InvalidArgument, NotFound
 from .feed import Change, ChangeKind, Feed
+from .group_gate import Gate, Group, OnReached, lease_of
 from .journal import Journal, JournalEntry
 from .ledger import Ledger
 from .names import unique_name
@@ -314,14 +315,19 @@ class AgentService:
     async def plan_delete(self, domain: str, ref: str, children: bool) -> DeletePlan:
         return await self._delete.prepare(await self._domain_name(domain), ref, children)
 
-    async def create_snapshot(self, req: CreateRequest, request_id: str) -> Operation:
+    async def create_snapshot(self, req: CreateRequest, request_id: str, gate: Gate | None = None) -> Operation:
+        """A create; with `gate`, a group snapshot's member, which waits for its coordinator there."""
         domain = await self.driver.lookup(req.domain)
         # Validated before the operation exists: a refusal is one plain error.
         self.operations.check_idle(domain.name)
         req = self._named(domain.name, req)
         plan = await self._create.prepare(domain, req)
         return self.operations.start(OpKind.CREATE, domain.name, req.name, request_id,
-                                     lambda op: self._create.run(op, req, plan))
+                                     lambda op: self._create.run(op, req, plan, gate))
+
+    def group_gate(self, group: Group, lease_seconds: float, on_reached: OnReached) -> Gate:
+        """The gate of a group snapshot's member, under the lease asked for (within the agent's bound)."""
+        return Gate(group, lease_of(lease_seconds, self.config.group_lease_max_seconds), on_reached)
 
     async def revert_snapshot(self, req: RevertRequest, request_id: str) -> Operation:
         name = await self._domain_name(req.domain)

@@ -16,12 +16,13 @@ from . import convert, disk_usage, refs
 from .auth import current_identity
 from .catalogue import Entry
 from .domain import Domain
-from .errors import field_required
+from .errors import DomsnapError, InvalidArgument, field_required
+from .group_gate import Gate
 from .op_history import DAY
 from .operations import Finished, Operation, Started
 from .request_ids import RequestIds
 from .service import AgentService
-from .snapshot_create import parse_request
+from .snapshot_create import CreateRequest, parse_request
 from .snapshot_revert import RevertRequest, snapshot_ref
 
 if TYPE_CHECKING:  # the stubs' generics do not exist at run time
@@ -65,6 +66,13 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
 
     def _domain(self, request: Message, *, required: bool = True) -> str:
         return refs.domain(request, self._s.uids, required=required)
+
+    def _create_request(self, request: pb.CreateSnapshotRequest) -> CreateRequest:
+        return parse_request(
+            self._domain(request), name=request.name, live=request.live, method=convert.method_from_pb(request.method),
+            path=request.path, description=request.description, cfg_text=request.config,
+            overrides=tuple(request.overrides), cfg_name=request.config_name,
+        )
 
     def _answer(self, d: Domain, *, full: bool = True) -> pb.Domain:
         op = self._s.operations.busy_with(d.name)
@@ -111,11 +119,7 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
 
     async def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
-        req = parse_request(
-            self._domain(request), name=request.name, live=request.live, method=convert.method_from_pb(request.method),
-            path=request.path, description=request.description, cfg_text=request.config,
-            overrides=tuple(request.overrides), cfg_name=request.config_name,
-        )
+        req = self._create_request(request)
         if request.dry_run:
             yield pb.OperationEvent(plan=convert.create_plan(*await self._s.plan_create(req)))
             return
@@ -191,3 +195,52 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
         entry = await self._s.edit_snapshot(self._domain(request), refs.snapshot(request), description=description,
                                             new_name=request.new_name, request_id=request.request_id)
         return convert.snapshot(entry, (await _sizes([entry]))[0])
+
+    async def GroupSnapshot(self, requests: AsyncIterator[pb.GroupSnapshotRequest], context: Ctx,
+                            ) -> AsyncIterator[pb.GroupSnapshotEvent]:
+        first = await anext(aiter(requests), None)
+        if first is None or first.command != pb.GROUP_COMMAND_PREPARE:
+            raise InvalidArgument("a group snapshot's member starts with PREPARE, which carries its create")
+        group = convert.group(first.group)
+        if first.create.dry_run or first.create.name != group.name:
+            raise InvalidArgument(f"group {group.name!r}: a member's create takes the group's name as its "
+                                  "snapshot name, and has no dry run")
+        out: asyncio.Queue[pb.GroupSnapshotEvent | DomsnapError | None] = asyncio.Queue()
+        gate = self._s.group_gate(group, first.lease_seconds,
+                                  lambda phase, at: out.put_nowait(convert.group_reached(phase, at)))
+        op = await self._s.create_snapshot(self._create_request(first.create), first.create.request_id, gate)
+        tasks = (asyncio.create_task(_commands(requests, gate)), asyncio.create_task(_forward(op, out)))
+        try:
+            while (item := await out.get()) is not None:
+                if isinstance(item, DomsnapError):
+                    raise item
+                yield item
+        finally:
+            # Harmless once committed; else the member resumes and rolls back at once.
+            gate.leave("the coordinator's call ended")
+            for task in tasks:
+                task.cancel()
+
+
+async def _commands(requests: AsyncIterator[pb.GroupSnapshotRequest], gate: Gate) -> None:
+    """The coordinator's commands after PREPARE, to the gate; a call that ends is the coordinator gone."""
+    try:
+        async for request in requests:
+            command = convert.group_command(request.command)
+            if command is None:
+                gate.leave(f"the coordinator sent {pb.GroupCommand.Name(request.command)} after PREPARE")
+                return
+            gate.tell(command)
+    finally:
+        gate.leave("the coordinator's call ended")
+
+
+async def _forward(op: Operation, out: asyncio.Queue[pb.GroupSnapshotEvent | DomsnapError | None]) -> None:
+    """The operation's events into the member's stream, then its error or the end (None)."""
+    try:
+        async for event in _stream(op):
+            out.put_nowait(pb.GroupSnapshotEvent(operation=event))
+    except DomsnapError as err:
+        out.put_nowait(err)
+    else:
+        out.put_nowait(None)

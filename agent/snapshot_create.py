@@ -24,6 +24,7 @@ from .catalogue import Catalogue, Entry
 from .domain import Domain, RunState
 from .drivers.base import Hypervisor
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from .group_gate import Gate
 from .journal import Journal, JournalEntry
 from .ledger import Ledger
 from .manifest import Manifest
@@ -119,7 +120,8 @@ class SnapshotCreate:
         """Validate everything; touches nothing, so a refusal leaves no trace."""
         return await self._plan(domain, req)
 
-    async def run(self, op: Operation, req: CreateRequest, plan: Plan) -> Entry:
+    async def run(self, op: Operation, req: CreateRequest, plan: Plan, gate: Gate | None = None) -> Entry:
+        """The create; a group's member (`gate`) waits there for the other members before and in the pause."""
         domain = plan.domain
         op.phase(Phase.VALIDATE, 5)(1.0, message=f"{len(plan.records)} disk(s), memory {domain.config.memory_mib} MiB")
         op.check_cancel()
@@ -150,6 +152,8 @@ class SnapshotCreate:
 
             async def in_pause(block: BlockOps) -> None:
                 in_pause_progress(0.0, message="guest paused")
+                if gate is not None:
+                    await gate.frozen()
                 for rec in plan.records:
                     # Not written: the durable "checkpoint" step already has
                     # every disk undone by a rollback, taken or not.
@@ -162,7 +166,8 @@ class SnapshotCreate:
             result = await self._driver.checkpoint(domain, plan.memory, live=req.live, in_pause=in_pause,
                                                    progress=mem_progress,
                                                    # Past the memory save: journaled, no longer cancellable.
-                                                   step=partial(self._journal.step, journal))
+                                                   step=partial(self._journal.step, journal),
+                                                   before_pause=gate.prepared if gate is not None else None)
             # The guest runs again: the bulk of each disk's copy is made now.
             block = self._driver.block_ops(domain.name)
             disk_progress = op.phase(Phase.DISKS, 95)
@@ -181,6 +186,8 @@ class SnapshotCreate:
                 downtime=result.downtime, agent_version=__version__,
                 layers=layers.fingerprints(self._backends, plan.records),
                 uid=str(uuid.uuid4()), domain_uid=req.domain_uid,
+                group=gate.group.to_dict() if gate is not None else {},
+                paused_at=result.paused_at, resumed_at=result.resumed_at,
             )
             await step("manifest")
             op.commit()

@@ -3,8 +3,9 @@
     from . import Client, AsyncClient, fan_out, fan_out_async
     from . import errors          # DomsnapError, NotFound, Busy, ...
 
-See api.py (sync), aio.py (asyncio), fanout.py (one call across many agents)
-and errors.py (the exception tree).
+See api.py (sync), aio.py (asyncio), fanout.py (one call across many agents),
+group.py (group snapshots: one instant across domains and agents) and
+errors.py (the exception tree).
 """
 
 from typing import TYPE_CHECKING, Any

@@ -100,6 +100,11 @@ class AsyncClient:
     async def get_domain(self, domain: str, *, timeout: float | None = None) -> pb.Domain:
         return await self._call(self.stub.GetDomain, pb.GetDomainRequest(**calls.domain_ref(domain)), timeout)
 
+    async def unpause_domain(self, domain: str, *, request_id: str | None = None, timeout: float | None = None,
+                             ) -> pb.Domain:
+        request = pb.UnpauseDomainRequest(request_id=calls.new_request_id(request_id), **calls.domain_ref(domain))
+        return await self._call(self.stub.UnpauseDomain, request, timeout)
+
     # -------------------------------------------------------------- snapshots
 
     async def list_snapshots(self, domain: str = "", *, full: bool = False, timeout: float | None = None,

@@ -71,6 +71,14 @@ def _snapshot() -> Arg:
     return arg("snapshot", metavar="<path|name>", help=_SNAPSHOT_REF)
 
 
+def _group_name() -> Arg:
+    return arg("name", metavar="NAME", help="the group snapshot's name (each member's snapshot name)")
+
+
+def _group_members() -> Arg:
+    return arg("members", nargs="+", metavar="DOMAIN@ADDR", help="a member: a domain and its agent (as -H takes)")
+
+
 def _dry_run(what: str) -> Arg:
     return arg("--dry-run", action="store_true", help=f"print the plan ({what}) and touch nothing")
 
@@ -301,6 +309,53 @@ VERB_LIST: tuple[Verb, ...] = (
         "Print a snapshot's manifest (snapshot.json) as the agent read it",
         (_domain(), _snapshot()),
         "cmd_snapshot_dumpmanifest",
+    ),
+    Verb(
+        "group-snapshot-create",
+        "NAME DOMAIN@ADDR... [--live] [--quiesce] [--lease SECONDS]",
+        "Snapshot several domains, on one agent or many, at one instant",
+        (
+            _group_name(),
+            _group_members(),
+            arg("--live", action="store_true", help="save each member's memory while it runs; pause only at the end"),
+            arg("--quiesce", action="store_true", help="freeze the guests' filesystems around the instant"),
+            arg("--lease", metavar="SECONDS", type=float, default=10.0,
+                help="how long each agent waits for the next step before it rolls back by itself (default: 10)"),
+        ),
+        "cmd_group_snapshot_create",
+        details=(
+            "Every member pauses before any member's state is taken, and all resume after it: the\n"
+            "members' pause intervals overlap (each manifest records paused_at and resumed_at).\n"
+            "All or nothing: a member that fails, or a coordinator that dies or hangs, and every\n"
+            "member resumes its guest and rolls back (within the lease, at worst). ADDR is anything\n"
+            "-H takes; each member's snapshot is named NAME."
+        ),
+    ),
+    Verb(
+        "group-snapshot-revert",
+        "NAME DOMAIN@ADDR... [--paused]",
+        "Revert several domains to their group snapshot",
+        (
+            _group_name(),
+            _group_members(),
+            arg("--paused", action="store_true", help="leave every member paused"),
+        ),
+        "cmd_group_snapshot_revert",
+        details="Every member is reverted paused, then all are resumed together (unless --paused).",
+    ),
+    Verb(
+        "group-snapshot-list",
+        "DOMAIN@ADDR...",
+        "List the group snapshots of some domains",
+        (_group_members(),),
+        "cmd_group_snapshot_list",
+    ),
+    Verb(
+        "group-snapshot-delete",
+        "NAME DOMAIN@ADDR...",
+        "Delete a group snapshot from every member that holds it",
+        (_group_name(), _group_members()),
+        "cmd_group_snapshot_delete",
     ),
     Verb(
         "watch",

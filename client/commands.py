@@ -513,3 +513,10 @@ def run_on_hosts(handler: Handler, addresses: Sequence[Address], s: Session, ns:
     if s.json:
         s.print_json(document)
     return EXIT_ERROR if any(not r.ok for r in results.values()) else EXIT_OK
+
+
+# The group verbs live in their own module; the verb table finds every handler here.
+from .group_commands import cmd_group_snapshot_create as cmd_group_snapshot_create  # noqa: E402
+from .group_commands import cmd_group_snapshot_delete as cmd_group_snapshot_delete  # noqa: E402
+from .group_commands import cmd_group_snapshot_list as cmd_group_snapshot_list  # noqa: E402
+from .group_commands import cmd_group_snapshot_revert as cmd_group_snapshot_revert  # noqa: E402

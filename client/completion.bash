@@ -13,14 +13,14 @@
 # The lists below copy the verb table of client/cli.py (VERB_LIST);
 # tests/unit/test_docs.py fails when they disagree with it.
 
-_domsnap_commands="list create destroy pause unpause cd-insert cd-eject snapshot-create snapshot-revert snapshot-list snapshot-info snapshot-delete snapshot-current snapshot-edit snapshot-dumpmanifest watch cancel operations events info help"
+_domsnap_commands="list create destroy pause unpause cd-insert cd-eject snapshot-create snapshot-revert snapshot-list snapshot-info snapshot-delete snapshot-current snapshot-edit snapshot-dumpmanifest group-snapshot-create group-snapshot-revert group-snapshot-list group-snapshot-delete watch cancel operations events info help"
 
 # Accepted before the subcommand and, except --version, after it too.
 _domsnap_global_opts="-H --json --utc -t --timeout --request-id --ca --cert --key -h --help"
 _domsnap_top_only_opts="--version"
 
 # Options that take a value: the next word is not an option or a positional.
-_domsnap_value_opts="-H -t --timeout --request-id --ca --cert --key --name --path --description --parent --rename --since --count"
+_domsnap_value_opts="-H -t --timeout --request-id --ca --cert --key --name --path --description --parent --rename --since --count --lease"
 
 # The options of one subcommand.
 _domsnap_verb_opts() {
@@ -33,12 +33,15 @@ _domsnap_verb_opts() {
         snapshot-delete) echo "--children --dry-run" ;;
         snapshot-edit) echo "--description --rename" ;;
         events) echo "--since --count" ;;
+        group-snapshot-create) echo "--live --quiesce --lease" ;;
+        group-snapshot-revert) echo "--paused" ;;
     esac
 }
 
 # What the positional arguments of one subcommand are, in order; "..." after
 # the last one means it repeats. Kinds: domain, snapshot, snapshot-or-file,
-# file, file-or-path, setting, operation, command, vdev (nothing offered).
+# file, file-or-path, setting, operation, command, vdev, name, member (the last
+# three: nothing offered).
 _domsnap_verb_args() {
     case $1 in
         list) echo "domain..." ;;
@@ -50,6 +53,8 @@ _domsnap_verb_args() {
         snapshot-revert) echo "domain snapshot-or-file" ;;
         snapshot-list | operations | events) echo "domain" ;;
         snapshot-info | snapshot-delete | snapshot-edit | snapshot-dumpmanifest) echo "domain snapshot" ;;
+        group-snapshot-create | group-snapshot-revert | group-snapshot-delete) echo "name member..." ;;
+        group-snapshot-list) echo "member..." ;;
         watch | cancel) echo "operation" ;;
         help) echo "command" ;;
     esac

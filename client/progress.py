@@ -224,3 +224,33 @@ def result_line(op: pb.Operation, domain: pb.Domain | None = None, command: str 
         if domain.state == pb.DOMAIN_STATE_PAUSED:
             line += f" (run it: {command} unpause {domain.name})"
     return line
+
+
+class MemberLines:
+    """A group operation's progress, member by member: a line per member at
+    each new phase (and within a phase one per LINE_INTERVAL seconds at
+    most), prefixed with DOMAIN@ADDR; with `json`, one object per event on
+    `out`: {"member": ..., "progress": {...}}."""
+
+    def __init__(self, *, json: bool, out: TextIO, err: TextIO, clock: Callable[[], float] = time.time) -> None:
+        self._json = json
+        self._stream = out if json else err
+        self._clock = clock
+        self._seen: dict[str, tuple[str, float]] = {}
+
+    def __call__(self, member: object, word: str, p: pb.Progress) -> None:
+        who = str(member)
+        if self._json:
+            self._stream.write(json_text({"member": who, "phase": word, "progress": to_dict(p)}, pretty=False)
+                               + "\n")
+            self._stream.flush()
+            return
+        now = self._clock()
+        phase, last = self._seen.get(who, ("", 0.0))
+        if word == phase and now - last < LINE_INTERVAL:
+            return
+        self._seen[who] = (word, now)
+        line = f"{who}: {word}" + (f" {p.percent:.0f}%" if p.percent else "") + (f" {p.message}" if p.message
+                                                                                 else "")
+        self._stream.write(f"{time.strftime('%H:%M:%S', time.localtime(now))} {line}\n")
+        self._stream.flush()

@@ -23,11 +23,19 @@ class CheckpointResult:
     # What the restore needs besides `facts()`: files taken at the instant
     # beside the memory image (a UEFI domain's NVRAM).
     facts: Mapping[str, str] = field(default_factory=dict)
+    # Wall-clock seconds (epoch) when the guest paused for the instant and
+    # resumed; 0 where the driver cannot tell.
+    paused_at: float = 0.0
+    resumed_at: float = 0.0
 
 
 # Called once while the guest is stopped at the instant the memory image
 # captures; the disks are snapshotted inside it.
 InPause = Callable[[BlockOps], Awaitable[None]]
+# Awaited once the guest is ready to pause (a live checkpoint: its memory
+# copied once while it runs); the pause begins when it returns. A group
+# snapshot's members wait there for each other.
+BeforePause = Callable[[], Awaitable[None]]
 # Told the name of a step of the driver's own before it runs (journaled by the caller).
 Step = Callable[[str], Awaitable[None]]
 
@@ -90,11 +98,12 @@ class Hypervisor(ABC):
     @abstractmethod
     async def checkpoint(
         self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress,
-        step: Step = no_step,
+        step: Step = no_step, before_pause: BeforePause | None = None,
     ) -> CheckpointResult:
         """Write the memory image and run `in_pause` at the same instant, then
         leave the domain in the run state it had before; `step` is told of
-        the driver's own steps where a crash matters (so fault injection reaches them)."""
+        the driver's own steps where a crash matters (so fault injection reaches them);
+        `before_pause`, when given, is awaited just before the guest pauses."""
 
     @abstractmethod
     async def abandon_transfers(self, name: str) -> None:

@@ -32,7 +32,7 @@ from ..fsutil import copy_atomic, fsync_path, write_atomic
 from ..progress import StepProgress, ignore_progress
 from ..runner import Runner
 from . import kvm_probe, qemu_argv, qemu_migration, qemu_spec
-from .base import CheckpointResult, Hypervisor, InPause, Step, no_step
+from .base import BeforePause, CheckpointResult, Hypervisor, InPause, Step, no_step
 from .qemu_block import QmpBlockOps
 from .qmp import QmpSession
 
@@ -428,7 +428,7 @@ class QemuDriver(Hypervisor):
 
     async def checkpoint(
         self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress,
-        step: Step = no_step,
+        step: Step = no_step, before_pause: BeforePause | None = None,
     ) -> CheckpointResult:
         inst = self._instance(domain.name)
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):
@@ -455,7 +455,7 @@ class QemuDriver(Hypervisor):
         try:
             saved = await qemu_migration.save(
                 inst.qmp, memory, live=live, was_running=domain.state is RunState.RUNNING,
-                in_pause=pause_work, progress=progress,
+                in_pause=pause_work, progress=progress, before_pause=before_pause,
                 mode=qemu_migration.LiveMode(self._cfg.live_mode), bandwidth=self._cfg.max_bandwidth,
             )
         finally:
@@ -470,7 +470,8 @@ class QemuDriver(Hypervisor):
             downtime = max(saved.resumed_at - saved.stopped_at, 0.0)
         # Named, not pathed: the copy is always found beside the memory image
         # (a manifest is never trusted to name files).
-        return CheckpointResult(saved.memory_bytes, downtime, {"nvram": copy.name} if nvram is not None else {})
+        return CheckpointResult(saved.memory_bytes, downtime, {"nvram": copy.name} if nvram is not None else {},
+                                paused_at=saved.stopped_at or 0.0, resumed_at=saved.resumed_at or 0.0)
 
     def snapshot_files(self, memory: Path) -> list[Path]:
         return [_nvram_copy(memory)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import time
@@ -26,6 +27,8 @@ from ..errors import AlreadyExists, FailedPrecondition, InternalError, ResourceE
 from ..progress import StepProgress
 from .qmp import QmpSession
 
+log = logging.getLogger(__name__)
+
 FDNAME = "domsnap-memory"
 POLL = 0.1
 # Live pre-copy: the first downtime limit QEMU aims at, doubled with each
@@ -34,6 +37,19 @@ FIRST_DOWNTIME_MS = 20
 LAST_DOWNTIME_MS = 10_000
 # QEMU caps migration at 32 MiB/s by default; a memory image should go at disk speed.
 UNLIMITED_BANDWIDTH = 1 << 40
+# A live save held ready (a group's member waiting for the others): QEMU
+# converges when what is left to send fits in downtime-limit at the measured
+# rate, so it is held with the smallest limit and a trickle of bandwidth, and
+# keeps copying what the guest dirties without ever stopping it by itself.
+HOLD_DOWNTIME_MS = 1
+HOLD_BANDWIDTH = 1 << 20
+# Held from when a quarter of the first pass is left to copy (at least 16 MiB,
+# at most 64): the end of a pass over untouched memory goes by faster than a
+# QMP round trip, and QEMU may converge there. Checked this often:
+READY_BYTES = (16 << 20, 64 << 20)
+READY_POLL = 0.005
+# QEMU's rate-limit window (BUFFER_DELAY), with a margin.
+WINDOW = 0.15
 
 
 @dataclass(frozen=True)
@@ -101,14 +117,18 @@ async def save(
     progress: StepProgress,
     mode: LiveMode = LiveMode.PRECOPY,
     bandwidth: int = 0,
+    before_pause: Callable[[], Awaitable[None]] | None = None,
 ) -> SaveResult:
     """Write the memory image; run `in_pause` at the instant it captures; leave
     the guest in the run state it had (running again when `was_running`).
-    `bandwidth` caps the write in bytes/s (0: as fast as the disk takes it)."""
+    `bandwidth` caps the write in bytes/s (0: as fast as the disk takes it).
+    `before_pause` is awaited when the guest is ready to pause (live: its
+    memory copied once and the copy held there); the guest pauses after it."""
     # A paused guest has nothing to gain from a live save, and background
     # snapshots resume the guest by themselves (QEMU 7.2): paused ones take
     # the plain path.
-    background = live and was_running and mode is LiveMode.BACKGROUND
+    # A held save pauses when told to, not when QEMU sees fit: pre-copy.
+    background = live and was_running and mode is LiveMode.BACKGROUND and before_pause is None
     await qmp.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "pause-before-switchover", "state": not background},
         {"capability": "background-snapshot", "state": background},
@@ -116,8 +136,10 @@ async def save(
         # pre-switchover, instead of at its next poll.
         {"capability": "events", "state": True},
     ]})  # fmt: skip
-    await qmp.execute("migrate-set-parameters", {"max-bandwidth": bandwidth or UNLIMITED_BANDWIDTH,
-                                                 "downtime-limit": FIRST_DOWNTIME_MS})
+    held = live and was_running and before_pause is not None
+    full = bandwidth or UNLIMITED_BANDWIDTH
+    await qmp.execute("migrate-set-parameters", {
+        "max-bandwidth": full, "downtime-limit": HOLD_DOWNTIME_MS if held else FIRST_DOWNTIME_MS})
     fd = _open_new(memory)
     stopped = resumed = None
     try:
@@ -128,7 +150,7 @@ async def save(
                 await _save_background(qmp, watch, in_pause)
             else:
                 await _save_precopy(qmp, watch, live=live and was_running, was_running=was_running,
-                                    in_pause=in_pause)
+                                    in_pause=in_pause, before_pause=before_pause, bandwidth=full)
             size = os.fstat(fd).st_size
             for event in events.clear():
                 if event["event"] == "STOP" and stopped is None:
@@ -148,11 +170,16 @@ async def save(
 
 async def _save_precopy(
     qmp: QmpSession, watch: _Watch, *, live: bool, was_running: bool, in_pause: Callable[[], Awaitable[None]],
+    before_pause: Callable[[], Awaitable[None]] | None = None, bandwidth: int = UNLIMITED_BANDWIDTH,
 ) -> None:
+    if before_pause is not None and not live:
+        await before_pause()
     if was_running and not live:
         await qmp.execute("stop")
     try:
         await qmp.execute("migrate", {"uri": f"fd:{FDNAME}"})
+        if before_pause is not None and live:
+            await _hold(qmp, watch, before_pause, bandwidth)
         await watch.until("pre-switchover", live=live)
         await in_pause()
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
@@ -164,6 +191,24 @@ async def _save_precopy(
         if was_running:
             # cont also reactivates the disks QEMU handed over at completion.
             await _cont(qmp)
+
+
+async def _hold(qmp: QmpSession, watch: _Watch, before_pause: Callable[[], Awaitable[None]],
+                bandwidth: int) -> None:
+    """Pre-copy until the guest is ready to pause, hold the copy there (the
+    guest running) through `before_pause`, then pause the guest: the rest is
+    sent with the guest stopped, which then waits at pre-switchover."""
+    if await watch.until_ready():
+        await qmp.execute("migrate-set-parameters", {"max-bandwidth": HOLD_BANDWIDTH})
+    else:
+        log.info("live save: QEMU converged within its first pass; the guest waits paused")
+    await before_pause()
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": bandwidth})
+    # QEMU's migration thread sleeps out its rate-limit window (up to 100 ms)
+    # before it sees the new bandwidth: the guest runs on until it has, so
+    # that the wait is not part of its pause.
+    if await watch.until_awake():
+        await qmp.execute("stop")
 
 
 async def _save_background(qmp: QmpSession, watch: _Watch, in_pause: Callable[[], Awaitable[None]]) -> None:
@@ -235,6 +280,37 @@ class _Watch:
                 self._progress(min(fraction, 0.99), done=written, total=total, rate=self._rate.of(written),
                                message=f"memory: {status}")
             await _next_change(self._changes)
+
+    async def until_ready(self) -> bool:
+        """Until the first pass over memory is nearly done (True), or QEMU
+        converged first and stopped the guest (False)."""
+        while True:
+            info = await self._qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == "pre-switchover":
+                return False
+            if status not in ("setup", "active"):
+                _raise_failed(info, "writing the memory image")
+            ram = info.get("ram", {})
+            least, most = READY_BYTES
+            ready = max(least, min(int(ram.get("total", 0)) // 4, most))
+            if status == "active" and (int(ram.get("dirty-sync-count", 0)) > 1
+                                       or int(ram.get("remaining", ready + 1)) <= ready):
+                return True
+            await asyncio.sleep(READY_POLL)
+
+    async def until_awake(self) -> bool:
+        """Until a held save syncs memory again at full bandwidth (True, still active), or it is no longer
+        active (False), or a rate-limit window went by."""
+        info = await self._qmp.execute("query-migrate")
+        syncs = int(info.get("ram", {}).get("dirty-sync-count", 0))
+        deadline = time.monotonic() + WINDOW
+        while info.get("status") == "active":
+            if int(info.get("ram", {}).get("dirty-sync-count", 0)) > syncs or time.monotonic() > deadline:
+                return True
+            await asyncio.sleep(READY_POLL)
+            info = await self._qmp.execute("query-migrate")
+        return False
 
     async def _adapt(self, passes: int) -> None:
         # Another pass over memory (dirty-sync-count went up): the last limit

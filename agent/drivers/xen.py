@@ -37,7 +37,7 @@ from ..progress import StepProgress
 from ..runner import CommandResult, Runner
 from ..xldisk import XlVersion
 from . import xen_feed, xen_live, xen_stream, xl_argv
-from .base import CheckpointResult, Hypervisor, InPause, Step, no_step
+from .base import BeforePause, CheckpointResult, Hypervisor, InPause, Step, no_step
 from .xen_block import XenBlockOps
 from .xen_config import domain_config, with_fresh_genid
 from .xl_argv import XlDomain, XlListEntry
@@ -269,7 +269,7 @@ class XenDriver(Hypervisor):
 
     async def checkpoint(
         self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress,
-        step: Step = no_step,
+        step: Step = no_step, before_pause: BeforePause | None = None,
     ) -> CheckpointResult:
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):
             raise FailedPrecondition(f"domain {domain.name} is {domain.state}; only a running or paused one "
@@ -279,6 +279,11 @@ class XenDriver(Hypervisor):
             raise FailedPrecondition(f"domain {domain.name} was restarted (id {domain.domid} is now {xd.domid}) "
                                      "since it was looked up; try again")
         block = self.block_ops(domain.name)
+        if before_pause is not None:
+            # xl pre-copies and pauses in one command: a group's member waits
+            # before either, so the members that paused first wait for its
+            # whole live save.
+            await before_pause()
         # A paused guest makes no progress to pre-copy against: save it as is.
         if live and domain.state is RunState.RUNNING:
             if not self._info:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from domsnap.agent import runner
 from domsnap.agent.domain import Domain, DomainConfig, RunState
-from domsnap.agent.drivers.base import CheckpointResult, Hypervisor, InPause, Step, no_step
+from domsnap.agent.drivers.base import BeforePause, CheckpointResult, Hypervisor, InPause, Step, no_step
 from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InternalError, NotFound
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.storage import qemu_img
@@ -112,7 +112,7 @@ class FakeHypervisor(Hypervisor):
 
     async def checkpoint(
         self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress,
-        step: Step = no_step,
+        step: Step = no_step, before_pause: BeforePause | None = None,
     ) -> CheckpointResult:
         self._check("checkpoint")
         if self.gate is not None:
@@ -121,6 +121,8 @@ class FakeHypervisor(Hypervisor):
         image = json.dumps({"domain": domain.name})
         if live:  # pre-copy: the image is written while the guest runs, then it pauses for the rest
             memory.write_text(image)
+        if before_pause is not None:
+            await before_pause()
         self._set_state(domain.name, RunState.PAUSED)
         await in_pause(self.block_ops(domain.name))
         if not live:

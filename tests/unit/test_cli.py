@@ -239,6 +239,12 @@ class FakeAgent(pb_grpc.SnapshotAgentServicer):
     ) -> Iterator[pb.OperationEvent]:
         return self._stream("WatchOperation", request, context)
 
+    def GroupSnapshot(
+        self, requests: Iterator[pb.GroupSnapshotRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.GroupSnapshotEvent]:
+        # The CLI's group verbs run against real agents (tests/integration/test_group.py).
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the fake")
+
     def CancelOperation(self, request: pb.CancelOperationRequest, context: grpc.ServicerContext) -> pb.Operation:
         self._answer("CancelOperation", request, context)
         return operation(pb.OPERATION_STATE_CANCELLING, id=request.operation_id)

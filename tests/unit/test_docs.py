@@ -368,6 +368,8 @@ _KINDS = {
     "<path|name|cfgfile>": "snapshot-or-file",
     "<operation-id>": "operation",
     "<subcommand>": "command",
+    "NAME": "name",
+    "DOMAIN@ADDR": "member",
 }
 
 

@@ -357,6 +357,48 @@ EVENT_KIND_DOMAIN_MEDIUM_CHANGED: EventKind.ValueType  # 10
 """A CD-ROM's medium was inserted or ejected."""
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
+class _GroupCommand:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GroupCommandEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupCommand.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GROUP_COMMAND_UNSPECIFIED: _GroupCommand.ValueType  # 0
+    GROUP_COMMAND_PREPARE: _GroupCommand.ValueType  # 1
+    GROUP_COMMAND_FREEZE: _GroupCommand.ValueType  # 2
+    GROUP_COMMAND_COMMIT: _GroupCommand.ValueType  # 3
+    GROUP_COMMAND_ABORT: _GroupCommand.ValueType  # 4
+
+class GroupCommand(_GroupCommand, metaclass=_GroupCommandEnumTypeWrapper): ...
+
+GROUP_COMMAND_UNSPECIFIED: GroupCommand.ValueType  # 0
+GROUP_COMMAND_PREPARE: GroupCommand.ValueType  # 1
+GROUP_COMMAND_FREEZE: GroupCommand.ValueType  # 2
+GROUP_COMMAND_COMMIT: GroupCommand.ValueType  # 3
+GROUP_COMMAND_ABORT: GroupCommand.ValueType  # 4
+Global___GroupCommand: _TypeAlias = GroupCommand  # noqa: Y015
+
+class _GroupPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GroupPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GROUP_PHASE_UNSPECIFIED: _GroupPhase.ValueType  # 0
+    GROUP_PHASE_PREPARED: _GroupPhase.ValueType  # 1
+    """Ready to pause; waiting for FREEZE."""
+    GROUP_PHASE_FROZEN: _GroupPhase.ValueType  # 2
+    """Paused at the instant; waiting for COMMIT."""
+
+class GroupPhase(_GroupPhase, metaclass=_GroupPhaseEnumTypeWrapper): ...
+
+GROUP_PHASE_UNSPECIFIED: GroupPhase.ValueType  # 0
+GROUP_PHASE_PREPARED: GroupPhase.ValueType  # 1
+"""Ready to pause; waiting for FREEZE."""
+GROUP_PHASE_FROZEN: GroupPhase.ValueType  # 2
+"""Paused at the instant; waiting for COMMIT."""
+Global___GroupPhase: _TypeAlias = GroupPhase  # noqa: Y015
+
 @_typing.final
 class GetAgentInfoRequest(_message.Message):
     """---------------------------------------------------------------- agent ----"""
@@ -885,6 +927,9 @@ class Snapshot(_message.Message):
     UID_FIELD_NUMBER: _builtins.int
     RESOURCE_NAME_FIELD_NUMBER: _builtins.int
     DOMAIN_UID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    PAUSED_AT_FIELD_NUMBER: _builtins.int
+    RESUMED_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     domain: _builtins.str
     path: _builtins.str
@@ -928,6 +973,19 @@ class Snapshot(_message.Message):
     def downtime(self) -> _duration_pb2.Duration:
         """Guest pause of the create, as the hypervisor saw it."""
 
+    @_builtins.property
+    def group(self) -> Global___SnapshotGroup:
+        """The group snapshot this one is a member of (unset: none)."""
+
+    @_builtins.property
+    def paused_at(self) -> _timestamp_pb2.Timestamp:
+        """When the guest was paused for the instant, and resumed (unset for
+        snapshots made before agents recorded them). A group's instant lies
+        where its members' pause intervals overlap.
+        """
+
+    @_builtins.property
+    def resumed_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -950,10 +1008,13 @@ class Snapshot(_message.Message):
         uid: _builtins.str = ...,
         resource_name: _builtins.str = ...,
         domain_uid: _builtins.str = ...,
+        group: Global___SnapshotGroup | None = ...,
+        paused_at: _timestamp_pb2.Timestamp | None = ...,
+        resumed_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "downtime", b"downtime", "memory", b"memory"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "downtime", b"downtime", "group", b"group", "memory", b"memory", "paused_at", b"paused_at", "resumed_at", b"resumed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current", b"current", "description", b"description", "disks", b"disks", "domain", b"domain", "domain_uid", b"domain_uid", "downtime", b"downtime", "driver", b"driver", "hypervisor_version", b"hypervisor_version", "live", b"live", "manifest", b"manifest", "memory", b"memory", "name", b"name", "parent", b"parent", "path", b"path", "resource_name", b"resource_name", "size_bytes", b"size_bytes", "state", b"state", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current", b"current", "description", b"description", "disks", b"disks", "domain", b"domain", "domain_uid", b"domain_uid", "downtime", b"downtime", "driver", b"driver", "group", b"group", "hypervisor_version", b"hypervisor_version", "live", b"live", "manifest", b"manifest", "memory", b"memory", "name", b"name", "parent", b"parent", "path", b"path", "paused_at", b"paused_at", "resource_name", b"resource_name", "resumed_at", b"resumed_at", "size_bytes", b"size_bytes", "state", b"state", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1779,3 +1840,122 @@ class Event(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class SnapshotGroup(_message.Message):
+    """------------------------------------------------------ group snapshots ----"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Chosen by the coordinator, the same for every member."""
+    name: _builtins.str
+    """The group's name, which is each member's snapshot name."""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every member, as DOMAIN@ADDR (ADDR as the coordinator reached it)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        members: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "members", b"members", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotGroup: _TypeAlias = SnapshotGroup  # noqa: Y015
+
+@_typing.final
+class GroupSnapshotRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_FIELD_NUMBER: _builtins.int
+    CREATE_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    command: Global___GroupCommand.ValueType
+    lease_seconds: _builtins.float
+    """PREPARE only: how long the agent waits for each next command before it
+    rolls back on its own; 0: the agent's default, at most its
+    group_lease_max_seconds.
+    """
+    @_builtins.property
+    def create(self) -> Global___CreateSnapshotRequest:
+        """PREPARE only: the member's create (its name is the group's name; no dry_run)."""
+
+    @_builtins.property
+    def group(self) -> Global___SnapshotGroup:
+        """PREPARE only."""
+
+    def __init__(
+        self,
+        *,
+        command: Global___GroupCommand.ValueType = ...,
+        create: Global___CreateSnapshotRequest | None = ...,
+        group: Global___SnapshotGroup | None = ...,
+        lease_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create", b"create", "group", b"group"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "create", b"create", "group", b"group", "lease_seconds", b"lease_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupSnapshotRequest: _TypeAlias = GroupSnapshotRequest  # noqa: Y015
+
+@_typing.final
+class GroupBarrier(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    phase: Global___GroupPhase.ValueType
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        phase: Global___GroupPhase.ValueType = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "phase", b"phase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupBarrier: _TypeAlias = GroupBarrier  # noqa: Y015
+
+@_typing.final
+class GroupSnapshotEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    REACHED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> Global___OperationEvent: ...
+    @_builtins.property
+    def reached(self) -> Global___GroupBarrier: ...
+    def __init__(
+        self,
+        *,
+        operation: Global___OperationEvent | None = ...,
+        reached: Global___GroupBarrier | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "operation", b"operation", "reached", b"reached"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "operation", b"operation", "reached", b"reached"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["operation", "reached"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___GroupSnapshotEvent: _TypeAlias = GroupSnapshotEvent  # noqa: Y015

@@ -129,6 +129,11 @@ class SnapshotAgentStub:
                 request_serializer=domsnap_dot_v1_dot_domsnap__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=domsnap_dot_v1_dot_domsnap__pb2.Event.FromString,
                 _registered_method=True)
+        self.GroupSnapshot = channel.stream_stream(
+                '/domsnap.v1.SnapshotAgent/GroupSnapshot',
+                request_serializer=domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotRequest.SerializeToString,
+                response_deserializer=domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotEvent.FromString,
+                _registered_method=True)
 
 
 class SnapshotAgentServicer:
@@ -277,6 +282,25 @@ class SnapshotAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GroupSnapshot(self, request_iterator, context):
+        """One member of a group snapshot (one instant across several domains, on
+        one or many agents), driven by its coordinator, the client library, one
+        call per member. The first command is PREPARE (the member's create,
+        validated as CreateSnapshot's: a refusal ends the call with its status,
+        nothing touched); the agent answers `reached` PREPARED once the guest is
+        ready to pause (live: its memory copied once while it runs). FREEZE: the
+        agent pauses the guest and answers FROZEN. COMMIT, sent once every
+        member is FROZEN: the agent takes the disks and the rest of the state,
+        resumes the guest and ends with the operation's `finished`. ABORT, a
+        call that ends, or no next command within the lease (`lease_seconds`,
+        from PREPARED and again from FROZEN): the agent resumes the guest and
+        rolls the member back; the call ends CANCELLED. Operation events come
+        as for CreateSnapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SnapshotAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -374,6 +398,11 @@ def add_SnapshotAgentServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.WatchEventsRequest.FromString,
                     response_serializer=domsnap_dot_v1_dot_domsnap__pb2.Event.SerializeToString,
+            ),
+            'GroupSnapshot': grpc.stream_stream_rpc_method_handler(
+                    servicer.GroupSnapshot,
+                    request_deserializer=domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotRequest.FromString,
+                    response_serializer=domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -889,6 +918,33 @@ class SnapshotAgent:
             '/domsnap.v1.SnapshotAgent/WatchEvents',
             domsnap_dot_v1_dot_domsnap__pb2.WatchEventsRequest.SerializeToString,
             domsnap_dot_v1_dot_domsnap__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GroupSnapshot(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/domsnap.v1.SnapshotAgent/GroupSnapshot',
+            domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotRequest.SerializeToString,
+            domsnap_dot_v1_dot_domsnap__pb2.GroupSnapshotEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -183,6 +183,21 @@ class SnapshotAgentStub:
     EVENTS_EXPIRED: list again and follow from a new token. The stream
     never ends on its own; the server pings it while it is idle.
     """
+    GroupSnapshot: _grpc.StreamStreamMultiCallable[_domsnap_pb2.GroupSnapshotRequest, _domsnap_pb2.GroupSnapshotEvent]
+    """One member of a group snapshot (one instant across several domains, on
+    one or many agents), driven by its coordinator, the client library, one
+    call per member. The first command is PREPARE (the member's create,
+    validated as CreateSnapshot's: a refusal ends the call with its status,
+    nothing touched); the agent answers `reached` PREPARED once the guest is
+    ready to pause (live: its memory copied once while it runs). FREEZE: the
+    agent pauses the guest and answers FROZEN. COMMIT, sent once every
+    member is FROZEN: the agent takes the disks and the rest of the state,
+    resumes the guest and ends with the operation's `finished`. ABORT, a
+    call that ends, or no next command within the lease (`lease_seconds`,
+    from PREPARED and again from FROZEN): the agent resumes the guest and
+    rolls the member back; the call ends CANCELLED. Operation events come
+    as for CreateSnapshot.
+    """
 
 @_typing.type_check_only
 class SnapshotAgentAsyncStub(SnapshotAgentStub):
@@ -240,6 +255,21 @@ class SnapshotAgentAsyncStub(SnapshotAgentStub):
     or from another agent's state, is OUT_OF_RANGE with reason
     EVENTS_EXPIRED: list again and follow from a new token. The stream
     never ends on its own; the server pings it while it is idle.
+    """
+    GroupSnapshot: _aio.StreamStreamMultiCallable[_domsnap_pb2.GroupSnapshotRequest, _domsnap_pb2.GroupSnapshotEvent]  # type: ignore[assignment]
+    """One member of a group snapshot (one instant across several domains, on
+    one or many agents), driven by its coordinator, the client library, one
+    call per member. The first command is PREPARE (the member's create,
+    validated as CreateSnapshot's: a refusal ends the call with its status,
+    nothing touched); the agent answers `reached` PREPARED once the guest is
+    ready to pause (live: its memory copied once while it runs). FREEZE: the
+    agent pauses the guest and answers FROZEN. COMMIT, sent once every
+    member is FROZEN: the agent takes the disks and the rest of the state,
+    resumes the guest and ends with the operation's `finished`. ABORT, a
+    call that ends, or no next command within the lease (`lease_seconds`,
+    from PREPARED and again from FROZEN): the agent resumes the guest and
+    rolls the member back; the call ends CANCELLED. Operation events come
+    as for CreateSnapshot.
     """
 
 class SnapshotAgentServicer(metaclass=_abc_1.ABCMeta):
@@ -409,6 +439,27 @@ class SnapshotAgentServicer(metaclass=_abc_1.ABCMeta):
         or from another agent's state, is OUT_OF_RANGE with reason
         EVENTS_EXPIRED: list again and follow from a new token. The stream
         never ends on its own; the server pings it while it is idle.
+        """
+
+    @_abc_1.abstractmethod
+    def GroupSnapshot(
+        self,
+        request_iterator: _MaybeAsyncIterator[_domsnap_pb2.GroupSnapshotRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_domsnap_pb2.GroupSnapshotEvent], _abc.AsyncIterator[_domsnap_pb2.GroupSnapshotEvent]]:
+        """One member of a group snapshot (one instant across several domains, on
+        one or many agents), driven by its coordinator, the client library, one
+        call per member. The first command is PREPARE (the member's create,
+        validated as CreateSnapshot's: a refusal ends the call with its status,
+        nothing touched); the agent answers `reached` PREPARED once the guest is
+        ready to pause (live: its memory copied once while it runs). FREEZE: the
+        agent pauses the guest and answers FROZEN. COMMIT, sent once every
+        member is FROZEN: the agent takes the disks and the rest of the state,
+        resumes the guest and ends with the operation's `finished`. ABORT, a
+        call that ends, or no next command within the lease (`lease_seconds`,
+        from PREPARED and again from FROZEN): the agent resumes the guest and
+        rolls the member back; the call ends CANCELLED. Operation events come
+        as for CreateSnapshot.
         """
 
 def add_SnapshotAgentServicer_to_server(servicer: SnapshotAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

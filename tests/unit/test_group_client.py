@@ -1,0 +1,36 @@
+"""The group coordinator's input: DOMAIN@ADDR members, as the CLI and the library take them."""
+
+from __future__ import annotations
+
+import pytest
+
+from domsnap.client import errors, group
+
+
+def test_a_member_is_a_domain_at_an_address() -> None:
+    assert group.parse_member("web@unix:/run/a.sock") == group.Member("web", "unix:/run/a.sock")
+    assert group.parse_member("db@10.0.0.2:7411") == group.Member("db", "10.0.0.2:7411")
+    assert group.parse_member("db@[::1]:7411").address == "[::1]:7411"
+    assert str(group.Member("web", "/run/a.sock")) == "web@/run/a.sock"
+
+
+@pytest.mark.parametrize("text", ["web", "@unix:/a", "web@", "web@no-port-here"])
+def test_a_malformed_member_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        group.parse_member(text)
+
+
+def test_a_member_named_twice_is_refused_however_its_agent_is_spelt() -> None:
+    with pytest.raises(ValueError, match="named twice"):
+        group.parse_members(["web@/run/a.sock", "web@unix:/run/a.sock"])
+    with pytest.raises(ValueError, match="at least one"):
+        group.parse_members([])
+    assert len(group.parse_members(["web@/run/a.sock", "web@/run/b.sock", "db@/run/a.sock"])) == 3
+
+
+def test_a_group_error_names_each_member_that_failed() -> None:
+    err = group.GroupError("group snapshot failed", {
+        "web@/a": errors.NotFound("no domain web"), "db@/b": errors.Busy("busy with op 1")})
+    assert err.code is errors.NotFound.code
+    assert err.message == "group snapshot failed: web@/a: no domain web; db@/b: busy with op 1"
+    assert set(err.failures) == {"web@/a", "db@/b"}

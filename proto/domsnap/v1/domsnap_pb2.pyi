@@ -904,7 +904,7 @@ Global___MemoryImage: _TypeAlias = MemoryImage  # noqa: Y015
 
 @_typing.final
 class Snapshot(_message.Message):
-    """Every field is OUTPUT_ONLY: snapshots change through EditSnapshot."""
+    """Snapshots change through EditSnapshot only."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

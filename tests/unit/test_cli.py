@@ -660,7 +660,7 @@ def test_events_follow_the_feed_from_a_token(agent: Agent, capsys: pytest.Captur
     ]
     assert agent.run("--utc", "events", "web", "--since", "e-7", "--count", "2") == 0
     request = agent.fake.last("WatchEvents")
-    assert (request.since, request.domain) == ("e-7", "web")  # type: ignore[attr-defined]
+    assert (request.since, request.domain_name) == ("e-7", "web")  # type: ignore[attr-defined]
     assert capsys.readouterr().out.splitlines() == [
         "2026-11-18 11:06:40 UTC operation web snapshot=s1 operation=op-1 succeeded token=e-8",
         "2026-11-18 11:06:41 UTC snapshot-created web snapshot=s1 token=e-9"]

@@ -286,8 +286,10 @@ class _PhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Phase.ValueType
     PHASE_RECOVERED: _Phase.ValueType  # 11
 
 class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper):
-    """Where an operation is. create: VALIDATE, MEMORY and DISKS (the two
-    interleave: their order depends on live or not), MANIFEST, DONE; revert:
+    """Where an operation is, each phase once and in this order. create:
+    VALIDATE, MEMORY (the guest's pause, and each disk's snapshot taken in it,
+    fall within it), DISKS (the copies made once the guest runs again),
+    MANIFEST, DONE; revert:
     VALIDATE, DESTROY, DISKS, RESTORE (RETRY: done once more after a
     failure), DONE; delete: VALIDATE, DELETE, DONE. Every operation starts
     PENDING; one finished by the agent started after a crash ends RECOVERED.

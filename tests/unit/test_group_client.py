@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import json
+
 import pytest
 
 from domsnap.client import errors, group
+from domsnap.client.progress import MemberLines
+from domsnap.v1 import domsnap_pb2 as pb
 
 
 def test_a_member_is_a_domain_at_an_address() -> None:
@@ -34,3 +39,22 @@ def test_a_group_error_names_each_member_that_failed() -> None:
     assert err.code is errors.NotFound.code
     assert err.message == "group snapshot failed: web@/a: no domain web; db@/b: busy with op 1"
     assert set(err.failures) == {"web@/a", "db@/b"}
+
+
+def test_member_lines_show_each_members_phases_once_and_json_every_event() -> None:
+    err = io.StringIO()
+    lines = MemberLines(json=False, out=io.StringIO(), err=err, clock=lambda: 0.0)
+    web, db = group.Member("web", "/a"), group.Member("db", "/b")
+    lines(web, "prepared", pb.Progress(message="waiting for the other members"))
+    lines(db, "prepared", pb.Progress())
+    lines(web, "memory", pb.Progress(percent=40))
+    lines(web, "memory", pb.Progress(percent=60))  # the same phase, within LINE_INTERVAL: no line
+    shown = [line.split(" ", 1)[1] for line in err.getvalue().splitlines()]
+    assert shown == ["web@/a: prepared waiting for the other members", "db@/b: prepared", "web@/a: memory 40%"]
+
+    out = io.StringIO()
+    as_json = MemberLines(json=True, out=out, err=io.StringIO())
+    as_json(web, "frozen", pb.Progress())
+    as_json(web, "frozen", pb.Progress())
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(e["member"], e["phase"]) for e in events] == [("web@/a", "frozen")] * 2

@@ -1,22 +1,27 @@
 """Identities and reasons without a guest: default snapshot names unique below
 a second (the agent's service over the fake hypervisor, where a create takes
 milliseconds), domain uids kept across restarts, every reason the agent
-raises listed in domsnap.proto, and a risky revert's violations as the client
-library and the CLI read them."""
+raises listed in domsnap.proto, a risky revert's violations as the client
+library and the CLI read them, and an operation's recorded error keeping its
+reason across a restart."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 import pytest
 
 from domsnap.agent import convert, snapshot_create
-from domsnap.agent.errors import RevertRisky, Risk
+from domsnap.agent.errors import CommandError, RevertRisky, Risk
 from domsnap.agent.names import default_snapshot_name, unique_name
+from domsnap.agent.op_history import History
+from domsnap.agent.operations import Operation, OpKind, OpState
 from domsnap.agent.uids import DomainUids
 from domsnap.client import errors as client_errors
 from tests.unit.test_core_recovery import DOMAIN, Host, create_request, finished, host  # noqa: F401
@@ -90,3 +95,13 @@ def test_a_risky_revert_reaches_the_client_as_violations_and_the_cli_words_them(
     assert client_errors.refusal_line(err) == (
         "refusing to revert web to base: domain web no longer exists; disk xvda's frozen layer /img/base.qcow2 "
         "was written (--force reverts anyway)")
+
+
+def test_a_finished_operations_error_keeps_its_reason_and_metadata_across_a_restart(tmp_path: Path) -> None:
+    op = Operation("op1", OpKind.CREATE, "web", "s1", "r1", state=OpState.FAILED, finished_at=time.time(),
+                   error=CommandError(["qemu-img", "create"], 1, "", "disk full"))
+    History(tmp_path).record(op)
+    (loaded,) = History(tmp_path).load()
+    assert loaded.error is not None
+    assert (loaded.error.code, loaded.error.reason, loaded.error.metadata) == (
+        grpc.StatusCode.INTERNAL, "COMMAND_FAILED", {"command": "qemu-img"})

@@ -295,8 +295,10 @@ def test_revert_failing_twice_strands_the_domain_until_it_is_reverted_again(
         assert host.journal(), "a stranded revert keeps its journal entry"
         (gone,) = await service.list_domains()
         assert gone.state.value == "shutdown" and "the revert to base failed" in service.problem(DOMAIN)
-        with pytest.raises(FailedPrecondition, match="finishes that first"):
+        with pytest.raises(FailedPrecondition, match="finishes that first") as stranded:
             await revert("other")(service)
+        assert (stranded.value.reason, stranded.value.metadata) == (
+            "DOMAIN_STRANDED", {"domain": DOMAIN, "snapshot": "base"})
         # The same revert, asked again, finishes it (the journal's injected failures are used up).
         assert (await revert("base")(service)).state is OpState.SUCCEEDED
 
@@ -378,8 +380,9 @@ def test_one_operation_per_domain_and_a_cancel_rolls_back(host: Host) -> None:
         service = host.service(driver=fake)
         op = await service.create_snapshot(create_request("held"), "")
         await fake.at_gate.wait()
-        with pytest.raises(Busy, match="busy with operation"):
+        with pytest.raises(Busy, match="busy with operation") as busy:
             await service.create_snapshot(create_request("other"), "")
+        assert (busy.value.reason, busy.value.metadata) == ("DOMAIN_BUSY", {"domain": DOMAIN, "operation_id": op.id})
         with pytest.raises(Busy):
             await service.delete_snapshot(DOMAIN, "held", False, "")
         service.operations.cancel(op.id)

@@ -49,8 +49,9 @@ def test_rename_and_the_refusal_where_a_disk_holds_the_name(tmp_path: Path) -> N
     snap(tmp_path, cat, "i1", parent="c1", tag="i1")
     with pytest.raises(FailedPrecondition, match=r"its disks hold the name \(xvda \(qcow2 i1\)\)"):
         asyncio.run(edit.edit("web", "i1", description=None, new_name="i2", request_id="r"))
-    with pytest.raises(AlreadyExists):
+    with pytest.raises(AlreadyExists) as taken:
         asyncio.run(edit.edit("web", "e1", description=None, new_name="c1", request_id="r"))
+    assert (taken.value.reason, taken.value.metadata) == ("SNAPSHOT_EXISTS", {"domain": "web", "snapshot": "c1"})
     before = state(cat)
     assert before == [("e1", "", False), ("c1", "e1", False), ("i1", "c1", True)]
     c1 = cat.resolve("web", "c1")

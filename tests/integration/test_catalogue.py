@@ -31,7 +31,7 @@ def chain(image: str) -> list[str]:
 
 
 def snapshots(agent: Agent, domain: str) -> dict[str, pb.Snapshot]:
-    resp = agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain_name=domain), timeout=30)
+    resp = agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain_name=domain, view=pb.VIEW_FULL), timeout=30)
     return {s.name: s for s in resp.snapshots}
 
 

@@ -248,7 +248,8 @@ def operation_page(page: OperationPage, sizes: list[int]) -> pb.ListOperationsRe
 def feed_event(ev: Event) -> pb.Event:
     c = ev.change
     msg = pb.Event(token=ev.token, time=timestamp(ev.time), kind=_EVENT_KIND[c.kind], domain=c.domain,
-                   snapshot=c.snapshot, operation_id=c.operation_id, previous_name=c.previous_name)
+                   snapshot=c.snapshot, operation_id=c.operation_id, previous_name=c.previous_name,
+                   domain_uid=c.domain_uid)
     if c.operation_state:
         msg.operation_state = _OP_STATE[OpState(c.operation_state)]
     if c.operation_kind:

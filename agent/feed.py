@@ -42,14 +42,16 @@ CREATE TABLE events (
     operation_id TEXT NOT NULL,
     operation_state TEXT NOT NULL,
     operation_kind TEXT NOT NULL,
-    previous_name TEXT NOT NULL
+    previous_name TEXT NOT NULL,
+    domain_uid TEXT NOT NULL
 );
 CREATE INDEX events_domain ON events (domain, seq);
 CREATE TABLE feed (epoch TEXT NOT NULL, pruned_through INTEGER NOT NULL);
 """
 _INSERT = ("INSERT INTO events (time, kind, domain, snapshot, operation_id, operation_state, operation_kind, "
-           "previous_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-_SELECT = "SELECT seq, time, kind, domain, snapshot, operation_id, operation_state, operation_kind, previous_name "
+           "previous_name, domain_uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_SELECT = ("SELECT seq, time, kind, domain, snapshot, operation_id, operation_state, operation_kind, previous_name, "
+           "domain_uid ")
 # After a position: everything, or one domain's.
 _READ = {False: _SELECT + "FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
          True: _SELECT + "FROM events WHERE seq > ? AND domain = ? ORDER BY seq LIMIT ?"}
@@ -82,6 +84,7 @@ class Change:
     operation_state: str = ""
     operation_kind: str = ""
     previous_name: str = ""
+    domain_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,8 @@ class Feed:
         with self._db:
             self._db.execute("BEGIN")
             cursor = self._db.execute(_INSERT, (now, str(c.kind), c.domain, c.snapshot, c.operation_id,
-                                                c.operation_state, c.operation_kind, c.previous_name))
+                                                c.operation_state, c.operation_kind, c.previous_name,
+                                                c.domain_uid))
         seq = cursor.lastrowid
         assert seq is not None
         for waker in self._wakers:

@@ -115,14 +115,19 @@ class AgentService:
         return AgentInfo(__version__, self.driver.name, await self.driver.probe(), socket.gethostname(),
                          self.config.snapshot_root, self.driver.capabilities(), token)
 
+    def _tell(self, change: Change, *, uid: str = "") -> None:
+        """A change into the feed, with its domain's uid (if it has one: a
+        gone domain gets none here, so that a revert can give it its own back)."""
+        self.feed.append(replace(change, domain_uid=uid or self.uids.known(change.domain)))
+
     def _operation_changed(self, op: Operation) -> None:
         """An operation's new state in the feed; once it succeeded, what it did."""
-        self.feed.append(Change(ChangeKind.OPERATION, op.domain, op.snapshot, op.id, str(op.state), str(op.kind)))
+        self._tell(Change(ChangeKind.OPERATION, op.domain, op.snapshot, op.id, str(op.state), str(op.kind)))
         if op.state != OpState.SUCCEEDED:
             return
         doomed = op.result.doomed if isinstance(op.result, DeletePlan) else ()
         for name in [e.manifest.name for e in doomed] or [op.snapshot]:
-            self.feed.append(Change(_DONE[op.kind], op.domain, name, op.id))
+            self._tell(Change(_DONE[op.kind], op.domain, name, op.id))
 
     async def recover(self) -> int:
         """Bring the catalogue's index in line with the manifests, then finish
@@ -242,7 +247,7 @@ class AgentService:
             for path in made:
                 Path(path).unlink(missing_ok=True)
             raise
-        self.feed.append(Change(ChangeKind.DOMAIN_CREATED, domain.name))
+        self._tell(Change(ChangeKind.DOMAIN_CREATED, domain.name), uid=self.uids.uid(domain.name))
         return domain
 
     async def _off_frozen_layers(self, config: DomainConfig, force: bool) -> tuple[DomainConfig, list[str]]:
@@ -270,7 +275,7 @@ class AgentService:
         domain = await self.driver.lookup(ref)
         self.operations.check_idle(domain.name)
         after = await action(domain.name) or domain
-        self.feed.append(Change(change, domain.name))
+        self._tell(Change(change, domain.name))
         return after
 
     async def destroy_domain(self, ref: str) -> Domain:
@@ -395,7 +400,7 @@ class AgentService:
         self.operations.check_idle(name)
         previous = (await self.get_snapshot(name, ref)).manifest.name if new_name else ""
         entry = await self._edit.edit(name, ref, description=description, new_name=new_name, request_id=request_id)
-        self.feed.append(Change(ChangeKind.SNAPSHOT_EDITED, name, entry.manifest.name, previous_name=previous))
+        self._tell(Change(ChangeKind.SNAPSHOT_EDITED, name, entry.manifest.name, previous_name=previous))
         return entry
 
     async def delete_snapshot(self, domain: str, ref: str, children: bool, request_id: str) -> Operation:

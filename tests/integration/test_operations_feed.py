@@ -96,6 +96,7 @@ def test_the_feed_resumes_after_a_dropped_connection(agent: Agent, boot_guest: B
                     ("EVENT_KIND_DOMAIN_UNPAUSED", g.name, "", "OPERATION_STATE_UNSPECIFIED")] * 2
         everything = whole.take(4)
         assert [seen(e) for e in everything] == expected
+        assert {e.domain_uid for e in everything} == {g.domain().uid}
         assert [first, *resumed.take(3)] == everything
         assert resumed.nothing_more() and whole.nothing_more()
         resumed.close()

@@ -292,7 +292,7 @@ NOBODY = 65534
 # loads its client library (and gRPC) only once it runs a command, so
 # those are imported here too.
 AS_USER = """
-import os, sys, shutil, gettext, textwrap, locale, difflib, fnmatch
+import os, sys, shutil, gettext, textwrap, locale, difflib, fnmatch, uuid
 from domsnap.client import api, cli, commands, errors
 uid, gid, *groups = (int(x) for x in sys.argv[1].split(","))
 os.setgroups(groups)

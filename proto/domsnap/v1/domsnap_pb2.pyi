@@ -1811,6 +1811,7 @@ class Event(_message.Message):
     OPERATION_STATE_FIELD_NUMBER: _builtins.int
     OPERATION_KIND_FIELD_NUMBER: _builtins.int
     PREVIOUS_NAME_FIELD_NUMBER: _builtins.int
+    DOMAIN_UID_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """Opaque; resume after this event with WatchEventsRequest.since = token."""
     kind: Global___EventKind.ValueType
@@ -1820,6 +1821,10 @@ class Event(_message.Message):
     operation_state: Global___OperationState.ValueType
     operation_kind: Global___OperationKind.ValueType
     previous_name: _builtins.str
+    domain_uid: _builtins.str
+    """The domain's uid when the change was made ("" for a domain the agent
+    no longer runs, e.g. an operation on a destroyed domain).
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -1834,10 +1839,11 @@ class Event(_message.Message):
         operation_state: Global___OperationState.ValueType = ...,
         operation_kind: Global___OperationKind.ValueType = ...,
         previous_name: _builtins.str = ...,
+        domain_uid: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "kind", b"kind", "operation_id", b"operation_id", "operation_kind", b"operation_kind", "operation_state", b"operation_state", "previous_name", b"previous_name", "snapshot", b"snapshot", "time", b"time", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_uid", b"domain_uid", "kind", b"kind", "operation_id", b"operation_id", "operation_kind", b"operation_kind", "operation_state", b"operation_state", "previous_name", b"previous_name", "snapshot", b"snapshot", "time", b"time", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

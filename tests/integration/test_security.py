@@ -289,11 +289,12 @@ def group_or_skip(name: str) -> int:
 NOBODY = 65534
 # Imports first, as root (the interpreter lives under /root), then the
 # process becomes NOBODY with the given groups and runs the CLI. The CLI
-# loads its client library (and gRPC) only once it runs a command, so
-# those are imported here too.
+# loads its client library (and gRPC) only once it runs a command, and a
+# mutating command its progress renderer and uuid, so those are imported
+# here too.
 AS_USER = """
 import os, sys, shutil, gettext, textwrap, locale, difflib, fnmatch, uuid
-from domsnap.client import api, cli, commands, errors
+from domsnap.client import api, cli, commands, errors, progress
 uid, gid, *groups = (int(x) for x in sys.argv[1].split(","))
 os.setgroups(groups)
 os.setgid(gid)

@@ -3,6 +3,10 @@
 # whose /init (guest/init) counts in RAM and checks its disks (see the
 # "A guest that checks itself" section of the QEMU field notes).
 #
+# A domain with the guest-agent channel also gets Debian's qemu-ga running
+# (guest/fsfreeze-hook as its freeze hook) and an ext4 filesystem for it to
+# freeze, mounted at /data.
+#
 # Everything comes from Debian packages: the kernel is resolved through the
 # linux-image-cloud-amd64 metapackage, downloaded with `apt-get download` into
 # a cache and extracted with `dpkg-deb -x` (never installed).
@@ -12,7 +16,7 @@
 # stdout: two lines, `kernel=PATH` and `ramdisk=PATH`; progress goes to stderr.
 #
 # A second run with the same inputs (kernel package version, guest/init,
-# this script, busybox) does nothing. Its fast path does not even ask apt
+# guest/fsfreeze-hook, this script, busybox, qemu-guest-agent) does nothing. Its fast path does not even ask apt
 # (each apt-cache call costs ~0.5 s here): it keys on the apt lists' metadata;
 # only when those changed is the kernel re-resolved, and the build redone only
 # if the resolved version (or another input) differs.
@@ -28,10 +32,18 @@ META_PKG=linux-image-cloud-amd64
 WANT_MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
 # Of those, these must end up available (as a module or built in).
 REQUIRED_MODULES=(virtio_ring virtio virtio_pci virtio_blk)
+# Loaded only in a domain that has the guest-agent channel: its virtio-serial
+# port, and a filesystem the guest agent can freeze (ext4 on a loop device:
+# a tmpfs or the initramfs cannot be frozen).
+QGA_MODULES=(virtio_console loop ext4)
+# Debian's guest agent, with the host's copies of its libraries (the same
+# Debian release's packages: qemu-system pulls them in).
+QGA_PKG=qemu-guest-agent
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
 SRC_DIR=$(dirname "$SELF")
 INIT_SRC=$SRC_DIR/init
+HOOK_SRC=$SRC_DIR/fsfreeze-hook
 OUT=${DOMSNAP_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/domsnap/guest}
 KERNEL_OUT=$OUT/vmlinuz
 RAMDISK_OUT=$OUT/initrd.img
@@ -78,7 +90,7 @@ busybox_identity() {
 busybox_identity
 BUSYBOX_QID=$BUSYBOX_ID
 SCRIPT_SHA=$(cat "$SELF" "$DEBS_LIB" | sha_of -)
-INIT_SHA=$(sha_of "$INIT_SRC")
+INIT_SHA=$(cat "$INIT_SRC" "$HOOK_SRC" | sha_of -)
 QUICK_KEY="v1 build=$SCRIPT_SHA init=$INIT_SHA $BUSYBOX_QID lists=$(apt_lists_id)"
 
 if [[ ${DOMSNAP_GUEST_FORCE:-0} != 1 ]] && outputs_exist && [[ -f $QUICK_STAMP ]] &&
@@ -124,7 +136,10 @@ if [[ -z $BUSYBOX_SRC ]]; then
     BUSYBOX_ID="busybox-static=$BBVER (downloaded)"
 fi
 
-FULL_KEY="v1 build=$SCRIPT_SHA init=$INIT_SHA $BUSYBOX_ID kernel=$KPKG=$KVER"
+QGAVER=$(apt-cache policy "$QGA_PKG" | sed -n 's/^ *Candidate: //p')
+[[ -n $QGAVER && $QGAVER != "(none)" ]] || die "$QGA_PKG is not available from apt"
+
+FULL_KEY="v1 build=$SCRIPT_SHA init=$INIT_SHA $BUSYBOX_ID kernel=$KPKG=$KVER $QGA_PKG=$QGAVER"
 # After apt-get update the lists changed: recompute the quick key.
 QUICK_KEY="v1 build=$SCRIPT_SHA init=$INIT_SHA $BUSYBOX_QID lists=$(apt_lists_id)"
 
@@ -152,6 +167,8 @@ trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$DEB_CACHE"
 
 KDEB=$(fetch_deb "$DEB_CACHE" "$TMP" "$KPKG" "$KVER") || die "apt-get download $KPKG=$KVER failed"
+
+QGADEB=$(fetch_deb "$DEB_CACHE" "$TMP" "$QGA_PKG" "$QGAVER") || die "apt-get download $QGA_PKG=$QGAVER failed"
 
 if [[ -z $BUSYBOX_SRC ]]; then
     BBDEB=$(fetch_deb "$DEB_CACHE" "$TMP" busybox-static "$BBVER") || die "apt-get download busybox-static=$BBVER failed"
@@ -253,6 +270,26 @@ for m in "${WANT_MODULES[@]}"; do
 done
 printf '%s\n' "${LOAD_ORDER[@]}" >"$MODOUT/load.order"
 log "modules: ${LOAD_ORDER[*]:-(none)}${SKIPPED_BUILTIN[*]:+; built in: ${SKIPPED_BUILTIN[*]}}"
+# Those already loaded above are not listed again.
+LOAD_ORDER=()
+for m in "${QGA_MODULES[@]}"; do
+    add_module "$m" 1
+done
+printf '%s\n' "${LOAD_ORDER[@]}" >"$MODOUT/load.qga"
+log "guest-agent modules: ${LOAD_ORDER[*]:-(none)}"
+
+# ---------------------------------------------------------------- guest agent
+dpkg-deb -x "$QGADEB" "$TMP/qga"
+install -D -m 0755 "$TMP/qga/usr/sbin/qemu-ga" "$ROOT/usr/sbin/qemu-ga"
+install -m 0755 "$HOOK_SRC" "$ROOT/etc/fsfreeze-hook"
+# Its shared libraries and the dynamic loader, at the paths ldd resolves.
+QGA_LIBS=$(ldd "$ROOT/usr/sbin/qemu-ga") || die "ldd qemu-ga failed"
+if grep 'not found' <<<"$QGA_LIBS" >&2; then
+    die "qemu-ga needs libraries this host lacks (apt-get install qemu-system-x86 brings them)"
+fi
+for lib in $(awk '/\// {print ($2 == "=>") ? $3 : $1}' <<<"$QGA_LIBS"); do
+    install -D -m 0755 "$lib" "$ROOT$lib"
+done
 
 # ---------------------------------------------------------------- initramfs
 install -m 0755 "$BUSYBOX_SRC" "$ROOT/bin/busybox"

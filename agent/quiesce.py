@@ -155,17 +155,23 @@ async def _thaw(agent: GuestAgent) -> None:
                   "(virsh-less: guest-fsfreeze-thaw through %s)", agent.domain, err, agent.socket)
 
 
-async def thaw_after_crash(driver: Hypervisor, domain: str) -> None:
-    """Thaw a guest a dead agent's journal says it froze (idempotent: thawing
-    a guest that is not frozen does nothing)."""
+async def thaw(driver: Hypervisor, domain: str, what: str) -> int | None:
+    """Thaw a guest that may be frozen: one a dead agent's journal says it
+    froze, or one restored from a quiesced snapshot (frozen, as it was at the
+    instant). The number of filesystems thawed (0: none was frozen), None if
+    the guest agent could not be asked."""
     try:
         agent = driver.guest_agent(domain)
         await agent.sync(SYNC_TIMEOUT)
     except DomsnapError as err:
-        log.error("domain %s: cannot thaw the freeze a dead agent left: %s", domain, err.message)
-        return
+        log.error("domain %s: cannot thaw %s: %s", domain, what, err.message)
+        return None
     try:
-        await _thaw(agent)
-        log.info("domain %s: thawed the freeze a dead agent left", domain)
+        count = await agent.execute("guest-fsfreeze-thaw", timeout=THAW_TIMEOUT)
+        log.info("domain %s: thawed %s (%s filesystem(s))", domain, what, count)
+        return int(count)
+    except (DomsnapError, OSError, TimeoutError) as err:
+        log.error("domain %s: cannot thaw %s: %s", domain, what, err)
+        return None
     finally:
         await agent.close()

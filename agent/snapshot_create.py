@@ -228,7 +228,7 @@ class SnapshotCreate:
         """Finish (manifest written) or roll back a create a dead agent left;
         first thaw a guest it froze."""
         if journal.reached(quiesce.FREEZE_STEP) and not journal.reached(quiesce.THAWED_STEP):
-            await quiesce.thaw_after_crash(self._driver, journal.domain)
+            await quiesce.thaw(self._driver, journal.domain, "the freeze a dead agent left")
         if journal.reached("manifest") and manifest.exists(Path(journal.data["snapdir"])):
             self._register(journal)
             return "completed"

@@ -3,16 +3,18 @@
 # whose /init (guest/init) counts in RAM and checks its disks (see the
 # "A guest that checks itself" section of the QEMU field notes).
 #
-# A domain with the guest-agent channel also gets Debian's qemu-ga running
-# (guest/fsfreeze-hook as its freeze hook) and an ext4 filesystem for it to
-# freeze, mounted at /data.
+# Booted from initrd-qga.img, a domain with the guest-agent channel also gets
+# Debian's qemu-ga running (guest/fsfreeze-hook as its freeze hook) and an
+# ext4 filesystem for it to freeze, mounted at /data.
 #
 # Everything comes from Debian packages: the kernel is resolved through the
 # linux-image-cloud-amd64 metapackage, downloaded with `apt-get download` into
 # a cache and extracted with `dpkg-deb -x` (never installed).
 #
 # Output (in ${DOMSNAP_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/domsnap/guest}):
-#   vmlinuz, initrd.img, stamp (+ stamp.quick), debs/ (download cache).
+#   vmlinuz, initrd.img, initrd-qga.img (initrd.img and, appended, a second
+#   archive with the guest agent: only the domains that quiesce pay for its
+#   size at boot), stamp (+ stamp.quick), debs/ (download cache).
 # stdout: two lines, `kernel=PATH` and `ramdisk=PATH`; progress goes to stderr.
 #
 # A second run with the same inputs (kernel package version, guest/init,
@@ -47,6 +49,7 @@ HOOK_SRC=$SRC_DIR/fsfreeze-hook
 OUT=${DOMSNAP_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/domsnap/guest}
 KERNEL_OUT=$OUT/vmlinuz
 RAMDISK_OUT=$OUT/initrd.img
+RAMDISK_QGA_OUT=$OUT/initrd-qga.img
 STAMP=$OUT/stamp
 QUICK_STAMP=$OUT/stamp.quick
 DEB_CACHE=$OUT/debs
@@ -58,11 +61,11 @@ DEBS_LIB=$SRC_DIR/../scripts/lib/debs.sh
 . "$DEBS_LIB"
 
 finish() {
-    printf 'kernel=%s\nramdisk=%s\n' "$KERNEL_OUT" "$RAMDISK_OUT"
+    printf 'kernel=%s\nramdisk=%s\nramdisk_qga=%s\n' "$KERNEL_OUT" "$RAMDISK_OUT" "$RAMDISK_QGA_OUT"
     exit 0
 }
 
-outputs_exist() { [[ -s $KERNEL_OUT && -s $RAMDISK_OUT && -s $STAMP ]]; }
+outputs_exist() { [[ -s $KERNEL_OUT && -s $RAMDISK_OUT && -s $RAMDISK_QGA_OUT && -s $STAMP ]]; }
 
 [[ -r $INIT_SRC ]] || die "missing $INIT_SRC"
 mkdir -p "$OUT"
@@ -270,7 +273,10 @@ for m in "${WANT_MODULES[@]}"; do
 done
 printf '%s\n' "${LOAD_ORDER[@]}" >"$MODOUT/load.order"
 log "modules: ${LOAD_ORDER[*]:-(none)}${SKIPPED_BUILTIN[*]:+; built in: ${SKIPPED_BUILTIN[*]}}"
-# Those already loaded above are not listed again.
+# Into the guest agent's archive; those already loaded above are not listed again.
+QROOT=$TMP/qga-root
+MODOUT=$QROOT/lib/modules/domsnap
+mkdir -p "$MODOUT"
 LOAD_ORDER=()
 for m in "${QGA_MODULES[@]}"; do
     add_module "$m" 1
@@ -280,15 +286,15 @@ log "guest-agent modules: ${LOAD_ORDER[*]:-(none)}"
 
 # ---------------------------------------------------------------- guest agent
 dpkg-deb -x "$QGADEB" "$TMP/qga"
-install -D -m 0755 "$TMP/qga/usr/sbin/qemu-ga" "$ROOT/usr/sbin/qemu-ga"
-install -m 0755 "$HOOK_SRC" "$ROOT/etc/fsfreeze-hook"
+install -D -m 0755 "$TMP/qga/usr/sbin/qemu-ga" "$QROOT/usr/sbin/qemu-ga"
+install -D -m 0755 "$HOOK_SRC" "$QROOT/etc/fsfreeze-hook"
 # Its shared libraries and the dynamic loader, at the paths ldd resolves.
-QGA_LIBS=$(ldd "$ROOT/usr/sbin/qemu-ga") || die "ldd qemu-ga failed"
+QGA_LIBS=$(ldd "$QROOT/usr/sbin/qemu-ga") || die "ldd qemu-ga failed"
 if grep 'not found' <<<"$QGA_LIBS" >&2; then
     die "qemu-ga needs libraries this host lacks (apt-get install qemu-system-x86 brings them)"
 fi
 for lib in $(awk '/\// {print ($2 == "=>") ? $3 : $1}' <<<"$QGA_LIBS"); do
-    install -D -m 0755 "$lib" "$ROOT$lib"
+    install -D -m 0755 "$lib" "$QROOT$lib"
 done
 
 # ---------------------------------------------------------------- initramfs
@@ -303,21 +309,29 @@ install -m 0755 "$INIT_SRC" "$ROOT/init"
 mknod -m 0600 "$ROOT/dev/console" c 5 1 2>/dev/null || true
 printf '%s %s %s\n' "$KPKG" "$KVER" "$kver_uname" >"$ROOT/etc/domsnap-kernel"
 
+# pack DIR: a gzipped newc archive of DIR on stdout, reproducible.
+pack() {
+    find "$1" -exec touch -h -d @0 {} + 2>/dev/null || true
+    (
+        cd "$1"
+        if have cpio; then
+            find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible
+        else
+            find . -mindepth 1 | LC_ALL=C sort | "$ROOT/bin/busybox" cpio -o -H newc -R 0:0
+        fi
+    ) | gzip -n -9
+}
+
 log "packing initramfs"
-find "$ROOT" -exec touch -h -d @0 {} + 2>/dev/null || true
-(
-    cd "$ROOT"
-    if have cpio; then
-        find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible
-    else
-        find . -mindepth 1 | LC_ALL=C sort | "$ROOT/bin/busybox" cpio -o -H newc -R 0:0
-    fi
-) | gzip -n -9 >"$TMP/initrd.img"
+pack "$ROOT" >"$TMP/initrd.img"
+# The kernel unpacks concatenated archives in turn, the second over the first.
+pack "$QROOT" | cat "$TMP/initrd.img" - >"$TMP/initrd-qga.img"
 
 # ---------------------------------------------------------------- install
 cp "$vmlinuz" "$TMP/vmlinuz"
 mv -f "$TMP/vmlinuz" "$KERNEL_OUT"
 mv -f "$TMP/initrd.img" "$RAMDISK_OUT"
+mv -f "$TMP/initrd-qga.img" "$RAMDISK_QGA_OUT"
 printf '%s\n' "$FULL_KEY" >"$STAMP"
 printf '%s\n' "$QUICK_KEY" >"$QUICK_STAMP"
 
@@ -326,5 +340,6 @@ for f in "$DEB_CACHE"/linux-image-*.deb; do
     [[ -e $f && $f != "$KDEB" ]] && rm -f "$f"
 done
 
-log "done: $(stat -c %s "$KERNEL_OUT") byte kernel, $(stat -c %s "$RAMDISK_OUT") byte initramfs"
+log "done: $(stat -c %s "$KERNEL_OUT") byte kernel, $(stat -c %s "$RAMDISK_OUT") byte initramfs" \
+    "($(stat -c %s "$RAMDISK_QGA_OUT") with the guest agent)"
 finish

@@ -1,5 +1,6 @@
-"""Guest quiesce on real guests: the test guest runs Debian's qemu-ga on its
-guest-agent channel, with an ext4 at /data to freeze; its freeze hook prints
+"""Guest quiesce on real guests: the test guest, booted from guest/build.sh's
+initrd-qga.img, runs Debian's qemu-ga on its guest-agent channel, with an
+ext4 at /data to freeze; its freeze hook prints
 `FSFREEZE freeze|thaw` on the console (guest/fsfreeze-hook). The freeze is
 seen, happened at the instant, and is thawed on success, on a deadline, on a
 hang and after the agent is killed while the guest is frozen."""
@@ -24,6 +25,8 @@ from tests.integration.conftest import Guest, destroy_all, own_agent
 pytestmark = [pytest.mark.guest]
 
 CHANNEL = 'channel = [ "name=org.qemu.guest_agent.0" ]\n'
+# Beside initrd.img: the same initramfs with the guest agent appended.
+QGA_RAMDISK = "initrd-qga.img"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,10 @@ def boot(agent: Agent, image: tuple[Path, Path], folder: Path, made: list[Guest]
     make_disk(disk, "qcow2")
     serial = folder / f"{name}.log"
     cfg = folder / f"{name}.cfg"
-    cfg.write_text(guest_config(name, *image, {"xvda": (disk, "qcow2")}, serial, extra=extra)
+    kernel, ramdisk = image
+    if channel:
+        ramdisk = ramdisk.with_name(QGA_RAMDISK)
+    cfg.write_text(guest_config(name, kernel, ramdisk, {"xvda": (disk, "qcow2")}, serial, extra=extra)
                    + (CHANNEL if channel else ""))
     agent.cli("create", str(cfg), check=True)
     g = Guest(agent, name, folder, {"xvda": (disk, "qcow2")}, serial)

@@ -125,10 +125,11 @@ def test_no_guest_agent_is_refused_unless_best_effort(qagent: Agent, guest_image
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_hung_freeze_is_thawed_and_fails(qagent: Agent, guest_image: tuple[Path, Path], tmp_path: Path,
-                                         guests: list[Guest]) -> None:
+def test_hung_freeze_is_thawed_and_fails_and_a_cancel_thaws(qagent: Agent, guest_image: tuple[Path, Path],
+                                                            tmp_path: Path, guests: list[Guest]) -> None:
     """The freeze hook sleeps 6 s: past the 2 s deadline the thaw is sent (it
-    waits behind the freeze), the create fails, and returns only thawed."""
+    waits behind the freeze), the create fails, and returns only thawed. A
+    create cancelled while the guest freezes stops at its next step, thawed."""
     g = boot(qagent, guest_image, tmp_path, guests, extra="domsnap.freeze_hang=6")
     mark = g.mark()
     err = create_error(g, name="hung", quiesce=True, freeze_timeout_seconds=2)
@@ -138,6 +139,22 @@ def test_hung_freeze_is_thawed_and_fails(qagent: Agent, guest_image: tuple[Path,
     assert freeze_status(qagent, g) == "thawed"
     assert g.domain().state == pb.DOMAIN_STATE_RUNNING
     assert not (qagent.snapshot_root / g.name / "hung").exists()
+
+    mark = g.mark()
+    stub = qagent.stub()
+    stream = stub.CreateSnapshot(pb.CreateSnapshotRequest(domain=g.name, name="cut", quiesce=True,
+                                                          request_id=uuid.uuid4().hex), timeout=300)
+    first = next(stream)
+    # The freeze hook runs (and sleeps): the cancel comes while the guest freezes.
+    guestprobe.wait_for(g.serial, lambda lines: "FSFREEZE freeze" in " ".join(lines) or None, timeout=30,
+                        offset=mark, what="the freeze hook")
+    stub.CancelOperation(pb.CancelOperationRequest(operation_id=first.started.id), timeout=30)
+    with pytest.raises(grpc.RpcError) as cancelled:
+        list(stream)
+    assert cancelled.value.code() == grpc.StatusCode.CANCELLED
+    assert fsfreeze(g, mark) == ["freeze", "thaw"]
+    assert freeze_status(qagent, g) == "thawed"
+    assert not (qagent.snapshot_root / g.name / "cut").exists()
 
 
 def test_agent_killed_while_frozen_thaws_on_restart(qagent: Agent, guest_image: tuple[Path, Path], tmp_path: Path,

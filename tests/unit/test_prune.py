@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from domsnap.client import cli
 from domsnap.client.commands import SCHEDULE_LABEL, prunable
 from domsnap.v1 import domsnap_pb2 as pb
+from tests.unit import test_cli
 
 
 def snap(name: str, at: int, schedule: str | None = None) -> pb.Snapshot:
@@ -39,3 +40,23 @@ def test_only_marked_snapshots_go_oldest_first() -> None:
 def test_keep_is_required_and_a_number(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(args) == 2
     assert "--keep" in capsys.readouterr().err
+
+
+# The CLI against test_cli's fake agent.
+agent = test_cli.agent
+
+
+def test_snapshot_create_sends_quiesce_and_labels(agent: test_cli.Agent) -> None:
+    assert agent.run("snapshot-create", "web", "--quiesce-best-effort", "--freeze-timeout", "4",
+                     "--label", f"{SCHEDULE_LABEL}=hourly", "--label", "team=db") == 0
+    request = agent.fake.last("CreateSnapshot")
+    assert isinstance(request, pb.CreateSnapshotRequest)
+    assert (request.quiesce, request.quiesce_best_effort, request.freeze_timeout_seconds) == (True, True, 4.0)
+    assert dict(request.labels) == {SCHEDULE_LABEL: "hourly", "team": "db"}
+    assert agent.run("snapshot-create", "web", "--quiesce") == 0
+    request = agent.fake.last("CreateSnapshot")
+    assert isinstance(request, pb.CreateSnapshotRequest)
+    assert (request.quiesce, request.quiesce_best_effort, request.freeze_timeout_seconds) == (True, False, 0.0)
+    # Usage errors, nothing sent.
+    assert agent.run("snapshot-create", "web", "--freeze-timeout", "4") == 2
+    assert agent.run("snapshot-create", "web", "--label", "no-value") == 2

@@ -48,6 +48,7 @@ def main() -> None:
     kernel, ramdisk = guestprobe.guest_paths()
     with tempfile.TemporaryDirectory(prefix="domsnap-quiesce-") as tmp:
         base = Path(tmp)
+        (base / "agent").mkdir()
         agent = Agent(base / "agent", config_toml='[qemu]\naccel = "tcg"\n')
         agent.start()
         try:

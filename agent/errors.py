@@ -97,6 +97,7 @@ class DeadlineExceeded(DomsnapError):
     """Something outside the agent (a guest) did not finish within the time it was given."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
     caller_fault = True
 
 

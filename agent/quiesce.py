@@ -83,7 +83,7 @@ def check(driver: Hypervisor, domain: Domain, req: QuiesceRequest) -> GuestAgent
     try:
         if domain.state is not RunState.RUNNING:
             raise FailedPrecondition(f"domain {domain.name} is {domain.state}: its guest agent runs only while "
-                                     "it does; unpause it first")
+                                     "it does; unpause it first", reason="DOMAIN_NOT_RUNNING", domain=domain.name)
         return driver.guest_agent(domain.name)
     except FailedPrecondition:
         if req.best_effort:
@@ -109,7 +109,8 @@ async def frozen(agent: GuestAgent | None, req: QuiesceRequest, step: Step) -> A
             result.skipped = err.message
             yield result
             return
-        raise FailedPrecondition(f"{err.message} (--quiesce-best-effort snapshots it unfrozen)") from err
+        raise FailedPrecondition(f"{err.message} (--quiesce-best-effort snapshots it unfrozen)",
+                                 reason="GUEST_AGENT_UNAVAILABLE", domain=agent.domain) from err
     await step(FREEZE_STEP)
     started = time.monotonic()
     expired = asyncio.Event()
@@ -118,7 +119,8 @@ async def frozen(agent: GuestAgent | None, req: QuiesceRequest, step: Step) -> A
             count = await agent.execute("guest-fsfreeze-freeze", timeout=req.deadline)
         except TimeoutError:
             raise DeadlineExceeded(f"domain {agent.domain}: the guest agent did not freeze its filesystems "
-                                   f"within {req.deadline:g} s; thawed, no snapshot taken") from None
+                                   f"within {req.deadline:g} s; thawed, no snapshot taken", reason="FREEZE_TIMEOUT",
+                                   domain=agent.domain) from None
         result.frozen, result.frozen_at = True, time.time()
         log.info("domain %s: %s filesystem(s) frozen", agent.domain, count)
         watchdog = asyncio.create_task(_thaw_at(agent, started + req.deadline, expired))
@@ -135,7 +137,8 @@ async def frozen(agent: GuestAgent | None, req: QuiesceRequest, step: Step) -> A
         await agent.close()
     if expired.is_set():
         raise DeadlineExceeded(f"domain {agent.domain}: its filesystems stayed frozen longer than "
-                               f"{req.deadline:g} s; thawed at the deadline, snapshot rolled back")
+                               f"{req.deadline:g} s; thawed at the deadline, snapshot rolled back",
+                               reason="FREEZE_TIMEOUT", domain=agent.domain)
 
 
 async def _thaw_at(agent: GuestAgent, when: float, expired: asyncio.Event) -> None:

@@ -31,14 +31,14 @@ CHANNEL = 'channel = [ "name=org.qemu.guest_agent.0" ]\n'
 
 def create(agent: Agent, domain: str, *, live: bool, quiesce: bool) -> tuple[float, float]:
     """(wall seconds, guest pause seconds) of one create."""
-    req = pb.CreateSnapshotRequest(domain=domain, request_id=uuid.uuid4().hex, name=uuid.uuid4().hex[:12],
+    req = pb.CreateSnapshotRequest(domain_name=domain, request_id=uuid.uuid4().hex, name=uuid.uuid4().hex[:12],
                                    live=live, quiesce=quiesce)
     t0 = time.monotonic()
     events = list(agent.stub().CreateSnapshot(req, timeout=300))
     wall = time.monotonic() - t0
     result = events[-1].finished.result
     assert result.quiesced == quiesce, "the create did not quiesce as asked"
-    return wall, result.downtime_seconds
+    return wall, result.downtime.ToNanoseconds() / 1e9
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
         finally:
             # Domains outlive their agent: this one goes with the run.
             for d in agent.stub().ListDomains(pb.ListDomainsRequest(), timeout=30).domains:
-                agent.stub().DestroyDomain(pb.DestroyDomainRequest(domain=d.name), timeout=60)
+                agent.stub().DestroyDomain(pb.DestroyDomainRequest(domain_name=d.name), timeout=60)
             agent.stop()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M")
     text = (f"# --quiesce cost ({stamp})\n\n{machine()}; 128 MiB guest, one qcow2 disk (internal), "

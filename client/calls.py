@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import grpc
+from google.protobuf import duration_pb2
 
 from domsnap.v1 import domsnap_pb2 as pb
 
@@ -101,7 +102,13 @@ def create_request(domain: str, *, name: str = "", live: bool = False, method: M
         request_id=new_request_id(request_id), **domain_ref(domain), name=name, live=live,
         method=_method(method), path=path, description=description, config=config, overrides=list(overrides),
         config_name=config_name, dry_run=dry_run, quiesce=q.enabled, quiesce_best_effort=q.best_effort,
-        freeze_timeout_seconds=q.freeze_timeout, labels=dict(labels or {}))
+        freeze_timeout=_duration(q.freeze_timeout) if q.freeze_timeout else None, labels=dict(labels or {}))
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
 
 
 def next_snapshots_page(domain: str, last: pb.ListSnapshotsResponse | None, *, full: bool = False,

@@ -94,7 +94,7 @@ class Hypervisor(ABC):
     def guest_agent(self, name: str) -> GuestAgent:
         """The domain's QEMU guest agent (to freeze its filesystems); FailedPrecondition if it has none."""
         raise FailedPrecondition(f"the {self.name} driver cannot quiesce a guest: it gives domains no "
-                                 "guest-agent channel")
+                                 "guest-agent channel", reason="QUIESCE_UNSUPPORTED", domain=name)
 
     @abstractmethod
     def block_ops(self, name: str) -> BlockOps:

@@ -397,7 +397,8 @@ class QemuDriver(Hypervisor):
         if not qemu_spec.guest_spec(inst.config).guest_agent:
             raise FailedPrecondition(f"domain {name} has no guest agent channel: its config needs "
                                      f'channel=["name={qemu_spec.GUEST_AGENT_CHANNEL}"] (domsnap.cfg(5)) '
-                                     "and a guest running qemu-guest-agent")
+                                     "and a guest running qemu-guest-agent", reason="QUIESCE_UNSUPPORTED",
+                                     domain=name)
         return GuestAgent(inst.folder / QGA_SOCKET, name)
 
     def block_ops(self, name: str) -> QmpBlockOps:

@@ -148,7 +148,8 @@ class XenDriver(Hypervisor):
     def guest_agent(self, name: str) -> GuestAgent:
         raise FailedPrecondition(f"domain {name}: --quiesce needs the QEMU guest agent's channel, and xl gives "
                                  "a domain none (its channel= devices are PV consoles the agent cannot reach "
-                                 "as QEMU's virtio-serial port): snapshot without --quiesce")
+                                 "as QEMU's virtio-serial port): snapshot without --quiesce",
+                                 reason="QUIESCE_UNSUPPORTED", domain=name)
 
     def capabilities(self) -> list[str]:
         caps = self._virt_caps()

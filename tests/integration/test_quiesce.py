@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from domsnap.agent.drivers.qga import GuestAgent
 from domsnap.agent.journal import KILL_ENV
@@ -120,7 +121,7 @@ def test_no_guest_agent_is_refused_unless_best_effort(qagent: Agent, guest_image
     for g in (bare, silent):
         events = g.create_snapshot(name="x", quiesce=True, quiesce_best_effort=True)
         assert not events[-1].finished.result.quiesced
-    bare.agent.stub().PauseDomain(pb.PauseDomainRequest(domain=bare.name), timeout=30)
+    bare.agent.stub().PauseDomain(pb.PauseDomainRequest(domain_name=bare.name), timeout=30)
     err = create_error(bare, name="y", quiesce=True)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -132,7 +133,7 @@ def test_hung_freeze_is_thawed_and_fails_and_a_cancel_thaws(qagent: Agent, guest
     create cancelled while the guest freezes stops at its next step, thawed."""
     g = boot(qagent, guest_image, tmp_path, guests, extra="domsnap.freeze_hang=6")
     mark = g.mark()
-    err = create_error(g, name="hung", quiesce=True, freeze_timeout_seconds=2)
+    err = create_error(g, name="hung", quiesce=True, freeze_timeout=Duration(seconds=2))
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "did not freeze its filesystems within 2 s" in str(err.details())
     assert fsfreeze(g, mark) == ["freeze", "thaw"]
@@ -142,7 +143,7 @@ def test_hung_freeze_is_thawed_and_fails_and_a_cancel_thaws(qagent: Agent, guest
 
     mark = g.mark()
     stub = qagent.stub()
-    stream = stub.CreateSnapshot(pb.CreateSnapshotRequest(domain=g.name, name="cut", quiesce=True,
+    stream = stub.CreateSnapshot(pb.CreateSnapshotRequest(domain_name=g.name, name="cut", quiesce=True,
                                                           request_id=uuid.uuid4().hex), timeout=300)
     first = next(stream)
     # The freeze hook runs (and sleeps): the cancel comes while the guest freezes.

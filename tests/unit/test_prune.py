@@ -51,12 +51,12 @@ def test_snapshot_create_sends_quiesce_and_labels(agent: test_cli.Agent) -> None
                      "--label", f"{SCHEDULE_LABEL}=hourly", "--label", "team=db") == 0
     request = agent.fake.last("CreateSnapshot")
     assert isinstance(request, pb.CreateSnapshotRequest)
-    assert (request.quiesce, request.quiesce_best_effort, request.freeze_timeout_seconds) == (True, True, 4.0)
+    assert (request.quiesce, request.quiesce_best_effort, request.freeze_timeout.seconds) == (True, True, 4)
     assert dict(request.labels) == {SCHEDULE_LABEL: "hourly", "team": "db"}
     assert agent.run("snapshot-create", "web", "--quiesce") == 0
     request = agent.fake.last("CreateSnapshot")
     assert isinstance(request, pb.CreateSnapshotRequest)
-    assert (request.quiesce, request.quiesce_best_effort, request.freeze_timeout_seconds) == (True, False, 0.0)
+    assert (request.quiesce, request.quiesce_best_effort, request.HasField("freeze_timeout")) == (True, False, False)
     # Usage errors, nothing sent.
     assert agent.run("snapshot-create", "web", "--freeze-timeout", "4") == 2
     assert agent.run("snapshot-create", "web", "--label", "no-value") == 2

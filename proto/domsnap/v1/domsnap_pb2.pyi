@@ -87,6 +87,8 @@ no finer reason names):
                        full; nothing was left behind)
   PERMISSION_DENIED    PERMISSION_DENIED (the caller's role does not allow
                        the call)
+  DEADLINE_EXCEEDED    FREEZE_TIMEOUT (domain: a quiesce's freeze outlived
+                       its deadline, or hung; thawed, rolled back)
   UNAVAILABLE          HYPERVISOR_UNAVAILABLE
   CANCELLED            OPERATION_CANCELLED (cancelled and rolled back)
   UNIMPLEMENTED        UNIMPLEMENTED (the driver cannot do it)

@@ -128,6 +128,7 @@ def snapshot(entry: Entry, size_bytes: int = 0, *, with_manifest: bool = False) 
         else None,
         paused_at=timestamp(m.paused_at) if m.paused_at else None,
         resumed_at=timestamp(m.resumed_at) if m.resumed_at else None,
+        quiesced=m.quiesced, labels=m.labels,
     )
 
 

@@ -93,6 +93,14 @@ class Unimplemented(DomsnapError):
     caller_fault = True
 
 
+class DeadlineExceeded(DomsnapError):
+    """Something outside the agent (a guest) did not finish within the time it was given."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+    caller_fault = True
+
+
 class Unavailable(DomsnapError):
     """The hypervisor (or a process the agent depends on) does not answer."""
 

@@ -67,22 +67,27 @@ def check_request(msg: Message) -> None:
     """InvalidArgument naming the first field over its limit, holding a NUL, or an unknown enum value."""
     for field, value in msg.ListFields():
         name = field.name
+        kind = field.type
         values = list(value) if field.is_repeated else [value]
+        if kind == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None \
+                and field.message_type.GetOptions().map_entry:
+            # A map<string, string> (labels): its keys and values, as strings.
+            values, kind = [text for pair in value.items() for text in pair], FieldDescriptor.TYPE_STRING
         if field.is_repeated:
             most = REPEATED_LIMITS.get(name, DEFAULT_REPEATED)
             if len(values) > most:
                 raise InvalidArgument(f"{name}: {len(values)} items, at most {most}", reason="FIELD_TOO_LONG",
                                       field=name)
         for item in values:
-            if field.type == FieldDescriptor.TYPE_STRING:
+            if kind == FieldDescriptor.TYPE_STRING:
                 _check_string(name, item)
-            elif field.type == FieldDescriptor.TYPE_BYTES and len(item) > STRING_LIMITS.get(name, DEFAULT_STRING):
+            elif kind == FieldDescriptor.TYPE_BYTES and len(item) > STRING_LIMITS.get(name, DEFAULT_STRING):
                 raise InvalidArgument(f"{name}: {len(item)} bytes, at most {STRING_LIMITS.get(name, DEFAULT_STRING)}",
                                       reason="FIELD_TOO_LONG", field=name)
-            elif field.type == FieldDescriptor.TYPE_ENUM and field.enum_type is not None \
+            elif kind == FieldDescriptor.TYPE_ENUM and field.enum_type is not None \
                     and field.enum_type.values_by_number.get(item) is None:
                 raise InvalidArgument(f"{name}: {item} is not a {field.enum_type.name} value", field=name)
-            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            elif kind == FieldDescriptor.TYPE_MESSAGE:
                 check_request(item)
 
 

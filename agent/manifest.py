@@ -15,7 +15,7 @@ from typing import Any
 from .errors import DomsnapError, FailedPrecondition, NotFound
 from .fsutil import read_regular, write_atomic
 from .group_gate import Group
-from .names import check_domain_name, check_name
+from .names import check_domain_name, check_labels, check_name
 from .storage.base import DiskRecord
 from .xldisk import valid_vdev
 
@@ -65,6 +65,10 @@ class Manifest:
     paused_at: float = 0.0
     resumed_at: float = 0.0
 
+    # The guest's filesystems were frozen at the instant (quiesce.py).
+    quiesced: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
     def snapshot_uid(self) -> str:
         """The uid, or for a manifest older than uids one derived from what never changes: the domain and
         the creation time."""
@@ -111,6 +115,9 @@ class Manifest:
                 raise ValueError(f"time {when!r}: not a time of years 1 to 9999")
         if self.group:
             Group.from_dict(self.group)
+        if not isinstance(self.labels, dict):
+            raise TypeError("labels: not a map")
+        check_labels(self.labels)
         check_name("snapshot", self.name)
         check_domain_name(self.domain)
         if self.parent:

@@ -20,6 +20,7 @@ from .errors import DomsnapError, InvalidArgument, field_required
 from .group_gate import Gate
 from .op_history import DAY
 from .operations import Finished, Operation, Started
+from .quiesce import QuiesceRequest
 from .request_ids import RequestIds
 from .service import AgentService
 from .snapshot_create import CreateRequest, parse_request
@@ -72,6 +73,9 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
             self._domain(request), name=request.name, live=request.live, method=convert.method_from_pb(request.method),
             path=request.path, description=request.description, cfg_text=request.config,
             overrides=tuple(request.overrides), cfg_name=request.config_name,
+            quiesce=QuiesceRequest.of(request.quiesce, request.quiesce_best_effort,
+                                       request.freeze_timeout.ToNanoseconds() / 1e9),
+            labels=dict(request.labels),
         )
 
     def _answer(self, d: Domain, *, full: bool = True) -> pb.Domain:

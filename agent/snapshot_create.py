@@ -13,25 +13,27 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 from domsnap import __version__
 
-from . import layers, manifest, snapshot_cfg, xlcfg
+from . import layers, manifest, quiesce, snapshot_cfg, xlcfg
 from .catalogue import Catalogue, Entry
 from .domain import Domain, RunState
 from .drivers.base import Hypervisor
+from .drivers.qga import GuestAgent
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .group_gate import Gate
 from .journal import Journal, JournalEntry
 from .ledger import Ledger
 from .manifest import Manifest
-from .names import check_name, default_snapshot_name
+from .names import check_labels, check_name, default_snapshot_name
 from .operations import Operation
 from .paths import confine
 from .progress import Phase, share
+from .quiesce import NO_QUIESCE, QuiesceRequest
 from .storage import Backends
 from .storage.base import BlockOps, DiskRecord, Method
 
@@ -64,11 +66,14 @@ class CreateRequest:
     default_name: bool = False
     # Recorded in the manifest (uids.py); set by the service.
     domain_uid: str = ""
+    quiesce: QuiesceRequest = NO_QUIESCE
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 def parse_request(
     domain: str, *, name: str, live: bool, method: Method | None, path: str, description: str,
-    cfg_text: str, overrides: tuple[str, ...], cfg_name: str = "",
+    cfg_text: str, overrides: tuple[str, ...], cfg_name: str = "", quiesce: QuiesceRequest = NO_QUIESCE,
+    labels: Mapping[str, str] | None = None,
 ) -> CreateRequest:
     """Merge the request's fields over the snapshot cfgfile (the fields win)."""
     cfg = snapshot_cfg.read(cfg_text, overrides, cfg_name)
@@ -91,7 +96,8 @@ def parse_request(
     return CreateRequest(
         domain=domain, name=check_name("snapshot", name), live=live, method=method,
         path=path, description=description or xlcfg.get_str(cfg, "description", ""),
-        disk_choices=choices, memory_path=memory_path, default_name=default_name,
+        disk_choices=choices, memory_path=memory_path, default_name=default_name, quiesce=quiesce,
+        labels=check_labels(labels or {}),
     )
 
 
@@ -101,6 +107,8 @@ class Plan:
     snapdir: Path
     memory: Path
     records: tuple[DiskRecord, ...]
+    # The guest agent that freezes the guest (quiesce), None for no freeze.
+    guest_agent: GuestAgent | None = None
 
 
 class SnapshotCreate:
@@ -162,12 +170,17 @@ class SnapshotCreate:
                     backend = self._backends.for_record(rec)
                     await backend.take(rec, block, in_pause_progress)
 
-            await step("checkpoint")
-            result = await self._driver.checkpoint(domain, plan.memory, live=req.live, in_pause=in_pause,
-                                                   progress=mem_progress,
-                                                   # Past the memory save: journaled, no longer cancellable.
-                                                   step=partial(self._journal.step, journal),
-                                                   before_pause=gate.prepared if gate is not None else None)
+            async with quiesce.frozen(plan.guest_agent, req.quiesce, partial(self._journal.step, journal)) as freeze:
+                if freeze.frozen:
+                    mem_progress(0.0, message="guest filesystems frozen")
+                elif req.quiesce.enabled:
+                    mem_progress(0.0, message=f"not quiesced (best effort): {freeze.skipped}")
+                await step("checkpoint")
+                result = await self._driver.checkpoint(domain, plan.memory, live=req.live, in_pause=in_pause,
+                                                       progress=mem_progress,
+                                                       # Past the memory save: journaled, no longer cancellable.
+                                                       step=partial(self._journal.step, journal),
+                                                       before_pause=gate.prepared if gate is not None else None)
             # The guest runs again: the bulk of each disk's copy is made now.
             block = self._driver.block_ops(domain.name)
             disk_progress = op.phase(Phase.DISKS, 95)
@@ -188,6 +201,7 @@ class SnapshotCreate:
                 uid=str(uuid.uuid4()), domain_uid=req.domain_uid,
                 group=gate.group.to_dict() if gate is not None else {},
                 paused_at=result.paused_at, resumed_at=result.resumed_at,
+                quiesced=freeze.frozen, labels=dict(req.labels),
             )
             await step("manifest")
             op.commit()
@@ -211,7 +225,10 @@ class SnapshotCreate:
         self._catalogue.set_current(journal.domain, journal.snapshot)
 
     async def recover(self, journal: JournalEntry) -> str:
-        """Finish (manifest written) or roll back a create a dead agent left."""
+        """Finish (manifest written) or roll back a create a dead agent left;
+        first thaw a guest it froze."""
+        if journal.reached(quiesce.FREEZE_STEP) and not journal.reached(quiesce.THAWED_STEP):
+            await quiesce.thaw(self._driver, journal.domain, "the freeze a dead agent left")
         if journal.reached("manifest") and manifest.exists(Path(journal.data["snapdir"])):
             self._register(journal)
             return "completed"
@@ -295,7 +312,7 @@ class SnapshotCreate:
         if os.path.lexists(memory):
             raise AlreadyExists(f"memory image {memory} already exists", reason="PATH_EXISTS", path=str(memory))
         self._check_space(domain, memory, records)
-        return Plan(domain, snapdir, memory, tuple(records))
+        return Plan(domain, snapdir, memory, tuple(records), quiesce.check(self._driver, domain, req.quiesce))
 
     def _check_space(self, domain: Domain, memory: Path, records: list[DiskRecord]) -> None:
         """Enough room on each filesystem a new file goes to (the memory image

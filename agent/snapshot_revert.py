@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from . import layers, manifest, snapshot_cfg, xlcfg
+from . import layers, manifest, quiesce, snapshot_cfg, xlcfg
 from .catalogue import Catalogue, Entry
 from .domain import Domain, DomainConfig
 from .drivers.base import Hypervisor
@@ -260,9 +260,17 @@ class SnapshotRevert:
         await self._driver.restore(config, Path(m.memory_file), facts=m.facts, paused=journal.data["paused"],
                                    progress=restore_phase(), reset_nvram=journal.data.get("reset_nvram", False))
         await self._journal.step(journal, "restored")
-        await self._finish(journal, current, config)
+        await self._finish(journal, m, current, config, restore_phase())
 
-    async def _finish(self, journal: JournalEntry, before: DomainConfig, after: DomainConfig) -> None:
+    async def _finish(self, journal: JournalEntry, m: Manifest, before: DomainConfig, after: DomainConfig,
+                      progress: StepProgress) -> None:
+        if m.quiesced and not journal.data["paused"]:
+            # Its memory holds a guest with frozen filesystems, as at the
+            # instant. (Reverted paused, it stays so until thawed: a guest
+            # agent answers only in a running guest.)
+            thawed = await quiesce.thaw(self._driver, journal.domain, "the restored quiesced guest")
+            progress(1.0, message="guest filesystems thawed: " + (
+                "the guest agent did not answer" if thawed is None else f"{thawed} were frozen at the instant"))
         self._stranded.pop(journal.domain, None)
         await asyncio.to_thread(self._catalogue.set_current, journal.domain, journal.snapshot)
         for orphan in self._discarded(journal.domain, before, after):
@@ -282,7 +290,7 @@ class SnapshotRevert:
         except NotFound:
             domain = None
         if journal.reached("restored") and domain is not None:
-            await self._finish(journal, current, domain.config)
+            await self._finish(journal, m, current, domain.config, ignore_progress)
             return "completed"
         # The old domain half destroyed, or a restore cut short.
         await self._again(journal, m, ignore_progress)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from . import errors
     from .aio import AsyncClient
     from .api import Client, connect
+    from .calls import Quiesce
     from .errors import (
         AlreadyExists,
         Busy,
@@ -34,8 +35,8 @@ if TYPE_CHECKING:
 
 # Loaded on first use, so that the CLI (and its shell completion) does not
 # pay for the library's imports (grpc.aio, google.rpc) it does not need.
-_WHERE = {"AsyncClient": "aio", "Client": "api", "connect": "api", "Result": "fanout", "fan_out": "fanout",
-          "fan_out_async": "fanout"}
+_WHERE = {"AsyncClient": "aio", "Client": "api", "connect": "api", "Quiesce": "calls", "Result": "fanout",
+          "fan_out": "fanout", "fan_out_async": "fanout"}
 
 
 def __getattr__(name: str) -> Any:
@@ -63,6 +64,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "Quiesce",
     "ResourceExhausted",
     "Result",
     "TlsError",

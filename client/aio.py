@@ -12,7 +12,7 @@ Same addresses, TLS options, results and errors as `Client`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -22,7 +22,7 @@ from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 
 from . import calls, connection, errors
-from .calls import DEFAULT_TIMEOUT, Method, ProgressCallback, RunState
+from .calls import DEFAULT_TIMEOUT, Method, ProgressCallback, Quiesce, RunState
 
 Resp = TypeVar("Resp")
 
@@ -124,21 +124,23 @@ class AsyncClient:
     def create_snapshot_events(self, domain: str, *, name: str = "", live: bool = False, method: Method | None = None,
                                path: str = "", description: str = "", config: str = "",
                                overrides: Sequence[str] = (), request_id: str | None = None,
-                               timeout: float | None = None) -> AsyncGenerator[pb.OperationEvent, None]:
+                               timeout: float | None = None, quiesce: Quiesce | None = None,
+                               labels: Mapping[str, str] | None = None) -> AsyncGenerator[pb.OperationEvent, None]:
         """`async for event in ...`: `started`, `progress`..., `finished` (see Client.create_snapshot_events)."""
         request = calls.create_request(domain, name=name, live=live, method=method, path=path,
                                        description=description, config=config, overrides=overrides,
-                                       request_id=request_id)
+                                       request_id=request_id, quiesce=quiesce, labels=labels)
         return self._stream(self.stub.CreateSnapshot, request, timeout)
 
     async def create_snapshot(self, domain: str, *, name: str = "", live: bool = False,
                               method: Method | None = None, path: str = "", description: str = "", config: str = "",
                               overrides: Sequence[str] = (), request_id: str | None = None,
                               on_progress: ProgressCallback | None = None, timeout: float | None = None,
+                              quiesce: Quiesce | None = None, labels: Mapping[str, str] | None = None,
                               ) -> pb.Snapshot:
         events = self.create_snapshot_events(domain, name=name, live=live, method=method, path=path,
                                              description=description, config=config, overrides=overrides,
-                                             request_id=request_id, timeout=timeout)
+                                             request_id=request_id, timeout=timeout, quiesce=quiesce, labels=labels)
         return (await self._wait(events, on_progress)).result
 
     def revert_snapshot_events(self, domain: str, snapshot: str = "", *, run_state: RunState | None = None,

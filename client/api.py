@@ -19,7 +19,7 @@ operation instead of starting another.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -29,7 +29,7 @@ from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 
 from . import calls, connection, errors
-from .calls import DEFAULT_TIMEOUT, EventCallback, Method, ProgressCallback, RunState
+from .calls import DEFAULT_TIMEOUT, EventCallback, Method, ProgressCallback, Quiesce, RunState
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -189,6 +189,7 @@ class Client:
                                path: str = "", description: str = "", config: str = "",
                                overrides: Sequence[str] = (), config_name: str = "", dry_run: bool = False,
                                request_id: str | None = None, timeout: float | None = None,
+                               quiesce: Quiesce | None = None, labels: Mapping[str, str] | None = None,
                                ) -> Generator[pb.OperationEvent, None, None]:
         """The create's events: `started` (the operation's id), `progress`..., `finished`.
 
@@ -199,21 +200,25 @@ class Client:
         """
         request = calls.create_request(domain, name=name, live=live, method=method, path=path,
                                        description=description, config=config, overrides=overrides,
-                                       config_name=config_name, dry_run=dry_run, request_id=request_id)
+                                       config_name=config_name, dry_run=dry_run, request_id=request_id,
+                                       quiesce=quiesce, labels=labels)
         return self._stream(self.stub.CreateSnapshot, request, timeout)
 
     def create_snapshot(self, domain: str, *, name: str = "", live: bool = False, method: Method | None = None,
                         path: str = "", description: str = "", config: str = "", overrides: Sequence[str] = (),
                         request_id: str | None = None, on_progress: ProgressCallback | None = None,
-                        timeout: float | None = None) -> pb.Snapshot:
+                        timeout: float | None = None, quiesce: Quiesce | None = None,
+                        labels: Mapping[str, str] | None = None) -> pb.Snapshot:
         """Snapshot the domain (RAM and every disk at one instant); the new Snapshot.
 
         `method`: "internal", "external", or None for each disk's cheapest.
+        `quiesce`: freeze the guest's filesystems around the instant (calls.Quiesce).
+        `labels`: recorded with it (`domsnap.dev/schedule` marks a schedule's).
         `on_progress` is called with each pb.Progress as the operation goes.
         """
         events = self.create_snapshot_events(domain, name=name, live=live, method=method, path=path,
                                              description=description, config=config, overrides=overrides,
-                                             request_id=request_id, timeout=timeout)
+                                             request_id=request_id, timeout=timeout, quiesce=quiesce, labels=labels)
         return self.follow(events, on_progress=on_progress).result
 
     def revert_snapshot_events(self, domain: str, snapshot: str = "", *, run_state: RunState | None = None,

@@ -4,10 +4,12 @@ becomes a result or an error. No I/O here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import grpc
+from google.protobuf import duration_pb2
 
 from domsnap.v1 import domsnap_pb2 as pb
 
@@ -79,13 +81,34 @@ def _run_state(value: RunState | None) -> pb.RunStateAfterRevert.ValueType:
     return _RUN_STATES[value]
 
 
+@dataclass(frozen=True)
+class Quiesce:
+    """A create's guest quiesce: the guest's filesystems frozen through its
+    QEMU guest agent around the instant. `best_effort`: a guest that cannot
+    be frozen is snapshotted unfrozen; `freeze_timeout`: seconds (0: the
+    agent's 10)."""
+
+    enabled: bool = True
+    best_effort: bool = False
+    freeze_timeout: float = 0.0
+
+
 def create_request(domain: str, *, name: str = "", live: bool = False, method: Method | None = None, path: str = "",
                    description: str = "", config: str = "", overrides: Sequence[str] = (), config_name: str = "",
-                   dry_run: bool = False, request_id: str | None = None) -> pb.CreateSnapshotRequest:
+                   dry_run: bool = False, request_id: str | None = None, quiesce: Quiesce | None = None,
+                   labels: Mapping[str, str] | None = None) -> pb.CreateSnapshotRequest:
+    q = quiesce or Quiesce(enabled=False)
     return pb.CreateSnapshotRequest(
         request_id=new_request_id(request_id), **domain_ref(domain), name=name, live=live,
         method=_method(method), path=path, description=description, config=config, overrides=list(overrides),
-        config_name=config_name, dry_run=dry_run)
+        config_name=config_name, dry_run=dry_run, quiesce=q.enabled, quiesce_best_effort=q.best_effort,
+        freeze_timeout=_duration(q.freeze_timeout) if q.freeze_timeout else None, labels=dict(labels or {}))
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
 
 
 def next_snapshots_page(domain: str, last: pb.ListSnapshotsResponse | None, *, full: bool = False,

@@ -156,7 +156,8 @@ VERB_LIST: tuple[Verb, ...] = (
     ),
     Verb(
         "snapshot-create",
-        "<Domain> [<cfgfile>] [--name NAME] [--live] [--internal|--external] [<path>] [KEY=VALUE ...] [--dry-run]",
+        "<Domain> [<cfgfile>] [--name NAME] [--live] [--internal|--external] [--quiesce [--quiesce-best-effort] "
+        "[--freeze-timeout SECONDS]] [--label KEY=VALUE ...] [<path>] [KEY=VALUE ...] [--dry-run]",
         "Create a snapshot (RAM and every disk) of a domain",
         (
             _domain(),
@@ -192,6 +193,31 @@ VERB_LIST: tuple[Verb, ...] = (
                 help="the snapshot's directory, when it could pass for something else",
             ),
             arg("--description", metavar="TEXT", help="free text kept with the snapshot"),
+            arg(
+                "--quiesce",
+                action="store_true",
+                help="freeze the guest's filesystems (QEMU guest agent) just before the instant, thaw just after",
+            ),
+            arg(
+                "--quiesce-best-effort",
+                action="store_true",
+                help="--quiesce, but a guest that cannot be frozen is snapshotted unfrozen instead of refused",
+            ),
+            arg(
+                "--freeze-timeout",
+                metavar="SECONDS",
+                type=float,
+                default=0.0,
+                help="the longest the filesystems may stay frozen (default 10): thawed then, and the create fails",
+            ),
+            arg(
+                "--label",
+                dest="labels",
+                metavar="KEY=VALUE",
+                action="append",
+                default=[],
+                help="recorded with the snapshot (repeatable); domsnap.dev/schedule=NAME marks a schedule's",
+            ),
             _dry_run("the directory, and the method and file of every disk"),
         ),
         "cmd_snapshot_create",
@@ -282,6 +308,25 @@ VERB_LIST: tuple[Verb, ...] = (
             _dry_run("every snapshot it would delete"),
         ),
         "cmd_snapshot_delete",
+    ),
+    Verb(
+        "snapshot-prune",
+        "<Domain> --keep N [--schedule NAME] [--prefix P] [--dry-run]",
+        "Delete a schedule's oldest snapshots, keeping the newest N",
+        (
+            _domain(),
+            arg("--keep", metavar="N", type=int, required=True, help="how many of the marked snapshots to keep"),
+            arg("--schedule", metavar="NAME", help="only the snapshots schedule NAME made; default: any schedule's"),
+            arg("--prefix", metavar="P", default="", help="only the marked snapshots whose names begin with P"),
+            arg("--dry-run", action="store_true", help="list what would be deleted, delete nothing"),
+        ),
+        "cmd_snapshot_prune",
+        details=(
+            "Only snapshots that carry a schedule's mark (the label domsnap.dev/schedule, given at\n"
+            "create by --label, as the domsnap-snapshot@.service unit does) are counted and deleted,\n"
+            "oldest first, each through the normal chain-aware delete; any other snapshot is left\n"
+            "alone."
+        ),
     ),
     Verb(
         "snapshot-current",

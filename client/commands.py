@@ -23,6 +23,9 @@ from . import calls, connection, views
 from .connection import Address
 from .exits import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, CliError, UsageError
 
+# The label a schedule's snapshots carry (the agent's names.SCHEDULE_LABEL; the client speaks only the API).
+SCHEDULE_LABEL = "domsnap.dev/schedule"
+
 if TYPE_CHECKING:
     from .api import Client
 
@@ -325,8 +328,56 @@ def cmd_snapshot_create(s: Session, ns: argparse.Namespace) -> int:
         ns.domain, name=ns.name or "", live=ns.live, method=ns.method, path=s.agent_path(path) if path else "",
         config=read_cfg(parts.cfgfile) if parts.cfgfile else "", overrides=parts.overrides,
         config_name=cfg_name(parts.cfgfile) if parts.cfgfile else "", description=ns.description or "",
-        dry_run=ns.dry_run, request_id=request_id)
+        dry_run=ns.dry_run, request_id=request_id, quiesce=_quiesce(ns), labels=_labels(ns.labels))
     return show_plan(s, events) if ns.dry_run else follow(s, events, request_id=request_id)
+
+
+def _quiesce(ns: argparse.Namespace) -> calls.Quiesce | None:
+    if not (ns.quiesce or ns.quiesce_best_effort):
+        if ns.freeze_timeout:
+            raise UsageError("--freeze-timeout needs --quiesce")
+        return None
+    return calls.Quiesce(best_effort=ns.quiesce_best_effort, freeze_timeout=ns.freeze_timeout)
+
+
+def _labels(pairs: Sequence[str]) -> dict[str, str]:
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--label {pair!r}: expected KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def prunable(snapshots: Iterable[pb.Snapshot], keep: int, *, schedule: str | None = None,
+             prefix: str = "") -> list[pb.Snapshot]:
+    """The snapshots snapshot-prune deletes, oldest first: of those a
+    schedule marked (that schedule's, with `schedule`) whose names begin
+    with `prefix`, all but the newest `keep`."""
+    marked = [snap for snap in snapshots
+              if SCHEDULE_LABEL in snap.labels and schedule in (None, snap.labels[SCHEDULE_LABEL])
+              and snap.name.startswith(prefix)]
+    marked.sort(key=lambda snap: (snap.created_at.seconds, snap.created_at.nanos, snap.name))
+    return marked[:max(len(marked) - keep, 0)]
+
+
+def cmd_snapshot_prune(s: Session, ns: argparse.Namespace) -> int:
+    if ns.keep < 0:
+        raise UsageError(f"--keep {ns.keep}: expected 0 or more")
+    doomed = prunable(s.client.list_snapshots(ns.domain), ns.keep, schedule=ns.schedule, prefix=ns.prefix)
+    if ns.dry_run:
+        if s.json:
+            s.print_json([snap.name for snap in doomed])
+        else:
+            s.print_lines([f"would delete {snap.name}" for snap in doomed])
+        return EXIT_OK
+    for snap in doomed:
+        # Each a request of its own: a retry of the prune deletes what is still there.
+        events = s.client.delete_snapshot_events(ns.domain, snap.name, request_id=calls.new_request_id(None))
+        if (status := follow(s, events)) != EXIT_OK:
+            return status
+    return EXIT_OK
 
 
 def show_plan(s: Session, events: Generator[pb.OperationEvent, None, None]) -> int:

@@ -13,24 +13,25 @@
 # The lists below copy the verb table of client/cli.py (VERB_LIST);
 # tests/unit/test_docs.py fails when they disagree with it.
 
-_domsnap_commands="list create destroy pause unpause cd-insert cd-eject snapshot-create snapshot-revert snapshot-list snapshot-info snapshot-delete snapshot-current snapshot-edit snapshot-dumpmanifest group-snapshot-create group-snapshot-revert group-snapshot-list group-snapshot-delete watch cancel operations events info help"
+_domsnap_commands="list create destroy pause unpause cd-insert cd-eject snapshot-create snapshot-revert snapshot-list snapshot-info snapshot-delete snapshot-prune snapshot-current snapshot-edit snapshot-dumpmanifest group-snapshot-create group-snapshot-revert group-snapshot-list group-snapshot-delete watch cancel operations events info help"
 
 # Accepted before the subcommand and, except --version, after it too.
 _domsnap_global_opts="-H --json --utc -t --timeout --request-id --ca --cert --key -h --help"
 _domsnap_top_only_opts="--version"
 
 # Options that take a value: the next word is not an option or a positional.
-_domsnap_value_opts="-H -t --timeout --request-id --ca --cert --key --name --path --description --parent --rename --since --count --lease"
+_domsnap_value_opts="-H -t --timeout --request-id --ca --cert --key --name --path --description --parent --rename --since --count --lease --freeze-timeout --label --keep --schedule --prefix"
 
 # The options of one subcommand.
 _domsnap_verb_opts() {
     case $1 in
         list) echo "-l --long" ;;
         create) echo "-p --force" ;;
-        snapshot-create) echo "--name --live --internal --external --path --description --dry-run" ;;
+        snapshot-create) echo "--name --live --internal --external --path --description --quiesce --quiesce-best-effort --freeze-timeout --label --dry-run" ;;
         snapshot-revert) echo "--current --running --paused --force --reset-nvram --dry-run" ;;
         snapshot-list) echo "--tree --parent --roots --leaves --name" ;;
         snapshot-delete) echo "--children --dry-run" ;;
+        snapshot-prune) echo "--keep --schedule --prefix --dry-run" ;;
         snapshot-edit) echo "--description --rename" ;;
         events) echo "--since --count" ;;
         group-snapshot-create) echo "--live --quiesce --lease" ;;
@@ -46,7 +47,7 @@ _domsnap_verb_args() {
     case $1 in
         list) echo "domain..." ;;
         create) echo "file setting..." ;;
-        destroy | pause | unpause | snapshot-current) echo "domain" ;;
+        destroy | pause | unpause | snapshot-current | snapshot-prune) echo "domain" ;;
         cd-insert) echo "domain vdev file" ;;
         cd-eject) echo "domain vdev" ;;
         snapshot-create) echo "domain file-or-path..." ;;

@@ -254,6 +254,8 @@ def snapshot_details(s: pb.Snapshot, *, utc: bool = False) -> list[str]:
             ("Created", local_time(s.created_at, utc=utc)),
             ("State", domain_state_word(s.state)),
             ("Live", "yes" if s.live else "no"),
+            ("Quiesced", "yes" if s.quiesced else "no"),
+            ("Labels", " ".join(f"{k}={v}" for k, v in sorted(s.labels.items())) or "-"),
             ("Parent", s.parent or "-"),
             ("Current", "yes" if s.current else "no"),
             ("Size", human_bytes(s.size_bytes)),

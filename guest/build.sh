@@ -3,16 +3,22 @@
 # whose /init (guest/init) counts in RAM and checks its disks (see the
 # "A guest that checks itself" section of the QEMU field notes).
 #
+# Booted from initrd-qga.img, a domain with the guest-agent channel also gets
+# Debian's qemu-ga running (guest/fsfreeze-hook as its freeze hook) and an
+# ext4 filesystem for it to freeze, mounted at /data.
+#
 # Everything comes from Debian packages: the kernel is resolved through the
 # linux-image-cloud-amd64 metapackage, downloaded with `apt-get download` into
 # a cache and extracted with `dpkg-deb -x` (never installed).
 #
 # Output (in ${DOMSNAP_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/domsnap/guest}):
-#   vmlinuz, initrd.img, stamp (+ stamp.quick), debs/ (download cache).
+#   vmlinuz, initrd.img, initrd-qga.img (initrd.img and, appended, a second
+#   archive with the guest agent: only the domains that quiesce pay for its
+#   size at boot), stamp (+ stamp.quick), debs/ (download cache).
 # stdout: two lines, `kernel=PATH` and `ramdisk=PATH`; progress goes to stderr.
 #
 # A second run with the same inputs (kernel package version, guest/init,
-# this script, busybox) does nothing. Its fast path does not even ask apt
+# guest/fsfreeze-hook, this script, busybox, qemu-guest-agent) does nothing. Its fast path does not even ask apt
 # (each apt-cache call costs ~0.5 s here): it keys on the apt lists' metadata;
 # only when those changed is the kernel re-resolved, and the build redone only
 # if the resolved version (or another input) differs.
@@ -28,13 +34,22 @@ META_PKG=linux-image-cloud-amd64
 WANT_MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
 # Of those, these must end up available (as a module or built in).
 REQUIRED_MODULES=(virtio_ring virtio virtio_pci virtio_blk)
+# Loaded only in a domain that has the guest-agent channel: its virtio-serial
+# port, and a filesystem the guest agent can freeze (ext4 on a loop device:
+# a tmpfs or the initramfs cannot be frozen).
+QGA_MODULES=(virtio_console loop ext4)
+# Debian's guest agent, with the host's copies of its libraries (the same
+# Debian release's packages: qemu-system pulls them in).
+QGA_PKG=qemu-guest-agent
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
 SRC_DIR=$(dirname "$SELF")
 INIT_SRC=$SRC_DIR/init
+HOOK_SRC=$SRC_DIR/fsfreeze-hook
 OUT=${DOMSNAP_GUEST_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/domsnap/guest}
 KERNEL_OUT=$OUT/vmlinuz
 RAMDISK_OUT=$OUT/initrd.img
+RAMDISK_QGA_OUT=$OUT/initrd-qga.img
 STAMP=$OUT/stamp
 QUICK_STAMP=$OUT/stamp.quick
 DEB_CACHE=$OUT/debs
@@ -46,11 +61,11 @@ DEBS_LIB=$SRC_DIR/../scripts/lib/debs.sh
 . "$DEBS_LIB"
 
 finish() {
-    printf 'kernel=%s\nramdisk=%s\n' "$KERNEL_OUT" "$RAMDISK_OUT"
+    printf 'kernel=%s\nramdisk=%s\nramdisk_qga=%s\n' "$KERNEL_OUT" "$RAMDISK_OUT" "$RAMDISK_QGA_OUT"
     exit 0
 }
 
-outputs_exist() { [[ -s $KERNEL_OUT && -s $RAMDISK_OUT && -s $STAMP ]]; }
+outputs_exist() { [[ -s $KERNEL_OUT && -s $RAMDISK_OUT && -s $RAMDISK_QGA_OUT && -s $STAMP ]]; }
 
 [[ -r $INIT_SRC ]] || die "missing $INIT_SRC"
 mkdir -p "$OUT"
@@ -78,7 +93,7 @@ busybox_identity() {
 busybox_identity
 BUSYBOX_QID=$BUSYBOX_ID
 SCRIPT_SHA=$(cat "$SELF" "$DEBS_LIB" | sha_of -)
-INIT_SHA=$(sha_of "$INIT_SRC")
+INIT_SHA=$(cat "$INIT_SRC" "$HOOK_SRC" | sha_of -)
 QUICK_KEY="v1 build=$SCRIPT_SHA init=$INIT_SHA $BUSYBOX_QID lists=$(apt_lists_id)"
 
 if [[ ${DOMSNAP_GUEST_FORCE:-0} != 1 ]] && outputs_exist && [[ -f $QUICK_STAMP ]] &&
@@ -124,7 +139,10 @@ if [[ -z $BUSYBOX_SRC ]]; then
     BUSYBOX_ID="busybox-static=$BBVER (downloaded)"
 fi
 
-FULL_KEY="v1 build=$SCRIPT_SHA init=$INIT_SHA $BUSYBOX_ID kernel=$KPKG=$KVER"
+QGAVER=$(apt-cache policy "$QGA_PKG" | sed -n 's/^ *Candidate: //p')
+[[ -n $QGAVER && $QGAVER != "(none)" ]] || die "$QGA_PKG is not available from apt"
+
+FULL_KEY="v1 build=$SCRIPT_SHA init=$INIT_SHA $BUSYBOX_ID kernel=$KPKG=$KVER $QGA_PKG=$QGAVER"
 # After apt-get update the lists changed: recompute the quick key.
 QUICK_KEY="v1 build=$SCRIPT_SHA init=$INIT_SHA $BUSYBOX_QID lists=$(apt_lists_id)"
 
@@ -152,6 +170,8 @@ trap 'rm -rf "$TMP"' EXIT
 mkdir -p "$DEB_CACHE"
 
 KDEB=$(fetch_deb "$DEB_CACHE" "$TMP" "$KPKG" "$KVER") || die "apt-get download $KPKG=$KVER failed"
+
+QGADEB=$(fetch_deb "$DEB_CACHE" "$TMP" "$QGA_PKG" "$QGAVER") || die "apt-get download $QGA_PKG=$QGAVER failed"
 
 if [[ -z $BUSYBOX_SRC ]]; then
     BBDEB=$(fetch_deb "$DEB_CACHE" "$TMP" busybox-static "$BBVER") || die "apt-get download busybox-static=$BBVER failed"
@@ -253,6 +273,29 @@ for m in "${WANT_MODULES[@]}"; do
 done
 printf '%s\n' "${LOAD_ORDER[@]}" >"$MODOUT/load.order"
 log "modules: ${LOAD_ORDER[*]:-(none)}${SKIPPED_BUILTIN[*]:+; built in: ${SKIPPED_BUILTIN[*]}}"
+# Into the guest agent's archive; those already loaded above are not listed again.
+QROOT=$TMP/qga-root
+MODOUT=$QROOT/lib/modules/domsnap
+mkdir -p "$MODOUT"
+LOAD_ORDER=()
+for m in "${QGA_MODULES[@]}"; do
+    add_module "$m" 1
+done
+printf '%s\n' "${LOAD_ORDER[@]}" >"$MODOUT/load.qga"
+log "guest-agent modules: ${LOAD_ORDER[*]:-(none)}"
+
+# ---------------------------------------------------------------- guest agent
+dpkg-deb -x "$QGADEB" "$TMP/qga"
+install -D -m 0755 "$TMP/qga/usr/sbin/qemu-ga" "$QROOT/usr/sbin/qemu-ga"
+install -D -m 0755 "$HOOK_SRC" "$QROOT/etc/fsfreeze-hook"
+# Its shared libraries and the dynamic loader, at the paths ldd resolves.
+QGA_LIBS=$(ldd "$QROOT/usr/sbin/qemu-ga") || die "ldd qemu-ga failed"
+if grep 'not found' <<<"$QGA_LIBS" >&2; then
+    die "qemu-ga needs libraries this host lacks (apt-get install qemu-system-x86 brings them)"
+fi
+for lib in $(awk '/\// {print ($2 == "=>") ? $3 : $1}' <<<"$QGA_LIBS"); do
+    install -D -m 0755 "$lib" "$QROOT$lib"
+done
 
 # ---------------------------------------------------------------- initramfs
 install -m 0755 "$BUSYBOX_SRC" "$ROOT/bin/busybox"
@@ -266,21 +309,29 @@ install -m 0755 "$INIT_SRC" "$ROOT/init"
 mknod -m 0600 "$ROOT/dev/console" c 5 1 2>/dev/null || true
 printf '%s %s %s\n' "$KPKG" "$KVER" "$kver_uname" >"$ROOT/etc/domsnap-kernel"
 
+# pack DIR: a gzipped newc archive of DIR on stdout, reproducible.
+pack() {
+    find "$1" -exec touch -h -d @0 {} + 2>/dev/null || true
+    (
+        cd "$1"
+        if have cpio; then
+            find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible
+        else
+            find . -mindepth 1 | LC_ALL=C sort | "$ROOT/bin/busybox" cpio -o -H newc -R 0:0
+        fi
+    ) | gzip -n -9
+}
+
 log "packing initramfs"
-find "$ROOT" -exec touch -h -d @0 {} + 2>/dev/null || true
-(
-    cd "$ROOT"
-    if have cpio; then
-        find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible
-    else
-        find . -mindepth 1 | LC_ALL=C sort | "$ROOT/bin/busybox" cpio -o -H newc -R 0:0
-    fi
-) | gzip -n -9 >"$TMP/initrd.img"
+pack "$ROOT" >"$TMP/initrd.img"
+# The kernel unpacks concatenated archives in turn, the second over the first.
+pack "$QROOT" | cat "$TMP/initrd.img" - >"$TMP/initrd-qga.img"
 
 # ---------------------------------------------------------------- install
 cp "$vmlinuz" "$TMP/vmlinuz"
 mv -f "$TMP/vmlinuz" "$KERNEL_OUT"
 mv -f "$TMP/initrd.img" "$RAMDISK_OUT"
+mv -f "$TMP/initrd-qga.img" "$RAMDISK_QGA_OUT"
 printf '%s\n' "$FULL_KEY" >"$STAMP"
 printf '%s\n' "$QUICK_KEY" >"$QUICK_STAMP"
 
@@ -289,5 +340,6 @@ for f in "$DEB_CACHE"/linux-image-*.deb; do
     [[ -e $f && $f != "$KDEB" ]] && rm -f "$f"
 done
 
-log "done: $(stat -c %s "$KERNEL_OUT") byte kernel, $(stat -c %s "$RAMDISK_OUT") byte initramfs"
+log "done: $(stat -c %s "$KERNEL_OUT") byte kernel, $(stat -c %s "$RAMDISK_OUT") byte initramfs" \
+    "($(stat -c %s "$RAMDISK_QGA_OUT") with the guest agent)"
 finish

@@ -13,6 +13,7 @@ from ..errors import FailedPrecondition
 from ..progress import StepProgress
 from ..storage.base import BlockOps
 from ..xldisk import DEFAULT_XL, XlVersion
+from .qga import GuestAgent
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,11 @@ class Hypervisor(ABC):
     async def change_medium(self, name: str, vdev: str, target: str) -> Domain:
         """Insert a raw image (`target`) into a CD-ROM drive, or eject it (`target` empty)."""
         raise FailedPrecondition(f"the {self.name} driver does not change CD-ROM media")
+
+    def guest_agent(self, name: str) -> GuestAgent:
+        """The domain's QEMU guest agent (to freeze its filesystems); FailedPrecondition if it has none."""
+        raise FailedPrecondition(f"the {self.name} driver cannot quiesce a guest: it gives domains no "
+                                 "guest-agent channel", reason="QUIESCE_UNSUPPORTED", domain=name)
 
     @abstractmethod
     def block_ops(self, name: str) -> BlockOps:

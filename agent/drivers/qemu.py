@@ -34,6 +34,7 @@ from ..runner import Runner
 from . import kvm_probe, qemu_argv, qemu_migration, qemu_spec
 from .base import BeforePause, CheckpointResult, Hypervisor, InPause, Step, no_step
 from .qemu_block import QmpBlockOps
+from .qga import GuestAgent
 from .qmp import QmpSession
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ NVRAM_DIR = "nvram"
 # A snapshot's copy of the NVRAM, beside its memory image.
 NVRAM_SUFFIX = ".nvram"
 QUIT_TIMEOUT = 10.0
+QGA_SOCKET = "qga.sock"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _STATES = {
     "running": RunState.RUNNING,
@@ -75,7 +77,7 @@ class _Instance:
     def paths(self) -> qemu_argv.LaunchPaths:
         console = self.folder.parent / CONSOLE_DIR / f"{self.config.name}.log"
         return qemu_argv.LaunchPaths(self.folder / "qmp.sock", self.folder / "qemu.pid", console,
-                                     _nvram(self.folder.parent, self.config.name))
+                                     _nvram(self.folder.parent, self.config.name), self.folder / QGA_SOCKET)
 
     def pid(self) -> int | None:
         return self.process()[0]
@@ -239,7 +241,7 @@ class QemuDriver(Hypervisor):
 
     def capabilities(self) -> list[str]:
         return ["live", "internal", "external", "format:qcow2", "format:raw", "accel:" + self.accel, "uefi",
-                "cdrom"]
+                "cdrom", "quiesce"]
 
     @property
     def accel(self) -> str:
@@ -331,7 +333,7 @@ class QemuDriver(Hypervisor):
             fresh = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
             (self._root / CONSOLE_DIR).mkdir(exist_ok=True)
-            for stale in ("qmp.sock", "qemu.pid"):
+            for stale in ("qmp.sock", "qemu.pid", QGA_SOCKET):
                 (folder / stale).unlink(missing_ok=True)
             inst = _Instance(domid or self._next_domid(), machine or self._machine, config, folder,
                              QmpSession(folder / "qmp.sock", config.name))
@@ -389,6 +391,15 @@ class QemuDriver(Hypervisor):
         inst = self._instance(name)
         await inst.qmp.execute("cont")
         return await self._domain(inst)
+
+    def guest_agent(self, name: str) -> GuestAgent:
+        inst = self._instance(name)
+        if not qemu_spec.guest_spec(inst.config).guest_agent:
+            raise FailedPrecondition(f"domain {name} has no guest agent channel: its config needs "
+                                     f'channel=["name={qemu_spec.GUEST_AGENT_CHANNEL}"] (domsnap.cfg(5)) '
+                                     "and a guest running qemu-guest-agent", reason="QUIESCE_UNSUPPORTED",
+                                     domain=name)
+        return GuestAgent(inst.folder / QGA_SOCKET, name)
 
     def block_ops(self, name: str) -> QmpBlockOps:
         return self._block_ops(self._instance(name), persist=True)

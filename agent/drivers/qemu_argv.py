@@ -27,6 +27,8 @@ class LaunchPaths:
     console: Path
     # The UEFI variable store (a copy of OVMF_VARS), for a UEFI domain.
     nvram: Path | None = None
+    # The guest agent channel's socket, for a domain that has one.
+    guest_agent: Path | None = None
 
 
 def _opt(value: str) -> str:
@@ -108,6 +110,15 @@ def _vnc(vnc: qemu_spec.Vnc) -> list[str]:
     return ["-vga", "std", "-vnc", value]
 
 
+def _guest_agent(name: str, socket: Path | None) -> list[str]:
+    if socket is None:
+        raise InvalidArgument(f"domain {name}: a guest agent channel needs its socket")
+    # wait=off: QEMU starts without a client; the agent connects when it quiesces.
+    return ["-chardev", f"socket,id=qga0,path={_opt(str(socket))},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=qga0-bus",
+            "-device", f"virtserialport,bus=qga0-bus.0,chardev=qga0,name={qemu_spec.GUEST_AGENT_CHANNEL}"]
+
+
 def _rtc(spec: qemu_spec.GuestSpec, now: datetime | None) -> list[str]:
     if not spec.rtc_offset:
         return ["-rtc", "base=localtime"] if spec.localtime else []
@@ -160,6 +171,8 @@ def launch(
     argv += _nics(spec)
     if spec.vnc is not None:
         argv += _vnc(spec.vnc)
+    if spec.guest_agent:
+        argv += _guest_agent(config.name, paths.guest_agent)
     if spec.usb:
         argv += ["-usb"]
         for device in spec.usb_devices:

@@ -20,7 +20,7 @@ from ..xldisk import DiskSpec
 # Keys every domain may have; `kernel`, `ramdisk` and `extra` boot a kernel
 # directly (the only way for type "pv"/"pvh", which QEMU runs as a PC).
 COMMON_KEYS = frozenset({"name", "memory", "vcpus", "disk", "serial", "type", "builder", "kernel", "ramdisk",
-                         "extra", "vif"})
+                         "extra", "vif", "channel"})
 # Keys only an HVM guest has in xl.cfg(5).
 HVM_KEYS = frozenset({"boot", "bios", "vnc", "vnclisten", "vncdisplay", "vncunused", "vncpasswd", "nographic",
                       "usb", "usbdevice", "localtime", "rtc_timeoffset", "cpuid"})
@@ -75,6 +75,9 @@ _BRIDGE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _HOST = re.compile(r"[A-Za-z0-9_.:-]{1,253}")
 _FLAG = re.compile(r"[a-z0-9_.-]{1,32}")
 _VIF_KEYS = frozenset({"bridge", "mac", "model", "type"})
+# xl.cfg(5)'s channel=[...]: the one channel the driver makes is the QEMU
+# guest agent's virtio-serial port; its socket is the agent's to place.
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ class GuestSpec:
     localtime: bool
     rtc_offset: int
     cpu_flags: tuple[str, ...] | None
+    # channel=["name=org.qemu.guest_agent.0"]: a virtio-serial port for the guest agent.
+    guest_agent: bool = False
 
     @property
     def uefi(self) -> bool:
@@ -171,6 +176,7 @@ def guest_spec(config: DomainConfig) -> GuestSpec:
         serial=_serial(config.get_str("serial")), usb=bool(xlcfg.get_int(s, "usb", 0)) or bool(usb_devices),
         usb_devices=usb_devices, localtime=bool(xlcfg.get_int(s, "localtime", 0)),
         rtc_offset=xlcfg.get_int(s, "rtc_timeoffset", 0), cpu_flags=_cpuid(xlcfg.get_str(s, "cpuid", None)),
+        guest_agent=_guest_agent(xlcfg.get_list(s, "channel", [])),
     )
 
 
@@ -229,6 +235,21 @@ def _nics(config: DomainConfig) -> tuple[Nic, ...]:
             raise InvalidArgument(f"vif {i}: bridge={bridge!r} is not an interface name")
         nics.append(Nic(mac, NIC_MODELS[model], bridge))
     return tuple(nics)
+
+
+def _guest_agent(channels: list[str]) -> bool:
+    """xl.cfg's channel=[...], of which the driver makes the guest agent's alone."""
+    for i, spec in enumerate(channels):
+        fields = dict(part.strip().partition("=")[::2] for part in spec.split(",") if part.strip())
+        if fields.get("name") != GUEST_AGENT_CHANNEL:
+            raise InvalidArgument(f"channel {i} ({spec!r}): the qemu driver makes one channel, "
+                                  f"name={GUEST_AGENT_CHANNEL} (the QEMU guest agent's)")
+        if fields.get("connection", "socket") != "socket" or set(fields) - {"name", "connection"}:
+            raise InvalidArgument(f"channel {i} ({spec!r}): the guest agent's channel takes name= and "
+                                  "connection=socket only (its socket is in the domain's folder)")
+    if len(channels) > 1:
+        raise InvalidArgument(f"channel: {GUEST_AGENT_CHANNEL} given {len(channels)} times")
+    return bool(channels)
 
 
 def _stable_mac(name: str, index: int) -> str:

@@ -38,6 +38,7 @@ from ..runner import CommandResult, Runner
 from ..xldisk import XlVersion
 from . import xen_feed, xen_live, xen_stream, xl_argv
 from .base import BeforePause, CheckpointResult, Hypervisor, InPause, Step, no_step
+from .qga import GuestAgent
 from .xen_block import XenBlockOps
 from .xen_config import domain_config, with_fresh_genid
 from .xl_argv import XlDomain, XlListEntry
@@ -143,6 +144,12 @@ class XenDriver(Hypervisor):
 
     def _virt_caps(self) -> set[str]:
         return set(self._info.get("virt_caps", "").split())
+
+    def guest_agent(self, name: str) -> GuestAgent:
+        raise FailedPrecondition(f"domain {name}: --quiesce needs the QEMU guest agent's channel, and xl gives "
+                                 "a domain none (its channel= devices are PV consoles the agent cannot reach "
+                                 "as QEMU's virtio-serial port): snapshot without --quiesce",
+                                 reason="QUIESCE_UNSUPPORTED", domain=name)
 
     def capabilities(self) -> list[str]:
         caps = self._virt_caps()

@@ -77,13 +77,18 @@ no finer reason names):
                        a snapshot's frozen layer), DOMAIN_STRANDED (domain,
                        snapshot: a failed revert must be finished first),
                        PAST_NO_RETURN (operation_id: a cancel too late),
-                       MANIFEST_INVALID (path), FAILED_PRECONDITION
+                       MANIFEST_INVALID (path), QUIESCE_UNSUPPORTED
+                       (domain: no guest agent channel, or the xen
+                       driver), GUEST_AGENT_UNAVAILABLE (domain: no guest
+                       agent answered), FAILED_PRECONDITION
   ABORTED              DOMAIN_BUSY (domain, operation_id: the operation
                        running on the domain)
   RESOURCE_EXHAUSTED   INSUFFICIENT_SPACE (path, where known: the disk is
                        full; nothing was left behind)
   PERMISSION_DENIED    PERMISSION_DENIED (the caller's role does not allow
                        the call)
+  DEADLINE_EXCEEDED    FREEZE_TIMEOUT (domain: a quiesce's freeze outlived
+                       its deadline, or hung; thawed, rolled back)
   UNAVAILABLE          HYPERVISOR_UNAVAILABLE
   CANCELLED            OPERATION_CANCELLED (cancelled and rolled back)
   UNIMPLEMENTED        UNIMPLEMENTED (the driver cannot do it)
@@ -910,6 +915,26 @@ class Snapshot(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     DOMAIN_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
@@ -932,6 +957,8 @@ class Snapshot(_message.Message):
     GROUP_FIELD_NUMBER: _builtins.int
     PAUSED_AT_FIELD_NUMBER: _builtins.int
     RESUMED_AT_FIELD_NUMBER: _builtins.int
+    QUIESCED_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     domain: _builtins.str
     path: _builtins.str
@@ -965,6 +992,8 @@ class Snapshot(_message.Message):
     """"domains/{domain}/snapshots/{name}"."""
     domain_uid: _builtins.str
     """The uid of the domain it was taken of ("" for a snapshot made before uids)."""
+    quiesced: _builtins.bool
+    """The guest's filesystems were frozen at the instant (CreateSnapshotRequest.quiesce)."""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -988,6 +1017,10 @@ class Snapshot(_message.Message):
 
     @_builtins.property
     def resumed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """CreateSnapshotRequest.labels."""
+
     def __init__(
         self,
         *,
@@ -1013,10 +1046,12 @@ class Snapshot(_message.Message):
         group: Global___SnapshotGroup | None = ...,
         paused_at: _timestamp_pb2.Timestamp | None = ...,
         resumed_at: _timestamp_pb2.Timestamp | None = ...,
+        quiesced: _builtins.bool = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "downtime", b"downtime", "group", b"group", "memory", b"memory", "paused_at", b"paused_at", "resumed_at", b"resumed_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current", b"current", "description", b"description", "disks", b"disks", "domain", b"domain", "domain_uid", b"domain_uid", "downtime", b"downtime", "driver", b"driver", "group", b"group", "hypervisor_version", b"hypervisor_version", "live", b"live", "manifest", b"manifest", "memory", b"memory", "name", b"name", "parent", b"parent", "path", b"path", "paused_at", b"paused_at", "resource_name", b"resource_name", "resumed_at", b"resumed_at", "size_bytes", b"size_bytes", "state", b"state", "uid", b"uid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current", b"current", "description", b"description", "disks", b"disks", "domain", b"domain", "domain_uid", b"domain_uid", "downtime", b"downtime", "driver", b"driver", "group", b"group", "hypervisor_version", b"hypervisor_version", "labels", b"labels", "live", b"live", "manifest", b"manifest", "memory", b"memory", "name", b"name", "parent", b"parent", "path", b"path", "paused_at", b"paused_at", "quiesced", b"quiesced", "resource_name", b"resource_name", "resumed_at", b"resumed_at", "size_bytes", b"size_bytes", "state", b"state", "uid", b"uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1025,6 +1060,26 @@ Global___Snapshot: _TypeAlias = Snapshot  # noqa: Y015
 @_typing.final
 class CreateSnapshotRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     DOMAIN_NAME_FIELD_NUMBER: _builtins.int
@@ -1039,6 +1094,10 @@ class CreateSnapshotRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     CONFIG_NAME_FIELD_NUMBER: _builtins.int
+    QUIESCE_FIELD_NUMBER: _builtins.int
+    QUIESCE_BEST_EFFORT_FIELD_NUMBER: _builtins.int
+    FREEZE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     domain_name: _builtins.str
     domain_uid: _builtins.str
@@ -1067,8 +1126,34 @@ class CreateSnapshotRequest(_message.Message):
     """Validate and answer the plan (one `plan` event), touching nothing."""
     config_name: _builtins.str
     """The cfgfile's name, for messages about its text ("" : "<config>")."""
+    quiesce: _builtins.bool
+    """Freeze the guest's filesystems through its QEMU guest agent just before
+    the instant and thaw them just after, the thaw guaranteed (qemu driver;
+    the domain's config has channel=["name=org.qemu.guest_agent.0"] and its
+    guest runs qemu-guest-agent). No guest agent answering, or a paused
+    domain: FAILED_PRECONDITION. Xen: FAILED_PRECONDITION.
+    """
+    quiesce_best_effort: _builtins.bool
+    """With quiesce: a guest that cannot be frozen is snapshotted unfrozen
+    instead (Snapshot.quiesced says which it was).
+    """
     @_builtins.property
     def overrides(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def freeze_timeout(self) -> _duration_pb2.Duration:
+        """With quiesce: the longest the filesystems may stay frozen (unset or 0:
+        10 s, Windows VSS's limit; at most 600 s). A freeze that outlives it, or
+        hangs, is thawed and the create fails with DEADLINE_EXCEEDED.
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Recorded in the manifest. `domsnap.dev/schedule` marks a snapshot a
+        schedule made (its value: the schedule's name); snapshot-prune deletes
+        only snapshots that carry it. Keys [A-Za-z0-9._/-]{1,63}, values
+        [A-Za-z0-9._-]{0,63}, at most 16.
+        """
+
     def __init__(
         self,
         *,
@@ -1085,10 +1170,14 @@ class CreateSnapshotRequest(_message.Message):
         description: _builtins.str = ...,
         dry_run: _builtins.bool = ...,
         config_name: _builtins.str = ...,
+        quiesce: _builtins.bool = ...,
+        quiesce_best_effort: _builtins.bool = ...,
+        freeze_timeout: _duration_pb2.Duration | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "freeze_timeout", b"freeze_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "description", b"description", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "dry_run", b"dry_run", "live", b"live", "method", b"method", "name", b"name", "overrides", b"overrides", "path", b"path", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "description", b"description", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "dry_run", b"dry_run", "freeze_timeout", b"freeze_timeout", "labels", b"labels", "live", b"live", "method", b"method", "name", b"name", "overrides", b"overrides", "path", b"path", "quiesce", b"quiesce", "quiesce_best_effort", b"quiesce_best_effort", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
     _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015

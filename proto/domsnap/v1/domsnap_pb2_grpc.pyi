@@ -77,13 +77,18 @@ no finer reason names):
                        a snapshot's frozen layer), DOMAIN_STRANDED (domain,
                        snapshot: a failed revert must be finished first),
                        PAST_NO_RETURN (operation_id: a cancel too late),
-                       MANIFEST_INVALID (path), FAILED_PRECONDITION
+                       MANIFEST_INVALID (path), QUIESCE_UNSUPPORTED
+                       (domain: no guest agent channel, or the xen
+                       driver), GUEST_AGENT_UNAVAILABLE (domain: no guest
+                       agent answered), FAILED_PRECONDITION
   ABORTED              DOMAIN_BUSY (domain, operation_id: the operation
                        running on the domain)
   RESOURCE_EXHAUSTED   INSUFFICIENT_SPACE (path, where known: the disk is
                        full; nothing was left behind)
   PERMISSION_DENIED    PERMISSION_DENIED (the caller's role does not allow
                        the call)
+  DEADLINE_EXCEEDED    FREEZE_TIMEOUT (domain: a quiesce's freeze outlived
+                       its deadline, or hung; thawed, rolled back)
   UNAVAILABLE          HYPERVISOR_UNAVAILABLE
   CANCELLED            OPERATION_CANCELLED (cancelled and rolled back)
   UNIMPLEMENTED        UNIMPLEMENTED (the driver cannot do it)

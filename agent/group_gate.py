@@ -99,6 +99,6 @@ class Gate:
 def lease_of(requested: float, most: float) -> float:
     """The lease a member holds: the coordinator's, within the agent's bound."""
     if requested < 0 or requested > most:
-        raise InvalidArgument(f"lease_seconds {requested:g}: this agent holds a group's member for at most "
+        raise InvalidArgument(f"lease {requested:g} s: this agent holds a group's member for at most "
                               f"{most:g} s (group_lease_max_seconds)")
     return requested or min(DEFAULT_LEASE, most)

@@ -210,7 +210,7 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
             raise InvalidArgument(f"group {group.name!r}: a member's create takes the group's name as its "
                                   "snapshot name, and has no dry run")
         out: asyncio.Queue[pb.GroupSnapshotEvent | DomsnapError | None] = asyncio.Queue()
-        gate = self._s.group_gate(group, first.lease_seconds,
+        gate = self._s.group_gate(group, first.lease.ToNanoseconds() / 1e9,
                                   lambda phase, at: out.put_nowait(convert.group_reached(phase, at)))
         op = await self._s.create_snapshot(self._create_request(first.create), first.create.request_id, gate)
         tasks = (asyncio.create_task(_commands(requests, gate)), asyncio.create_task(_forward(op, out)))

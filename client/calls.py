@@ -102,10 +102,10 @@ def create_request(domain: str, *, name: str = "", live: bool = False, method: M
         request_id=new_request_id(request_id), **domain_ref(domain), name=name, live=live,
         method=_method(method), path=path, description=description, config=config, overrides=list(overrides),
         config_name=config_name, dry_run=dry_run, quiesce=q.enabled, quiesce_best_effort=q.best_effort,
-        freeze_timeout=_duration(q.freeze_timeout) if q.freeze_timeout else None, labels=dict(labels or {}))
+        freeze_timeout=duration(q.freeze_timeout) if q.freeze_timeout else None, labels=dict(labels or {}))
 
 
-def _duration(seconds: float) -> duration_pb2.Duration:
+def duration(seconds: float) -> duration_pb2.Duration:
     d = duration_pb2.Duration()
     d.FromNanoseconds(int(seconds * 1e9))
     return d

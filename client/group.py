@@ -237,7 +237,8 @@ def _as_error(exc: BaseException | None, member: Member) -> errors.DomsnapError:
 
 
 async def create_async(name: str, members: Sequence[Member], *, live: bool = False, description: str = "",
-                       lease: float = DEFAULT_LEASE, on_progress: GroupProgress | None = None,
+                       lease: float = DEFAULT_LEASE, quiesce: calls.Quiesce | None = None,
+                       on_progress: GroupProgress | None = None,
                        ca: str | None = None, cert: str | None = None, key: str | None = None,
                        ) -> dict[Member, pb.Snapshot]:
     """Snapshot every member at one instant; each member's snapshot (named `name`), or GroupError
@@ -247,9 +248,9 @@ async def create_async(name: str, members: Sequence[Member], *, live: bool = Fal
     running: list[_MemberCall] = []
     try:
         for m in members:
-            create = calls.create_request(m.domain, name=name, live=live, description=description)
+            create = calls.create_request(m.domain, name=name, live=live, description=description, quiesce=quiesce)
             prepare = pb.GroupSnapshotRequest(command=pb.GROUP_COMMAND_PREPARE, create=create, group=group,
-                                              lease_seconds=lease)
+                                              lease=calls.duration(lease))
             running.append(_MemberCall(m, clients[m.address], prepare, on_progress))
         try:
             await _every(running, lambda c: c.until(pb.GROUP_PHASE_PREPARED))
@@ -399,9 +400,9 @@ async def delete_async(name: str, members: Sequence[Member], *, on_progress: Gro
 
 
 def create(name: str, members: Sequence[Member], *, live: bool = False, description: str = "",
-           lease: float = DEFAULT_LEASE, on_progress: GroupProgress | None = None, ca: str | None = None,
-           cert: str | None = None, key: str | None = None) -> dict[Member, pb.Snapshot]:
-    return asyncio.run(create_async(name, members, live=live, description=description, lease=lease,
+           lease: float = DEFAULT_LEASE, quiesce: calls.Quiesce | None = None, on_progress: GroupProgress | None = None,
+           ca: str | None = None, cert: str | None = None, key: str | None = None) -> dict[Member, pb.Snapshot]:
+    return asyncio.run(create_async(name, members, live=live, description=description, lease=lease, quiesce=quiesce,
                                     on_progress=on_progress, ca=ca, cert=cert, key=key))
 
 

@@ -7,7 +7,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from . import views
-from .exits import EXIT_OK, CliError, UsageError
+from .exits import EXIT_OK, UsageError
 
 if TYPE_CHECKING:
     from . import group
@@ -35,10 +35,10 @@ def cmd_group_snapshot_create(s: Session, ns: argparse.Namespace) -> int:
     from . import group
 
     members = _members(ns)
-    if ns.quiesce:
-        raise CliError("--quiesce: not yet: this domsnap's agents freeze no guest filesystems; "
-                       "leave --quiesce out for a crash-consistent group snapshot")
-    snaps = group.create(ns.name, members, live=ns.live, lease=ns.lease, on_progress=_lines(s),
+    from .calls import Quiesce
+
+    snaps = group.create(ns.name, members, live=ns.live, lease=ns.lease,
+                         quiesce=Quiesce() if ns.quiesce else None, on_progress=_lines(s),
                          ca=s.tls.ca, cert=s.tls.cert, key=s.tls.key)
     if s.json:
         s.print_json({str(m): views.to_dict(snap) for m, snap in snaps.items()})

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from domsnap.client import errors, group
+from domsnap.client import calls, errors, group
 from domsnap.client.progress import MemberLines
 from domsnap.v1 import domsnap_pb2 as pb
 
@@ -58,3 +58,27 @@ def test_member_lines_show_each_members_phases_once_and_json_every_event() -> No
     as_json(web, "frozen", pb.Progress())
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [(e["member"], e["phase"]) for e in events] == [("web@/a", "frozen")] * 2
+
+
+class _Refused(Exception):
+    pass
+
+
+@pytest.mark.parametrize("quiesce", [None, calls.Quiesce(best_effort=True)])
+def test_each_members_prepare_carries_the_create_its_quiesce_and_the_lease(
+        monkeypatch: pytest.MonkeyPatch, quiesce: calls.Quiesce | None) -> None:
+    prepared: list[pb.GroupSnapshotRequest] = []
+
+    def member_call(member: group.Member, client: object, prepare: pb.GroupSnapshotRequest, progress: object) -> None:
+        prepared.append(prepare)
+        raise _Refused
+
+    monkeypatch.setattr(group, "_MemberCall", member_call)
+    with pytest.raises(_Refused):
+        group.create("g1", group.parse_members(["a@unix:/nowhere/a", "b@unix:/nowhere/b"]), live=True, lease=2.5,
+                     quiesce=quiesce)
+    first = prepared[0]
+    assert first.command == pb.GROUP_COMMAND_PREPARE and first.create.name == "g1" and first.create.live
+    assert first.lease.ToNanoseconds() == 2_500_000_000
+    assert first.create.quiesce == (quiesce is not None)
+    assert first.create.quiesce_best_effort == (quiesce is not None)

@@ -1977,13 +1977,8 @@ class GroupSnapshotRequest(_message.Message):
     COMMAND_FIELD_NUMBER: _builtins.int
     CREATE_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
-    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     command: Global___GroupCommand.ValueType
-    lease_seconds: _builtins.float
-    """PREPARE only: how long the agent waits for each next command before it
-    rolls back on its own; 0: the agent's default, at most its
-    group_lease_max_seconds.
-    """
     @_builtins.property
     def create(self) -> Global___CreateSnapshotRequest:
         """PREPARE only: the member's create (its name is the group's name; no dry_run)."""
@@ -1992,17 +1987,24 @@ class GroupSnapshotRequest(_message.Message):
     def group(self) -> Global___SnapshotGroup:
         """PREPARE only."""
 
+    @_builtins.property
+    def lease(self) -> _duration_pb2.Duration:
+        """PREPARE only: how long the agent waits for each next command before it
+        rolls back on its own. Unset or zero: the agent's default (10 s); at
+        most its group_lease_max_seconds.
+        """
+
     def __init__(
         self,
         *,
         command: Global___GroupCommand.ValueType = ...,
         create: Global___CreateSnapshotRequest | None = ...,
         group: Global___SnapshotGroup | None = ...,
-        lease_seconds: _builtins.float = ...,
+        lease: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create", b"create", "group", b"group"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create", b"create", "group", b"group", "lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "create", b"create", "group", b"group", "lease_seconds", b"lease_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "create", b"create", "group", b"group", "lease", b"lease"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -292,7 +292,7 @@ class SnapshotAgentServicer:
         agent pauses the guest and answers FROZEN. COMMIT, sent once every
         member is FROZEN: the agent takes the disks and the rest of the state,
         resumes the guest and ends with the operation's `finished`. ABORT, a
-        call that ends, or no next command within the lease (`lease_seconds`,
+        call that ends, or no next command within the lease (`lease`,
         from PREPARED and again from FROZEN): the agent resumes the guest and
         rolls the member back; the call ends CANCELLED. Operation events come
         as for CreateSnapshot.

@@ -198,7 +198,7 @@ class SnapshotAgentStub:
     agent pauses the guest and answers FROZEN. COMMIT, sent once every
     member is FROZEN: the agent takes the disks and the rest of the state,
     resumes the guest and ends with the operation's `finished`. ABORT, a
-    call that ends, or no next command within the lease (`lease_seconds`,
+    call that ends, or no next command within the lease (`lease`,
     from PREPARED and again from FROZEN): the agent resumes the guest and
     rolls the member back; the call ends CANCELLED. Operation events come
     as for CreateSnapshot.
@@ -271,7 +271,7 @@ class SnapshotAgentAsyncStub(SnapshotAgentStub):
     agent pauses the guest and answers FROZEN. COMMIT, sent once every
     member is FROZEN: the agent takes the disks and the rest of the state,
     resumes the guest and ends with the operation's `finished`. ABORT, a
-    call that ends, or no next command within the lease (`lease_seconds`,
+    call that ends, or no next command within the lease (`lease`,
     from PREPARED and again from FROZEN): the agent resumes the guest and
     rolls the member back; the call ends CANCELLED. Operation events come
     as for CreateSnapshot.
@@ -461,7 +461,7 @@ class SnapshotAgentServicer(metaclass=_abc_1.ABCMeta):
         agent pauses the guest and answers FROZEN. COMMIT, sent once every
         member is FROZEN: the agent takes the disks and the rest of the state,
         resumes the guest and ends with the operation's `finished`. ABORT, a
-        call that ends, or no next command within the lease (`lease_seconds`,
+        call that ends, or no next command within the lease (`lease`,
         from PREPARED and again from FROZEN): the agent resumes the guest and
         rolls the member back; the call ends CANCELLED. Operation events come
         as for CreateSnapshot.

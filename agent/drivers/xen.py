@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -99,9 +100,12 @@ class XenDriver(Hypervisor):
         # The libxl config last seen per domain name: block_ops and facts are
         # synchronous and need a domain's domid, type and disk backends.
         self._known: dict[str, XlDomain] = {}
-        # xl gives no events: the domain list is cached for LIST_TTL, one
-        # `xl list` pair at a time, and forgotten by any other xl command.
+        # xl gives no events: the domain list, and each domain looked up, is
+        # cached for LIST_TTL (one `xl list` pair at a time for the list) and
+        # forgotten by any other xl command: the RPC that plans an operation
+        # and the operation it starts ask xl once.
         self._listed: tuple[float, list[Domain]] | None = None
+        self._looked: dict[str, tuple[float, Domain]] = {}
         self._listing = asyncio.Lock()
         self._changes = 0
 
@@ -113,6 +117,7 @@ class XenDriver(Hypervisor):
             finally:
                 if (argv[1] if len(argv) > 1 else "") not in ("list", "info"):
                     self._listed = None
+                    self._looked.clear()
                     self._changes += 1
 
         return forgetting
@@ -123,8 +128,11 @@ class XenDriver(Hypervisor):
     # ------------------------------------------------------------ agent side
 
     async def probe(self) -> str:
-        out = await self._xl(xl_argv.info(xl=self._xl_bin), timeout=QUERY_TIMEOUT)
-        self._info = xl_argv.parse_info(out.stdout)
+        # Asked once: the hypervisor's version and capabilities cannot change
+        # under a running dom0 (and so under its agent).
+        if not self._info:
+            out = await self._xl(xl_argv.info(xl=self._xl_bin), timeout=QUERY_TIMEOUT)
+            self._info = xl_argv.parse_info(out.stdout)
         return f"Xen {self._info.get('xen_version', 'unknown')}"
 
     @property
@@ -169,7 +177,7 @@ class XenDriver(Hypervisor):
             raise
         return xl_argv.parse_list(out.stdout)
 
-    async def _configs(self, ref: int | None) -> dict[int, XlDomain]:
+    async def _configs(self, ref: str | int | None) -> dict[int, XlDomain]:
         out = await self._xl(xl_argv.list_long(ref, xl=self._xl_bin), timeout=QUERY_TIMEOUT)
         return {d.domid: d for d in xl_argv.parse_list_long(out.stdout)}
 
@@ -205,6 +213,10 @@ class XenDriver(Hypervisor):
         return domains
 
     async def lookup(self, ref: str) -> Domain:
+        looked = self._looked.get(ref)
+        if looked is not None and time.monotonic() - looked[0] <= LIST_TTL:
+            return looked[1]
+        changes, asked = self._changes, time.monotonic()
         rows = await self._table(ref)
         if not rows or rows[0].domid == 0:
             raise NotFound(f"domain {ref!r} is not a guest domain", reason="DOMAIN_NOT_FOUND", domain=ref)
@@ -213,7 +225,19 @@ class XenDriver(Hypervisor):
         if xd is None:
             raise NotFound(f"domain {ref!r} (id {row.domid}) has no configuration left (it is being destroyed)",
                            reason="DOMAIN_NOT_FOUND", domain=ref)
-        return self._domain(row, xd)
+        domain = self._domain(row, xd)
+        # A command that ran meanwhile may have changed what xl answered.
+        if changes == self._changes:
+            self._looked[ref] = (asked, domain)
+        return domain
+
+    async def _restored(self, name: str) -> Domain:
+        """The domain `xl restore -p` just made: one `xl list -l`."""
+        found = [xd for xd in (await self._configs(name)).values() if xd.name == name]
+        if not found:
+            raise InternalError(f"domain {name} is not there after xl restore")
+        return self._domain(XlListEntry(name, found[0].domid, found[0].memory_mib, found[0].vcpus,
+                                        RunState.PAUSED, 0.0, "--p---"), found[0])
 
     def _config_path(self, name: str) -> Path:
         return self._dir / f"{name}.cfg"
@@ -426,10 +450,12 @@ class XenDriver(Hypervisor):
             await self._run(xl_argv.restore(path, paused=True, config_path=config_path, xl=self._xl_bin),
                             timeout=_transfer_timeout(config.memory_mib))
         try:
-            domain = await self.lookup(config.name)
+            # `xl restore -p` left it paused, and `xl unpause` that succeeded
+            # left it running: its new domid and config are all xl is asked.
+            domain = await self._restored(config.name)
             if not paused:
                 await self._xl(xl_argv.unpause(domain.domid, xl=self._xl_bin))
-                domain = await self.lookup(str(domain.domid))
+                domain = replace(domain, state=RunState.RUNNING)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.destroy(config.name)

@@ -77,10 +77,16 @@ def start_tally() -> CommandTally:
     return tally
 
 
+def tally_add(what: str, seconds: float) -> None:
+    """Count `seconds` spent waiting on a tool (`what`: "tool verb") in the current tally, if any:
+    the runner's commands, and requests to a running tool (a device model's QMP)."""
+    if (tally := _tally.get()) is not None:
+        tally.commands.append((what, seconds))
+
+
 def _record(argv: Sequence[str], seconds: float) -> None:
     log.debug("ran %s in %.3f s", argv, seconds)
-    if (tally := _tally.get()) is not None:
-        tally.commands.append((" ".join(a.rsplit("/", 1)[-1] for a in argv[:TALLY_WORDS]), seconds))
+    tally_add(" ".join(a.rsplit("/", 1)[-1] for a in argv[:TALLY_WORDS]), seconds)
 
 
 def _check_argv(argv: Sequence[str]) -> None:

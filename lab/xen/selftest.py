@@ -218,7 +218,9 @@ def pause_of(items: list[Item], t_from: float, t_to: float) -> float:
 
 
 def domsnap(test: str, step: str, *args: str, timeout: float = 300.0, check: bool = True) -> Result:
-    return run(test, step, [DOMSNAP, "-H", SOCK, *args], timeout, check=check)
+    # The CLI gives a short call 30 s; the step's own timeout bounds it here
+    # (a loaded host's TCG can take longer for an `xl create`).
+    return run(test, step, [DOMSNAP, "-H", SOCK, "--timeout", f"{timeout - 5:g}", *args], timeout, check=check)
 
 
 def json_find(value: Any, key: str) -> Any:
@@ -440,6 +442,17 @@ def result(test: str, status: str, detail: str) -> None:
     say(f"LABRESULT {test} {status} {detail}")
 
 
+def evidence(test: str, g: Guest) -> None:
+    """After a failure: where the guest stopped, as its console, its device
+    model and Xen saw it (an HVM guest has firmware and QEMU on its way)."""
+    if hasattr(g, "console") and g.console.path.exists():
+        emit_file(f"{test}-console.log", g.console.path.read_bytes()[-20000:])
+    dm = Path(f"/var/log/xen/qemu-dm-{g.name}.log")
+    if dm.exists():
+        emit_file(f"{test}-qemu-dm.log", dm.read_bytes()[-20000:])
+    emit_file(f"{test}-xl-dmesg.txt", run(test, "xl-dmesg", ["xl", "dmesg"], 30, check=False).out[-20000:])
+
+
 def snapshot_test(test: str, g: Guest, *, live: bool) -> None:
     try:
         boot(test, g)
@@ -454,6 +467,7 @@ def snapshot_test(test: str, g: Guest, *, live: bool) -> None:
     except Exception as e:
         note(traceback.format_exc().replace("\n", " / ")[-800:])
         result(test, "FAIL", str(e))
+        evidence(test, g)
     finally:
         destroy(test, g)
 
@@ -540,6 +554,7 @@ def hvm_genid(test: str, g: Guest) -> None:
     except Exception as e:
         note(traceback.format_exc().replace("\n", " / ")[-800:])
         result(test, "FAIL", str(e))
+        evidence(test, g)
     finally:
         destroy(test, g)
 

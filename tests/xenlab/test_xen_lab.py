@@ -2,9 +2,10 @@
 
 lab/xen/build.sh builds (cached) a Xen 4.17 host image from Debian packages;
 lab/xen/run.py boots it under QEMU TCG once per session, and inside its dom0
-lab/xen/selftest.py runs domsnapd with the xen driver against real PV and
-PVH domUs (qcow2 and LVM disks; non-live and live snapshots) and prints one
-LABRESULT line per check. These tests assert on those lines.
+lab/xen/selftest.py runs domsnapd with the xen driver against real PV, PVH
+and HVM domUs (qcow2 and LVM disks; non-live and live snapshots; the VM
+generation ID an HVM guest reads) and prints one LABRESULT line per check.
+These tests assert on those lines.
 
 A lab that cannot be built (a Debian package missing, no network to the
 mirror) or does not run to its end FAILS, with the reason. The tier is
@@ -40,6 +41,10 @@ EXPECTED = (
     "pv-live-refused",
     "pv-lvm-thick-nonlive",
     "pvh-lvm-thin-live",
+    "hvm-qcow2-nonlive",
+    "hvm-qcow2-live",
+    "hvm-lvm-nonlive",
+    "hvm-genid",
 )
 
 # The session's first test pays for the build and the boot: past the suite's 300 s default.

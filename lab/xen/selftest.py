@@ -802,10 +802,12 @@ def main() -> int:
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     t = time.monotonic()
     while True:
-        r = run("setup", "agent-info", [DOMSNAP, "-H", SOCK, "info"], 30, check=False)
+        # The CLI's own start (Python, grpc) took 10 s on a quiet host's TCG
+        # and over 30 s on a loaded one.
+        r = run("setup", "agent-info", [DOMSNAP, "-H", SOCK, "info"], 120, check=False)
         if r.rc == 0:
             break
-        if agent.poll() is not None or time.monotonic() - t > 90:
+        if agent.poll() is not None or time.monotonic() - t > 240:
             result("agent-start", "FAIL", f"domsnapd did not answer: {r.err.strip()[-300:]}; log: "
                    + Path("/var/log/domsnapd.log").read_text()[-600:])
             return 1

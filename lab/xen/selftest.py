@@ -265,7 +265,8 @@ class Guest:
         lines = [
             f'name = "{self.name}"', f'type = "{self.type}"', "memory = 128", "vcpus = 1",
             f'kernel = "{DOMU_KERNEL}"', f'ramdisk = "{DOMU_RAMDISK}"',
-            'extra = "console=hvc0 loglevel=2"', 'on_crash = "preserve"',
+            'extra = "console=hvc0 loglevel=2{}"'.format(" iomem=relaxed nopat" if self.type == "hvm" else ""),
+            'on_crash = "preserve"',
             f"disk = [ 'format={self.fmt},vdev=xvda,access=rw,target={self.disk}' ]",
         ]
         if self.type in ("pvh", "hvm"):

@@ -325,6 +325,16 @@ class XenDriver(Hypervisor):
                     f"domain {domain.name}: no live snapshot: {why} (xl info virt_caps: "
                     f"{self._info.get('virt_caps', '?')}). Take a non-live snapshot instead."
                 )
+            held = [d.vdev for d in xd.disks if d.backend == "qdisk" and d.format == "qcow2"]
+            if xd.type == "hvm" and held:
+                # Found in the Xen lab: QEMU refused blockdev-snapshot-internal-sync with "does not support
+                # internal snapshots" (QEMU's savevm.c: qmp_xen_save_devices_state, bdrv_inactivate_all).
+                raise FailedPrecondition(
+                    f"domain {domain.name}: no live snapshot of an HVM domain whose qcow2 disks its QEMU serves "
+                    f"({', '.join(held)}): at the end of a live stream libxl has that QEMU save its devices "
+                    "and release the images, so it can take no disk snapshot in the pause. Take a non-live "
+                    "snapshot, or give the domain LVM disks (blkback)."
+                )
             return await self._live(domain, memory, lambda: in_pause(block), progress)
         return await self._save(domain, memory, lambda: in_pause(block), progress)
 

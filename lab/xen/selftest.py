@@ -475,7 +475,8 @@ def snapshot_test(test: str, g: Guest, *, live: bool) -> None:
         destroy(test, g)
 
 
-def pv_live_refused(test: str, g: Guest) -> None:
+def live_refused(test: str, g: Guest, why: str) -> None:
+    """A live snapshot the driver must refuse, naming `why`, the guest running on."""
     try:
         boot(test, g)
         c = g.console.counter()
@@ -485,9 +486,9 @@ def pv_live_refused(test: str, g: Guest) -> None:
         say(f"LABTIME {test} refusal_s={res.seconds:.2f}")
         msg = " ".join(res.err.split())
         if res.rc == 0:
-            result(test, "FAIL", "a live snapshot of a PV domain on Xen without shadow paging succeeded?")
-        elif "shadow" not in msg:
-            result(test, "FAIL", f"refused, but without naming shadow paging: {msg}")
+            result(test, "FAIL", f"a live snapshot that cannot be taken ({why}) succeeded?")
+        elif why not in msg:
+            result(test, "FAIL", f"refused, but without naming {why!r}: {msg}")
         else:
             result(test, "PASS", f"refused in {res.seconds:.1f}s, guest still running: {msg}")
     except Exception as e:
@@ -851,12 +852,15 @@ def main() -> int:
             "pvh-qcow2-nonlive", Guest("pvhq", "pvh", str(LAB / "pvhq.qcow2"), "qcow2"), live=False)),
         ("pvh-qcow2-live", lambda: snapshot_test(
             "pvh-qcow2-live", Guest("pvhlive", "pvh", str(LAB / "pvhlive.qcow2"), "qcow2"), live=True)),
-        ("pv-live-refused", lambda: pv_live_refused(
-            "pv-live-refused", Guest("pvlive", "pv", str(LAB / "pvlive.qcow2"), "qcow2"))),
+        ("pv-live-refused", lambda: live_refused(
+            "pv-live-refused", Guest("pvlive", "pv", str(LAB / "pvlive.qcow2"), "qcow2"), "shadow")),
         ("hvm-qcow2-nonlive", lambda: snapshot_test(
             "hvm-qcow2-nonlive", Guest("hvmq", "hvm", str(LAB / "hvmq.qcow2"), "qcow2"), live=False)),
-        ("hvm-qcow2-live", lambda: snapshot_test(
-            "hvm-qcow2-live", Guest("hvmlive", "hvm", str(LAB / "hvmlive.qcow2"), "qcow2"), live=True)),
+        # QEMU releases an HVM domain's images when libxl has it save its
+        # devices at the end of a live stream: no qcow2 snapshot in the pause.
+        ("hvm-qcow2-live-refused", lambda: live_refused(
+            "hvm-qcow2-live-refused", Guest("hvmlive", "hvm", str(LAB / "hvmlive.qcow2"), "qcow2"),
+            "qcow2 disks its QEMU serves")),
         ("hvm-genid", lambda: hvm_genid("hvm-genid", Guest("hvmgen", "hvm", str(LAB / "hvmgen.qcow2"), "qcow2"))),
     ]
     if lvm_ok:

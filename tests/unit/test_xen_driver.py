@@ -447,6 +447,27 @@ def test_live_checkpoint_sequence(tmp_path: Path) -> None:
     run_async(main)
 
 
+def test_live_refused_for_hvm_with_a_qcow2_disk_in_its_qemu(tmp_path: Path) -> None:
+    """The Xen lab's hvm-qcow2-live: QEMU released the images when libxl had it
+    save its devices at the end of the stream, and refused the disk snapshot
+    in the pause. Refused before anything runs, the domain untouched."""
+    async def main() -> None:
+        run = FakeRunner([])
+        d = driver(tmp_path, run)
+        hvm = recorded(X + "xl-list-l-4.json").replace('"type": "pvh"', '"type": "hvm"').replace(
+            '"format": "raw"', '"format": "qcow2"')
+        expect_lookup(run, "pvhguest", "xl-list-4-running.txt", 4, hvm)
+        dom = await d.lookup("pvhguest")
+        run.expect(["xl", "info"], Reply(recorded(X + "xl-info.txt")))
+        in_pause = InPause(run)
+        with pytest.raises(FailedPrecondition, match=r"HVM domain whose qcow2 disks its QEMU serves \(xvda\)"):
+            await d.checkpoint(dom, tmp_path / "memory.save", live=True, in_pause=in_pause, progress=Progress())
+        assert not in_pause.calls and not (tmp_path / "memory.save").exists()
+        run.finished()
+
+    run_async(main)
+
+
 def test_live_refused_for_pv_without_shadow_paging(tmp_path: Path) -> None:
     async def main() -> None:
         run = FakeRunner([])

@@ -235,7 +235,7 @@ class XenDriver(Hypervisor):
         """The domain `xl restore -p` just made: one `xl list -l`."""
         found = [xd for xd in (await self._configs(name)).values() if xd.name == name]
         if not found:
-            raise InternalError(f"domain {name} is not there after xl restore")
+            raise InternalError(f"domain {name} is not there after xl restore", domain=name)
         return self._domain(XlListEntry(name, found[0].domid, found[0].memory_mib, found[0].vcpus,
                                         RunState.PAUSED, 0.0, "--p---"), found[0])
 
@@ -333,7 +333,7 @@ class XenDriver(Hypervisor):
                     f"domain {domain.name}: no live snapshot of an HVM domain whose qcow2 disks its QEMU serves "
                     f"({', '.join(held)}): at the end of a live stream libxl has that QEMU save its devices "
                     "and release the images, so it can take no disk snapshot in the pause. Take a non-live "
-                    "snapshot, or give the domain LVM disks (blkback)."
+                    "snapshot, or give the domain LVM disks (blkback).", domain=domain.name
                 )
             return await self._live(domain, memory, lambda: in_pause(block), progress)
         return await self._save(domain, memory, lambda: in_pause(block), progress)

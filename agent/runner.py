@@ -77,6 +77,11 @@ def start_tally() -> CommandTally:
     return tally
 
 
+def current_tally() -> CommandTally | None:
+    """The tally of this context: its request and operation, if one was started."""
+    return _tally.get()
+
+
 def tally_add(what: str, seconds: float) -> None:
     """Count `seconds` spent waiting on a tool (`what`: "tool verb") in the current tally, if any:
     the runner's commands, and requests to a running tool (a device model's QMP)."""

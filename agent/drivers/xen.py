@@ -102,10 +102,12 @@ class XenDriver(Hypervisor):
         self._known: dict[str, XlDomain] = {}
         # xl gives no events: the domain list, and each domain looked up, is
         # cached for LIST_TTL (one `xl list` pair at a time for the list) and
-        # forgotten by any other xl command: the RPC that plans an operation
-        # and the operation it starts ask xl once.
+        # forgotten by any other xl command. A domain looked up by a request
+        # stays known to that request and the operation it starts (their
+        # command tally) until such a command: they ask xl once, however
+        # slowly the host answers (a loaded lab took 1.3 s per xl query).
         self._listed: tuple[float, list[Domain]] | None = None
-        self._looked: dict[str, tuple[float, Domain]] = {}
+        self._looked: dict[str, tuple[float, runner.CommandTally | None, Domain]] = {}
         self._listing = asyncio.Lock()
         self._changes = 0
 
@@ -214,8 +216,10 @@ class XenDriver(Hypervisor):
 
     async def lookup(self, ref: str) -> Domain:
         looked = self._looked.get(ref)
-        if looked is not None and time.monotonic() - looked[0] <= LIST_TTL:
-            return looked[1]
+        tally = runner.current_tally()
+        if looked is not None and (time.monotonic() - looked[0] <= LIST_TTL or
+                                   (tally is not None and looked[1] is tally)):
+            return looked[2]
         changes, asked = self._changes, time.monotonic()
         rows = await self._table(ref)
         if not rows or rows[0].domid == 0:
@@ -228,7 +232,7 @@ class XenDriver(Hypervisor):
         domain = self._domain(row, xd)
         # A command that ran meanwhile may have changed what xl answered.
         if changes == self._changes:
-            self._looked[ref] = (asked, domain)
+            self._looked[ref] = (asked, tally, domain)
         return domain
 
     async def _restored(self, name: str) -> Domain:

@@ -178,6 +178,25 @@ def test_a_domain_is_asked_once_until_a_command_may_change_it(tmp_path: Path) ->
     run_async(main)
 
 
+def test_a_request_asks_xl_about_its_domain_once_however_slow_the_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        run = FakeRunner([])
+        d = driver(tmp_path, run)
+        runner.start_tally()  # the request's
+        expect_lookup(run, "pvguest", "xl-list-3.txt", 3)
+        first = await d.lookup("pvguest")
+        later = time.monotonic() + 30  # past LIST_TTL: xl answered slowly
+        monkeypatch.setattr(time, "monotonic", lambda: later)
+        assert await d.lookup("pvguest") is first
+        runner.start_tally()  # another request asks again
+        expect_lookup(run, "pvguest", "xl-list-3.txt", 3)
+        await d.lookup("pvguest")
+        run.finished()
+
+    run_async(main)
+
+
 @pytest.mark.parametrize(
     ("ref", "reply"),
     [("nosuch", NOT_FOUND), ("42", Reply(rc=1, stderr=recorded(X + "xl-list-notfound-domid-stderr.txt")))],

@@ -329,7 +329,7 @@ class XenDriver(Hypervisor):
                     f"domain {domain.name}: no live snapshot: {why} (xl info virt_caps: "
                     f"{self._info.get('virt_caps', '?')}). Take a non-live snapshot instead."
                 )
-            held = [d.vdev for d in xd.disks if d.backend == "qdisk" and d.format == "qcow2"]
+            held = [disk.vdev for disk in xd.disks if disk.backend == "qdisk" and disk.format == "qcow2"]
             if xd.type == "hvm" and held:
                 # Found in the Xen lab: QEMU refused blockdev-snapshot-internal-sync with "does not support
                 # internal snapshots" (QEMU's savevm.c: qmp_xen_save_devices_state, bdrv_inactivate_all).

@@ -3,16 +3,22 @@
 No shell is ever involved. A failure raises `CommandError` carrying what ran
 and what it said. The runner is injected into drivers and backends so the
 contract tests can check the exact argv and replay recorded output.
+
+Each command's wall time is logged (debug) and added to the CommandTally of
+the current context, if one was started: an operation's cost, set against
+the tools it waited on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Final, Protocol
 
 from .errors import CommandError, InvalidArgument
 
@@ -36,6 +42,56 @@ class Runner(Protocol):
         check: bool = True,
         on_stderr_line: Callable[[str], None] | None = None,
     ) -> CommandResult: ...
+
+
+# Words of an argv that name what ran in a tally: the tool and its verb ("xl restore").
+TALLY_WORDS: Final = 2
+
+
+@dataclass
+class CommandTally:
+    """The commands run in one context (an RPC and the operation it starts:
+    a task inherits its creator's context, so both add to the same tally)."""
+
+    started: float = field(default_factory=time.monotonic)
+    commands: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(seconds for _, seconds in self.commands)
+
+    def summary(self) -> str:
+        """`wall=S commands=S n=N` and each command as `tool_verb=S`, for the log."""
+        wall = time.monotonic() - self.started
+        each = " ".join(f"{what.replace(' ', '_')}={seconds:.3f}" for what, seconds in self.commands)
+        return f"wall={wall:.3f} commands={self.seconds:.3f} n={len(self.commands)} {each}".rstrip()
+
+
+_tally: contextvars.ContextVar[CommandTally | None] = contextvars.ContextVar("command_tally", default=None)
+
+
+def start_tally() -> CommandTally:
+    """A new tally for the commands run from now on in this context (and in tasks it creates)."""
+    tally = CommandTally()
+    _tally.set(tally)
+    return tally
+
+
+def current_tally() -> CommandTally | None:
+    """The tally of this context: its request and operation, if one was started."""
+    return _tally.get()
+
+
+def tally_add(what: str, seconds: float) -> None:
+    """Count `seconds` spent waiting on a tool (`what`: "tool verb") in the current tally, if any:
+    the runner's commands, and requests to a running tool (a device model's QMP)."""
+    if (tally := _tally.get()) is not None:
+        tally.commands.append((what, seconds))
+
+
+def _record(argv: Sequence[str], seconds: float) -> None:
+    log.debug("ran %s in %.3f s", argv, seconds)
+    tally_add(" ".join(a.rsplit("/", 1)[-1] for a in argv[:TALLY_WORDS]), seconds)
 
 
 def _check_argv(argv: Sequence[str]) -> None:
@@ -74,6 +130,7 @@ async def run(
     """Run `argv` to completion; kill it and raise CommandError after `timeout`."""
     _check_argv(argv)
     log.debug("run %s", argv)
+    t0 = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -98,6 +155,8 @@ async def run(
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise CommandError(argv, None, "".join(out), "".join(err)) from exc
+    finally:
+        _record(argv, time.monotonic() - t0)
     result = CommandResult(tuple(argv), rc, "".join(out), "".join(err))
     if check and rc != 0:
         raise CommandError(argv, rc, result.stdout, result.stderr)

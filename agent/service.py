@@ -15,7 +15,7 @@ from typing import Protocol
 
 from domsnap import __version__
 
-from . import layers, paging
+from . import layers, paging, runner
 from .catalogue import Catalogue, Entry, Page, Render
 from .config import AgentConfig
 from .domain import Domain, DomainConfig, RunState
@@ -27,7 +27,7 @@ from .journal import Journal, JournalEntry
 from .ledger import Ledger
 from .names import unique_name
 from .op_history import DAY, History
-from .operations import FINAL, Observer, Operation, Operations, OpKind, OpState
+from .operations import FINAL, Body, Observer, Operation, Operations, OpKind, OpState
 from .paths import confine
 from .progress import Phase, Progress, ignore_progress
 from .snapshot_create import CreateRequest, SnapshotCreate
@@ -322,19 +322,21 @@ class AgentService:
 
     async def create_snapshot(self, req: CreateRequest, request_id: str, gate: Gate | None = None) -> Operation:
         """A create; with `gate`, a group snapshot's member, which waits for its coordinator there."""
+        tally = runner.start_tally()
         domain = await self.driver.lookup(req.domain)
         # Validated before the operation exists: a refusal is one plain error.
         self.operations.check_idle(domain.name)
         req = self._named(domain.name, req)
         plan = await self._create.prepare(domain, req)
         return self.operations.start(OpKind.CREATE, domain.name, req.name, request_id,
-                                     lambda op: self._create.run(op, req, plan, gate))
+                                     _costed(tally, lambda op: self._create.run(op, req, plan, gate)))
 
     def group_gate(self, group: Group, lease_seconds: float, on_reached: OnReached) -> Gate:
         """The gate of a group snapshot's member, under the lease asked for (within the agent's bound)."""
         return Gate(group, lease_of(lease_seconds, self.config.group_lease_max_seconds), on_reached)
 
     async def revert_snapshot(self, req: RevertRequest, request_id: str) -> Operation:
+        tally = runner.start_tally()
         name = await self._domain_name(req.domain)
         self.operations.check_idle(name)
         if (stranded := self._revert.stranded(name)) is not None:
@@ -343,7 +345,7 @@ class AgentService:
         plan = await self._revert.prepare(replace(req, domain=name, snapshot=ref))
         self.uids.adopt(name, plan.manifest.domain_uid)
         return self.operations.start(OpKind.REVERT, name, plan.manifest.name, request_id,
-                                     lambda op: self._revert.run(op, plan))
+                                     _costed(tally, lambda op: self._revert.run(op, plan)))
 
     def _resume_revert(self, name: str, ref: str, request_id: str, stranded: Stranded) -> Operation:
         """A revert of a domain a failed revert left destroyed: only to that snapshot, which it finishes."""
@@ -409,3 +411,16 @@ class AgentService:
         plan = await self._delete.prepare(name, self._confined(ref), children)
         return self.operations.start(OpKind.DELETE, name, plan.doomed[-1].manifest.name, request_id,
                                      lambda op: self._delete.run(op, plan))
+
+
+def _costed(tally: runner.CommandTally, body: Body) -> Body:
+    """The operation's body, logging when it ends what the agent spent since
+    the request came in against what the commands it ran took."""
+
+    async def costed(op: Operation) -> object:
+        try:
+            return await body(op)
+        finally:
+            log.info("cost of operation %s: %s %s %s", op.id, op.kind, op.domain, tally.summary())
+
+    return costed

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -99,9 +100,14 @@ class XenDriver(Hypervisor):
         # The libxl config last seen per domain name: block_ops and facts are
         # synchronous and need a domain's domid, type and disk backends.
         self._known: dict[str, XlDomain] = {}
-        # xl gives no events: the domain list is cached for LIST_TTL, one
-        # `xl list` pair at a time, and forgotten by any other xl command.
+        # xl gives no events: the domain list, and each domain looked up, is
+        # cached for LIST_TTL (one `xl list` pair at a time for the list) and
+        # forgotten by any other xl command. A domain looked up by a request
+        # stays known to that request and the operation it starts (their
+        # command tally) until such a command: they ask xl once, however
+        # slowly the host answers (a loaded lab took 1.3 s per xl query).
         self._listed: tuple[float, list[Domain]] | None = None
+        self._looked: dict[str, tuple[float, runner.CommandTally | None, Domain]] = {}
         self._listing = asyncio.Lock()
         self._changes = 0
 
@@ -113,6 +119,7 @@ class XenDriver(Hypervisor):
             finally:
                 if (argv[1] if len(argv) > 1 else "") not in ("list", "info"):
                     self._listed = None
+                    self._looked.clear()
                     self._changes += 1
 
         return forgetting
@@ -123,8 +130,11 @@ class XenDriver(Hypervisor):
     # ------------------------------------------------------------ agent side
 
     async def probe(self) -> str:
-        out = await self._xl(xl_argv.info(xl=self._xl_bin), timeout=QUERY_TIMEOUT)
-        self._info = xl_argv.parse_info(out.stdout)
+        # Asked once: the hypervisor's version and capabilities cannot change
+        # under a running dom0 (and so under its agent).
+        if not self._info:
+            out = await self._xl(xl_argv.info(xl=self._xl_bin), timeout=QUERY_TIMEOUT)
+            self._info = xl_argv.parse_info(out.stdout)
         return f"Xen {self._info.get('xen_version', 'unknown')}"
 
     @property
@@ -169,7 +179,7 @@ class XenDriver(Hypervisor):
             raise
         return xl_argv.parse_list(out.stdout)
 
-    async def _configs(self, ref: int | None) -> dict[int, XlDomain]:
+    async def _configs(self, ref: str | int | None) -> dict[int, XlDomain]:
         out = await self._xl(xl_argv.list_long(ref, xl=self._xl_bin), timeout=QUERY_TIMEOUT)
         return {d.domid: d for d in xl_argv.parse_list_long(out.stdout)}
 
@@ -205,6 +215,12 @@ class XenDriver(Hypervisor):
         return domains
 
     async def lookup(self, ref: str) -> Domain:
+        looked = self._looked.get(ref)
+        tally = runner.current_tally()
+        if looked is not None and (time.monotonic() - looked[0] <= LIST_TTL or
+                                   (tally is not None and looked[1] is tally)):
+            return looked[2]
+        changes, asked = self._changes, time.monotonic()
         rows = await self._table(ref)
         if not rows or rows[0].domid == 0:
             raise NotFound(f"domain {ref!r} is not a guest domain", reason="DOMAIN_NOT_FOUND", domain=ref)
@@ -213,7 +229,19 @@ class XenDriver(Hypervisor):
         if xd is None:
             raise NotFound(f"domain {ref!r} (id {row.domid}) has no configuration left (it is being destroyed)",
                            reason="DOMAIN_NOT_FOUND", domain=ref)
-        return self._domain(row, xd)
+        domain = self._domain(row, xd)
+        # A command that ran meanwhile may have changed what xl answered.
+        if changes == self._changes:
+            self._looked[ref] = (asked, tally, domain)
+        return domain
+
+    async def _restored(self, name: str) -> Domain:
+        """The domain `xl restore -p` just made: one `xl list -l`."""
+        found = [xd for xd in (await self._configs(name)).values() if xd.name == name]
+        if not found:
+            raise InternalError(f"domain {name} is not there after xl restore", domain=name)
+        return self._domain(XlListEntry(name, found[0].domid, found[0].memory_mib, found[0].vcpus,
+                                        RunState.PAUSED, 0.0, "--p---"), found[0])
 
     def _config_path(self, name: str) -> Path:
         return self._dir / f"{name}.cfg"
@@ -300,6 +328,16 @@ class XenDriver(Hypervisor):
                 raise FailedPrecondition(
                     f"domain {domain.name}: no live snapshot: {why} (xl info virt_caps: "
                     f"{self._info.get('virt_caps', '?')}). Take a non-live snapshot instead."
+                )
+            held = [disk.vdev for disk in xd.disks if disk.backend == "qdisk" and disk.format == "qcow2"]
+            if xd.type == "hvm" and held:
+                # Found in the Xen lab: QEMU refused blockdev-snapshot-internal-sync with "does not support
+                # internal snapshots" (QEMU's savevm.c: qmp_xen_save_devices_state, bdrv_inactivate_all).
+                raise FailedPrecondition(
+                    f"domain {domain.name}: no live snapshot of an HVM domain whose qcow2 disks its QEMU serves "
+                    f"({', '.join(held)}): at the end of a live stream libxl has that QEMU save its devices "
+                    "and release the images, so it can take no disk snapshot in the pause. Take a non-live "
+                    "snapshot, or give the domain LVM disks (blkback).", domain=domain.name
                 )
             return await self._live(domain, memory, lambda: in_pause(block), progress)
         return await self._save(domain, memory, lambda: in_pause(block), progress)
@@ -426,10 +464,12 @@ class XenDriver(Hypervisor):
             await self._run(xl_argv.restore(path, paused=True, config_path=config_path, xl=self._xl_bin),
                             timeout=_transfer_timeout(config.memory_mib))
         try:
-            domain = await self.lookup(config.name)
+            # `xl restore -p` left it paused, and `xl unpause` that succeeded
+            # left it running: its new domid and config are all xl is asked.
+            domain = await self._restored(config.name)
             if not paused:
                 await self._xl(xl_argv.unpause(domain.domid, xl=self._xl_bin))
-                domain = await self.lookup(str(domain.domid))
+                domain = replace(domain, state=RunState.RUNNING)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self.destroy(config.name)

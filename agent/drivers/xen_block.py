@@ -22,10 +22,12 @@ back to the frozen image.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+from .. import runner
 from ..errors import FailedPrecondition, NotFound
 from .qmp import QmpSession
 from .xl_argv import XlDisk
@@ -70,10 +72,12 @@ class XenBlockOps:
 
     async def _execute(self, command: str, args: Mapping[str, object]) -> None:
         session = QmpSession(self._socket, f"{self._name} (domid {self._domid})")
+        t0 = time.monotonic()
         try:
             await session.execute(command, args)
         finally:
             await session.close()
+            runner.tally_add(f"qmp {command}", time.monotonic() - t0)
 
     async def internal_snapshot(self, vdev: str, tag: str) -> None:
         node = node_name(self._qdisk(vdev))

@@ -89,7 +89,7 @@ project_id() {
             LC_ALL=C sort | while IFS= read -r f; do
             if [[ -L $f ]]; then printf '%s -> %s\n' "$f" "$(readlink "$f")"; else printf '%s %s\n' "$f" "$(sha_of "$f")"; fi
         done
-        for f in "$SELF" "$DEBS_LIB" "$LAB_DIR/dom0-init" "$LAB_DIR/selftest.py" "$REPO/guest/init"; do
+        for f in "$SELF" "$DEBS_LIB" "$LAB_DIR/dom0-init" "$LAB_DIR/selftest.py" "$LAB_DIR/genid" "$REPO/guest/init"; do
             printf '%s %s\n' "${f##*/}" "$(sha_of "$f")"
         done
         printf 'guest %s\n' "$(cat "$GUEST_STAMP" 2>/dev/null)"
@@ -369,10 +369,14 @@ build_domu_initrd() { # DEST
             die "$kpkg has no xen-blkfront"
     fi
     # /dev/vda -> /dev/xvda, /dev/vd[a-z] -> /dev/xvd[a-z]; nothing else may name /dev/vd.
-    sed -e 's#/dev/vda#/dev/xvda#g' -e 's#/dev/vd\[a-z\]#/dev/xvd[a-z]#g' "$REPO/guest/init" >"$g/init"
+    # An HVM domU also prints its VM generation ID (lab/xen/genid, started just before READY).
+    sed -e 's#/dev/vda#/dev/xvda#g' -e 's#/dev/vd\[a-z\]#/dev/xvd[a-z]#g' \
+        -e 's#^echo READY$#/bin/lab-genid \&\necho READY#' "$REPO/guest/init" >"$g/init"
     if grep -n '/dev/vd' "$g/init" >&2; then die "guest/init names /dev/vd* in a way this script cannot adapt"; fi
     grep -q '/dev/xvd\[a-z\]' "$g/init" && grep -q '/dev/xvda' "$g/init" ||
         die "guest/init no longer has the /dev/vda and /dev/vd[a-z] this script adapts"
+    grep -q '^/bin/lab-genid &$' "$g/init" || die "guest/init no longer has the 'echo READY' line this script adapts"
+    install -m 0755 "$LAB_DIR/genid" "$g/bin/lab-genid"
     chmod 0755 "$g/init"
     (cd "$g" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) | gzip -n -6 >"$dest"
 }

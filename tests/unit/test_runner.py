@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from domsnap.agent import runner
 from domsnap.agent.errors import CommandError, InvalidArgument
 from domsnap.agent.runner import run
 
@@ -43,3 +44,41 @@ def test_missing_program_is_a_command_error() -> None:
 def test_malformed_argv_is_refused(argv: list[str]) -> None:
     with pytest.raises(InvalidArgument):
         asyncio.run(run(argv, timeout=5))
+
+
+def test_a_tally_counts_the_commands_of_its_context_and_of_the_tasks_it_starts() -> None:
+    async def main() -> tuple[runner.CommandTally, runner.CommandTally]:
+        outside = asyncio.create_task(run(["true"], timeout=10))
+        await outside
+        async def op() -> None:
+            await run(["sleep", "0.2"], timeout=10)
+
+        tally = runner.start_tally()
+        await run(["/bin/sh", "-c", "exit 0"], timeout=10)
+        await asyncio.create_task(op())  # the operation's task inherits the tally
+        other = await asyncio.create_task(in_another_tally())
+        return tally, other
+
+    async def in_another_tally() -> runner.CommandTally:
+        tally = runner.start_tally()
+        await run(["true", "x"], timeout=10)
+        return tally
+
+    tally, other = asyncio.run(main())
+    assert [what for what, _ in tally.commands] == ["sh -c", "sleep 0.2"]
+    assert tally.commands[1][1] >= 0.2 and tally.seconds >= 0.2
+    assert [what for what, _ in other.commands] == ["true x"]
+    summary = tally.summary()
+    assert summary.startswith("wall=") and " n=2 sh_-c=" in summary and "sleep_0.2=" in summary
+    wall = float(summary.split()[0].removeprefix("wall="))
+    assert wall >= tally.seconds
+
+
+def test_a_failing_command_is_counted_too() -> None:
+    async def main() -> runner.CommandTally:
+        tally = runner.start_tally()
+        with pytest.raises(CommandError):
+            await run(["sh", "-c", "exit 4"], timeout=10)
+        return tally
+
+    assert [what for what, _ in asyncio.run(main()).commands] == ["sh -c"]

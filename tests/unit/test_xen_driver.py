@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from domsnap.agent import convert
+from domsnap.agent import convert, runner
 from domsnap.agent.config import load
 from domsnap.agent.domain import Domain, DomainConfig, RunState
 from domsnap.agent.drivers import xen
@@ -89,9 +89,14 @@ def test_probe_and_capabilities(tmp_path: Path) -> None:
         caps = d.capabilities()
         # Stock Debian Xen has no shadow paging: no live snapshots of PV guests.
         assert "live:pv" not in caps and "live:pvh" in caps and "live:hvm" in caps and "live" in caps
+        # Asked once: every create and revert names the version, and a
+        # running dom0's hypervisor cannot change.
+        assert await d.probe() == "Xen 4.17.7"
+        run.finished()
         newer = recorded(X + "xl-info-shadow.txt").replace("xen_version            : 4.17.7", "xen_version : 4.19.1")
         assert "4.19.1" in newer
-        run.expect(["xl", "info"], Reply(newer))
+        run = FakeRunner([]).expect(["xl", "info"], Reply(newer))
+        d = driver(tmp_path, run)
         await d.probe()
         assert "live:pv" in d.capabilities()
         assert d.xl_version == XlVersion(4, 19)
@@ -150,6 +155,43 @@ def test_lookup(tmp_path: Path) -> None:
         dom = await driver(tmp_path, run).lookup("pvguest")
         assert (dom.domid, dom.name, dom.state) == (3, "pvguest", RunState.RUNNING)
         assert dom.config.disk("xvda").target == "/srv/domsnap/images/pvguest.qcow2"
+        run.finished()
+
+    run_async(main)
+
+
+def test_a_domain_is_asked_once_until_a_command_may_change_it(tmp_path: Path) -> None:
+    """A revert looks its domain up in the RPC, in the plan and before
+    destroying it: xl is asked once; any other xl command forgets the answer."""
+    async def main() -> None:
+        run = FakeRunner([])
+        d = driver(tmp_path, run)
+        expect_lookup(run, "pvguest", "xl-list-3.txt", 3)
+        first = await d.lookup("pvguest")
+        assert await d.lookup("pvguest") is first
+        run.expect(["xl", "destroy", "3"])
+        await d.destroy("pvguest")
+        expect_lookup(run, "pvguest", "xl-list-3.txt", 3)
+        assert await d.lookup("pvguest") == first
+        run.finished()
+
+    run_async(main)
+
+
+def test_a_request_asks_xl_about_its_domain_once_however_slow_the_host(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def main() -> None:
+        run = FakeRunner([])
+        d = driver(tmp_path, run)
+        runner.start_tally()  # the request's
+        expect_lookup(run, "pvguest", "xl-list-3.txt", 3)
+        first = await d.lookup("pvguest")
+        later = time.monotonic() + 30  # past LIST_TTL: xl answered slowly
+        monkeypatch.setattr(time, "monotonic", lambda: later)
+        assert await d.lookup("pvguest") is first
+        runner.start_tally()  # another request asks again
+        expect_lookup(run, "pvguest", "xl-list-3.txt", 3)
+        await d.lookup("pvguest")
         run.finished()
 
     run_async(main)
@@ -424,6 +466,27 @@ def test_live_checkpoint_sequence(tmp_path: Path) -> None:
     run_async(main)
 
 
+def test_live_refused_for_hvm_with_a_qcow2_disk_in_its_qemu(tmp_path: Path) -> None:
+    """The Xen lab's hvm-qcow2-live: QEMU released the images when libxl had it
+    save its devices at the end of the stream, and refused the disk snapshot
+    in the pause. Refused before anything runs, the domain untouched."""
+    async def main() -> None:
+        run = FakeRunner([])
+        d = driver(tmp_path, run)
+        hvm = recorded(X + "xl-list-l-4.json").replace('"type": "pvh"', '"type": "hvm"').replace(
+            '"format": "raw"', '"format": "qcow2"')
+        expect_lookup(run, "pvhguest", "xl-list-4-running.txt", 4, hvm)
+        dom = await d.lookup("pvhguest")
+        run.expect(["xl", "info"], Reply(recorded(X + "xl-info.txt")))
+        in_pause = InPause(run)
+        with pytest.raises(FailedPrecondition, match=r"HVM domain whose qcow2 disks its QEMU serves \(xvda\)"):
+            await d.checkpoint(dom, tmp_path / "memory.save", live=True, in_pause=in_pause, progress=Progress())
+        assert not in_pause.calls and not (tmp_path / "memory.save").exists()
+        run.finished()
+
+    run_async(main)
+
+
 def test_live_refused_for_pv_without_shadow_paging(tmp_path: Path) -> None:
     async def main() -> None:
         run = FakeRunner([])
@@ -524,6 +587,11 @@ def domid7() -> str:
     return recorded(X + "xl-list-l-3.json").replace('"domid": 3', '"domid": 7')
 
 
+def expect_restored(run: FakeRunner) -> None:
+    """What the driver asks after `xl restore -p`: one `xl list -l` of the name (its new domid and config)."""
+    run.expect(["xl", "list", "-l", "pvguest"], Reply(domid7()))
+
+
 def test_restore_uses_the_config_saved_in_the_image(tmp_path: Path) -> None:
     saved = parse_list_long(recorded(X + "xl-list-l-3.json"))[0].config
 
@@ -531,9 +599,8 @@ def test_restore_uses_the_config_saved_in_the_image(tmp_path: Path) -> None:
         memory = image_of(tmp_path, dict(saved))
         run = FakeRunner([]).expect(["xl", "restore", "-p", str(memory)],
                                     Reply(stderr=recorded(X + "xl-restore-stderr.txt")))
-        expect_lookup(run, "pvguest", "xl-list-7-paused.txt", 7, domid7())
+        expect_restored(run)
         run.expect(["xl", "unpause", "7"])
-        expect_lookup(run, "7", "xl-list-7.txt", 7, domid7())
         progress = Progress()
         dom = await driver(tmp_path, run).restore(pvguest_config(), memory, facts={}, paused=False,
                                                   progress=progress)
@@ -557,7 +624,7 @@ def test_restore_with_moved_disks_writes_a_config(tmp_path: Path) -> None:
     async def main() -> None:
         memory = image_of(tmp_path, dict(saved))
         run = FakeRunner([]).expect(["xl", "restore", "-p", str(cfg), str(memory)], Reply(action=check_cfg))
-        expect_lookup(run, "pvguest", "xl-list-7-paused.txt", 7, domid7())
+        expect_restored(run)
         dom = await driver(tmp_path, run).restore(moved, memory, facts={}, paused=True, progress=Progress())
         assert dom.state is RunState.PAUSED
         run.finished()
@@ -589,8 +656,12 @@ def test_qcow2_snapshots_go_through_the_domains_qemu(tmp_path: Path) -> None:
         (tmp_path / "run").mkdir()
         async with FakeQmp(tmp_path / "run" / "qmp-libxl-3") as qmp:
             block = d.block_ops("pvguest")
+            tally = runner.start_tally()
             await block.internal_snapshot("xvda", "s1")
             await block.delete_internal_snapshot("xvda", "s0")
+            # The time QEMU took counts in the operation's cost as a tool's, like xl's.
+            assert [what for what, _ in tally.commands] == [
+                "qmp blockdev-snapshot-internal-sync", "qmp blockdev-snapshot-delete-internal-sync"]
             assert qmp.commands == [
                 {"execute": "blockdev-snapshot-internal-sync", "arguments": {"device": "xvda-qcow2", "name": "s1"},
                  "id": qmp.commands[0]["id"]},
@@ -606,7 +677,8 @@ def test_qcow2_snapshots_go_through_the_domains_qemu(tmp_path: Path) -> None:
             with pytest.raises(NotFound):
                 await block.internal_snapshot("xvdz", "s1")
             assert qmp.connections == 2
-        assert d.facts(await running_pvguest(d, run)) == {"type": "pv", "xen_version": ""}
+        # Looked up again within LIST_TTL and no xl command since: xl is not asked.
+        assert d.facts(await d.lookup("pvguest")) == {"type": "pv", "xen_version": ""}
         run.finished()
 
     run_async(main)

@@ -95,14 +95,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = cast("Streaming", handler.unary_stream)
 
             async def stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
-                call = _Call(method, context)
-                try:
-                    check_request(request)
-                    async for item in inner_stream(request, context):
-                        yield item
-                except Exception as exc:
-                    await call.fail(exc)
-                call.ok()
+                async for item in _audited(_Call(method, context), _checked_first(request, inner_stream, context)):
+                    yield item
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, request_deserializer=handler.request_deserializer,
@@ -111,18 +105,30 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_bidi = cast("Bidi", handler.stream_stream)
 
             async def bidi(requests: AsyncIterator[Any], context: Ctx) -> AsyncIterator[Any]:
-                call = _Call(method, context)
-                try:
-                    async for item in inner_bidi(_checked(requests), context):
-                        yield item
-                except Exception as exc:
-                    await call.fail(exc)
-                call.ok()
+                async for item in _audited(_Call(method, context), inner_bidi(_checked(requests), context)):
+                    yield item
 
             return grpc.stream_stream_rpc_method_handler(
                 bidi, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         return handler
+
+
+async def _audited(call: _Call, items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A streamed answer, its end (or its error, as the API's status) logged as the call's."""
+    try:
+        async for item in items:
+            yield item
+    except Exception as exc:
+        await call.fail(exc)
+    call.ok()
+
+
+async def _checked_first(request: Any, inner: Streaming, context: Ctx) -> AsyncIterator[Any]:
+    """The handler's stream, once the request is checked against the limits."""
+    check_request(request)
+    async for item in inner(request, context):
+        yield item
 
 
 async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:

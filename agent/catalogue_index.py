@@ -29,8 +29,9 @@ from .sqlite_file import open_db
 log = logging.getLogger(__name__)
 
 FILE = "catalogue.sqlite"
-# 2: listings carry uids, resource names and Durations; 3: a snapshot's group and pause times.
-SCHEMA_VERSION = 3
+# 2: listings carry uids, resource names and Durations; 3: a snapshot's group and pause times; 4: its uid,
+# looked up by requests that name a snapshot so.
+SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE snapshots (
     domain TEXT NOT NULL,
@@ -39,9 +40,11 @@ CREATE TABLE snapshots (
     created_at REAL NOT NULL,
     stamp TEXT NOT NULL,
     listing BLOB NOT NULL,
+    uid TEXT NOT NULL,
     PRIMARY KEY (domain, name)
 );
 CREATE INDEX listing_order ON snapshots (domain, created_at, name);
+CREATE INDEX by_uid ON snapshots (uid);
 """
 # A page's query by (one domain?, after a key?).
 _PAGE = {
@@ -76,7 +79,7 @@ class Row:
     stamp: str
     # The snapshot as the API lists it, serialized; opaque here.
     listing: bytes
-
+    uid: str
 
 
 class Listing(NamedTuple):
@@ -136,9 +139,15 @@ class CatalogueIndex:
             self._db.execute("BEGIN")
             self._db.executemany("DELETE FROM snapshots WHERE domain = ? AND name = ?", remove)
             self._db.executemany(
-                "INSERT OR REPLACE INTO snapshots (domain, name, path, created_at, stamp, listing) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                ((r.domain, r.name, r.path, r.created_at, r.stamp, r.listing) for r in put))
+                "INSERT OR REPLACE INTO snapshots (domain, name, path, created_at, stamp, listing, uid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((r.domain, r.name, r.path, r.created_at, r.stamp, r.listing, r.uid) for r in put))
+
+    def path_of_uid(self, uid: str) -> str | None:
+        """The directory of the registered snapshot with this uid."""
+        with self._lock:
+            found = self._db.execute("SELECT path FROM snapshots WHERE uid = ?", (uid,)).fetchone()
+        return str(found[0]) if found else None
 
     def page(self, domain: str, after: Key | None, limit: int, max_bytes: int) -> tuple[list[Listing], bool]:
         """Up to `limit` rows in listing order after `after` (one domain's, or

@@ -68,6 +68,9 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
     def _domain(self, request: Message, *, required: bool = True) -> str:
         return refs.domain(request, self._s.uids, required=required)
 
+    def _snapshot(self, request: Message, *, required: bool = True) -> str:
+        return refs.snapshot(request, self._s.catalogue.path_of_uid, required=required)
+
     def _create_request(self, request: pb.CreateSnapshotRequest) -> CreateRequest:
         return parse_request(
             self._domain(request), name=request.name, live=request.live, method=convert.method_from_pb(request.method),
@@ -134,7 +137,7 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
 
     async def RevertSnapshot(self, request: pb.RevertSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
-        ref = snapshot_ref(refs.snapshot(request, required=False), request.config, tuple(request.overrides),
+        ref = snapshot_ref(self._snapshot(request, required=False), request.config, tuple(request.overrides),
                            request.config_name)
         req = RevertRequest(self._domain(request), ref, convert.run_after_from_pb(request.run_state), request.force,
                             request.reset_nvram)
@@ -148,7 +151,7 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
 
     async def DeleteSnapshot(self, request: pb.DeleteSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:
-        domain, snapshot = self._domain(request), refs.snapshot(request)
+        domain, snapshot = self._domain(request), self._snapshot(request)
         if request.dry_run:
             plan = await self._s.plan_delete(domain, snapshot, request.children)
             yield pb.OperationEvent(plan=convert.delete_plan(plan))
@@ -191,12 +194,12 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
         return convert.snapshot_page(page, full=request.view == pb.VIEW_FULL)
 
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context: Ctx) -> pb.Snapshot:
-        entry = await self._s.get_snapshot(self._domain(request), refs.snapshot(request))
+        entry = await self._s.get_snapshot(self._domain(request), self._snapshot(request))
         return convert.snapshot(entry, (await _sizes([entry]))[0], with_manifest=request.manifest)
 
     async def EditSnapshot(self, request: pb.EditSnapshotRequest, context: Ctx) -> pb.Snapshot:
         description = request.description if request.HasField("description") else None
-        entry = await self._s.edit_snapshot(self._domain(request), refs.snapshot(request), description=description,
+        entry = await self._s.edit_snapshot(self._domain(request), self._snapshot(request), description=description,
                                             new_name=request.new_name, request_id=request.request_id)
         return convert.snapshot(entry, (await _sizes([entry]))[0])
 

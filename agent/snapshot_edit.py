@@ -50,7 +50,7 @@ class SnapshotEdit:
                 raise FailedPrecondition(
                     f"snapshot {m.name} cannot be renamed: its disks hold the name ({', '.join(held)}), and "
                     f"they cannot rename it. Change its description instead, or take a new snapshot named "
-                    f"{new_name}")
+                    f"{new_name}", domain=domain, snapshot=m.name)
         if description is not None and description != m.description:
             m = replace(m, description=description)
             if not new_name or new_name == m.name:

@@ -1,7 +1,7 @@
 """The API's contract against a real agent: each refusal's code, AIP-193
 reason and metadata as domsnap.proto lists them, identities (uids, resource
-names, unique default names), the lists' views and pages, and what a
-destroy answers."""
+names, unique default names, snapshots named by uid), the lists' views and
+pages, and what a destroy answers."""
 
 from __future__ import annotations
 
@@ -140,6 +140,29 @@ def test_identities_views_pages_and_refusals_on_a_guest(agent: Agent, boot_guest
     assert all(s.disks for s in stub.ListSnapshots(pb.ListSnapshotsRequest(domain_name=g.name, view=pb.VIEW_FULL),
                                                    timeout=30).snapshots)
 
+    # A snapshot named by its uid: of the domain named with it only.
+    by_uid = stub.GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_uid=snap.uid), timeout=30)
+    assert (by_uid.name, by_uid.uid) == (snap.name, snap.uid)
+    assert refusal(lambda: stub.GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_uid="u9"),
+                                            timeout=30)) == (
+        "NOT_FOUND", "SNAPSHOT_NOT_FOUND", {"snapshot_uid": "u9"}, [])
+    assert refusal(lambda: stub.GetSnapshot(pb.GetSnapshotRequest(domain_name=other.name, snapshot_uid=snap.uid),
+                                            timeout=30)) == (
+        "NOT_FOUND", "SNAPSHOT_NOT_FOUND", {"domain": other.name, "path": snap.path}, [])
+    edited = stub.EditSnapshot(pb.EditSnapshotRequest(domain_name=g.name, snapshot_uid=made[1].uid,
+                                                      description="by uid", request_id=rid()), timeout=30)
+    assert (edited.name, edited.description) == (made[1].name, "by uid")
+    # An internal qcow2 snapshot's tag holds its name.
+    assert refusal(lambda: stub.EditSnapshot(pb.EditSnapshotRequest(
+        domain_name=g.name, snapshot_uid=made[1].uid, new_name="renamed", request_id=rid()), timeout=30)) == (
+        "FAILED_PRECONDITION", "FAILED_PRECONDITION", {"domain": g.name, "snapshot": made[1].name}, [])
+    deleted = list(stub.DeleteSnapshot(pb.DeleteSnapshotRequest(domain_name=g.name, snapshot_uid=made[1].uid,
+                                                                request_id=rid()), timeout=60))
+    assert list(deleted[-1].finished.deleted) == [made[1].name]
+    assert refusal(lambda: stub.DeleteSnapshot(pb.DeleteSnapshotRequest(
+        domain_name=g.name, snapshot_uid=made[1].uid, request_id=rid()), timeout=60))[:3] == (
+        "NOT_FOUND", "SNAPSHOT_NOT_FOUND", {"snapshot_uid": made[1].uid})
+
     assert refusal(lambda: stub.GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_name="nosuch"),
                                             timeout=30)) == (
         "NOT_FOUND", "SNAPSHOT_NOT_FOUND", {"domain": g.name, "snapshot": "nosuch"}, [])
@@ -173,5 +196,7 @@ def test_identities_views_pages_and_refusals_on_a_guest(agent: Agent, boot_guest
     plan = next(iter(stub.RevertSnapshot(pb.RevertSnapshotRequest(domain_name=g.name, snapshot_name=snap.name,
                                                                   dry_run=True), timeout=60))).plan
     assert [r.type for r in plan.risks] == ["DOMAIN_GONE"]
-    assert g.revert(snap.name, force=True)[-1].finished.state == pb.OPERATION_STATE_SUCCEEDED
+    reverted = list(stub.RevertSnapshot(pb.RevertSnapshotRequest(domain_name=g.name, snapshot_uid=snap.uid,
+                                                                 force=True, request_id=rid()), timeout=300))
+    assert (reverted[-1].finished.state, reverted[-1].finished.snapshot) == (pb.OPERATION_STATE_SUCCEEDED, snap.name)
     assert g.domain().uid == d.uid

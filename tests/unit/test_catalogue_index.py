@@ -172,7 +172,7 @@ def test_the_index_takes_writers_and_readers_from_several_threads(tmp_path: Path
 
     def write(domain: str) -> None:
         for i in range(300):
-            index.update(put=[Row(domain, f"s{i:03d}", "/p", float(i), "", b"x" * 64)])
+            index.update(put=[Row(domain, f"s{i:03d}", "/p", float(i), "", b"x" * 64, f"u{i}")])
 
     def read() -> None:
         for _ in range(300):

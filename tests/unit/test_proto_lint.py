@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+from domsnap.v1 import domsnap_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 BUF = REPO / "tools" / "buf" / "node_modules" / ".bin" / "buf"
@@ -31,3 +35,16 @@ def test_the_lint_finds_an_enum_without_an_unspecified_zero(tmp_path: Path) -> N
     api.write_text(api.read_text().replace("DOMAIN_STATE_UNSPECIFIED = 0;", "DOMAIN_STATE_NONE = 0;"))
     out = buf_lint(tmp_path)
     assert out.returncode != 0 and "\"DOMAIN_STATE_NONE\" should be suffixed with \"_UNSPECIFIED\"" in out.stdout, out
+
+
+def test_every_field_of_the_api_says_its_behavior() -> None:
+    """google.api.field_behavior on every field (the .proto's header says what each means)."""
+    def fields(message: Descriptor) -> Iterator[FieldDescriptor]:
+        yield from message.fields
+        for nested in message.nested_types:
+            if not nested.GetOptions().map_entry:
+                yield from fields(nested)
+
+    bare = [f.full_name for m in domsnap_pb2.DESCRIPTOR.message_types_by_name.values() for f in fields(m)
+            if "google.api.field_behavior" not in {d.full_name for d, _ in f.GetOptions().ListFields()}]
+    assert bare == []

@@ -17,13 +17,15 @@ the `_UNSPECIFIED` one. Every enum's zero is `_UNSPECIFIED` and its meaning
 Field behaviour (google.api.field_behavior): REQUIRED fields must be set
 (else INVALID_ARGUMENT, reason FIELD_REQUIRED); OUTPUT_ONLY ones are set by
 the agent and ignored in requests; IMMUTABLE ones never change once set;
-fields with no annotation are OPTIONAL, with their zero as documented.
-Where a oneof names a resource, exactly one of its fields is required.
+OPTIONAL ones may be left unset, their zero then meaning what the field's
+comment says. Every field carries one. Where a oneof names a resource,
+its members are each OPTIONAL and exactly one of them is required.
 
 Identity. A domain is named by its xl name or by its `uid`; a domid is a
 number the hypervisor gives a running domain and changes on every revert,
 so it is a lookup for xl's command-line syntax, never an identity. A
-snapshot is named by its name (unique per domain) or by its directory.
+snapshot is named by its name (unique per domain), its directory or its
+uid (its domain named as well).
 `uid`s are UUIDs that never change: a domain's across reverts and agent
 restarts, a snapshot's across renames. `resource_name`s follow AIP-122:
 `domains/{domain}` and `domains/{domain}/snapshots/{snapshot}` (the field
@@ -44,8 +46,9 @@ Errors leave as gRPC status codes with a human message and, in the
 `grpc-status-details-bin` trailer, a google.rpc.Status whose details hold a
 google.rpc.ErrorInfo (AIP-193) with `domain` "domsnap.dev" and a stable
 UPPER_SNAKE `reason`; its `metadata` names the resources involved (keys
-among "domain", "snapshot", "path", "operation_id", "field", "request_id",
-"vdev", "file", "since"). The message is for people and may change; code
+among "domain", "domain_uid", "snapshot", "snapshot_uid", "path",
+"operation_id", "field", "request_id", "vdev", "file", "since", "source",
+"line", "column", "command"). The message is for people and may change; code
 reads the reason. Reasons, by code (each code's own name is the reason of a refusal
 no finer reason names):
 
@@ -62,7 +65,8 @@ no finer reason names):
                        (request_id: the same id with another request),
                        INVALID_ARGUMENT
   NOT_FOUND            DOMAIN_NOT_FOUND (domain or domain_uid),
-                       SNAPSHOT_NOT_FOUND (domain, snapshot or path),
+                       SNAPSHOT_NOT_FOUND (domain, snapshot, path or
+                       snapshot_uid),
                        OPERATION_NOT_FOUND (operation_id), NOT_FOUND (a
                        file or device the request needs)
   ALREADY_EXISTS       SNAPSHOT_EXISTS (domain, snapshot), DOMAIN_EXISTS
@@ -1195,6 +1199,7 @@ class RevertSnapshotRequest(_message.Message):
     DOMID_FIELD_NUMBER: _builtins.int
     SNAPSHOT_NAME_FIELD_NUMBER: _builtins.int
     SNAPSHOT_PATH_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_UID_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     OVERRIDES_FIELD_NUMBER: _builtins.int
     RUN_STATE_FIELD_NUMBER: _builtins.int
@@ -1209,6 +1214,8 @@ class RevertSnapshotRequest(_message.Message):
     snapshot_name: _builtins.str
     snapshot_path: _builtins.str
     """Its directory, an absolute path."""
+    snapshot_uid: _builtins.str
+    """Its uid (Snapshot.uid)."""
     config: _builtins.str
     """A snapshot cfgfile's text naming the snapshot (`name` or `memory_path`)."""
     run_state: Global___RunStateAfterRevert.ValueType
@@ -1240,6 +1247,7 @@ class RevertSnapshotRequest(_message.Message):
         domid: _builtins.int = ...,
         snapshot_name: _builtins.str = ...,
         snapshot_path: _builtins.str = ...,
+        snapshot_uid: _builtins.str = ...,
         config: _builtins.str = ...,
         overrides: _abc.Iterable[_builtins.str] | None = ...,
         run_state: Global___RunStateAfterRevert.ValueType = ...,
@@ -1248,13 +1256,13 @@ class RevertSnapshotRequest(_message.Message):
         config_name: _builtins.str = ...,
         reset_nvram: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path", "snapshot_uid", b"snapshot_uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "dry_run", b"dry_run", "force", b"force", "overrides", b"overrides", "request_id", b"request_id", "reset_nvram", b"reset_nvram", "run_state", b"run_state", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_name", b"config_name", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "dry_run", b"dry_run", "force", b"force", "overrides", b"overrides", "request_id", b"request_id", "reset_nvram", b"reset_nvram", "run_state", b"run_state", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path", "snapshot_uid", b"snapshot_uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
     _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
-    _WhichOneofReturnType_snapshot: _TypeAlias = _typing.Literal["snapshot_name", "snapshot_path"]  # noqa: Y015
+    _WhichOneofReturnType_snapshot: _TypeAlias = _typing.Literal["snapshot_name", "snapshot_path", "snapshot_uid"]  # noqa: Y015
     _WhichOneofArgType_snapshot: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
@@ -1273,6 +1281,7 @@ class DeleteSnapshotRequest(_message.Message):
     DOMID_FIELD_NUMBER: _builtins.int
     SNAPSHOT_NAME_FIELD_NUMBER: _builtins.int
     SNAPSHOT_PATH_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_UID_FIELD_NUMBER: _builtins.int
     CHILDREN_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
@@ -1282,6 +1291,8 @@ class DeleteSnapshotRequest(_message.Message):
     snapshot_name: _builtins.str
     snapshot_path: _builtins.str
     """Its directory, an absolute path."""
+    snapshot_uid: _builtins.str
+    """Its uid (Snapshot.uid)."""
     children: _builtins.bool
     """Delete the snapshots taken on top of it too."""
     dry_run: _builtins.bool
@@ -1295,16 +1306,17 @@ class DeleteSnapshotRequest(_message.Message):
         domid: _builtins.int = ...,
         snapshot_name: _builtins.str = ...,
         snapshot_path: _builtins.str = ...,
+        snapshot_uid: _builtins.str = ...,
         children: _builtins.bool = ...,
         dry_run: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path", "snapshot_uid", b"snapshot_uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "dry_run", b"dry_run", "request_id", b"request_id", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "dry_run", b"dry_run", "request_id", b"request_id", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path", "snapshot_uid", b"snapshot_uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
     _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
-    _WhichOneofReturnType_snapshot: _TypeAlias = _typing.Literal["snapshot_name", "snapshot_path"]  # noqa: Y015
+    _WhichOneofReturnType_snapshot: _TypeAlias = _typing.Literal["snapshot_name", "snapshot_path", "snapshot_uid"]  # noqa: Y015
     _WhichOneofArgType_snapshot: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
@@ -1392,6 +1404,7 @@ class GetSnapshotRequest(_message.Message):
     DOMID_FIELD_NUMBER: _builtins.int
     SNAPSHOT_NAME_FIELD_NUMBER: _builtins.int
     SNAPSHOT_PATH_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_UID_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
     domain_name: _builtins.str
     domain_uid: _builtins.str
@@ -1399,6 +1412,8 @@ class GetSnapshotRequest(_message.Message):
     snapshot_name: _builtins.str
     snapshot_path: _builtins.str
     """Its directory, an absolute path."""
+    snapshot_uid: _builtins.str
+    """Its uid (Snapshot.uid)."""
     manifest: _builtins.bool
     """Also answer the manifest's text (Snapshot.manifest)."""
     def __init__(
@@ -1409,15 +1424,16 @@ class GetSnapshotRequest(_message.Message):
         domid: _builtins.int = ...,
         snapshot_name: _builtins.str = ...,
         snapshot_path: _builtins.str = ...,
+        snapshot_uid: _builtins.str = ...,
         manifest: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path", "snapshot_uid", b"snapshot_uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "manifest", b"manifest", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "manifest", b"manifest", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path", "snapshot_uid", b"snapshot_uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
     _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
-    _WhichOneofReturnType_snapshot: _TypeAlias = _typing.Literal["snapshot_name", "snapshot_path"]  # noqa: Y015
+    _WhichOneofReturnType_snapshot: _TypeAlias = _typing.Literal["snapshot_name", "snapshot_path", "snapshot_uid"]  # noqa: Y015
     _WhichOneofArgType_snapshot: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_domain) -> _WhichOneofReturnType_domain | None: ...
@@ -1436,6 +1452,7 @@ class EditSnapshotRequest(_message.Message):
     DOMID_FIELD_NUMBER: _builtins.int
     SNAPSHOT_NAME_FIELD_NUMBER: _builtins.int
     SNAPSHOT_PATH_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_UID_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     NEW_NAME_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
@@ -1445,6 +1462,8 @@ class EditSnapshotRequest(_message.Message):
     snapshot_name: _builtins.str
     snapshot_path: _builtins.str
     """Its directory, an absolute path."""
+    snapshot_uid: _builtins.str
+    """Its uid (Snapshot.uid)."""
     description: _builtins.str
     """The new description (unset: unchanged)."""
     new_name: _builtins.str
@@ -1460,18 +1479,19 @@ class EditSnapshotRequest(_message.Message):
         domid: _builtins.int = ...,
         snapshot_name: _builtins.str = ...,
         snapshot_path: _builtins.str = ...,
+        snapshot_uid: _builtins.str = ...,
         description: _builtins.str | None = ...,
         new_name: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path", "snapshot_uid", b"snapshot_uid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "new_name", b"new_name", "request_id", b"request_id", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description", "domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "new_name", b"new_name", "request_id", b"request_id", "snapshot", b"snapshot", "snapshot_name", b"snapshot_name", "snapshot_path", b"snapshot_path", "snapshot_uid", b"snapshot_uid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
     _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
     _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
     _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
-    _WhichOneofReturnType_snapshot: _TypeAlias = _typing.Literal["snapshot_name", "snapshot_path"]  # noqa: Y015
+    _WhichOneofReturnType_snapshot: _TypeAlias = _typing.Literal["snapshot_name", "snapshot_path", "snapshot_uid"]  # noqa: Y015
     _WhichOneofArgType_snapshot: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...

@@ -17,13 +17,15 @@ the `_UNSPECIFIED` one. Every enum's zero is `_UNSPECIFIED` and its meaning
 Field behaviour (google.api.field_behavior): REQUIRED fields must be set
 (else INVALID_ARGUMENT, reason FIELD_REQUIRED); OUTPUT_ONLY ones are set by
 the agent and ignored in requests; IMMUTABLE ones never change once set;
-fields with no annotation are OPTIONAL, with their zero as documented.
-Where a oneof names a resource, exactly one of its fields is required.
+OPTIONAL ones may be left unset, their zero then meaning what the field's
+comment says. Every field carries one. Where a oneof names a resource,
+its members are each OPTIONAL and exactly one of them is required.
 
 Identity. A domain is named by its xl name or by its `uid`; a domid is a
 number the hypervisor gives a running domain and changes on every revert,
 so it is a lookup for xl's command-line syntax, never an identity. A
-snapshot is named by its name (unique per domain) or by its directory.
+snapshot is named by its name (unique per domain), its directory or its
+uid (its domain named as well).
 `uid`s are UUIDs that never change: a domain's across reverts and agent
 restarts, a snapshot's across renames. `resource_name`s follow AIP-122:
 `domains/{domain}` and `domains/{domain}/snapshots/{snapshot}` (the field
@@ -44,8 +46,9 @@ Errors leave as gRPC status codes with a human message and, in the
 `grpc-status-details-bin` trailer, a google.rpc.Status whose details hold a
 google.rpc.ErrorInfo (AIP-193) with `domain` "domsnap.dev" and a stable
 UPPER_SNAKE `reason`; its `metadata` names the resources involved (keys
-among "domain", "snapshot", "path", "operation_id", "field", "request_id",
-"vdev", "file", "since"). The message is for people and may change; code
+among "domain", "domain_uid", "snapshot", "snapshot_uid", "path",
+"operation_id", "field", "request_id", "vdev", "file", "since", "source",
+"line", "column", "command"). The message is for people and may change; code
 reads the reason. Reasons, by code (each code's own name is the reason of a refusal
 no finer reason names):
 
@@ -62,7 +65,8 @@ no finer reason names):
                        (request_id: the same id with another request),
                        INVALID_ARGUMENT
   NOT_FOUND            DOMAIN_NOT_FOUND (domain or domain_uid),
-                       SNAPSHOT_NOT_FOUND (domain, snapshot or path),
+                       SNAPSHOT_NOT_FOUND (domain, snapshot, path or
+                       snapshot_uid),
                        OPERATION_NOT_FOUND (operation_id), NOT_FOUND (a
                        file or device the request needs)
   ALREADY_EXISTS       SNAPSHOT_EXISTS (domain, snapshot), DOMAIN_EXISTS

@@ -8,12 +8,15 @@ first. Ids are remembered per caller identity, so one caller's ids never
 answer another's requests. A request that failed is forgotten: its retry
 runs again.
 
-A request that starts an operation is also remembered on disk
-(`request_ids.sqlite` in the state directory, written before the operation's
-first step, kept as long as operations are): its retry after the agent
-restarted, a `kill -9` included, gets that operation back, as the agent now
-knows it, instead of running again. Other requests are remembered for the
-agent's life only (the last 1000).
+Requests are also remembered on disk (`request_ids.sqlite` in the state
+directory, kept as long as operations are), so that a retry after the agent
+restarted, a `kill -9` included, gets the first answer instead of running
+again: a request that starts an operation gets that operation back, as the
+agent now knows it (written before the operation's first step); a domain's
+create, destroy, pause, unpause or medium change gets the answer it was
+given (written as the answer leaves: a call the agent died during is not
+remembered, and its retry runs again). In memory, the last 1000 are kept
+besides, for retries while the first still runs.
 """
 
 from __future__ import annotations
@@ -33,10 +36,24 @@ from .operations import Operation
 from .sqlite_file import open_db
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 REMEMBERED = 1000
 FILE = "request_ids.sqlite"
 SCHEMA_VERSION = 1
+# The unary calls' answers, serialized; added after version 1 (made where missing).
+_ANSWERS = """
+CREATE TABLE IF NOT EXISTS answers (
+    caller TEXT NOT NULL,
+    rpc TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    fingerprint BLOB NOT NULL,
+    shown TEXT NOT NULL,
+    answer BLOB NOT NULL,
+    time REAL NOT NULL,
+    PRIMARY KEY (caller, rpc, request_id)
+);
+"""
 _SCHEMA = """
 CREATE TABLE requests (
     caller TEXT NOT NULL,
@@ -48,9 +65,9 @@ CREATE TABLE requests (
     time REAL NOT NULL,
     PRIMARY KEY (caller, rpc, request_id)
 );
-"""
+""" + _ANSWERS
 # What names the first request in a refusal, when the request has it.
-_SHOWN = ("domain_name", "domain_uid", "domid", "name", "snapshot_name", "snapshot_path", "path")
+_SHOWN = ("domain_name", "domain_uid", "domid", "name", "snapshot_name", "snapshot_path", "snapshot_uid", "path")
 
 
 @dataclass(frozen=True)
@@ -80,7 +97,7 @@ def _refusal(request_id: str, shown: str) -> InvalidArgument:
 
 
 class _Started:
-    """The operations requests started, on disk: (caller, RPC, id) -> fingerprint, operation id."""
+    """The requests on disk: (caller, RPC, id) -> fingerprint, and the operation it started or the answer it got."""
 
     def __init__(self, state_dir: Path, keep: float) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +105,9 @@ class _Started:
                               if_unusable="starting anew (retries of earlier requests run again)")
         with self._db:
             self._db.execute("BEGIN")
+            self._db.execute(_ANSWERS)
             self._db.execute("DELETE FROM requests WHERE time < ?", (time() - keep,))
+            self._db.execute("DELETE FROM answers WHERE time < ?", (time() - keep,))
 
     def get(self, key: tuple[str, str, str]) -> tuple[bytes, str, str] | None:
         found = self._db.execute("SELECT fingerprint, shown, operation_id FROM requests "
@@ -100,6 +119,17 @@ class _Started:
             self._db.execute("BEGIN")
             self._db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
                              (*key, fingerprint, shown, op_id, time()))
+
+    def answer(self, key: tuple[str, str, str]) -> tuple[bytes, str, bytes] | None:
+        found = self._db.execute("SELECT fingerprint, shown, answer FROM answers "
+                                 "WHERE caller = ? AND rpc = ? AND request_id = ?", key).fetchone()
+        return (bytes(found[0]), str(found[1]), bytes(found[2])) if found else None
+
+    def put_answer(self, key: tuple[str, str, str], fingerprint: bytes, shown: str, answer: bytes) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (*key, fingerprint, shown, answer, time()))
 
 
 class RequestIds:
@@ -133,6 +163,27 @@ class RequestIds:
             return op
 
         return await self.once(caller, rpc, request, start)
+
+    async def once_answer(self, caller: str, rpc: str, request: Message, call: Callable[[], Awaitable[M]],
+                          parse: Callable[[bytes], M]) -> M:
+        """As `once`, for a unary call: a retry also gets the answer after an agent restart."""
+        request_id: str = getattr(request, "request_id", "")
+        key = (caller, rpc, request_id)
+        if self._started is None or not request_id:
+            return await self.once(caller, rpc, request, call)
+        if key not in self._first and (first := self._started.answer(key)) is not None:
+            fingerprint, shown, answer = first
+            if fingerprint != _fingerprint(request):
+                raise _refusal(request_id, shown)
+            return parse(answer)
+        started = self._started
+
+        async def answered() -> M:
+            result = await call()
+            started.put_answer(key, _fingerprint(request), _shown(rpc, request), result.SerializeToString())
+            return result
+
+        return await self.once(caller, rpc, request, answered)
 
     async def once(self, caller: str, rpc: str, request: Message, call: Callable[[], Awaitable[T]]) -> T:
         """`call`'s answer, or the answer of the first request with this caller, RPC and request_id."""

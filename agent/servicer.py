@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import Message
@@ -29,7 +29,6 @@ from .snapshot_revert import RevertRequest, snapshot_ref
 if TYPE_CHECKING:  # the stubs' generics do not exist at run time
     Ctx = grpc.aio.ServicerContext[Any, Any]
 
-T = TypeVar("T")
 
 
 async def _sizes(entries: Sequence[Entry | None]) -> list[int]:
@@ -55,8 +54,14 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
         self._s = service
         self._ids = RequestIds(service.config.state_dir, keep=service.config.operation_history_days * DAY)
 
-    async def _once(self, rpc: str, request: Message, call: Callable[[], Awaitable[T]]) -> T:
-        return await self._ids.once(current_identity(), rpc, request, call)
+    async def _once_domain(self, rpc: str, request: Message, act: Callable[[], Awaitable[Domain]],
+                           answer: Callable[[Domain], pb.Domain] | None = None) -> pb.Domain:
+        """A domain's lifecycle call, its answer remembered by request id (on disk: a retry after a restart
+        gets it too)."""
+        async def call() -> pb.Domain:
+            return (answer or self._answer)(await act())
+
+        return await self._ids.once_answer(current_identity(), rpc, request, call, pb.Domain.FromString)
 
     async def _once_operation(self, rpc: str, request: Message, call: Callable[[], Awaitable[Operation]],
                               ) -> Operation:
@@ -100,29 +105,29 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
     async def CreateDomain(self, request: pb.CreateDomainRequest, context: Ctx) -> pb.Domain:
         if not request.config:
             raise field_required("config", "the domain's xl.cfg text")
-        return self._answer(await self._once("CreateDomain", request, lambda: self._s.create_domain(
+        return await self._once_domain("CreateDomain", request, lambda: self._s.create_domain(
             request.config, tuple(request.overrides), paused=request.paused, force=request.force,
-            source=request.config_name)))
+            source=request.config_name))
 
     async def DestroyDomain(self, request: pb.DestroyDomainRequest, context: Ctx) -> pb.Domain:
         ref = self._domain(request)
-        d = await self._once("DestroyDomain", request, lambda: self._s.destroy_domain(ref))
-        return convert.domain(d, "")
+        return await self._once_domain("DestroyDomain", request, lambda: self._s.destroy_domain(ref),
+                                       lambda d: convert.domain(d, ""))
 
     async def PauseDomain(self, request: pb.PauseDomainRequest, context: Ctx) -> pb.Domain:
         ref = self._domain(request)
-        return self._answer(await self._once("PauseDomain", request, lambda: self._s.pause_domain(ref)))
+        return await self._once_domain("PauseDomain", request, lambda: self._s.pause_domain(ref))
 
     async def UnpauseDomain(self, request: pb.UnpauseDomainRequest, context: Ctx) -> pb.Domain:
         ref = self._domain(request)
-        return self._answer(await self._once("UnpauseDomain", request, lambda: self._s.unpause_domain(ref)))
+        return await self._once_domain("UnpauseDomain", request, lambda: self._s.unpause_domain(ref))
 
     async def ChangeMedium(self, request: pb.ChangeMediumRequest, context: Ctx) -> pb.Domain:
         ref = self._domain(request)
         if not request.vdev:
             raise field_required("vdev", "the CD-ROM drive's virtual device")
-        return self._answer(await self._once("ChangeMedium", request, lambda: self._s.change_medium(
-            ref, request.vdev, request.path)))
+        return await self._once_domain("ChangeMedium", request, lambda: self._s.change_medium(
+            ref, request.vdev, request.path))
 
     async def CreateSnapshot(self, request: pb.CreateSnapshotRequest, context: Ctx) -> AsyncIterator[
             pb.OperationEvent]:

@@ -3,14 +3,16 @@ guests: WatchEvents resumed from a token after a dropped connection and after
 the agent's `kill -9` and restart, with no event missed and none invented;
 an operation that ran when the agent died answered by WatchOperation,
 GetOperation and ListOperations after the restart; its request id retried
-after the restart answered by that operation, not run again."""
+after the restart answered by that operation, not run again; so are a
+domain's create and destroy."""
 
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -19,7 +21,7 @@ import pytest
 from domsnap.agent.journal import KILL_ENV
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
-from testbed.harness import Agent
+from testbed.harness import Agent, guest_config, make_disk
 from tests.integration.conftest import BootGuest, own_agent, start_guest
 
 pytestmark = pytest.mark.guest
@@ -164,3 +166,36 @@ def test_after_a_kill_the_operation_is_kept_its_retry_answered_and_the_feed_resu
     assert retry[-1].finished.result.name == name
     snapshots = stub.ListSnapshots(pb.ListSnapshotsRequest(domain_name=g.name), timeout=30).snapshots
     assert [s.name for s in snapshots] == [name]
+
+
+def test_a_domain_call_retried_after_a_kill_gets_its_first_answer(
+        tmp_path_factory: pytest.TempPathFactory, accel: str, guest_image: tuple[Path, Path], tmp_path: Path,
+        ) -> None:
+    """CreateDomain and DestroyDomain answered, the agent killed (-9) and restarted, each retried with its
+    request id: the first answer again, where acting twice would be DOMAIN_EXISTS and DOMAIN_NOT_FOUND."""
+    name = f"t{uuid.uuid4().hex[:8]}"
+    disk = tmp_path / "xvda.qcow2"
+    make_disk(disk, "qcow2")
+    config = guest_config(name, *guest_image, {"xvda": (disk, "qcow2")}, tmp_path / "serial.log")
+    create = pb.CreateDomainRequest(request_id=uuid.uuid4().hex, config=config)
+    destroy = pb.DestroyDomainRequest(request_id=uuid.uuid4().hex, domain_name=name)
+    with own_agent(tmp_path_factory.mktemp("ids"), accel) as a:
+
+        def after_a_kill(call: Callable[[], pb.Domain]) -> tuple[pb.Domain, pb.Domain]:
+            first = call()
+            assert a.stop(signal.SIGKILL) == -9
+            a.start()
+            return first, call()
+
+        made, again = after_a_kill(lambda: a.stub().CreateDomain(create, timeout=60))
+        assert again == made and made.uid and made.name == name
+        [listed] = [d for d in a.stub().ListDomains(pb.ListDomainsRequest(), timeout=30).domains if d.name == name]
+        assert listed.uid == made.uid
+        other = pb.CreateDomainRequest(request_id=create.request_id, config=config, paused=True)
+        with pytest.raises(grpc.RpcError) as reused:
+            a.stub().CreateDomain(other, timeout=60)
+        assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "CreateDomain" in str(reused.value.details())
+
+        gone, again = after_a_kill(lambda: a.stub().DestroyDomain(destroy, timeout=60))
+        assert again == gone and (gone.name, gone.state) == (name, pb.DOMAIN_STATE_SHUTDOWN)
+        assert name not in [d.name for d in a.stub().ListDomains(pb.ListDomainsRequest(), timeout=30).domains]

@@ -18,7 +18,7 @@ from .errors import InvalidArgument
 DEFAULT_CONFIG_FILE = Path("/etc/domsnap/domsnapd.toml")
 DEFAULT_SOCKET = "unix:/run/domsnap/domsnapd.sock"
 DRIVERS = ("auto", "xen", "qemu")
-LIVE_MODES = ("background", "precopy")
+LIVE_MODES = ("auto", "background", "precopy")
 ACCELS = ("auto", "kvm", "tcg")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -35,10 +35,13 @@ class QemuConfig:
     machine: str = ""
     # How --live writes memory: "precopy" (pre-copy while the guest runs, with
     # a downtime limit that starts at 20 ms and doubles each pass: the state
-    # at the end, the shortest total time) or "background" (QEMU's
+    # at the end, the shortest total time), "background" (QEMU's
     # background-snapshot: the state at the start, a pause of the device
-    # state only, but RAM written page by page, 3-4x slower in total).
-    live_mode: str = "precopy"
+    # state only, but RAM written page by page, 3-4x slower in total), or
+    # "auto": background where the domain's QEMU would lose guest writes in a
+    # pre-copy (TCG before QEMU 9.0: qemu_migration.precopy_loses_writes),
+    # pre-copy elsewhere.
+    live_mode: str = "auto"
     # Cap on the memory image's write rate in bytes/s, to spare a busy
     # host's disk; 0 writes as fast as the disk takes it (QEMU's own default
     # cap, 32 MiB/s, is always lifted).

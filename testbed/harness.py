@@ -31,6 +31,8 @@ class Agent:
     config_toml: str = ""
     # More --listen addresses besides the unix socket (which the harness uses).
     extra_listen: tuple[str, ...] = ()
+    # A command the agent runs under (it execs domsnapd's argv): a sandbox, e.g. setpriv.
+    wrapper: tuple[str, ...] = ()
 
     @property
     def sock(self) -> Path:
@@ -55,7 +57,7 @@ class Agent:
     def start(self) -> None:
         config = self.base / "domsnapd.toml"
         config.write_text(self.config_toml)
-        argv = [str(BIN / "domsnapd"), "--config", str(config), "--listen", self.address,
+        argv = [*self.wrapper, str(BIN / "domsnapd"), "--config", str(config), "--listen", self.address,
                 "--state-dir", str(self.state_dir), "--snapshot-root", str(self.snapshot_root), "--driver", "qemu"]
         for addr in self.extra_listen:
             argv += ["--listen", addr]
@@ -114,10 +116,10 @@ def make_disk(path: Path, fmt: str, size_mib: int = 32) -> None:
 
 
 def guest_config(name: str, kernel: Path, ramdisk: Path, disks: dict[str, tuple[Path, str]], serial: Path,
-                 memory: int = 128, extra: str = "") -> str:
+                 memory: int = 128, extra: str = "", vcpus: int = 1) -> str:
     specs = ", ".join(f"'format={fmt}, vdev={vdev}, target={path}'" for vdev, (path, fmt) in disks.items())
     return (
-        f'name = "{name}"\nmemory = {memory}\nvcpus = 1\n'
+        f'name = "{name}"\nmemory = {memory}\nvcpus = {vcpus}\n'
         f'kernel = "{kernel}"\nramdisk = "{ramdisk}"\n'
         f'extra = "console=ttyS0 quiet panic=-1 {extra}"\n'
         f"disk = [ {specs} ]\n"

@@ -48,6 +48,12 @@ NVRAM_DIR = "nvram"
 NVRAM_SUFFIX = ".nvram"
 QUIT_TIMEOUT = 10.0
 QGA_SOCKET = "qga.sock"
+# What a live create tells its watcher about how memory is written.
+_MODE_WORDS = {
+    qemu_migration.LiveMode.PRECOPY: "pre-copy (the guest pauses for the last pages and the disks)",
+    qemu_migration.LiveMode.BACKGROUND: "background snapshot (the guest pauses for the disks and devices, "
+                                        "then runs while its memory is written copy-on-write)",
+}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _STATES = {
     "running": RunState.RUNNING,
@@ -72,6 +78,9 @@ class _Instance:
     qmp: QmpSession
     # Read from the pid file once: a QEMU keeps its pid for life.
     _pid: int | None = None
+    # Its QEMU's version and accelerator ("QEMU 7.2.19", "tcg"), asked once
+    # (fixed for its life) by the first live save that needs them.
+    emulator: tuple[str, str] | None = None
 
     @property
     def paths(self) -> qemu_argv.LaunchPaths:
@@ -180,9 +189,14 @@ class QemuDriver(Hypervisor):
             self._accel = "kvm" if await self._kvm_runs() else "tcg"
             log.info("accelerator: %s (accel = \"auto\": a probe guest %s under KVM)", self._accel,
                      "ran" if self._accel == "kvm" else "did not run")
-        if self._cfg.live_mode == "precopy" and qemu_migration.precopy_loses_writes(self._version, self._accel):
-            log.warning("%s under TCG: a live pre-copy snapshot can miss what the guest writes meanwhile (a QEMU "
-                        "bug fixed in 9.0); set [qemu] live_mode = \"background\"", self._version)
+        if qemu_migration.precopy_loses_writes(self._version, self._accel):
+            if self._cfg.live_mode == "precopy":
+                log.warning("%s under TCG: a live pre-copy snapshot can miss what the guest writes meanwhile (a "
+                            "QEMU bug fixed in 9.0); set [qemu] live_mode = \"auto\" or \"background\"",
+                            self._version)
+            elif self._cfg.live_mode == "auto":
+                log.info("%s under TCG: live snapshots are background snapshots (live_mode = \"auto\": a "
+                         "pre-copy could miss what the guest writes meanwhile)", self._version)
         return self._version
 
     async def check_facts(self, facts: Mapping[str, str]) -> None:
@@ -463,11 +477,17 @@ class QemuDriver(Hypervisor):
                 # firmware writes nothing while this runs (a few hundred KiB).
                 await asyncio.to_thread(shutil.copyfile, nvram, copy)
 
+        running = domain.state is RunState.RUNNING
+        mode = await self._live_mode(inst) if live and running else qemu_migration.LiveMode.PRECOPY
+        if live and running:
+            why = ""
+            if self._cfg.live_mode == "auto" and inst.emulator and mode is qemu_migration.LiveMode.BACKGROUND:
+                why = f"; live_mode auto: a pre-copy by {inst.emulator[0]} under TCG can miss guest writes"
+            progress(0.0, message=f"memory: live, {_MODE_WORDS[mode]}{why}")
         try:
             saved = await qemu_migration.save(
-                inst.qmp, memory, live=live, was_running=domain.state is RunState.RUNNING,
-                in_pause=pause_work, progress=progress, before_pause=before_pause,
-                mode=qemu_migration.LiveMode(self._cfg.live_mode), bandwidth=self._cfg.max_bandwidth,
+                inst.qmp, memory, live=live, was_running=running, in_pause=pause_work, progress=progress,
+                before_pause=before_pause, mode=mode, bandwidth=self._cfg.max_bandwidth,
             )
         finally:
             if inst.config is not before:
@@ -481,8 +501,22 @@ class QemuDriver(Hypervisor):
             downtime = max(saved.resumed_at - saved.stopped_at, 0.0)
         # Named, not pathed: the copy is always found beside the memory image
         # (a manifest is never trusted to name files).
-        return CheckpointResult(saved.memory_bytes, downtime, {"nvram": copy.name} if nvram is not None else {},
+        facts = {"nvram": copy.name} if nvram is not None else {}
+        if saved.mode is not None:
+            facts["live_mode"] = saved.mode.value
+        return CheckpointResult(saved.memory_bytes, downtime, facts,
                                 paused_at=saved.stopped_at or 0.0, resumed_at=saved.resumed_at or 0.0)
+
+    async def _live_mode(self, inst: _Instance) -> qemu_migration.LiveMode:
+        """How a live save of this running domain writes memory: under "auto",
+        decided by the domain's own QEMU, which may predate an upgrade of the
+        binary or run under another accelerator than the agent picks now."""
+        if self._cfg.live_mode == "auto" and inst.emulator is None:
+            version = (await inst.qmp.execute("query-version"))["qemu"]
+            kvm = await inst.qmp.execute("query-kvm")
+            inst.emulator = (f"QEMU {version['major']}.{version['minor']}.{version['micro']}",
+                             "kvm" if kvm.get("enabled") else "tcg")
+        return qemu_migration.live_mode_for(self._cfg.live_mode, *(inst.emulator or ("", "")))
 
     def snapshot_files(self, memory: Path) -> list[Path]:
         return [_nvram_copy(memory)]

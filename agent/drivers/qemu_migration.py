@@ -57,6 +57,8 @@ class SaveResult:
     memory_bytes: int
     stopped_at: float | None
     resumed_at: float | None
+    # How the memory was written while the guest ran; None: it was stopped throughout.
+    mode: LiveMode | None = None
 
 
 def _open_new(path: Path) -> int:
@@ -107,6 +109,15 @@ def precopy_loses_writes(version: str, accel: str) -> bool:
     return accel == "tcg" and m is not None and (int(m[1]), int(m[2])) < TCG_PRECOPY_FIXED
 
 
+def live_mode_for(configured: str, version: str, accel: str) -> LiveMode:
+    """The mode a live save of a guest under `accel` by QEMU `version` takes
+    when [qemu] live_mode is `configured`: "auto" writes memory in the
+    background where a pre-copy would lose the guest's writes."""
+    if configured != "auto":
+        return LiveMode(configured)
+    return LiveMode.BACKGROUND if precopy_loses_writes(version, accel) else LiveMode.PRECOPY
+
+
 async def save(
     qmp: QmpSession,
     memory: Path,
@@ -126,16 +137,10 @@ async def save(
     memory copied once and the copy held there); the guest pauses after it."""
     # A paused guest has nothing to gain from a live save, and background
     # snapshots resume the guest by themselves (QEMU 7.2): paused ones take
-    # the plain path.
-    # A held save pauses when told to, not when QEMU sees fit: pre-copy.
-    background = live and was_running and mode is LiveMode.BACKGROUND and before_pause is None
-    await qmp.execute("migrate-set-capabilities", {"capabilities": [
-        {"capability": "pause-before-switchover", "state": not background},
-        {"capability": "background-snapshot", "state": background},
-        # MIGRATION events wake the agent the moment the guest is stopped at
-        # pre-switchover, instead of at its next poll.
-        {"capability": "events", "state": True},
-    ]})  # fmt: skip
+    # the plain path. A held save (`before_pause`) may take either mode: a
+    # background snapshot's pause is the agent's own `stop`, held like any.
+    background = live and was_running and mode is LiveMode.BACKGROUND
+    await _set_capabilities(qmp, background=background)
     held = live and was_running and before_pause is not None
     full = bandwidth or UNLIMITED_BANDWIDTH
     await qmp.execute("migrate-set-parameters", {
@@ -147,7 +152,7 @@ async def save(
             await qmp.send_fd(FDNAME, fd)
             watch = _Watch(qmp, fd, changes, progress)
             if background:
-                await _save_background(qmp, watch, in_pause)
+                await _save_background(qmp, watch, in_pause, before_pause)
             else:
                 await _save_precopy(qmp, watch, live=live and was_running, was_running=was_running,
                                     in_pause=in_pause, before_pause=before_pause, bandwidth=full)
@@ -165,7 +170,28 @@ async def save(
     finally:
         os.close(fd)
     progress(1.0, done=size, total=size, message="memory image written")
-    return SaveResult(size, stopped, resumed)
+    return SaveResult(size, stopped, resumed, mode if live and was_running else None)
+
+
+async def _set_capabilities(qmp: QmpSession, *, background: bool) -> None:
+    try:
+        await qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "pause-before-switchover", "state": not background},
+            {"capability": "background-snapshot", "state": background},
+            # MIGRATION events wake the agent the moment the guest is stopped at
+            # pre-switchover, instead of at its next poll.
+            {"capability": "events", "state": True},
+        ]})  # fmt: skip
+    except FailedPrecondition as err:
+        if not background:
+            raise
+        # QEMU before 8.1 opens userfaultfd(2) by the syscall alone, which
+        # without CAP_SYS_PTRACE handles kernel faults only when the sysctl allows it.
+        raise FailedPrecondition(
+            f"{err.message}: a background snapshot write-protects guest memory with userfaultfd(2), which "
+            "QEMU before 8.1 may open only with CAP_SYS_PTRACE (domsnapd.service keeps it) or where the sysctl "
+            "vm.unprivileged_userfaultfd is 1; or take the snapshot without --live", domain=qmp.name,
+        ) from err
 
 
 async def _save_precopy(
@@ -211,7 +237,10 @@ async def _hold(qmp: QmpSession, watch: _Watch, before_pause: Callable[[], Await
         await qmp.execute("stop")
 
 
-async def _save_background(qmp: QmpSession, watch: _Watch, in_pause: Callable[[], Awaitable[None]]) -> None:
+async def _save_background(qmp: QmpSession, watch: _Watch, in_pause: Callable[[], Awaitable[None]],
+                           before_pause: Callable[[], Awaitable[None]] | None) -> None:
+    if before_pause is not None:
+        await before_pause()
     await qmp.execute("stop")
     try:
         await in_pause()

@@ -90,11 +90,13 @@ def slow_agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator
 
 
 @contextlib.contextmanager
-def own_agent(base: Path, accel: str, *, top: str = "", qemu: str = "", tables: str = "") -> Iterator[Agent]:
+def own_agent(base: Path, accel: str, *, top: str = "", qemu: str = "", tables: str = "",
+              wrapper: tuple[str, ...] = ()) -> Iterator[Agent]:
     """A running agent with its own config (top-level settings, [qemu] ones,
-    further tables); afterwards every domain it runs is destroyed."""
+    further tables), run under `wrapper` if given; afterwards every domain it
+    runs is destroyed."""
     # A short base path: unix socket paths are limited to 108 bytes.
-    a = Agent(base, config_toml=f'{top}[qemu]\naccel = "{accel}"\n{qemu}{tables}')
+    a = Agent(base, config_toml=f'{top}[qemu]\naccel = "{accel}"\n{qemu}{tables}', wrapper=wrapper)
     a.start()
     try:
         yield a
@@ -113,7 +115,7 @@ class BootGuest(Protocol):
 
 
 def start_guest(agent: Agent, image: tuple[Path, Path], folder: Path, *formats: str, memory: int = 128,
-                name: str | None = None, wait: bool = True, disk_mib: int = 32) -> Guest:
+                name: str | None = None, wait: bool = True, disk_mib: int = 32, vcpus: int = 1) -> Guest:
     """Create a domain with one fresh disk per format (xvda, xvdb, ...) and
     wait until the guest has checked every disk once."""
     name = name or f"t{uuid.uuid4().hex[:8]}"
@@ -127,7 +129,7 @@ def start_guest(agent: Agent, image: tuple[Path, Path], folder: Path, *formats: 
         disks[vdev] = (path, fmt)
     serial = folder / "serial.log"
     cfg = folder / "guest.cfg"
-    cfg.write_text(guest_config(name, *image, disks, serial, memory=memory))
+    cfg.write_text(guest_config(name, *image, disks, serial, memory=memory, vcpus=vcpus))
     agent.cli("create", str(cfg), check=True)
     g = Guest(agent, name, folder, disks, serial)
     if wait:

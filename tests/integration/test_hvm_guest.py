@@ -20,6 +20,7 @@ from domsnap.v1 import domsnap_pb2 as pb
 from testbed import guestprobe
 from testbed.harness import make_disk
 from tests.integration.conftest import Agent, Guest, own_agent
+from tests.integration.test_live_mode import auto_live_mode, manifest_live_mode
 from tests.integration.test_snapshots import bad_lines, revert_and_check, run_on, take
 
 # Until the self-check starts: ~20 s on an idle 2-core host, minutes on a loaded one.
@@ -33,9 +34,10 @@ EFIVAR = "EFIVAR"
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator[Agent]:
-    """Live snapshots as QEMU's background snapshots (write-protected
-    memory), not pre-copy: QEMU before 9.0 misses guest writes in a pre-copy
-    under TCG (agent/drivers/qemu_migration.py, precopy_loses_writes). With
+    """The agent's default live_mode, "auto": under TCG before QEMU 9.0 live
+    snapshots are QEMU's background snapshots (write-protected memory), not
+    pre-copy, which misses guest writes there
+    (agent/drivers/qemu_migration.py, precopy_loses_writes). With
     pre-copy the 2-vCPU SeaBIOS guest, reverted to its live snapshot, died
     at once in 2 of 5 runs on a loaded host (a NULL callback in
     rcu_do_batch, a corrupted LRU list: kernel memory from another instant),
@@ -43,7 +45,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory, accel: str) -> Iterator[Agen
     in the sense that it printed nothing more after its panic. Alternating
     the two modes in one boot of that guest: pre-copy broke it in 2 of 3
     reverts (a panic, an Oops), background snapshots in none of 3."""
-    with own_agent(tmp_path_factory.mktemp("hvm"), accel, qemu='live_mode = "background"\n') as a:
+    with own_agent(tmp_path_factory.mktemp("hvm"), accel) as a:
         yield a
 
 
@@ -112,7 +114,7 @@ def guests(agent: Agent) -> Iterator[list[str]]:
 @pytest.mark.slow
 @pytest.mark.timeout(TEST_TIMEOUT)
 def test_the_issues_hvm_config_boots_under_seabios_and_reverts_live_and_not(
-    agent: Agent, disks: dict[str, tuple[Path, str]], tmp_path: Path, guests: list[str],
+    agent: Agent, disks: dict[str, tuple[Path, str]], tmp_path: Path, guests: list[str], accel: str,
 ) -> None:
     (root, _), (data, _) = disks["xvda"], disks["xvdb"]
     iso, iso2 = tmp_path / "debian.iso", tmp_path / "tools.iso"
@@ -168,6 +170,7 @@ serial = "file:{serial}"
     assert next(d for d in g.domain().disks if d.vdev == "hdc").target == str(iso2), "the medium comes back"
 
     t = take(g, "bios-live", live=True, align=False)
+    assert manifest_live_mode(t.snap) == auto_live_mode(agent, accel)
     print(f"SeaBIOS Debian guest: live snapshot, guest paused {t.snap.downtime.ToNanoseconds() / 1e9 * 1000:.0f} ms")
     run_on(g)
     t0 = time.monotonic()
@@ -179,7 +182,7 @@ serial = "file:{serial}"
 @pytest.mark.slow
 @pytest.mark.timeout(TEST_TIMEOUT)
 def test_uefi_guest_reverts_live_and_not_and_its_nvram_with_it(
-    agent: Agent, disks: dict[str, tuple[Path, str]], tmp_path: Path, guests: list[str],
+    agent: Agent, disks: dict[str, tuple[Path, str]], tmp_path: Path, guests: list[str], accel: str,
 ) -> None:
     (root, _), (data, _) = disks["xvda"], disks["xvdb"]
     serial = tmp_path / "serial.log"
@@ -203,6 +206,7 @@ serial = "file:{serial}"
     g = Guest(agent, name, tmp_path, disks, serial, checks=("vdb",))
 
     t = take(g, "uefi-live", live=True, align=False)
+    assert manifest_live_mode(t.snap) == auto_live_mode(agent, accel)
     print(f"OVMF Debian guest: live snapshot, guest paused {t.snap.downtime.ToNanoseconds() / 1e9 * 1000:.0f} ms")
     copy = Path(t.snap.memory.path + ".nvram")
     assert copy.read_bytes() == nvram.read_bytes(), "the snapshot holds the NVRAM of its instant"

@@ -218,6 +218,24 @@ def test_which_qemus_precopy_loses_a_tcg_guests_writes(version: str, accel: str,
     assert qemu_migration.precopy_loses_writes(version, accel) is loses
 
 
+BACKGROUND, PRECOPY = qemu_migration.LiveMode.BACKGROUND, qemu_migration.LiveMode.PRECOPY
+
+
+@pytest.mark.parametrize(("configured", "version", "accel", "mode"), [
+    # auto: background wherever a pre-copy loses writes (TCG before 9.0) ...
+    ("auto", "QEMU 7.2.22", "tcg", BACKGROUND), ("auto", "QEMU 8.2.2", "tcg", BACKGROUND),
+    # ... pre-copy where it does not: QEMU 9.0 and later, or KVM's own dirty tracking.
+    ("auto", "QEMU 9.0.0", "tcg", PRECOPY), ("auto", "QEMU 10.1.0", "tcg", PRECOPY),
+    ("auto", "QEMU 7.2.22", "kvm", PRECOPY), ("auto", "QEMU 9.2.0", "kvm", PRECOPY),
+    # An explicit mode is honoured whatever QEMU runs (precopy: with the agent's warning at start).
+    ("precopy", "QEMU 7.2.22", "tcg", PRECOPY), ("background", "QEMU 9.0.0", "kvm", BACKGROUND),
+])  # fmt: skip
+def test_auto_live_mode_writes_in_the_background_where_precopy_loses_writes(
+    configured: str, version: str, accel: str, mode: qemu_migration.LiveMode,
+) -> None:
+    assert qemu_migration.live_mode_for(configured, version, accel) is mode
+
+
 def test_qemu_img_argv_is_exact() -> None:
     assert qemu_img.info("qemu-img", "/a.qcow2") == ["qemu-img", "info", "-U", "--output=json", "/a.qcow2"]
     assert qemu_img.snapshot_create("qemu-img", "/a.qcow2", "s1") == ["qemu-img", "snapshot", "-c", "s1", "/a.qcow2"]

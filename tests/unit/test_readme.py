@@ -75,8 +75,8 @@ def test_readme_limits_are_the_codes() -> None:
 
 
 def test_readme_and_domsnap_1_live_default_is_the_codes() -> None:
-    assert agent_config.QemuConfig().live_mode == "precopy"
-    assert ".B precopy\n(the default)" in (REPO / "docs" / "domsnap.1").read_text()
+    assert agent_config.QemuConfig().live_mode == "auto"
+    assert ".B auto\n(the default)" in (REPO / "docs" / "domsnap.1").read_text()
     assert re.search(r"`--live` snapshots \(pre-copy:", README), "README's --live no longer says pre-copy"
     assert f"downtime limit that starts at\n{qemu_migration.FIRST_DOWNTIME_MS} ms" in README
 

@@ -23,9 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "domsnapd.service"
 DOMSNAPD = Path(sys.executable).parent / "domsnapd"
 INSTALLED_EXEC = "/usr/local/bin/domsnapd"
-# systemd-analyze's exposure score, 0 (locked down) to 10; ours is 5.3 with
-# everything QEMU and xl need left in. Raise it only with a reason.
-MAX_EXPOSURE = 5.5
+# systemd-analyze's exposure score, 0 (locked down) to 10; ours is 5.6 with
+# everything QEMU and xl need left in (5.3 before CAP_SYS_PTRACE, which QEMU
+# 7.2's background snapshots need: the unit's comments). Raise it only with a reason.
+MAX_EXPOSURE = 5.6
 
 
 def _tool(name: str) -> str:
@@ -89,8 +90,12 @@ def test_unit_keeps_what_the_agent_relies_on() -> None:
     caps = " ".join(s["CapabilityBoundingSet"]).split()
     # What QEMU and xl need (hypercalls, device mapper, tap devices, memory locking) ...
     assert {"CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_IPC_LOCK", "CAP_SYS_RESOURCE"} <= set(caps)
+    # (QEMU's userfaultfd, for background snapshots: tests/integration/test_live_mode.py runs them under this set)
+    assert "CAP_SYS_PTRACE" in caps
     # ... and not what they do not.
-    assert not {"CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_PTRACE", "CAP_SYS_BOOT", "CAP_MKNOD"} & set(caps)
+    assert not {"CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_BOOT", "CAP_MKNOD"} & set(caps)
+    # Nothing filters the syscalls QEMU makes (userfaultfd among them).
+    assert "SystemCallFilter" not in s
     # /dev/kvm and /dev/xen must stay reachable: no device allow-list.
     for key in ("PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectClock", "MemoryDenyWriteExecute"):
         assert key not in s, f"{key} would break the domains (see the unit's comments)"

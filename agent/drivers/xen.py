@@ -287,9 +287,12 @@ class XenDriver(Hypervisor):
             raise NotFound(f"domain {name!r} is unknown to the xen driver (look it up first)",
                            reason="DOMAIN_NOT_FOUND", domain=name) from None
 
-    def block_ops(self, name: str) -> XenBlockOps:
+    def block_ops(self, name: str, *, released: bool = False) -> XenBlockOps:
+        """`released`: for the pause of an HVM domain's live save, by which
+        its QEMU has released the images (xen_block)."""
         xd = self._xl_domain(name)
-        return XenBlockOps(name, xd.domid, {d.vdev: d for d in xd.disks}, self._run_dir)
+        return XenBlockOps(name, xd.domid, {d.vdev: d for d in xd.disks}, self._run_dir,
+                           released=self._run if released else None)
 
     def facts(self, domain: Domain) -> dict[str, str]:
         xd = self._xl_domain(domain.name)
@@ -335,16 +338,8 @@ class XenDriver(Hypervisor):
                     f"domain {domain.name}: no live snapshot: {why} (xl info virt_caps: "
                     f"{self._info.get('virt_caps', '?')}). Take a non-live snapshot instead."
                 )
-            held = [disk.vdev for disk in xd.disks if disk.backend == "qdisk" and disk.format == "qcow2"]
-            if xd.type == "hvm" and held:
-                # Found in the Xen lab: QEMU refused blockdev-snapshot-internal-sync with "does not support
-                # internal snapshots" (QEMU's savevm.c: qmp_xen_save_devices_state, bdrv_inactivate_all).
-                raise FailedPrecondition(
-                    f"domain {domain.name}: no live snapshot of an HVM domain whose qcow2 disks its QEMU serves "
-                    f"({', '.join(held)}): at the end of a live stream libxl has that QEMU save its devices "
-                    "and release the images, so it can take no disk snapshot in the pause. Take a non-live "
-                    "snapshot, or give the domain LVM disks (blkback).", domain=domain.name
-                )
+            if xd.type == "hvm":
+                block = self.block_ops(domain.name, released=True)
             return await self._live(domain, memory, lambda: in_pause(block), progress)
         return await self._save(domain, memory, lambda: in_pause(block), progress)
 

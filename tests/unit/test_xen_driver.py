@@ -467,10 +467,12 @@ def test_live_checkpoint_sequence(tmp_path: Path) -> None:
     run_async(main)
 
 
-def test_live_refused_for_hvm_with_a_qcow2_disk_in_its_qemu(tmp_path: Path) -> None:
-    """The Xen lab's hvm-qcow2-live: QEMU released the images when libxl had it
-    save its devices at the end of the stream, and refused the disk snapshot
-    in the pause. Refused before anything runs, the domain untouched."""
+def test_live_hvm_qcow2_is_snapshotted_by_qemu_img_on_the_released_image(tmp_path: Path) -> None:
+    """The Xen lab's hvm-qcow2-live: at the end of the stream libxl has the
+    domain's QEMU save its devices, and QEMU releases the images then (its
+    blockdev-snapshot-internal-sync was refused there: "does not support
+    internal snapshots"). In the pause qemu-img snapshots the image, under
+    setpriv so that it dies with the agent; QEMU is not asked."""
     async def main() -> None:
         run = FakeRunner([])
         d = driver(tmp_path, run)
@@ -479,10 +481,26 @@ def test_live_refused_for_hvm_with_a_qcow2_disk_in_its_qemu(tmp_path: Path) -> N
         expect_lookup(run, "pvhguest", "xl-list-4-running.txt", 4, hvm)
         dom = await d.lookup("pvhguest")
         run.expect(["xl", "info"], Reply(recorded(X + "xl-info.txt")))
-        in_pause = InPause(run)
-        with pytest.raises(FailedPrecondition, match=r"HVM domain whose qcow2 disks its QEMU serves \(xvda\)"):
+        reply = sink_says(run, f"complete {len(STREAM)}")
+        reply.rc, reply.stderr = 1, recorded(X + "xl-migrate-live-stderr.txt")
+        run.expect(migrate_argv(4), reply)
+        run.expect(["setpriv", "--pdeathsig", "KILL", "--",
+                    "qemu-img", "snapshot", "-c", "s1", "/srv/domsnap/images/pvhguest.img"])
+        run.expect(["xl", "list", "4"], Reply(recorded(X + "xl-list-4-running.txt")))
+
+        async def in_pause(block: BlockOps) -> None:
+            run.events.append("in_pause")
+            await block.internal_snapshot("xvda", "s1")
+
+        (tmp_path / "run").mkdir()
+        async with FakeQmp(tmp_path / "run" / "qmp-libxl-4") as qmp:
             await d.checkpoint(dom, tmp_path / "memory.save", live=True, in_pause=in_pause, progress=Progress())
-        assert not in_pause.calls and not (tmp_path / "memory.save").exists()
+        assert run.events[-5:] == ["sink: complete", "in_pause", "setpriv --pdeathsig", "sink: release", "xl list"]
+        assert qmp.connections == 0
+        # A tag removed in that pause goes the same way.
+        run.expect(["setpriv", "--pdeathsig", "KILL", "--",
+                    "qemu-img", "snapshot", "-d", "s1", "/srv/domsnap/images/pvhguest.img"])
+        await d.block_ops("pvhguest", released=True).delete_internal_snapshot("xvda", "s1")
         run.finished()
 
     run_async(main)

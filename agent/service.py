@@ -414,13 +414,16 @@ class AgentService:
 
 
 def _costed(tally: runner.CommandTally, body: Body) -> Body:
-    """The operation's body, logging when it ends what the agent spent since
-    the request came in against what the commands it ran took."""
+    """The operation's body, logging when it ends (ok or failed) what the
+    agent spent since the request came in against what the commands it ran took."""
 
     async def costed(op: Operation) -> object:
+        outcome = "failed"
         try:
-            return await body(op)
+            result = await body(op)
+            outcome = "ok"
+            return result
         finally:
-            log.info("cost of operation %s: %s %s %s", op.id, op.kind, op.domain, tally.summary())
+            log.info("cost of operation %s: %s %s %s %s", op.id, op.kind, op.domain, outcome, tally.summary())
 
     return costed

@@ -235,13 +235,19 @@ class XenDriver(Hypervisor):
             self._looked[ref] = (asked, tally, domain)
         return domain
 
-    async def _restored(self, name: str) -> Domain:
-        """The domain `xl restore -p` just made: one `xl list -l`."""
-        found = [xd for xd in (await self._configs(name)).values() if xd.name == name]
-        if not found:
-            raise InternalError(f"domain {name} is not there after xl restore", domain=name)
-        return self._domain(XlListEntry(name, found[0].domid, found[0].memory_mib, found[0].vcpus,
-                                        RunState.PAUSED, 0.0, "--p---"), found[0])
+    async def _restored(self, name: str, stderr: str, config: Mapping[str, Any] | None) -> Domain:
+        """The domain `xl -v restore -p` just made, paused: its domid as xl
+        said it and, unless xl read a config file of ours, the config the
+        image gave it; else one `xl list -l` of it."""
+        domid = xl_argv.parse_restored_domid(stderr)
+        if domid is not None and config is not None:
+            xd = xl_argv.domain_of(domid, config)
+        else:
+            found = [xd for xd in (await self._configs(name)).values() if xd.name == name]
+            if not found:
+                raise InternalError(f"domain {name} is not there after xl restore", domain=name)
+            xd = found[0]
+        return self._domain(XlListEntry(name, xd.domid, xd.memory_mib, xd.vcpus, RunState.PAUSED, 0.0, "--p---"), xd)
 
     def _config_path(self, name: str) -> Path:
         return self._dir / f"{name}.cfg"
@@ -281,9 +287,12 @@ class XenDriver(Hypervisor):
             raise NotFound(f"domain {name!r} is unknown to the xen driver (look it up first)",
                            reason="DOMAIN_NOT_FOUND", domain=name) from None
 
-    def block_ops(self, name: str) -> XenBlockOps:
+    def block_ops(self, name: str, *, released: bool = False) -> XenBlockOps:
+        """`released`: for the pause of an HVM domain's live save, by which
+        its QEMU has released the images (xen_block)."""
         xd = self._xl_domain(name)
-        return XenBlockOps(name, xd.domid, {d.vdev: d for d in xd.disks}, self._run_dir)
+        return XenBlockOps(name, xd.domid, {d.vdev: d for d in xd.disks}, self._run_dir,
+                           released=self._run if released else None)
 
     def facts(self, domain: Domain) -> dict[str, str]:
         xd = self._xl_domain(domain.name)
@@ -329,16 +338,8 @@ class XenDriver(Hypervisor):
                     f"domain {domain.name}: no live snapshot: {why} (xl info virt_caps: "
                     f"{self._info.get('virt_caps', '?')}). Take a non-live snapshot instead."
                 )
-            held = [disk.vdev for disk in xd.disks if disk.backend == "qdisk" and disk.format == "qcow2"]
-            if xd.type == "hvm" and held:
-                # Found in the Xen lab: QEMU refused blockdev-snapshot-internal-sync with "does not support
-                # internal snapshots" (QEMU's savevm.c: qmp_xen_save_devices_state, bdrv_inactivate_all).
-                raise FailedPrecondition(
-                    f"domain {domain.name}: no live snapshot of an HVM domain whose qcow2 disks its QEMU serves "
-                    f"({', '.join(held)}): at the end of a live stream libxl has that QEMU save its devices "
-                    "and release the images, so it can take no disk snapshot in the pause. Take a non-live "
-                    "snapshot, or give the domain LVM disks (blkback).", domain=domain.name
-                )
+            if xd.type == "hvm":
+                block = self.block_ops(domain.name, released=True)
             return await self._live(domain, memory, lambda: in_pause(block), progress)
         return await self._save(domain, memory, lambda: in_pause(block), progress)
 
@@ -359,10 +360,12 @@ class XenDriver(Hypervisor):
         except BaseException:
             memory.unlink(missing_ok=True)
             raise
-        after = await self.lookup(str(domain.domid))
-        if after.state is not RunState.RUNNING:
-            raise InternalError(f"domain {domain.name} is {after.state} after its live snapshot; "
-                                "xl did not resume it")
+        # xl prints that it resumes the domain, not whether it did: its run
+        # state is all that is asked (the config is the one looked up).
+        after = await self._table(domain.domid)
+        if not after or after[0].state is not RunState.RUNNING:
+            raise InternalError(f"domain {domain.name} is {after[0].state if after else 'gone'} after its live "
+                                "snapshot; xl did not resume it")
         return CheckpointResult(saved.memory_bytes, saved.downtime)
 
     def _save_progress(self, progress: StepProgress) -> Callable[[str], None]:
@@ -453,20 +456,22 @@ class XenDriver(Hypervisor):
         # The image carries libxl's complete config; a config file of ours
         # carries less (xen_config), so it is written only when disks moved.
         config_path = None
+        given: dict[str, Any] | None = saved
         source: contextlib.AbstractAsyncContextManager[Path] = contextlib.nullcontext(memory)
         if _disks_of(saved) != {d.vdev: (d.target, d.format) for d in config.disks}:
-            config_path = self._config_path(config.name)
+            config_path, given = self._config_path(config.name), None
             self._dir.mkdir(parents=True, exist_ok=True)
             write_atomic(config_path, config.to_text(), mode=0o600)
         elif (fresh := with_fresh_genid(saved)) is not None:
+            given = fresh
             source = xen_feed.fifo_source(memory, header.with_config(fresh), header.stream_offset, self._dir)
         async with source as path:
-            await self._run(xl_argv.restore(path, paused=True, config_path=config_path, xl=self._xl_bin),
-                            timeout=_transfer_timeout(config.memory_mib))
+            restored = await self._run(xl_argv.restore(path, paused=True, config_path=config_path, xl=self._xl_bin),
+                                       timeout=_transfer_timeout(config.memory_mib))
         try:
             # `xl restore -p` left it paused, and `xl unpause` that succeeded
-            # left it running: its new domid and config are all xl is asked.
-            domain = await self._restored(config.name)
+            # left it running.
+            domain = await self._restored(config.name, restored.stderr, given)
             if not paused:
                 await self._xl(xl_argv.unpause(domain.domid, xl=self._xl_bin))
                 domain = replace(domain, state=RunState.RUNNING)

@@ -14,6 +14,21 @@ driver comes from libxl's `params` prefix (qcow2, vhd -> vpc, aio -> raw).
 Block devices (LVs) bypass QEMU; their backend snapshots them through LVM,
 which suspends the device-mapper table around it, so they need nothing here.
 
+In the pause of an HVM domain's live save its device model holds no image:
+at the end of the stream libxl has it save its devices
+(`xen-save-devices-state` with live=true), and QEMU then drains every
+request, flushes and inactivates the images for the destination to take
+them (QEMU migration/savevm.c: qmp_xen_save_devices_state,
+bdrv_inactivate_all), refusing any snapshot of its own ("does not support
+internal snapshots", seen in the Xen lab). The guest is suspended and QEMU
+stopped, so the image on disk is the instant's: `qemu-img` snapshots it
+there, as it would an image no QEMU opened. When xl resumes the domain,
+libxl's `cont` has QEMU take the images back and read their metadata anew
+(bdrv_activate_all: qcow2_co_invalidate_cache), the new snapshot with it.
+That `qemu-img` dies with the agent (setpriv's parent-death signal): an
+agent killed in the pause lets the sink go and xl resume the domain, and
+no orphan may still be writing the image once QEMU takes it back.
+
 External snapshots are refused: QEMU could switch a disk onto a new overlay,
 but libxl's stored config and xenstore would still name the old image, so the
 next `xl list -l`, a reboot of the domain or its next save would silently go
@@ -23,22 +38,31 @@ back to the frozen image.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final
 
 from .. import runner
 from ..errors import FailedPrecondition, NotFound
+from ..runner import Runner
+from ..storage import qemu_img
 from .qmp import QmpSession
 from .xl_argv import XlDisk
 
 # libxl__device_disk_string_of_format, then QEMU's renaming in xen_block_drive_create.
 _QEMU_DRIVERS: Final = {"qcow2": "qcow2", "qcow": "qcow", "qed": "qed", "vhd": "vpc", "raw": "raw"}
+QEMU_IMG: Final = "qemu-img"
+RELEASED_TIMEOUT: Final = 120.0
 
 
 def qmp_socket(run_dir: Path, domid: int) -> Path:
     """libxl__qemu_qmp_path: the device model's QMP socket of a domain."""
     return run_dir / f"qmp-libxl-{domid}"
+
+
+def dies_with_agent(argv: list[str]) -> list[str]:
+    """`argv` run by util-linux's setpriv, which has the kernel kill it when the agent dies."""
+    return ["setpriv", "--pdeathsig", "KILL", "--", *argv]
 
 
 def node_name(disk: XlDisk) -> str:
@@ -51,13 +75,19 @@ def node_name(disk: XlDisk) -> str:
 class XenBlockOps:
     """BlockOps for one domain. Each call opens its own QMP connection and
     closes it: QEMU serves one QMP client at a time on that socket, and libxl
-    needs it for its own work (saving and resuming the device model)."""
+    needs it for its own work (saving and resuming the device model).
 
-    def __init__(self, name: str, domid: int, disks: Mapping[str, XlDisk], run_dir: Path) -> None:
+    `released`: the runner of `qemu-img`, for the pause of an HVM domain's
+    live save, when its QEMU has released the images (see above)."""
+
+    def __init__(self, name: str, domid: int, disks: Mapping[str, XlDisk], run_dir: Path, *,
+                 released: Runner | None = None, img: str = QEMU_IMG) -> None:
         self._name = name
         self._domid = domid
         self._disks = disks
         self._socket = qmp_socket(run_dir, domid)
+        self._released = released
+        self._img = img
 
     def _qdisk(self, vdev: str) -> XlDisk:
         disk = self._disks.get(vdev)
@@ -79,13 +109,22 @@ class XenBlockOps:
             await session.close()
             runner.tally_add(f"qmp {command}", time.monotonic() - t0)
 
+    async def _tag(self, vdev: str, tag: str, qmp_command: str,
+                   released_argv: Callable[[str, str, str], list[str]]) -> None:
+        """An internal snapshot's tag made or removed: by the domain's QEMU,
+        or by qemu-img on the image that QEMU released."""
+        disk = self._qdisk(vdev)
+        if self._released is None:
+            await self._execute(qmp_command, {"device": node_name(disk), "name": tag})
+        else:
+            await self._released(dies_with_agent(released_argv(self._img, disk.target, tag)),
+                                 timeout=RELEASED_TIMEOUT)
+
     async def internal_snapshot(self, vdev: str, tag: str) -> None:
-        node = node_name(self._qdisk(vdev))
-        await self._execute("blockdev-snapshot-internal-sync", {"device": node, "name": tag})
+        await self._tag(vdev, tag, "blockdev-snapshot-internal-sync", qemu_img.snapshot_create)
 
     async def delete_internal_snapshot(self, vdev: str, tag: str) -> None:
-        node = node_name(self._qdisk(vdev))
-        await self._execute("blockdev-snapshot-delete-internal-sync", {"device": node, "name": tag})
+        await self._tag(vdev, tag, "blockdev-snapshot-delete-internal-sync", qemu_img.snapshot_delete)
 
     def _no_external(self, vdev: str) -> FailedPrecondition:
         return FailedPrecondition(

@@ -62,8 +62,9 @@ def save(dom: str | int, path: Path | str, *, paused: bool = True, xl: str = XL)
 
 
 def restore(path: Path | str, *, paused: bool, config_path: Path | str | None = None, xl: str = XL) -> list[str]:
-    """Without a config file xl uses the (complete) libxl config saved in the image."""
-    argv = [xl, "restore"] + (["-p"] if paused else [])
+    """Without a config file xl uses the (complete) libxl config saved in the image.
+    `-v`: libxc then names the new domain's id (parse_restored_domid)."""
+    argv = [xl, "-v", "restore"] + (["-p"] if paused else [])
     if config_path is not None:
         argv.append(_path(config_path))
     return [*argv, _path(path)]
@@ -288,6 +289,11 @@ def _domain(entry: Mapping[str, Any]) -> XlDomain:
     )
 
 
+def domain_of(domid: int, config: Mapping[str, Any]) -> XlDomain:
+    """A domain as `xl list -l` would show it, from a libxl config known otherwise (a save image's)."""
+    return _domain({"domid": domid, "config": config})
+
+
 def parse_list_long(json_text: str) -> list[XlDomain]:
     domains = []
     for value in _objects(json_text):
@@ -304,6 +310,17 @@ def parse_info(text: str) -> dict[str, str]:
         if sep and value.startswith(" ") and key.strip() and " " not in key.strip():
             result[key.strip()] = value.strip()
     return result
+
+
+# libxc's restore at detail level, which `xl -v` shows (xc_sr_restore.c:
+# xc_domain_restore): "xc: detail: fd 4, dom 7, hvm 0, stream_type 0".
+_RESTORED: Final = re.compile(r"^xc: detail: fd \d+, dom (\d+), hvm \d+, stream_type \d+$", re.M)
+
+
+def parse_restored_domid(stderr: str) -> int | None:
+    """The id of the domain `xl -v restore` made, or None if xl did not say."""
+    found = _RESTORED.findall(stderr)
+    return int(found[-1]) if len(found) == 1 else None
 
 
 # xtl_logger_stdio.c prints progress as "xc: progress: Frames: 2048/32768    6%"

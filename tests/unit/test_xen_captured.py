@@ -36,6 +36,15 @@ def test_a_domain_left_by_save_p_is_paused_not_suspended() -> None:
         assert not row.suspended, name
 
 
+def test_verbose_restore_names_the_domain_it_made() -> None:
+    # The lab's restore of `cap` made domain 2, which `xl list` then showed paused.
+    assert xl_argv.parse_restored_domid(captured("xl-v-restore-pv-stderr.txt")) == 2
+    (row,) = xl_argv.parse_list(captured("xl-list-pv-restored-paused.txt"))
+    assert (row.name, row.domid) == ("cap", 2)
+    # Without -v libxc's detail lines are not printed: the driver asks xl instead.
+    assert xl_argv.parse_restored_domid(captured("xl-restore-pv-stderr.txt")) is None
+
+
 def test_list_long_has_no_backend_and_qcow2_means_qdisk() -> None:
     for name, kind in (("xl-list-l-pv.json", "pv"), ("xl-list-l-pvh.json", "pvh")):
         text = captured(name)

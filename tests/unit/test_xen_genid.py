@@ -25,7 +25,7 @@ from domsnap.agent.drivers import xen_feed, xen_stream
 from domsnap.agent.drivers.xen_config import domain_config, vm_genid, with_fresh_genid
 from domsnap.agent.drivers.xl_argv import XlDomain, parse_list_long
 from domsnap.agent.progress import ignore_progress
-from tests.unit.test_xen_driver import X, driver, expect_restored, pvguest_config, run_async
+from tests.unit.test_xen_driver import RESTORED, RESTORED_DOMID, X, driver, pvguest_config, run_async
 from tests.unit.xen_fakes import CONFIG, FakeRunner, Reply, recorded, save_stream
 
 GENID = list(range(1, 17))
@@ -162,11 +162,11 @@ def test_revert_of_a_genid_domain_restores_it_with_a_new_id(tmp_path: Path) -> N
 
     async def main() -> None:
         run = FakeRunner([]).expect(
-            ["xl", "restore", "-p", lambda p: p.endswith(".fifo") and p != str(memory)], Reply(action=xl_restore))
-        expect_restored(run)
-        run.expect(["xl", "unpause", "7"])
-        dom = await driver(tmp_path, run).restore(pvguest_config(), memory, facts={}, paused=False,
-                                                  progress=ignore_progress)
+            ["xl", "-v", "restore", "-p", lambda p: p.endswith(".fifo") and p != str(memory)],
+            Reply(stderr=RESTORED, action=xl_restore))
+        run.expect(["xl", "unpause", str(RESTORED_DOMID)])
+        d = driver(tmp_path, run)
+        dom = await d.restore(pvguest_config(), memory, facts={}, paused=False, progress=ignore_progress)
         assert dom.state is RunState.RUNNING
         run.finished()
 

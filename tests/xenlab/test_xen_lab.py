@@ -42,7 +42,7 @@ EXPECTED = (
     "pv-lvm-thick-nonlive",
     "pvh-lvm-thin-live",
     "hvm-qcow2-nonlive",
-    "hvm-qcow2-live-refused",
+    "hvm-qcow2-live",
     "hvm-lvm-nonlive",
     "hvm-genid",
 )

@@ -147,6 +147,11 @@ def test_identities_views_pages_and_refusals_on_a_guest(agent: Agent, boot_guest
     assert [s.uid for s in listed] == [s.uid for s in made] and not any(s.disks for s in listed)
     assert all(s.disks for s in stub.ListSnapshots(pb.ListSnapshotsRequest(domain_name=g.name, view=pb.VIEW_FULL),
                                                    timeout=30).snapshots)
+    ops = stub.ListOperations(pb.ListOperationsRequest(domain_name=g.name), timeout=30).operations
+    assert [o.result.uid for o in ops] == [s.uid for s in reversed(made)] and not any(o.result.disks for o in ops)
+    assert all(o.result.disks for o in stub.ListOperations(pb.ListOperationsRequest(domain_name=g.name,
+                                                                                   view=pb.VIEW_FULL),
+                                                           timeout=30).operations)
 
     # A snapshot named by its uid: of the domain named with it only.
     by_uid = stub.GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_uid=snap.uid), timeout=30)

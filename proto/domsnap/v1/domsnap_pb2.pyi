@@ -332,6 +332,7 @@ class _EventKind:
 class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    """Never sent (a client reads a kind it does not know so)."""
     EVENT_KIND_OPERATION: _EventKind.ValueType  # 1
     """An operation changed state (running, cancelling, succeeded, failed,
     cancelled): `operation_id`, `operation_state`, `operation_kind`.
@@ -354,6 +355,7 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
 EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+"""Never sent (a client reads a kind it does not know so)."""
 EVENT_KIND_OPERATION: EventKind.ValueType  # 1
 """An operation changed state (running, cancelling, succeeded, failed,
 cancelled): `operation_id`, `operation_state`, `operation_kind`.
@@ -381,6 +383,7 @@ class _GroupCommand:
 class _GroupCommandEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupCommand.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     GROUP_COMMAND_UNSPECIFIED: _GroupCommand.ValueType  # 0
+    """Not a command: first, INVALID_ARGUMENT; after PREPARE, taken as ABORT."""
     GROUP_COMMAND_PREPARE: _GroupCommand.ValueType  # 1
     GROUP_COMMAND_FREEZE: _GroupCommand.ValueType  # 2
     GROUP_COMMAND_COMMIT: _GroupCommand.ValueType  # 3
@@ -389,6 +392,7 @@ class _GroupCommandEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupCom
 class GroupCommand(_GroupCommand, metaclass=_GroupCommandEnumTypeWrapper): ...
 
 GROUP_COMMAND_UNSPECIFIED: GroupCommand.ValueType  # 0
+"""Not a command: first, INVALID_ARGUMENT; after PREPARE, taken as ABORT."""
 GROUP_COMMAND_PREPARE: GroupCommand.ValueType  # 1
 GROUP_COMMAND_FREEZE: GroupCommand.ValueType  # 2
 GROUP_COMMAND_COMMIT: GroupCommand.ValueType  # 3
@@ -402,6 +406,7 @@ class _GroupPhase:
 class _GroupPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupPhase.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     GROUP_PHASE_UNSPECIFIED: _GroupPhase.ValueType  # 0
+    """Never sent (a client reads a phase it does not know so)."""
     GROUP_PHASE_PREPARED: _GroupPhase.ValueType  # 1
     """Ready to pause; waiting for FREEZE."""
     GROUP_PHASE_FROZEN: _GroupPhase.ValueType  # 2
@@ -410,6 +415,7 @@ class _GroupPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupPhase
 class GroupPhase(_GroupPhase, metaclass=_GroupPhaseEnumTypeWrapper): ...
 
 GROUP_PHASE_UNSPECIFIED: GroupPhase.ValueType  # 0
+"""Never sent (a client reads a phase it does not know so)."""
 GROUP_PHASE_PREPARED: GroupPhase.ValueType  # 1
 """Ready to pause; waiting for FREEZE."""
 GROUP_PHASE_FROZEN: GroupPhase.ValueType  # 2
@@ -1797,6 +1803,7 @@ class ListOperationsRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     domain_name: _builtins.str
     domain_uid: _builtins.str
     domid: _builtins.int
@@ -1812,6 +1819,8 @@ class ListOperationsRequest(_message.Message):
     """At most this many operations in one response; 0 or more than 500: 500."""
     page_token: _builtins.str
     """From a previous response; empty for the first page."""
+    view: Global___View.ValueType
+    """BASIC: each operation's result without its disks."""
     def __init__(
         self,
         *,
@@ -1823,10 +1832,11 @@ class ListOperationsRequest(_message.Message):
         request_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        view: Global___View.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "request_id", b"request_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "request_id", b"request_id", "state", b"state", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
     _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015

@@ -211,7 +211,9 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
     async def GroupSnapshot(self, requests: AsyncIterator[pb.GroupSnapshotRequest], context: Ctx,
                             ) -> AsyncIterator[pb.GroupSnapshotEvent]:
         first = await anext(aiter(requests), None)
-        if first is None or first.command != pb.GROUP_COMMAND_PREPARE:
+        if first is None or first.command == pb.GROUP_COMMAND_UNSPECIFIED:
+            raise field_required("command", "a group snapshot's member starts with PREPARE")
+        if first.command != pb.GROUP_COMMAND_PREPARE:
             raise InvalidArgument("a group snapshot's member starts with PREPARE, which carries its create")
         group = convert.group(first.group)
         if first.create.dry_run or first.create.name != group.name:

@@ -240,10 +240,16 @@ def operation_filter(request: pb.ListOperationsRequest, domain: str) -> Operatio
                            request.request_id)
 
 
-def operation_page(page: OperationPage, sizes: list[int]) -> pb.ListOperationsResponse:
-    return pb.ListOperationsResponse(
+def operation_page(page: OperationPage, sizes: list[int], *, full: bool) -> pb.ListOperationsResponse:
+    """`full`: each result with its disks (the FULL view)."""
+    resp = pb.ListOperationsResponse(
         operations=[operation(op, n) for op, n in zip(page.operations, sizes, strict=True)],
         next_page_token=page.next_token, event_token=page.event_token)
+    if not full:
+        for op in resp.operations:
+            if op.HasField("result"):
+                op.result.ClearField("disks")
+    return resp
 
 
 def feed_event(ev: Event) -> pb.Event:

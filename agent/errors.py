@@ -87,12 +87,6 @@ class Cancelled(DomsnapError):
     caller_fault = True
 
 
-class Unimplemented(DomsnapError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-    default_reason = "UNIMPLEMENTED"
-    caller_fault = True
-
-
 class DeadlineExceeded(DomsnapError):
     """Something outside the agent (a guest) did not finish within the time it was given."""
 

@@ -32,6 +32,7 @@ STRING_LIMITS: dict[str, int] = {
     "domain": NAME,
     "domain_name": NAME,
     "domain_uid": ID,
+    "snapshot_uid": ID,
     "name": NAME,
     "new_name": NAME,
     "vdev": NAME,

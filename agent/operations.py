@@ -105,7 +105,7 @@ class Operation:
     def check_cancel(self) -> None:
         """Called at step boundaries before the point of no return."""
         if self._cancel.is_set():
-            raise Cancelled(f"operation {self.id} was cancelled")
+            raise Cancelled(f"operation {self.id} was cancelled", operation_id=self.id)
 
     def commit(self) -> None:
         self.check_cancel()
@@ -226,7 +226,7 @@ class Operations:
         except asyncio.CancelledError:
             if not op._cancel.is_set():
                 raise  # the agent is shutting down: the journal has the rest
-            op.error = Cancelled(f"operation {op.id} was cancelled and rolled back")
+            op.error = Cancelled(f"operation {op.id} was cancelled and rolled back", operation_id=op.id)
         except DomsnapError as err:
             op.error = err
             log.log(logging.INFO if err.caller_fault else logging.ERROR, "operation %s (%s %s) failed: %s",

@@ -66,6 +66,16 @@ CREATE TABLE requests (
     PRIMARY KEY (caller, rpc, request_id)
 );
 """ + _ANSWERS
+# Per table, a request's row: its fingerprint, how it is shown, and what is kept of it (the operation it
+# started, or the answer it got).
+_SELECT = {
+    "requests": "SELECT fingerprint, shown, operation_id FROM requests WHERE caller = ? AND rpc = ? AND request_id = ?",
+    "answers": "SELECT fingerprint, shown, answer FROM answers WHERE caller = ? AND rpc = ? AND request_id = ?",
+}
+_INSERT = {
+    "requests": "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
+    "answers": "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
+}
 # What names the first request in a refusal, when the request has it.
 _SHOWN = ("domain_name", "domain_uid", "domid", "name", "snapshot_name", "snapshot_path", "snapshot_uid", "path")
 
@@ -109,27 +119,14 @@ class _Started:
             self._db.execute("DELETE FROM requests WHERE time < ?", (time() - keep,))
             self._db.execute("DELETE FROM answers WHERE time < ?", (time() - keep,))
 
-    def get(self, key: tuple[str, str, str]) -> tuple[bytes, str, str] | None:
-        found = self._db.execute("SELECT fingerprint, shown, operation_id FROM requests "
-                                 "WHERE caller = ? AND rpc = ? AND request_id = ?", key).fetchone()
-        return (bytes(found[0]), str(found[1]), str(found[2])) if found else None
+    def get(self, table: str, key: tuple[str, str, str]) -> tuple[bytes, str, str | bytes] | None:
+        found = self._db.execute(_SELECT[table], key).fetchone()
+        return (bytes(found[0]), str(found[1]), found[2]) if found else None
 
-    def put(self, key: tuple[str, str, str], fingerprint: bytes, shown: str, op_id: str) -> None:
+    def put(self, table: str, key: tuple[str, str, str], fingerprint: bytes, shown: str, kept: str | bytes) -> None:
         with self._db:
             self._db.execute("BEGIN")
-            self._db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (*key, fingerprint, shown, op_id, time()))
-
-    def answer(self, key: tuple[str, str, str]) -> tuple[bytes, str, bytes] | None:
-        found = self._db.execute("SELECT fingerprint, shown, answer FROM answers "
-                                 "WHERE caller = ? AND rpc = ? AND request_id = ?", key).fetchone()
-        return (bytes(found[0]), str(found[1]), bytes(found[2])) if found else None
-
-    def put_answer(self, key: tuple[str, str, str], fingerprint: bytes, shown: str, answer: bytes) -> None:
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (*key, fingerprint, shown, answer, time()))
+            self._db.execute(_INSERT[table], (*key, fingerprint, shown, kept, time()))
 
 
 class RequestIds:
@@ -146,12 +143,9 @@ class RequestIds:
         key = (caller, rpc, request_id)
         if self._started is None or not request_id:
             return await self.once(caller, rpc, request, call)
-        if key not in self._first and (first := self._started.get(key)) is not None:
-            fingerprint, shown, op_id = first
-            if fingerprint != _fingerprint(request):
-                raise _refusal(request_id, shown)
+        if (op_id := self._kept("requests", key, request)) is not None:
             try:
-                return await known(op_id)
+                return await known(str(op_id))
             except NotFound:
                 pass  # forgotten with the operation's history: a new request
         started = self._started
@@ -159,7 +153,7 @@ class RequestIds:
         async def start() -> Operation:
             op = await call()
             # Before the operation's first step: it has not run yet.
-            started.put(key, _fingerprint(request), _shown(rpc, request), op.id)
+            started.put("requests", key, _fingerprint(request), _shown(rpc, request), op.id)
             return op
 
         return await self.once(caller, rpc, request, start)
@@ -171,19 +165,26 @@ class RequestIds:
         key = (caller, rpc, request_id)
         if self._started is None or not request_id:
             return await self.once(caller, rpc, request, call)
-        if key not in self._first and (first := self._started.answer(key)) is not None:
-            fingerprint, shown, answer = first
-            if fingerprint != _fingerprint(request):
-                raise _refusal(request_id, shown)
+        if isinstance(answer := self._kept("answers", key, request), bytes):
             return parse(answer)
         started = self._started
 
         async def answered() -> M:
             result = await call()
-            started.put_answer(key, _fingerprint(request), _shown(rpc, request), result.SerializeToString())
+            started.put("answers", key, _fingerprint(request), _shown(rpc, request), result.SerializeToString())
             return result
 
         return await self.once(caller, rpc, request, answered)
+
+    def _kept(self, table: str, key: tuple[str, str, str], request: Message) -> str | bytes | None:
+        """What the disk keeps of a first request with this key that this agent has not seen (a restarted
+        one's), if any; the same key with another request is refused."""
+        if key in self._first or self._started is None or (first := self._started.get(table, key)) is None:
+            return None
+        fingerprint, shown, kept = first
+        if fingerprint != _fingerprint(request):
+            raise _refusal(key[2], shown)
+        return kept
 
     async def once(self, caller: str, rpc: str, request: Message, call: Callable[[], Awaitable[T]]) -> T:
         """`call`'s answer, or the answer of the first request with this caller, RPC and request_id."""

@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # the stubs' generics do not exist at run time
     Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-
 async def _sizes(entries: Sequence[Entry | None]) -> list[int]:
     """Each snapshot's size on disk (0 for None), counted in a thread: a folder walk never holds up the loop."""
     return await asyncio.to_thread(lambda: [disk_usage.size_on_disk(e) if e else 0 for e in entries])
@@ -181,7 +180,8 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
     async def ListOperations(self, request: pb.ListOperationsRequest, context: Ctx) -> pb.ListOperationsResponse:
         which = convert.operation_filter(request, self._domain(request, required=False))
         page = await self._s.list_operations(which, request.page_size, request.page_token)
-        return convert.operation_page(page, await _sizes([_result(op) for op in page.operations]))
+        return convert.operation_page(page, await _sizes([_result(op) for op in page.operations]),
+                                      full=request.view == pb.VIEW_FULL)
 
     async def GetOperation(self, request: pb.GetOperationRequest, context: Ctx) -> pb.Operation:
         if not request.operation_id:
@@ -211,7 +211,9 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
     async def GroupSnapshot(self, requests: AsyncIterator[pb.GroupSnapshotRequest], context: Ctx,
                             ) -> AsyncIterator[pb.GroupSnapshotEvent]:
         first = await anext(aiter(requests), None)
-        if first is None or first.command != pb.GROUP_COMMAND_PREPARE:
+        if first is None or first.command == pb.GROUP_COMMAND_UNSPECIFIED:
+            raise field_required("command", "a group snapshot's member starts with PREPARE")
+        if first.command != pb.GROUP_COMMAND_PREPARE:
             raise InvalidArgument("a group snapshot's member starts with PREPARE, which carries its create")
         group = convert.group(first.group)
         if first.create.dry_run or first.create.name != group.name:

@@ -71,7 +71,8 @@ class QmpSession:
             try:
                 await asyncio.wait_for(client.connect(str(self.socket)), 10)
             except (OSError, QMPError, TimeoutError) as err:
-                raise Unavailable(f"cannot reach QEMU of domain {self.name} at {self.socket}: {err}") from err
+                raise Unavailable(f"cannot reach QEMU of domain {self.name} at {self.socket}: {err}",
+                                  domain=self.name) from err
             self._client = client
             return client
 
@@ -113,10 +114,11 @@ class QmpSession:
         try:
             return await asyncio.wait_for(client.execute(cmd, args), timeout)
         except ExecuteError as err:
-            raise FailedPrecondition(f"QEMU of domain {self.name} refused {cmd}: {err}") from err
+            raise FailedPrecondition(f"QEMU of domain {self.name} refused {cmd}: {err}", domain=self.name) from err
         except (QMPError, OSError, TimeoutError) as err:
             await self.close()
-            raise Unavailable(f"QEMU of domain {self.name} did not answer {cmd}: {err or type(err).__name__}") from err
+            raise Unavailable(f"QEMU of domain {self.name} did not answer {cmd}: {err or type(err).__name__}",
+                              domain=self.name) from err
 
     async def send_fd(self, fdname: str, fd: int) -> None:
         """Hand QEMU an open file (QMP getfd) so it never opens paths itself."""

@@ -141,7 +141,7 @@ class DiskBackend(ABC):
         hypervisor merges it, live); None when no hypervisor reads the chain,
         and then `children` are the files right above the layer, pointed at
         the image afterwards."""
-        raise FailedPrecondition(f"disk {record.vdev}: {self.name} layers cannot be merged")
+        raise FailedPrecondition(f"disk {record.vdev}: {self.name} layers cannot be merged", vdev=record.vdev)
 
     async def chain(self, image: str) -> list[str]:
         """The files `image` reads through (itself first); formats without

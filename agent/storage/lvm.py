@@ -116,7 +116,7 @@ class LvmBackend(DiskBackend):
     async def _lv(self, target: str, vdev: str) -> LogicalVolume:
         lvs = await self._report(target)
         if len(lvs) != 1:
-            raise NotFound(f"disk {vdev}: {target} is not one LVM logical volume")
+            raise NotFound(f"disk {vdev}: {target} is not one LVM logical volume", vdev=vdev, path=target)
         return lvs[0]
 
     async def _vg(self, vg: str) -> dict[str, LogicalVolume]:
@@ -125,9 +125,10 @@ class LvmBackend(DiskBackend):
     async def plan(self, disk: DiskSpec, method: Method, snapdir: Path, name: str) -> DiskRecord:
         lv = await self._lv(disk.target, disk.vdev)
         if lv.partial:
-            raise FailedPrecondition(f"disk {disk.vdev}: {lv.vg}/{lv.name} is missing physical volumes")
+            raise FailedPrecondition(f"disk {disk.vdev}: {lv.vg}/{lv.name} is missing physical volumes", vdev=disk.vdev)
         if lv.kind in "OS":
-            raise FailedPrecondition(f"disk {disk.vdev}: a snapshot merge into {lv.vg}/{lv.name} is under way")
+            raise FailedPrecondition(f"disk {disk.vdev}: a snapshot merge into {lv.vg}/{lv.name} is under way",
+                                     vdev=disk.vdev)
         external = method is Method.EXTERNAL
         snap = snapshot_lv_name(lv.name, f"{name}.copy" if external else name)
         copy = str(snapdir / f"{disk.vdev}.raw") if external else ""
@@ -148,7 +149,8 @@ class LvmBackend(DiskBackend):
             if why:
                 raise (ResourceExhausted if lv.kind in _THICK_SNAPSHOTTABLE else InvalidArgument)(why)
         if snap in await self._vg(lv.vg):
-            raise AlreadyExists(f"disk {disk.vdev}: volume group {lv.vg} already has an LV named {snap!r}")
+            raise AlreadyExists(f"disk {disk.vdev}: volume group {lv.vg} already has an LV named {snap!r}",
+                                vdev=disk.vdev)
         return DiskRecord(disk.vdev, disk.format, self.name, method, lv.path, tag=snap, file=copy)
 
     def copy_bytes(self, record: DiskRecord) -> int:
@@ -201,23 +203,26 @@ class LvmBackend(DiskBackend):
     async def check(self, record: DiskRecord, current: DiskSpec) -> None:
         if os.path.realpath(current.target) != os.path.realpath(record.image):
             raise FailedPrecondition(f"disk {record.vdev}: the domain now uses {current.target}, not "
-                                     f"{record.image} which the snapshot was taken of")
+                                     f"{record.image} which the snapshot was taken of", vdev=record.vdev)
         vg, lv = _vg_and_lv(record.image)
         lvs = await self._vg(vg)
         if record.method is Method.EXTERNAL:
             copy = Path(record.file)
             if not copy.is_file():
-                raise NotFound(f"disk {record.vdev}: the copy {record.file} is missing")
+                raise NotFound(f"disk {record.vdev}: the copy {record.file} is missing", vdev=record.vdev,
+                               file=record.file)
             if lv in lvs and copy.stat().st_size != lvs[lv].size:
-                raise FailedPrecondition(f"disk {record.vdev}: {vg}/{lv} was resized since the snapshot")
+                raise FailedPrecondition(f"disk {record.vdev}: {vg}/{lv} was resized since the snapshot",
+                                         vdev=record.vdev)
             return
         snap = lvs.get(record.tag)
         if snap is None:
-            raise NotFound(f"disk {record.vdev}: the snapshot LV {vg}/{record.tag} is missing")
+            raise NotFound(f"disk {record.vdev}: the snapshot LV {vg}/{record.tag} is missing", vdev=record.vdev)
         if snap.invalid:
-            raise NotFound(f"disk {record.vdev}: the snapshot LV {vg}/{record.tag} overflowed and is invalid")
+            raise NotFound(f"disk {record.vdev}: the snapshot LV {vg}/{record.tag} overflowed and is invalid",
+                           vdev=record.vdev)
         if not snap.thin and lv not in lvs:
-            raise NotFound(f"disk {record.vdev}: the origin LV {vg}/{lv} is missing")
+            raise NotFound(f"disk {record.vdev}: the origin LV {vg}/{lv} is missing", vdev=record.vdev)
         # A thick merge keeps the origin's other snapshots valid (the kernel
         # copies each chunk to them before overwriting it), and a thin swap
         # does not touch them: no other snapshot is harmed either way.
@@ -255,7 +260,8 @@ class LvmBackend(DiskBackend):
         await self._run(lvm_argv.merge(vg, snap), timeout=MERGE_TIMEOUT)
         if snap in await self._vg(vg):
             # LVM defers the merge to the origin's next activation while it is open.
-            raise FailedPrecondition(f"disk {vdev}: LVM deferred merging {vg}/{snap}: {vg}/{lv} is still open")
+            raise FailedPrecondition(f"disk {vdev}: LVM deferred merging {vg}/{snap}: {vg}/{lv} is still open",
+                                     vdev=vdev)
         # The merge consumed the snapshot; take it again so it stays revertable.
         await self._run(lvm_argv.snapshot(vg, lv, snap, size_bytes=cow_size(origin.size)), timeout=QUERY_TIMEOUT)
 

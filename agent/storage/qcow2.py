@@ -43,17 +43,18 @@ class Qcow2Backend(DiskBackend):
 
     async def plan(self, disk: DiskSpec, method: Method, snapdir: Path, name: str) -> DiskRecord:
         if not Path(disk.target).is_file():
-            raise NotFound(f"disk {disk.vdev}: image {disk.target} does not exist")
+            raise NotFound(f"disk {disk.vdev}: image {disk.target} does not exist", vdev=disk.vdev, path=disk.target)
         if method is Method.INTERNAL:
             if name in await self.tags(disk.target):
-                raise AlreadyExists(f"disk {disk.vdev}: {disk.target} already has a snapshot tagged {name!r}")
+                raise AlreadyExists(f"disk {disk.vdev}: {disk.target} already has a snapshot tagged {name!r}",
+                                    vdev=disk.vdev, path=disk.target)
             return DiskRecord(disk.vdev, disk.format, self.name, method, disk.target, tag=name)
         depth = len(await self.chain(disk.target)) + 1
         if depth > self._max_chain:
             raise FailedPrecondition(
                 f"disk {disk.vdev}: an external snapshot would make a backing chain of {depth} images, over the "
                 f"limit of {self._max_chain} (max_chain_depth); delete older snapshots (snapshot-delete merges their "
-                "layers) or use --internal")
+                "layers) or use --internal", vdev=disk.vdev)
         overlay = snapdir / f"{disk.vdev}.qcow2"
         return DiskRecord(disk.vdev, disk.format, self.name, method, disk.target, file=str(overlay))
 
@@ -140,14 +141,16 @@ class Qcow2Backend(DiskBackend):
 
     async def check(self, record: DiskRecord, current: DiskSpec) -> None:
         if not Path(record.image).is_file():
-            raise NotFound(f"disk {record.vdev}: image {record.image} is missing")
+            raise NotFound(f"disk {record.vdev}: image {record.image} is missing", vdev=record.vdev, path=record.image)
         if record.method is not Method.INTERNAL:
             return
         if current.target != record.image:
             raise FailedPrecondition(
                 f"disk {record.vdev}: tag {record.tag!r} lives in {record.image}, but the domain now runs on "
                 f"{current.target}; applying the tag would rewrite an image that snapshots taken since may have "
-                "frozen. Revert to one of those instead, or delete them first (snapshot-list --tree shows them)"
+                "frozen. Revert to one of those instead, or delete them first (snapshot-list --tree shows them)",
+                vdev=record.vdev, path=record.image,
             )
         if record.tag not in await self.tags(record.image):
-            raise NotFound(f"disk {record.vdev}: {record.image} has no snapshot tagged {record.tag!r}")
+            raise NotFound(f"disk {record.vdev}: {record.image} has no snapshot tagged {record.tag!r}",
+                           vdev=record.vdev, path=record.image)

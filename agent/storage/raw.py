@@ -75,7 +75,8 @@ class RawBackend(DiskBackend):
 
     async def plan(self, disk: DiskSpec, method: Method, snapdir: Path, name: str) -> DiskRecord:
         if not Path(disk.target).is_file():
-            raise NotFound(f"disk {disk.vdev}: image {disk.target} does not exist (raw files only)")
+            raise NotFound(f"disk {disk.vdev}: image {disk.target} does not exist (raw files only)", vdev=disk.vdev,
+                           path=disk.target)
         copy = snapdir / f"{disk.vdev}.raw"
         return DiskRecord(disk.vdev, disk.format, self.name, method, disk.target, file=str(copy))
 
@@ -133,7 +134,7 @@ class RawBackend(DiskBackend):
 
     async def check(self, record: DiskRecord, current: DiskSpec) -> None:
         if not Path(record.file).is_file():
-            raise NotFound(f"disk {record.vdev}: the copy {record.file} is missing")
+            raise NotFound(f"disk {record.vdev}: the copy {record.file} is missing", vdev=record.vdev, file=record.file)
 
     async def revert(self, record: DiskRecord, current: DiskSpec, progress: StepProgress) -> DiskSpec:
         # Copy beside the target, then rename over it: a crash leaves either

@@ -50,16 +50,17 @@ class VhdBackend(DiskBackend):
 
     async def plan(self, disk: DiskSpec, method: Method, snapdir: Path, name: str) -> DiskRecord:
         if not Path(disk.target).is_file():
-            raise NotFound(f"disk {disk.vdev}: image {disk.target} does not exist")
+            raise NotFound(f"disk {disk.vdev}: image {disk.target} does not exist", vdev=disk.vdev, path=disk.target)
         # Fails on anything that is not a readable VHD, before anything is made.
         depth = (await self._query(disk.target)).depth + 1
         if depth > self._max_chain:
             raise FailedPrecondition(
                 f"disk {disk.vdev}: an external snapshot would make a VHD chain of {depth} images, over the "
-                f"limit of {self._max_chain} (max_chain_depth); delete older snapshots first")
+                f"limit of {self._max_chain} (max_chain_depth); delete older snapshots first", vdev=disk.vdev)
         child = snapdir / f"{disk.vdev}.vhd"
         if child.exists():
-            raise AlreadyExists(f"disk {disk.vdev}: {child} already exists")
+            raise AlreadyExists(f"disk {disk.vdev}: {child} already exists", reason="PATH_EXISTS", vdev=disk.vdev,
+                                path=str(child))
         return DiskRecord(disk.vdev, disk.format, self.name, method, disk.target, file=str(child))
 
     async def take(self, record: DiskRecord, block: BlockOps | None, progress: StepProgress) -> None:
@@ -96,7 +97,8 @@ class VhdBackend(DiskBackend):
     async def check(self, record: DiskRecord, current: DiskSpec) -> None:
         # A revert only adds a fresh child of the frozen image: nothing else is touched.
         if not Path(record.image).is_file():
-            raise NotFound(f"disk {record.vdev}: the frozen image {record.image} is missing")
+            raise NotFound(f"disk {record.vdev}: the frozen image {record.image} is missing", vdev=record.vdev,
+                           path=record.image)
 
     async def revert(self, record: DiskRecord, current: DiskSpec, progress: StepProgress) -> DiskSpec:
         fresh = fresh_revert_layer(Path(record.file))

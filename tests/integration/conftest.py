@@ -13,13 +13,24 @@ from typing import Protocol
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from domsnap.v1 import domsnap_pb2 as pb
 from testbed import guestprobe
 from testbed.harness import Agent, guest_config, kvm_boots, make_disk
 
-__all__ = ["Agent", "BootGuest", "Guest", "destroy_all", "own_agent", "start_guest"]
+__all__ = ["Agent", "BootGuest", "Guest", "destroy_all", "error_info", "own_agent", "start_guest"]
 
+
+
+def error_info(err: grpc.RpcError) -> tuple[str, str, dict[str, str]]:
+    """A refusal's code, AIP-193 reason and metadata (its ErrorInfo, of domain domsnap.dev)."""
+    status = rpc_status.from_call(err)
+    assert status is not None, err
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info) and info.domain == "domsnap.dev", status
+    return err.code().name, info.reason, dict(info.metadata)
 
 
 @dataclass

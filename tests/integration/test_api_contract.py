@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 
 from domsnap.v1 import domsnap_pb2 as pb
 from testbed.harness import Agent
-from tests.integration.conftest import BootGuest
+from tests.integration.conftest import BootGuest, error_info
 
 
 def refusal(call: Callable[[], Any]) -> tuple[str, str, dict[str, str], list[tuple[str, str]]]:
@@ -32,10 +32,9 @@ def refusal(call: Callable[[], Any]) -> tuple[str, str, dict[str, str], list[tup
     err = caught.value
     status = rpc_status.from_call(err)
     assert status is not None, err
-    info, failure = error_details_pb2.ErrorInfo(), error_details_pb2.PreconditionFailure()
-    assert status.details[0].Unpack(info) and info.domain == "domsnap.dev", status
+    failure = error_details_pb2.PreconditionFailure()
     violations = [(v.type, v.subject) for d in status.details[1:] if d.Unpack(failure) for v in failure.violations]
-    return err.code().name, info.reason, dict(info.metadata), violations
+    return (*error_info(err), violations)
 
 
 def rid() -> str:
@@ -103,6 +102,15 @@ def test_refusals_without_a_guest(agent: Agent) -> None:
                                                                            "column": "10"})
     assert refusal(lambda: stub.GetSnapshot(pb.GetSnapshotRequest(domain_name="nosuch", snapshot_path="rel/x"),
                                             timeout=30))[:2] == ("INVALID_ARGUMENT", "INVALID_ARGUMENT")
+    assert refusal(lambda: stub.GetDomain(pb.GetDomainRequest(domain_name="x" * 300), timeout=30)) == (
+        "INVALID_ARGUMENT", "FIELD_TOO_LONG", {"field": "domain_name"}, [])
+    assert refusal(lambda: stub.GetSnapshot(pb.GetSnapshotRequest(domain_name="d", snapshot_uid="u" * 300),
+                                            timeout=30)) == (
+        "INVALID_ARGUMENT", "FIELD_TOO_LONG", {"field": "snapshot_uid"}, [])
+    assert refusal(lambda: stub.WatchEvents(pb.WatchEventsRequest(since="garbage"), timeout=30)) == (
+        "INVALID_ARGUMENT", "INVALID_EVENT_TOKEN", {"field": "since"}, [])
+    assert refusal(lambda: stub.WatchEvents(pb.WatchEventsRequest(since="0123456789ab-1"), timeout=30)) == (
+        "OUT_OF_RANGE", "EVENTS_EXPIRED", {"since": "0123456789ab-1"}, [])
 
 
 def test_identities_views_pages_and_refusals_on_a_guest(agent: Agent, boot_guest: BootGuest) -> None:
@@ -139,6 +147,11 @@ def test_identities_views_pages_and_refusals_on_a_guest(agent: Agent, boot_guest
     assert [s.uid for s in listed] == [s.uid for s in made] and not any(s.disks for s in listed)
     assert all(s.disks for s in stub.ListSnapshots(pb.ListSnapshotsRequest(domain_name=g.name, view=pb.VIEW_FULL),
                                                    timeout=30).snapshots)
+    ops = stub.ListOperations(pb.ListOperationsRequest(domain_name=g.name), timeout=30).operations
+    assert [o.result.uid for o in ops] == [s.uid for s in reversed(made)] and not any(o.result.disks for o in ops)
+    assert all(o.result.disks for o in stub.ListOperations(pb.ListOperationsRequest(domain_name=g.name,
+                                                                                   view=pb.VIEW_FULL),
+                                                           timeout=30).operations)
 
     # A snapshot named by its uid: of the domain named with it only.
     by_uid = stub.GetSnapshot(pb.GetSnapshotRequest(domain_name=g.name, snapshot_uid=snap.uid), timeout=30)

@@ -19,7 +19,7 @@ from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 from testbed import guestprobe
 from testbed.harness import Agent
-from tests.integration.conftest import BootGuest, Guest, destroy_all, start_guest
+from tests.integration.conftest import BootGuest, Guest, destroy_all, error_info, start_guest
 
 pytestmark = [pytest.mark.guest]
 
@@ -180,7 +180,7 @@ def test_full_disk_is_resource_exhausted_and_leaves_nothing(agent: Agent, boot_g
     # Refused up front: a 128 MiB guest's memory image may need 128 MiB.
     with pytest.raises(grpc.RpcError) as err:
         g.create_snapshot(name="full1", path=str(small_fs / "full1"))
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(err.value) == ("RESOURCE_EXHAUSTED", "INSUFFICIENT_SPACE", {"path": str(small_fs)})
     assert list(small_fs.iterdir()) == []
 
     # Full while writing: another writer takes the space once validation passed.
@@ -204,7 +204,7 @@ def test_full_disk_is_resource_exhausted_and_leaves_nothing(agent: Agent, boot_g
     with pytest.raises(grpc.RpcError) as err:
         big.create_snapshot(name="full2", path=str(target))
     t.join()
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    assert error_info(err.value)[:2] == ("RESOURCE_EXHAUSTED", "INSUFFICIENT_SPACE"), err.value.details()
     assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]
     assert big.domain().state == pb.DOMAIN_STATE_RUNNING
     assert "full2" not in snapshots(agent, big.name)

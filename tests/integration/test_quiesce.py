@@ -21,7 +21,7 @@ from domsnap.agent.journal import KILL_ENV
 from domsnap.v1 import domsnap_pb2 as pb
 from testbed import guestprobe
 from testbed.harness import Agent, guest_config, make_disk
-from tests.integration.conftest import Guest, destroy_all, own_agent
+from tests.integration.conftest import Guest, destroy_all, error_info, own_agent
 
 pytestmark = [pytest.mark.guest]
 
@@ -111,11 +111,11 @@ def test_no_guest_agent_is_refused_unless_best_effort(qagent: Agent, guest_image
                                                       tmp_path: Path, guests: list[Guest]) -> None:
     bare = boot(qagent, guest_image, tmp_path, guests, channel=False)
     err = create_error(bare, name="x", quiesce=True)
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(err) == ("FAILED_PRECONDITION", "QUIESCE_UNSUPPORTED", {"domain": bare.name})
     assert "no guest agent channel" in str(err.details())
     silent = boot(qagent, guest_image, tmp_path, guests, extra="domsnap.qga=0")
     err = create_error(silent, name="x", quiesce=True)
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(err) == ("FAILED_PRECONDITION", "GUEST_AGENT_UNAVAILABLE", {"domain": silent.name})
     assert "no QEMU guest agent answered" in str(err.details()) and "--quiesce-best-effort" in str(err.details())
     assert not (qagent.snapshot_root / silent.name / "x").exists()
     for g in (bare, silent):
@@ -123,7 +123,7 @@ def test_no_guest_agent_is_refused_unless_best_effort(qagent: Agent, guest_image
         assert not events[-1].finished.result.quiesced
     bare.agent.stub().PauseDomain(pb.PauseDomainRequest(domain_name=bare.name), timeout=30)
     err = create_error(bare, name="y", quiesce=True)
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(err) == ("FAILED_PRECONDITION", "DOMAIN_NOT_RUNNING", {"domain": bare.name})
 
 
 def test_hung_freeze_is_thawed_and_fails_and_a_cancel_thaws(qagent: Agent, guest_image: tuple[Path, Path],
@@ -134,7 +134,7 @@ def test_hung_freeze_is_thawed_and_fails_and_a_cancel_thaws(qagent: Agent, guest
     g = boot(qagent, guest_image, tmp_path, guests, extra="domsnap.freeze_hang=6")
     mark = g.mark()
     err = create_error(g, name="hung", quiesce=True, freeze_timeout=Duration(seconds=2))
-    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert error_info(err) == ("DEADLINE_EXCEEDED", "FREEZE_TIMEOUT", {"domain": g.name})
     assert "did not freeze its filesystems within 2 s" in str(err.details())
     assert fsfreeze(g, mark) == ["freeze", "thaw"]
     assert freeze_status(qagent, g) == "thawed"
@@ -152,7 +152,7 @@ def test_hung_freeze_is_thawed_and_fails_and_a_cancel_thaws(qagent: Agent, guest
     stub.CancelOperation(pb.CancelOperationRequest(operation_id=first.started.id), timeout=30)
     with pytest.raises(grpc.RpcError) as cancelled:
         list(stream)
-    assert cancelled.value.code() == grpc.StatusCode.CANCELLED
+    assert error_info(cancelled.value) == ("CANCELLED", "OPERATION_CANCELLED", {"operation_id": first.started.id})
     assert fsfreeze(g, mark) == ["freeze", "thaw"]
     assert freeze_status(qagent, g) == "thawed"
     assert not (qagent.snapshot_root / g.name / "cut").exists()

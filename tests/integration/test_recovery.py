@@ -19,7 +19,7 @@ from domsnap.agent.journal import FAIL_ENV, KILL_ENV
 from domsnap.v1 import domsnap_pb2 as pb
 from testbed import guestprobe
 from testbed.harness import Agent, guest_config, make_disk
-from tests.integration.conftest import Guest, own_agent, start_guest
+from tests.integration.conftest import Guest, error_info, own_agent, start_guest
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]
 
@@ -214,7 +214,8 @@ def test_a_revert_failing_after_destroy_is_retried_listed_and_finished(
         assert f"{g.name}: the revert to base failed after the domain was destroyed" in out.stdout
         with pytest.raises(grpc.RpcError) as err:
             g.revert("other")
-        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_info(err.value) == ("FAILED_PRECONDITION", "DOMAIN_STRANDED",
+                                         {"domain": g.name, "snapshot": "base"})
         assert f"snapshot-revert {g.name} base finishes that first" in (err.value.details() or "")
         g.revert("base")
         reverted(mark)

@@ -32,7 +32,7 @@ from domsnap.agent import limits
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
 from testbed.harness import BIN, Agent
-from tests.integration.conftest import BootGuest
+from tests.integration.conftest import BootGuest, error_info
 from tests.tlscerts import CA, Pair
 
 ADMIN_CN, READER_CN, STRANGER_CN = "ops", "monitor", "stranger"
@@ -159,7 +159,9 @@ def test_unknown_identity_gets_health_only(tls_agent: Agent, pki: Pki) -> None:
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         stub = pb_grpc.SnapshotAgentStub(ch)
-        assert code_of(stub.ListDomains, pb.ListDomainsRequest()) == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as denied:
+            stub.ListDomains(pb.ListDomainsRequest(), timeout=10)
+        assert error_info(denied.value) == ("PERMISSION_DENIED", "PERMISSION_DENIED", {})
         assert code_of(stub.GetAgentInfo, pb.GetAgentInfoRequest()) == grpc.StatusCode.PERMISSION_DENIED
         assert code_of(stub.CreateSnapshot, create_nosuch()) == grpc.StatusCode.PERMISSION_DENIED
 
@@ -484,7 +486,9 @@ def test_the_private_socket_gives_no_role_even_to_root(plain_agent: Agent) -> No
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         stub = pb_grpc.SnapshotAgentStub(ch)
-        assert code_of(stub.ListDomains, pb.ListDomainsRequest()) == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as denied:
+            stub.ListDomains(pb.ListDomainsRequest(), timeout=10)
+        assert error_info(denied.value) == ("PERMISSION_DENIED", "PERMISSION_DENIED", {})
 
 
 def test_fuzzing_changed_nothing(plain_agent: Agent) -> None:

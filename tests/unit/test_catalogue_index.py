@@ -115,6 +115,20 @@ def test_a_deleted_index_is_rebuilt_on_start(filled: tuple[Path, Path]) -> None:
     assert Catalogue(state, snapshot_listing).check() == 0
 
 
+def test_a_snapshot_is_found_by_its_uid_also_after_a_rebuild(filled: tuple[Path, Path]) -> None:
+    """The uid a manifest without one gets (derived from what never changes) finds it too."""
+    state, root = filled
+    cat = Catalogue(state, snapshot_listing)
+    [snap] = [s for page in listing(cat, "b", 100) for s in page if s.name == "s01"]
+    assert cat.path_of_uid(snap.uid) == str(root / "b" / "s01")
+    assert cat.path_of_uid("nosuch") is None
+    cat.close()
+    (state / FILE).unlink()
+    rebuilt = Catalogue(state, snapshot_listing)
+    assert rebuilt.check() == 28
+    assert rebuilt.path_of_uid(snap.uid) == str(root / "b" / "s01")
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "foreign"])
 def test_a_corrupt_index_is_rebuilt_on_start(filled: tuple[Path, Path], damage: str,
                                              caplog: pytest.LogCaptureFixture) -> None:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -156,6 +157,34 @@ def test_a_request_id_means_one_request() -> None:
                               lambda: pause("c")) == "paused c"
 
     asyncio.run(main())
+
+
+def test_a_unary_answer_is_kept_on_disk(tmp_path: Path) -> None:
+    """A domain call's answer outlives the agent (a new RequestIds on the same state directory); a failed
+    one is not kept."""
+    request = pb.PauseDomainRequest(domain_name="a", request_id="r1")
+    calls: list[str] = []
+
+    async def pause(name: str) -> pb.Domain:
+        calls.append(name)
+        return pb.Domain(name=name, state=pb.DOMAIN_STATE_PAUSED)
+
+    async def fail() -> pb.Domain:
+        raise FailedPrecondition("no")
+
+    def once(request: pb.PauseDomainRequest, call: Callable[[], Awaitable[pb.Domain]]) -> pb.Domain:
+        return asyncio.run(RequestIds(tmp_path, keep=3600).once_answer("uid=0", "PauseDomain", request, call,
+                                                                         pb.Domain.FromString))
+
+    assert once(request, lambda: pause("a")) == once(request, lambda: pause("again")) == pb.Domain(
+        name="a", state=pb.DOMAIN_STATE_PAUSED)
+    assert calls == ["a"]
+    with pytest.raises(InvalidArgument, match=r"PauseDomain\(domain_name='a'\)"):
+        once(pb.PauseDomainRequest(domain_name="b", request_id="r1"), lambda: pause("b"))
+    failed = pb.PauseDomainRequest(domain_name="c", request_id="r2")
+    with pytest.raises(FailedPrecondition):
+        once(failed, fail)
+    assert once(failed, lambda: pause("c")).name == "c" and calls == ["a", "c"]
 
 
 # ------------------------------------------------------ connection limit ----

@@ -3,6 +3,7 @@ and proof that it finds what it is there to find."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -48,3 +49,20 @@ def test_every_field_of_the_api_says_its_behavior() -> None:
     bare = [f.full_name for m in domsnap_pb2.DESCRIPTOR.message_types_by_name.values() for f in fields(m)
             if "google.api.field_behavior" not in {d.full_name for d, _ in f.GetOptions().ListFields()}]
     assert bare == []
+
+
+def test_the_reasons_the_agent_gives_are_the_ones_the_proto_lists() -> None:
+    """Each reason the agent raises is in the .proto's list, and each listed one is raised or a class's default
+    (each is asserted on the wire in tests/integration: test_error_reasons and the tests it names)."""
+    api = (REPO / "proto" / "domsnap" / "v1" / "domsnap.proto").read_text()
+    table = api.split("Reasons, by code")[1].split("// Transport.")[0]
+    rows = [re.match(r"//   ([A-Z_]+)\s+(.*)", line) for line in table.splitlines()]
+    listed = {word for row in rows if row for word in re.findall(r"\b[A-Z][A-Z_]*[A-Z]\b", row[2])}
+    listed |= {word for line in table.splitlines() if line.startswith("//" + " " * 23)
+               for word in re.findall(r"\b[A-Z][A-Z_]*[A-Z]\b", line)}
+    risks = {"DOMAIN_GONE", "CONFIG_CHANGED", "HYPERVISOR_CHANGED", "LAYER_GONE", "LAYER_WRITTEN"}
+    source = "\n".join(p.read_text() for p in (REPO / "agent").rglob("*.py"))
+    raised = set(re.findall(r'reason="([A-Z_]+)"', source))
+    defaults = set(re.findall(r'default_reason(?:: str)? = "([A-Z_]+)"', source))
+    assert raised - listed == set()
+    assert listed - risks - raised - defaults == set()

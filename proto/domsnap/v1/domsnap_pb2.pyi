@@ -68,9 +68,12 @@ no finer reason names):
                        SNAPSHOT_NOT_FOUND (domain, snapshot, path or
                        snapshot_uid),
                        OPERATION_NOT_FOUND (operation_id), NOT_FOUND (a
-                       file or device the request needs)
+                       file or device the request needs; vdev and path or
+                       file: a disk's image, a snapshot's file or volume)
   ALREADY_EXISTS       SNAPSHOT_EXISTS (domain, snapshot), DOMAIN_EXISTS
-                       (domain), PATH_EXISTS (path), ALREADY_EXISTS
+                       (domain), PATH_EXISTS (path; vdev for a disk's
+                       file), ALREADY_EXISTS (vdev: a tag or volume a
+                       disk already has)
   FAILED_PRECONDITION  REVERT_RISKY (domain, snapshot; the details add a
                        google.rpc.PreconditionFailure, one violation per
                        risk: type DOMAIN_GONE, CONFIG_CHANGED,
@@ -84,7 +87,9 @@ no finer reason names):
                        MANIFEST_INVALID (path), QUIESCE_UNSUPPORTED
                        (domain: no guest agent channel, or the xen
                        driver), GUEST_AGENT_UNAVAILABLE (domain: no guest
-                       agent answered), FAILED_PRECONDITION
+                       agent answered), FAILED_PRECONDITION (vdev for a
+                       disk's refusal, domain for its process's, domain and
+                       snapshot for a rename)
   ABORTED              DOMAIN_BUSY (domain, operation_id: the operation
                        running on the domain)
   RESOURCE_EXHAUSTED   INSUFFICIENT_SPACE (path, where known: the disk is
@@ -93,9 +98,10 @@ no finer reason names):
                        the call)
   DEADLINE_EXCEEDED    FREEZE_TIMEOUT (domain: a quiesce's freeze outlived
                        its deadline, or hung; thawed, rolled back)
-  UNAVAILABLE          HYPERVISOR_UNAVAILABLE
-  CANCELLED            OPERATION_CANCELLED (cancelled and rolled back)
-  UNIMPLEMENTED        UNIMPLEMENTED (the driver cannot do it)
+  UNAVAILABLE          HYPERVISOR_UNAVAILABLE (domain: the process that
+                       runs it does not answer, or is gone)
+  CANCELLED            OPERATION_CANCELLED (operation_id: cancelled and
+                       rolled back)
   INTERNAL             COMMAND_FAILED (command: a tool the agent ran
                        failed), INTERNAL
   OUT_OF_RANGE         EVENTS_EXPIRED (since: a change feed token the
@@ -326,6 +332,7 @@ class _EventKind:
 class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     EVENT_KIND_UNSPECIFIED: _EventKind.ValueType  # 0
+    """Never sent (a client reads a kind it does not know so)."""
     EVENT_KIND_OPERATION: _EventKind.ValueType  # 1
     """An operation changed state (running, cancelling, succeeded, failed,
     cancelled): `operation_id`, `operation_state`, `operation_kind`.
@@ -348,6 +355,7 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
 EVENT_KIND_UNSPECIFIED: EventKind.ValueType  # 0
+"""Never sent (a client reads a kind it does not know so)."""
 EVENT_KIND_OPERATION: EventKind.ValueType  # 1
 """An operation changed state (running, cancelling, succeeded, failed,
 cancelled): `operation_id`, `operation_state`, `operation_kind`.
@@ -375,6 +383,7 @@ class _GroupCommand:
 class _GroupCommandEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupCommand.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     GROUP_COMMAND_UNSPECIFIED: _GroupCommand.ValueType  # 0
+    """Not a command: first, INVALID_ARGUMENT; after PREPARE, taken as ABORT."""
     GROUP_COMMAND_PREPARE: _GroupCommand.ValueType  # 1
     GROUP_COMMAND_FREEZE: _GroupCommand.ValueType  # 2
     GROUP_COMMAND_COMMIT: _GroupCommand.ValueType  # 3
@@ -383,6 +392,7 @@ class _GroupCommandEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupCom
 class GroupCommand(_GroupCommand, metaclass=_GroupCommandEnumTypeWrapper): ...
 
 GROUP_COMMAND_UNSPECIFIED: GroupCommand.ValueType  # 0
+"""Not a command: first, INVALID_ARGUMENT; after PREPARE, taken as ABORT."""
 GROUP_COMMAND_PREPARE: GroupCommand.ValueType  # 1
 GROUP_COMMAND_FREEZE: GroupCommand.ValueType  # 2
 GROUP_COMMAND_COMMIT: GroupCommand.ValueType  # 3
@@ -396,6 +406,7 @@ class _GroupPhase:
 class _GroupPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupPhase.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     GROUP_PHASE_UNSPECIFIED: _GroupPhase.ValueType  # 0
+    """Never sent (a client reads a phase it does not know so)."""
     GROUP_PHASE_PREPARED: _GroupPhase.ValueType  # 1
     """Ready to pause; waiting for FREEZE."""
     GROUP_PHASE_FROZEN: _GroupPhase.ValueType  # 2
@@ -404,6 +415,7 @@ class _GroupPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupPhase
 class GroupPhase(_GroupPhase, metaclass=_GroupPhaseEnumTypeWrapper): ...
 
 GROUP_PHASE_UNSPECIFIED: GroupPhase.ValueType  # 0
+"""Never sent (a client reads a phase it does not know so)."""
 GROUP_PHASE_PREPARED: GroupPhase.ValueType  # 1
 """Ready to pause; waiting for FREEZE."""
 GROUP_PHASE_FROZEN: GroupPhase.ValueType  # 2
@@ -1791,6 +1803,7 @@ class ListOperationsRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
     domain_name: _builtins.str
     domain_uid: _builtins.str
     domid: _builtins.int
@@ -1806,6 +1819,8 @@ class ListOperationsRequest(_message.Message):
     """At most this many operations in one response; 0 or more than 500: 500."""
     page_token: _builtins.str
     """From a previous response; empty for the first page."""
+    view: Global___View.ValueType
+    """BASIC: each operation's result without its disks."""
     def __init__(
         self,
         *,
@@ -1817,10 +1832,11 @@ class ListOperationsRequest(_message.Message):
         request_id: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        view: Global___View.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "request_id", b"request_id", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain", "domain_name", b"domain_name", "domain_uid", b"domain_uid", "domid", b"domid", "kind", b"kind", "page_size", b"page_size", "page_token", b"page_token", "request_id", b"request_id", "state", b"state", "view", b"view"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_domain: _TypeAlias = _typing.Literal["domain_name", "domain_uid", "domid"]  # noqa: Y015
     _WhichOneofArgType_domain: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015

@@ -68,9 +68,12 @@ no finer reason names):
                        SNAPSHOT_NOT_FOUND (domain, snapshot, path or
                        snapshot_uid),
                        OPERATION_NOT_FOUND (operation_id), NOT_FOUND (a
-                       file or device the request needs)
+                       file or device the request needs; vdev and path or
+                       file: a disk's image, a snapshot's file or volume)
   ALREADY_EXISTS       SNAPSHOT_EXISTS (domain, snapshot), DOMAIN_EXISTS
-                       (domain), PATH_EXISTS (path), ALREADY_EXISTS
+                       (domain), PATH_EXISTS (path; vdev for a disk's
+                       file), ALREADY_EXISTS (vdev: a tag or volume a
+                       disk already has)
   FAILED_PRECONDITION  REVERT_RISKY (domain, snapshot; the details add a
                        google.rpc.PreconditionFailure, one violation per
                        risk: type DOMAIN_GONE, CONFIG_CHANGED,
@@ -84,7 +87,9 @@ no finer reason names):
                        MANIFEST_INVALID (path), QUIESCE_UNSUPPORTED
                        (domain: no guest agent channel, or the xen
                        driver), GUEST_AGENT_UNAVAILABLE (domain: no guest
-                       agent answered), FAILED_PRECONDITION
+                       agent answered), FAILED_PRECONDITION (vdev for a
+                       disk's refusal, domain for its process's, domain and
+                       snapshot for a rename)
   ABORTED              DOMAIN_BUSY (domain, operation_id: the operation
                        running on the domain)
   RESOURCE_EXHAUSTED   INSUFFICIENT_SPACE (path, where known: the disk is
@@ -93,9 +98,10 @@ no finer reason names):
                        the call)
   DEADLINE_EXCEEDED    FREEZE_TIMEOUT (domain: a quiesce's freeze outlived
                        its deadline, or hung; thawed, rolled back)
-  UNAVAILABLE          HYPERVISOR_UNAVAILABLE
-  CANCELLED            OPERATION_CANCELLED (cancelled and rolled back)
-  UNIMPLEMENTED        UNIMPLEMENTED (the driver cannot do it)
+  UNAVAILABLE          HYPERVISOR_UNAVAILABLE (domain: the process that
+                       runs it does not answer, or is gone)
+  CANCELLED            OPERATION_CANCELLED (operation_id: cancelled and
+                       rolled back)
   INTERNAL             COMMAND_FAILED (command: a tool the agent ran
                        failed), INTERNAL
   OUT_OF_RANGE         EVENTS_EXPIRED (since: a change feed token the

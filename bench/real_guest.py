@@ -10,7 +10,7 @@ Debian guest under SeaBIOS with the config of the issue that asked for it
 (256 MiB, 1 vCPU, as its tests run it). Boot: from `domsnap create` to the
 self-check's first line. Pause: the snapshot's own downtime; totals: the
 call's wall time. Each repetition takes a non-live and a live snapshot and
-reverts to the non-live one. The agent's defaults (live_mode = "precopy").
+reverts to the non-live one. The agent's defaults (live_mode = "auto").
 Writes bench/results/real-guest-<time>.md.
 """
 
@@ -136,7 +136,7 @@ def main() -> int:
     text = (f"# The real guest beside the tiny one ({started:%Y-%m-%d %H:%M} UTC)\n\n"
             f"Machine at the start: {before}\nat the end: {machine()}\n\n"
             f"Median (min-max) of {args.repeat} runs; boot once per guest. The agent's defaults "
-            "(live_mode = \"precopy\").\n\n" + head + body + "\n")
+            "(live_mode = \"auto\").\n\n" + head + body + "\n")
     publish(f"real-guest-{started:%Y%m%dT%H%M}", text)
     return 0
 

@@ -21,8 +21,9 @@ class CheckpointResult:
     memory_bytes: int
     # Guest pause as the hypervisor saw it (STOP to RESUME), in seconds.
     downtime: float
-    # What the restore needs besides `facts()`: files taken at the instant
-    # beside the memory image (a UEFI domain's NVRAM).
+    # Facts of this checkpoint besides `facts()`: files taken at the instant
+    # beside the memory image (a UEFI domain's NVRAM), and how a live one
+    # wrote memory (live_mode), for whoever reads the manifest.
     facts: Mapping[str, str] = field(default_factory=dict)
     # Wall-clock seconds (epoch) when the guest paused for the instant and
     # resumed; 0 where the driver cannot tell.

@@ -185,11 +185,12 @@ async def _set_capabilities(qmp: QmpSession, *, background: bool) -> None:
     except FailedPrecondition as err:
         if not background:
             raise
-        # QEMU before 8.1 opens userfaultfd(2) by the syscall alone, which
-        # without CAP_SYS_PTRACE handles kernel faults only when the sysctl allows it.
+        # QEMU 7.2 opens userfaultfd(2) by the syscall alone (later ones try
+        # /dev/userfaultfd first), which without CAP_SYS_PTRACE handles kernel
+        # faults only when the sysctl allows it.
         raise FailedPrecondition(
             f"{err.message}: a background snapshot write-protects guest memory with userfaultfd(2), which "
-            "QEMU before 8.1 may open only with CAP_SYS_PTRACE (domsnapd.service keeps it) or where the sysctl "
+            "QEMU 7.2 may open only with CAP_SYS_PTRACE (domsnapd.service keeps it) or where the sysctl "
             "vm.unprivileged_userfaultfd is 1; or take the snapshot without --live", domain=qmp.name,
         ) from err
 

@@ -6,8 +6,11 @@ are in tests/data/xen-4.17/captured/, which test_xen_captured.py reads."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
@@ -21,7 +24,7 @@ from domsnap.agent.config import load
 from domsnap.agent.domain import Domain, DomainConfig, RunState
 from domsnap.agent.drivers import xen
 from domsnap.agent.drivers.xen import XenDriver
-from domsnap.agent.drivers.xen_block import XenBlockOps
+from domsnap.agent.drivers.xen_block import XenBlockOps, dies_with_agent
 from domsnap.agent.drivers.xen_config import domain_config
 from domsnap.agent.drivers.xl_argv import parse_list_long
 from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InternalError, InvalidArgument, NotFound
@@ -504,6 +507,42 @@ def test_live_hvm_qcow2_is_snapshotted_by_qemu_img_on_the_released_image(tmp_pat
         run.finished()
 
     run_async(main)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+def test_what_runs_on_a_released_image_dies_with_the_agent(tmp_path: Path) -> None:
+    """For real: a process that starts a command as the agent starts qemu-img
+    in that pause (dies_with_agent, through the runner) is killed -9; the
+    command dies with it, so no orphan writes the image once QEMU takes it back."""
+    pidfile = tmp_path / "pid"
+    command = dies_with_agent(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 120"])
+    agent = subprocess.Popen([sys.executable, "-c", (
+        "import asyncio; from domsnap.agent import runner; "
+        f"asyncio.run(runner.run({command!r}, timeout=300))")])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert time.monotonic() < deadline and agent.poll() is None, "the command never started"
+            time.sleep(0.05)
+        pid = int(pidfile.read_text())
+        assert not _gone(pid)
+        agent.kill()
+        agent.wait()
+        deadline = time.monotonic() + 10
+        while not _gone(pid):
+            assert time.monotonic() < deadline, f"pid {pid} outlived the agent"
+            time.sleep(0.05)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        if pidfile.exists() and pidfile.read_text().strip() and not _gone(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), 9)
 
 
 def test_live_refused_for_pv_without_shadow_paging(tmp_path: Path) -> None:

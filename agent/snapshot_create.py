@@ -139,7 +139,7 @@ class SnapshotCreate:
             "records": [r.to_dict() for r in plan.records],
             "was_running": domain.state is RunState.RUNNING,
         })
-        await self._journal.begin(journal)
+        # No entry written before the first step: until "mkdir" nothing exists to undo.
 
         async def step(name: str) -> None:
             if not op.committed:
@@ -185,7 +185,9 @@ class SnapshotCreate:
             block = self._driver.block_ops(domain.name)
             disk_progress = op.phase(Phase.DISKS, 95)
             for i, rec in enumerate(plan.records):
-                await step(f"copy:{rec.vdev}")
+                op.check_cancel()
+                # Not written: a rollback undoes every disk from "checkpoint" on, copied or not.
+                self._journal.mark(journal, f"copy:{rec.vdev}")
                 await self._backends.for_record(rec).complete(rec, block, share(disk_progress, i, len(plan.records)))
             op.phase(Phase.MANIFEST, 99)
             m = Manifest(

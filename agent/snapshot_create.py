@@ -139,7 +139,7 @@ class SnapshotCreate:
             "records": [r.to_dict() for r in plan.records],
             "was_running": domain.state is RunState.RUNNING,
         })
-        await self._journal.begin(journal)
+        # No entry written before the first step: until "mkdir" nothing exists to undo.
 
         async def step(name: str) -> None:
             if not op.committed:
@@ -185,7 +185,9 @@ class SnapshotCreate:
             block = self._driver.block_ops(domain.name)
             disk_progress = op.phase(Phase.DISKS, 95)
             for i, rec in enumerate(plan.records):
-                await step(f"copy:{rec.vdev}")
+                op.check_cancel()
+                # Not written: a rollback undoes every disk from "checkpoint" on, copied or not.
+                self._journal.mark(journal, f"copy:{rec.vdev}")
                 await self._backends.for_record(rec).complete(rec, block, share(disk_progress, i, len(plan.records)))
             op.phase(Phase.MANIFEST, 99)
             m = Manifest(
@@ -203,14 +205,17 @@ class SnapshotCreate:
                 paused_at=result.paused_at, resumed_at=result.resumed_at,
                 quiesced=freeze.frozen, labels=dict(req.labels),
             )
-            await step("manifest")
+            op.check_cancel()
+            # Not written: the manifest, written atomically into the folder
+            # this create made, is itself the proof of a complete snapshot.
+            self._journal.mark(journal, "manifest")
             op.commit()
             await asyncio.to_thread(manifest.write, plan.snapdir, m)
         except BaseException:
             await self.rollback(journal)
             await self._journal.finish(journal)
             raise
-        # Not written: recovery registers whatever reached "manifest" and has one.
+        # Not written: recovery registers whatever has its manifest.
         self._journal.mark(journal, "register")
         await asyncio.to_thread(self._register, journal)
         await self._journal.finish(journal)
@@ -229,7 +234,8 @@ class SnapshotCreate:
         first thaw a guest it froze."""
         if journal.reached(quiesce.FREEZE_STEP) and not journal.reached(quiesce.THAWED_STEP):
             await quiesce.thaw(self._driver, journal.domain, "the freeze a dead agent left")
-        if journal.reached("manifest") and manifest.exists(Path(journal.data["snapdir"])):
+        # Only this create writes a manifest into the folder it made, after the checkpoint.
+        if journal.reached("checkpoint") and manifest.exists(Path(journal.data["snapdir"])):
             self._register(journal)
             return "completed"
         await self.rollback(journal)

@@ -15,7 +15,11 @@ Rows and their baselines:
   unary calls (GetAgentInfo, ListDomains, GetDomain, ListSnapshots of one
   domain) p50 and p99 with DOMAINS small guests running while another
   domain's snapshots are taken and deleted in a loop | the standard health
-  Check on the same server at the same time (gRPC's own floor);
+  Check on the same server at the same time (gRPC's own floor); the host's
+  CPU use with the guests booted and idle, and during those calls (the
+  small guests run the test guest with its counter ticking once a second,
+  `domsnap.tick=1000`, as idle servers; each is up, READY, before the
+  calls start);
   `domsnap list` (process wall) | `virsh -c test:///default list` when virsh
   is installed, and `python -c pass`;
   a non-live create (internal disk snapshot) through domsnapd | the same QMP
@@ -72,7 +76,12 @@ from testbed.harness import BIN, Agent, guest_config, make_disk
 HERE = Path(__file__).resolve().parent
 RPC_CALLS = 300
 OVERHEAD_MIB = 256
-SMALL_MIB = 64
+# The test guest's smallest comfortable size: at 64 MiB its kernel resets
+# before init, a QEMU rebooting at 100 % of a core for ever.
+SMALL_MIB = 128
+# The small domains idle as servers do: their counter ticks once a second (the
+# default 10 per second costs each ~10 % of a core under TCG, 20 of them both cores).
+IDLE = "domsnap.tick=1000"
 Rows = list[tuple[str, str, str, str, str]]
 
 
@@ -151,13 +160,42 @@ def catalogue_rows(work: Path, count: int, big: int, repeat: int) -> Rows:
     return rows
 
 
-def boot(agent: Agent, work: Path, name: str, mib: int, extra: str = "") -> None:
+def boot(agent: Agent, work: Path, name: str, mib: int, extra: str = "") -> Path:
+    """Start a test guest; returns its serial log."""
     kernel, initrd = guestprobe.guest_paths()
     disk = work / f"{name}.qcow2"
     make_disk(disk, "qcow2", 32)
-    cfg = guest_config(name, kernel, initrd, {"xvda": (disk, "qcow2")}, work / f"{name}.serial", memory=mib,
-                       extra=extra)
+    serial = work / f"{name}.serial"
+    cfg = guest_config(name, kernel, initrd, {"xvda": (disk, "qcow2")}, serial, memory=mib, extra=extra)
     agent.stub().CreateDomain(pb.CreateDomainRequest(config=cfg, request_id=uuid.uuid4().hex), timeout=120)
+    return serial
+
+
+class HostCpu:
+    """The host's CPU use between start() and stop(), from /proc/stat (all
+    cores: 100 % is every core busy), and the guests' QEMUs' share of it."""
+
+    def __init__(self, pidfiles: list[Path]) -> None:
+        self.pids = [int(p.read_text()) for p in pidfiles]
+
+    @staticmethod
+    def _host() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    def _guests(self) -> int:
+        return sum(sum(int(v) for v in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+                   for pid in self.pids)
+
+    def start(self) -> None:
+        self.t0, self.host0, self.guests0 = time.monotonic(), self._host(), self._guests()
+
+    def stop(self) -> str:
+        (all1, idle1), guests1 = self._host(), self._guests()
+        total, idle = all1 - self.host0[0], idle1 - self.host0[1]
+        cores = os.cpu_count() or 1
+        guests = (guests1 - self.guests0) / (os.sysconf("SC_CLK_TCK") * (time.monotonic() - self.t0) * cores)
+        return f"host CPU {100 * (total - idle) / total:.0f} % busy, the guests' QEMUs {100 * guests:.0f} %"
 
 
 def create(stub: pb_grpc.SnapshotAgentStub, dom: str, name: str) -> pb.Snapshot:
@@ -174,8 +212,8 @@ def delete(stub: pb_grpc.SnapshotAgentStub, dom: str, name: str) -> None:
 def overhead_rows(agent: Agent, work: Path, repeat: int) -> Rows:
     """A/B: a non-live create through the agent, the same QMP steps direct on events."""
     fill_mib = OVERHEAD_MIB * 7 // 10
-    boot(agent, work, "ov", OVERHEAD_MIB, f"domsnap.fill={fill_mib}")
-    time.sleep(8)  # booted and its RAM filled
+    # READY comes after the fill.
+    guestprobe.wait_ready(boot(agent, work, "ov", OVERHEAD_MIB, f"domsnap.fill={fill_mib} {IDLE}"), timeout=300)
     sock = agent.state_dir / "qemu" / "ov" / "qmp.sock"
     wall: dict[str, list[float]] = {"agent": [], "direct": []}
     pause: dict[str, list[float]] = {"agent": [], "direct": []}
@@ -207,9 +245,13 @@ def overhead_rows(agent: Agent, work: Path, repeat: int) -> Rows:
 
 def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
     names = [f"d{i:02d}" for i in range(domains)]
-    for name in names:
-        boot(agent, work, name, SMALL_MIB)
-    time.sleep(10)
+    serials = [boot(agent, work, name, SMALL_MIB, IDLE) for name in names]
+    for serial in serials:
+        guestprobe.wait_ready(serial, timeout=300)
+    idle = HostCpu([agent.state_dir / "qemu" / name / "qemu.pid" for name in names])
+    idle.start()
+    time.sleep(5)  # the guests, booted, alone
+    idle_cpu = idle.stop()
     stop = threading.Event()
     made = [0]
 
@@ -240,6 +282,8 @@ def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
         }
         assert len(stub.ListDomains(pb.ListDomainsRequest(), timeout=10).domains) == domains + 1
         log_from = agent.log.stat().st_size
+        busy = HostCpu([agent.state_dir / "qemu" / name / "qemu.pid" for name in [*names, "ov"]])
+        busy.start()
         background = pool.submit(snapshots)
         try:
             for _ in range(5):  # interleaved rounds
@@ -248,6 +292,7 @@ def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
         finally:
             stop.set()
             background.result()
+        rounds_cpu = busy.stop()
     python = process([sys.executable, "-c", "pass"], repeat)
     cli = process([str(BIN / "domsnap"), "-H", agent.address, "list"], repeat)
     virsh = shutil.which("virsh")
@@ -260,7 +305,11 @@ def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
         served = server_side(f.read())
     base = lat.pop("health Check (baseline)")
     own = lat.pop("health Check, gRPC's own socket")
-    rows: Rows = [(f"health Check through the unix socket's relay: p50 / p99 ({domains + 1} domains, under the same "
+    rows: Rows = [(f"{domains} small domains ({SMALL_MIB} MiB, `{IDLE}`), booted and idle: host CPU over 5 s",
+                   idle_cpu, "", "", ""),
+                  ("the same, during the RPC rounds below (and the snapshots they run under)", rounds_cpu, "", "",
+                   ""),
+                  (f"health Check through the unix socket's relay: p50 / p99 ({domains + 1} domains, under the same "
                    "snapshots)", f"{pct(base, 50) * 1000:.2f} / {pct(base, 99) * 1000:.2f} ms",
                    f"on the gRPC server's own socket: {pct(own, 50) * 1000:.2f} / {pct(own, 99) * 1000:.2f} ms",
                    f"{pct(base, 99) / pct(own, 99):.2f}x at p99", "")]
@@ -289,7 +338,7 @@ def main() -> int:
     parser.add_argument("--big", type=int, default=100_000)
     parser.add_argument("--domains", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--only", default="catalogue,guests", help="sections to run (a quick look at one)")
+    parser.add_argument("--only", default="catalogue,overhead,rpc", help="sections to run (a quick look at one)")
     args = parser.parse_args()
     only = set(args.only.split(","))
     started = datetime.now(UTC)
@@ -302,18 +351,20 @@ def main() -> int:
         work = Path(tmp)
         if "catalogue" in only:
             rows += catalogue_rows(work, args.count, args.big, args.repeat)
-        if "guests" in only:
-            rows += guest_rows(work, args.domains, args.repeat)
+        if only & {"overhead", "rpc"}:
+            rows += guest_rows(work, args.domains, args.repeat, only)
         # Before the work folder goes: removing 100,000 snapshot folders takes minutes on a loaded disk.
         return print_rows(started, load0, args.repeat, rows)
 
 
-def guest_rows(work: Path, domains: int, repeat: int) -> Rows:
+def guest_rows(work: Path, domains: int, repeat: int, only: set[str]) -> Rows:
     agent = Agent(work / "guests")
     agent.base.mkdir()
     agent.start()
     try:
-        return overhead_rows(agent, work, repeat) + rpc_rows(agent, work, domains, repeat)
+        # The RPC rows take their snapshots of the overhead rows' guest.
+        rows = overhead_rows(agent, work, repeat)
+        return rows + (rpc_rows(agent, work, domains, repeat) if "rpc" in only else [])
     finally:
         stub = agent.stub()
         for d in stub.ListDomains(pb.ListDomainsRequest(), timeout=30).domains:

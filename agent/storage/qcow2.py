@@ -3,6 +3,7 @@ overlay the domain goes on with; the image below is frozen)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from ..errors import AlreadyExists, FailedPrecondition, NotFound
 from ..progress import StepProgress
 from ..runner import Runner
 from ..xldisk import DiskSpec
-from . import qemu_img
+from . import qcow2_tags, qemu_img
 from .base import (
     BlockOps,
     DiskBackend,
@@ -38,6 +39,8 @@ class Qcow2Backend(DiskBackend):
         self._max_chain = max_chain
 
     async def tags(self, image: str) -> list[str]:
+        if (tags := await asyncio.to_thread(qcow2_tags.read_tags, image)) is not None:
+            return tags
         out = await self._run(qemu_img.info(self._img, image), timeout=TIMEOUT)
         return qemu_img.snapshot_tags(qemu_img.parse_info(out.stdout))
 

@@ -122,11 +122,12 @@ def own_agent(base: Path, accel: str, *, top: str = "", qemu: str = "", tables: 
 
 class BootGuest(Protocol):
     def __call__(self, *formats: str, memory: int = 128, name: str | None = None, wait: bool = True,
-                 disk_mib: int = 32) -> Guest: ...
+                 disk_mib: int = 32, extra: str = "") -> Guest: ...
 
 
 def start_guest(agent: Agent, image: tuple[Path, Path], folder: Path, *formats: str, memory: int = 128,
-                name: str | None = None, wait: bool = True, disk_mib: int = 32, vcpus: int = 1) -> Guest:
+                name: str | None = None, wait: bool = True, disk_mib: int = 32, vcpus: int = 1,
+                extra: str = "") -> Guest:
     """Create a domain with one fresh disk per format (xvda, xvdb, ...) and
     wait until the guest has checked every disk once."""
     name = name or f"t{uuid.uuid4().hex[:8]}"
@@ -140,7 +141,7 @@ def start_guest(agent: Agent, image: tuple[Path, Path], folder: Path, *formats: 
         disks[vdev] = (path, fmt)
     serial = folder / "serial.log"
     cfg = folder / "guest.cfg"
-    cfg.write_text(guest_config(name, *image, disks, serial, memory=memory, vcpus=vcpus))
+    cfg.write_text(guest_config(name, *image, disks, serial, memory=memory, vcpus=vcpus, extra=extra))
     agent.cli("create", str(cfg), check=True)
     g = Guest(agent, name, folder, disks, serial)
     if wait:
@@ -166,9 +167,9 @@ def boot_guest(agent: Agent, guest_image: tuple[Path, Path], tmp_path: Path) -> 
     made: list[Guest] = []
 
     def boot(*formats: str, memory: int = 128, name: str | None = None, wait: bool = True,
-             disk_mib: int = 32) -> Guest:
+             disk_mib: int = 32, extra: str = "") -> Guest:
         made.append(start_guest(agent, guest_image, tmp_path, *formats, memory=memory, name=name, wait=wait,
-                                disk_mib=disk_mib))
+                                disk_mib=disk_mib, extra=extra))
         return made[-1]
 
     yield boot

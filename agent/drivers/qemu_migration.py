@@ -48,8 +48,10 @@ HOLD_DOWNTIME_MS = 1
 # QMP round trip, and QEMU may converge there. Checked this often:
 READY_BYTES = (16 << 20, 64 << 20)
 READY_POLL = 0.005
-# Released, a held save copies the rest of its pass (what its guest dirtied
-# meanwhile) with the guest still running, for at most this long, in seconds.
+# Released, a held save copies what is left of its pass and what its guest
+# dirtied meanwhile, the guest still running, until QEMU converges and stops
+# the guest by itself (it then has least left to send); a guest that dirties
+# too fast for that is stopped after this long, in seconds.
 CATCH_UP = 0.15
 
 
@@ -222,16 +224,16 @@ async def _save_precopy(
 
 async def _hold(qmp: QmpSession, watch: _Watch, relay: Relay, before_pause: Callable[[], Awaitable[None]]) -> None:
     """Pre-copy until the guest is ready to pause, hold the copy there (its
-    writes blocked in the relay's pipe, the guest running) through
-    `before_pause`, let it catch up, then pause the guest: the little left is
-    sent with the guest stopped, which then waits at pre-switchover."""
+    writes paced by the relay, the guest running) through `before_pause`,
+    then let it catch up until the guest pauses: the little left is sent with
+    the guest stopped, which then waits at pre-switchover."""
     if await watch.until_ready():
         relay.hold()
     else:
         log.info("live save: QEMU converged within its first pass; the guest waits paused")
     await before_pause()
     relay.release()
-    if await watch.until_caught_up():
+    if not await watch.until_converged(CATCH_UP):
         await qmp.execute("stop")
 
 
@@ -323,18 +325,17 @@ class _Watch:
                 return True
             await asyncio.sleep(READY_POLL)
 
-    async def until_caught_up(self) -> bool:
-        """Until a released save syncs memory again (True, still active), or CATCH_UP went by (True), or
-        it is no longer active (False: QEMU converged and stopped the guest)."""
-        info = await self._qmp.execute("query-migrate")
-        syncs = int(info.get("ram", {}).get("dirty-sync-count", 0))
-        deadline = time.monotonic() + CATCH_UP
-        while info.get("status") == "active":
-            if int(info.get("ram", {}).get("dirty-sync-count", 0)) > syncs or time.monotonic() > deadline:
-                return True
-            await asyncio.sleep(READY_POLL)
-            info = await self._qmp.execute("query-migrate")
-        return False
+    async def until_converged(self, within: float) -> bool:
+        """Until QEMU converged by itself and stopped the guest (True), or `within` seconds went by with
+        the save still active (False)."""
+        deadline = time.monotonic() + within
+        while (await self._qmp.execute("query-migrate")).get("status") == "active":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changes.get(), left)
+        return True
 
     async def _adapt(self, passes: int) -> None:
         # Another pass over memory (dirty-sync-count went up): the last limit

@@ -25,6 +25,7 @@ from qemu.qmp import EventListener
 
 from ..errors import AlreadyExists, FailedPrecondition, InternalError, ResourceExhausted
 from ..progress import StepProgress
+from .pipe_relay import Relay
 from .qmp import QmpSession
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,19 @@ LAST_DOWNTIME_MS = 10_000
 UNLIMITED_BANDWIDTH = 1 << 40
 # A live save held ready (a group's member waiting for the others): QEMU
 # converges when what is left to send fits in downtime-limit at the measured
-# rate, so it is held with the smallest limit and a trickle of bandwidth, and
-# keeps copying what the guest dirties without ever stopping it by itself.
+# rate, so it is held with the smallest limit, its writes blocked in a pipe
+# the agent stops reading (pipe_relay), without ever stopping by itself.
 HOLD_DOWNTIME_MS = 1
-HOLD_BANDWIDTH = 1 << 20
 # Held from when a quarter of the first pass is left to copy (at least 16 MiB,
 # at most 64): the end of a pass over untouched memory goes by faster than a
 # QMP round trip, and QEMU may converge there. Checked this often:
 READY_BYTES = (16 << 20, 64 << 20)
 READY_POLL = 0.005
-# QEMU's rate-limit window (BUFFER_DELAY), with a margin.
-WINDOW = 0.15
+# Released, a held save copies what is left of its pass and what its guest
+# dirtied meanwhile, the guest still running, until QEMU converges and stops
+# the guest by itself (it then has least left to send); a guest that dirties
+# too fast for that is stopped after this long, in seconds.
+CATCH_UP = 0.15
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,14 @@ def _open_new(path: Path) -> int:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError as err:
         raise AlreadyExists(f"memory image {path} already exists", reason="PATH_EXISTS", path=str(path)) from err
+
+
+def _raise_relay_failed(relay: Relay) -> None:
+    # QEMU only sees its pipe break: the relay knows why.
+    if relay.disk_full:
+        raise ResourceExhausted(f"writing the memory image: the disk is full ({relay.error})")
+    if relay.error is not None:
+        raise InternalError(f"writing the memory image failed: {relay.error}")
 
 
 def _raise_failed(info: dict[str, Any], what: str) -> None:
@@ -146,16 +157,26 @@ async def save(
     await qmp.execute("migrate-set-parameters", {
         "max-bandwidth": full, "downtime-limit": HOLD_DOWNTIME_MS if held else FIRST_DOWNTIME_MS})
     fd = _open_new(memory)
+    relay: Relay | None = None
     stopped = resumed = None
     try:
+        if held:
+            relay = Relay(fd)
         async with qmp.listen("STOP", "RESUME") as events, qmp.listen("MIGRATION") as changes:
-            await qmp.send_fd(FDNAME, fd)
+            try:
+                await qmp.send_fd(FDNAME, fd if relay is None else relay.write_end)
+            finally:
+                if relay is not None:
+                    relay.close()
             watch = _Watch(qmp, fd, changes, progress)
             if background:
                 await _save_background(qmp, watch, in_pause, before_pause)
             else:
                 await _save_precopy(qmp, watch, live=live and was_running, was_running=was_running,
-                                    in_pause=in_pause, before_pause=before_pause, bandwidth=full)
+                                    in_pause=in_pause, relay=relay, before_pause=before_pause)
+            if relay is not None:
+                await relay.drained()
+                _raise_relay_failed(relay)
             size = os.fstat(fd).st_size
             for event in events.clear():
                 if event["event"] == "STOP" and stopped is None:
@@ -164,8 +185,13 @@ async def save(
                     resumed = _stamp(event)
         await asyncio.to_thread(os.fdatasync, fd)
     except BaseException:
+        if relay is not None:
+            # Ended before the image's descriptor is closed under it.
+            await relay.stop()
         with contextlib.suppress(FileNotFoundError):
             memory.unlink()
+        if relay is not None:
+            _raise_relay_failed(relay)
         raise
     finally:
         os.close(fd)
@@ -197,7 +223,7 @@ async def _set_capabilities(qmp: QmpSession, *, background: bool) -> None:
 
 async def _save_precopy(
     qmp: QmpSession, watch: _Watch, *, live: bool, was_running: bool, in_pause: Callable[[], Awaitable[None]],
-    before_pause: Callable[[], Awaitable[None]] | None = None, bandwidth: int = UNLIMITED_BANDWIDTH,
+    relay: Relay | None = None, before_pause: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     if before_pause is not None and not live:
         await before_pause()
@@ -205,13 +231,16 @@ async def _save_precopy(
         await qmp.execute("stop")
     try:
         await qmp.execute("migrate", {"uri": f"fd:{FDNAME}"})
-        if before_pause is not None and live:
-            await _hold(qmp, watch, before_pause, bandwidth)
+        if before_pause is not None and relay is not None:
+            await _hold(qmp, watch, relay, before_pause)
         await watch.until("pre-switchover", live=live)
         await in_pause()
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
         await watch.until("completed", live=live)
     except BaseException:
+        if relay is not None:
+            # A writer blocked in the pipe would not see the cancel.
+            relay.release()
         await _cancel(qmp)
         raise
     finally:
@@ -220,21 +249,18 @@ async def _save_precopy(
             await _cont(qmp)
 
 
-async def _hold(qmp: QmpSession, watch: _Watch, before_pause: Callable[[], Awaitable[None]],
-                bandwidth: int) -> None:
-    """Pre-copy until the guest is ready to pause, hold the copy there (the
-    guest running) through `before_pause`, then pause the guest: the rest is
-    sent with the guest stopped, which then waits at pre-switchover."""
+async def _hold(qmp: QmpSession, watch: _Watch, relay: Relay, before_pause: Callable[[], Awaitable[None]]) -> None:
+    """Pre-copy until the guest is ready to pause, hold the copy there (its
+    writes paced by the relay, the guest running) through `before_pause`,
+    then let it catch up until the guest pauses: the little left is sent with
+    the guest stopped, which then waits at pre-switchover."""
     if await watch.until_ready():
-        await qmp.execute("migrate-set-parameters", {"max-bandwidth": HOLD_BANDWIDTH})
+        relay.hold()
     else:
         log.info("live save: QEMU converged within its first pass; the guest waits paused")
     await before_pause()
-    await qmp.execute("migrate-set-parameters", {"max-bandwidth": bandwidth})
-    # QEMU's migration thread sleeps out its rate-limit window (up to 100 ms)
-    # before it sees the new bandwidth: the guest runs on until it has, so
-    # that the wait is not part of its pause.
-    if await watch.until_awake():
+    relay.release()
+    if not await watch.until_converged(CATCH_UP):
         await qmp.execute("stop")
 
 
@@ -329,18 +355,17 @@ class _Watch:
                 return True
             await asyncio.sleep(READY_POLL)
 
-    async def until_awake(self) -> bool:
-        """Until a held save syncs memory again at full bandwidth (True, still active), or it is no longer
-        active (False), or a rate-limit window went by."""
-        info = await self._qmp.execute("query-migrate")
-        syncs = int(info.get("ram", {}).get("dirty-sync-count", 0))
-        deadline = time.monotonic() + WINDOW
-        while info.get("status") == "active":
-            if int(info.get("ram", {}).get("dirty-sync-count", 0)) > syncs or time.monotonic() > deadline:
-                return True
-            await asyncio.sleep(READY_POLL)
-            info = await self._qmp.execute("query-migrate")
-        return False
+    async def until_converged(self, within: float) -> bool:
+        """Until QEMU converged by itself and stopped the guest (True), or `within` seconds went by with
+        the save still active (False)."""
+        deadline = time.monotonic() + within
+        while (await self._qmp.execute("query-migrate")).get("status") == "active":
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changes.get(), left)
+        return True
 
     async def _adapt(self, passes: int) -> None:
         # Another pass over memory (dirty-sync-count went up): the last limit

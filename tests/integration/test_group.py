@@ -145,7 +145,7 @@ def _counters_since(g: Guest, offset: int, timeout: float = 20.0) -> list[int]:
 _COORDINATOR = """
 import os, signal, sys
 from domsnap.client import group
-name, how, lease, *members = sys.argv[1:]
+name, how, lease, live, *members = sys.argv[1:]
 members = group.parse_members(members)
 frozen = set()
 def on_progress(member, word, p):
@@ -154,16 +154,18 @@ def on_progress(member, word, p):
         if len(frozen) == len(members):
             print("FROZEN", flush=True)
             os.kill(os.getpid(), getattr(signal, how))
-group.create(name, members, lease=float(lease), on_progress=on_progress)
+group.create(name, members, lease=float(lease), live=live == "live", on_progress=on_progress)
 print("COMMITTED", flush=True)
 """
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"], ids=["killed", "hung"])
-def test_coordinator_gone_between_freeze_and_commit(pair: Pair, how: str) -> None:
+# Live: each member's save is cancelled in the pause, its image's relay (pipe_relay) ended with it.
+@pytest.mark.parametrize(("how", "live"), [("SIGKILL", False), ("SIGSTOP", False), ("SIGKILL", True)],
+                         ids=["killed", "hung", "killed-live"])
+def test_coordinator_gone_between_freeze_and_commit(pair: Pair, how: str, live: bool) -> None:
     name = f"g-{how.lower()}-{uuid.uuid4().hex[:4]}"
-    proc = subprocess.Popen([sys.executable, "-c", _COORDINATOR, name, how, str(LEASE), *pair.member_args],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _COORDINATOR, name, how, str(LEASE),
+                             "live" if live else "stop", *pair.member_args], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "FROZEN"

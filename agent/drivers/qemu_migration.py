@@ -152,7 +152,8 @@ async def save(
     # background snapshot's pause is the agent's own `stop`, held like any.
     background = live and was_running and mode is LiveMode.BACKGROUND
     await _set_capabilities(qmp, background=background)
-    held = live and was_running and before_pause is not None
+    # Only a pre-copy is held with its guest running (see HOLD_DOWNTIME_MS).
+    held = live and was_running and before_pause is not None and not background
     full = bandwidth or UNLIMITED_BANDWIDTH
     await qmp.execute("migrate-set-parameters", {
         "max-bandwidth": full, "downtime-limit": HOLD_DOWNTIME_MS if held else FIRST_DOWNTIME_MS})

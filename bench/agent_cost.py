@@ -221,6 +221,8 @@ def overhead_rows(agent: Agent, work: Path, repeat: int) -> Rows:
         for side in ("agent", "direct") if i % 2 == 0 else ("direct", "agent"):
             if side == "agent":
                 stub = agent.stub()
+                # Connected before the clock starts, as the direct side's QMP session is.
+                stub.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=30)
                 t0 = time.perf_counter()
                 snap = create(stub, "ov", f"ov{i}")
                 wall[side].append(time.perf_counter() - t0)

@@ -3,9 +3,11 @@ coordinator, and the lease that bounds each wait.
 
 A create that is a group's member stops twice: once ready to pause the guest
 (PREPARED, waiting for FREEZE) and once with the guest paused at the instant
-(FROZEN, waiting for COMMIT). The coordinator answers each through the gate;
-ABORT, a coordinator that left, or no answer within the lease raises out of
-the create, whose rollback resumes the guest and removes what it made.
+(FROZEN), where it takes its disks and the rest of its state while the
+coordinator gathers the other members' FROZEN, then waits for COMMIT before
+the guest resumes. The coordinator answers each through the gate; ABORT, a
+coordinator that left, or no answer within the lease raises out of the
+create, whose rollback resumes the guest and removes what it made.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class Gate:
         self._on_reached = on_reached
         self._commands: asyncio.Queue[Command] = asyncio.Queue()
         self._why = ""
+        # When FROZEN was told (monotonic): the wait for COMMIT ends a lease after it.
+        self._frozen_at: float | None = None
 
     def tell(self, command: Command) -> None:
         self._commands.put_nowait(command)
@@ -75,16 +79,25 @@ class Gate:
 
     async def prepared(self) -> None:
         """Ready to pause the guest: tell the coordinator, wait for FREEZE."""
-        await self._reach(Phase.PREPARED, Command.FREEZE)
+        self._on_reached(Phase.PREPARED, time.time())
+        await self._next(Phase.PREPARED, Command.FREEZE, time.monotonic() + self.lease)
 
-    async def frozen(self) -> None:
-        """The guest is paused at the instant: tell the coordinator, wait for COMMIT."""
-        await self._reach(Phase.FROZEN, Command.COMMIT)
+    def frozen(self) -> None:
+        """The guest is paused at the instant: tell the coordinator, at once (the member takes its state
+        meanwhile)."""
+        self._frozen_at = time.monotonic()
+        self._on_reached(Phase.FROZEN, time.time())
 
-    async def _reach(self, phase: Phase, wanted: Command) -> None:
-        self._on_reached(phase, time.time())
+    async def committed(self) -> None:
+        """The member's state is taken, its guest still paused: wait for COMMIT, at most a lease from FROZEN."""
+        assert self._frozen_at is not None, "a driver runs in_pause before before_resume"
+        await self._next(Phase.FROZEN, Command.COMMIT, self._frozen_at + self.lease)
+
+    async def _next(self, phase: Phase, wanted: Command, deadline: float) -> None:
         try:
-            got = await asyncio.wait_for(self._commands.get(), self.lease)
+            # A command already queued is taken even when the deadline has passed meanwhile.
+            got = self._commands.get_nowait() if not self._commands.empty() else \
+                await asyncio.wait_for(self._commands.get(), max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
             raise Cancelled(f"group {self.group.name}: no {wanted} from the coordinator within the "
                             f"{self.lease:g} s lease; this member rolled back") from None

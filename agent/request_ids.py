@@ -1,6 +1,7 @@
 """A request id means one request (AIP-155).
 
-Each mutating request may carry a client-chosen `request_id`. The first
+Each mutating request may carry a client-chosen `request_id` (a group
+snapshot member's PREPARE, in the create it carries). The first
 request with an id runs; a retry (same caller, same RPC, same id, same
 request) gets the first one's answer, even while the first still runs; the
 same id with a different request is refused with INVALID_ARGUMENT naming the
@@ -87,16 +88,34 @@ class _First:
     answer: asyncio.Future[Any]
 
 
+def _holder(request: Message) -> Message | None:
+    """The message that holds the request's id: the request itself, or the one request it carries (a group
+    member's PREPARE carries its create); None for a request without one."""
+    if "request_id" in request.DESCRIPTOR.fields_by_name:
+        return request
+    for field, value in request.ListFields():
+        if field.message_type is not None and "request_id" in field.message_type.fields_by_name and \
+                isinstance(value, Message):
+            return value
+    return None
+
+
+def _request_id(request: Message) -> str:
+    return str(getattr(_holder(request), "request_id", ""))
+
+
 def _fingerprint(request: Message) -> bytes:
     copy = type(request)()
     copy.CopyFrom(request)
-    copy.ClearField("request_id")
+    if (holder := _holder(copy)) is not None:
+        holder.ClearField("request_id")
     return copy.SerializeToString(deterministic=True)
 
 
 def _shown(rpc: str, request: Message) -> str:
-    present = {f.name for f, _ in request.ListFields()}
-    fields = " ".join(f"{n}={getattr(request, n)!r}" for n in _SHOWN if n in present)
+    holder = _holder(request) or request
+    present = {f.name for f, _ in holder.ListFields()}
+    fields = " ".join(f"{n}={getattr(holder, n)!r}" for n in _SHOWN if n in present)
     return f"{rpc}({fields})" if fields else rpc
 
 
@@ -139,7 +158,7 @@ class RequestIds:
                              known: Callable[[str], Awaitable[Operation]]) -> Operation:
         """As `once`, for a request that starts an operation: a retry also gets
         it after an agent restart (`known` finds an operation by its id)."""
-        request_id: str = getattr(request, "request_id", "")
+        request_id = _request_id(request)
         key = (caller, rpc, request_id)
         if self._started is None or not request_id:
             return await self.once(caller, rpc, request, call)
@@ -161,7 +180,7 @@ class RequestIds:
     async def once_answer(self, caller: str, rpc: str, request: Message, call: Callable[[], Awaitable[M]],
                           parse: Callable[[bytes], M]) -> M:
         """As `once`, for a unary call: a retry also gets the answer after an agent restart."""
-        request_id: str = getattr(request, "request_id", "")
+        request_id = _request_id(request)
         key = (caller, rpc, request_id)
         if self._started is None or not request_id:
             return await self.once(caller, rpc, request, call)
@@ -188,7 +207,7 @@ class RequestIds:
 
     async def once(self, caller: str, rpc: str, request: Message, call: Callable[[], Awaitable[T]]) -> T:
         """`call`'s answer, or the answer of the first request with this caller, RPC and request_id."""
-        request_id: str = getattr(request, "request_id", "")
+        request_id = _request_id(request)
         if not request_id:
             return await call()
         key = (caller, rpc, request_id)

@@ -222,7 +222,20 @@ class SnapshotAgentServicer(pb_grpc.SnapshotAgentServicer):
         out: asyncio.Queue[pb.GroupSnapshotEvent | DomsnapError | None] = asyncio.Queue()
         gate = self._s.group_gate(group, first.lease.ToNanoseconds() / 1e9,
                                   lambda phase, at: out.put_nowait(convert.group_reached(phase, at)))
-        op = await self._s.create_snapshot(self._create_request(first.create), first.create.request_id, gate)
+        req = self._create_request(first.create)
+        started: list[Operation] = []
+
+        async def start() -> Operation:
+            started.append(await self._s.create_snapshot(req, first.create.request_id, gate))
+            return started[0]
+
+        op = await self._once_operation("GroupSnapshot", first, start)
+        if not started:
+            # A retried PREPARE: the member's first operation answers, from its events to its end; the
+            # call that started it (or its end) drove it, this one takes no command.
+            async for event in _stream(op):
+                yield pb.GroupSnapshotEvent(operation=event)
+            return
         tasks = (asyncio.create_task(_commands(requests, gate)), asyncio.create_task(_forward(op, out)))
         try:
             while (item := await out.get()) is not None:

@@ -159,9 +159,11 @@ class SnapshotCreate:
             in_pause_progress = op.note()
 
             async def in_pause(block: BlockOps) -> None:
-                in_pause_progress(0.0, message="guest paused")
                 if gate is not None:
-                    await gate.frozen()
+                    # First: the coordinator waits for every member's FROZEN,
+                    # and this member's disks are taken meanwhile.
+                    gate.frozen()
+                in_pause_progress(0.0, message="guest paused")
                 for rec in plan.records:
                     # Not written: the durable "checkpoint" step already has
                     # every disk undone by a rollback, taken or not.
@@ -180,7 +182,8 @@ class SnapshotCreate:
                                                        progress=mem_progress,
                                                        # Past the memory save: journaled, no longer cancellable.
                                                        step=partial(self._journal.step, journal),
-                                                       before_pause=gate.prepared if gate is not None else None)
+                                                       before_pause=gate.prepared if gate is not None else None,
+                                                       before_resume=gate.committed if gate is not None else None)
             # The guest runs again: the bulk of each disk's copy is made now.
             block = self._driver.block_ops(domain.name)
             disk_progress = op.phase(Phase.DISKS, 95)

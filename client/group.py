@@ -13,8 +13,9 @@ two-phase commit with a barrier (see the API's GroupSnapshot):
    while its guest runs, then answers PREPARED.
 2. When all are PREPARED, FREEZE every member: each pauses its guest and
    answers FROZEN.
-3. When all are FROZEN, COMMIT every member: each takes its disks and the
-   rest of its state, resumes its guest and finishes.
+3. When all are FROZEN, COMMIT every member: each resumes its guest (its
+   disks and the rest of its state were taken while it waited) and
+   finishes.
 
 Every member's pause interval thus contains the instant the last one paused.
 Any failure before COMMIT aborts every member (each resumes its guest and
@@ -22,6 +23,14 @@ rolls back); a coordinator that dies is a call that ends, which the agents
 treat the same way, and a coordinator that hangs is bounded by the lease.
 A member that fails after COMMIT gets the others' snapshots deleted again.
 Failures are raised as one `GroupError`, member by member.
+
+Retries are safe: `create` and `revert` take a `request_id`, from which each
+member's own request ids are made (`member_request_id`); a retry with the
+same one (after a dropped connection, or the coordinator's own restart) is
+answered by each member's first operation, never run twice: a create whose
+members all committed returns their snapshots, one that failed or was
+rolled back raises again (members left committed by a coordinator that
+died between its COMMITs are deleted then, as it would have).
 
 Each function has an `_async` twin for a running event loop; the plain ones
 run it on their own.
@@ -52,6 +61,8 @@ T = TypeVar("T")
 DEFAULT_LEASE = 10.0
 # Each agent's share of a listing, a revert or a delete, in seconds.
 DEFAULT_DEADLINE = 600.0
+# The namespace of the ids made from a group call's request id (uuid5).
+_IDS = uuid.UUID("5b0f6f0e-53b3-4c43-9d44-3f3a9e0c1d27")
 
 
 @dataclass(frozen=True, order=True)
@@ -62,6 +73,12 @@ class Member:
 
     def __str__(self) -> str:
         return f"{self.domain}@{self.address}"
+
+
+def member_request_id(request_id: str, member: Member, step: str) -> str:
+    """The request id a group call with `request_id` gives `member`'s `step` ("create", "revert",
+    "unpause"): the same in every retry of that call, another for every other call, member and step."""
+    return str(uuid.uuid5(_IDS, f"{step}\n{member}\n{request_id}"))
 
 
 def parse_member(text: str) -> Member:
@@ -136,6 +153,8 @@ class _MemberCall:
         self._call = client.stub.GroupSnapshot(self._requests(prepare))
         self.operation: pb.Operation | None = None
         self.ended = False
+        # Answered by its first operation, committed (a retried request id), before any barrier.
+        self.replayed = False
 
     async def _requests(self, prepare: pb.GroupSnapshotRequest) -> AsyncIterator[pb.GroupSnapshotRequest]:
         yield prepare
@@ -147,10 +166,16 @@ class _MemberCall:
         self._commands.put_nowait(command)
 
     async def until(self, phase: pb.GroupPhase.ValueType) -> None:
-        """Until the member reaches `phase`; its error if it fails or its call ends first."""
+        """Until the member reaches `phase`, or its first operation answered that it committed (`replayed`);
+        its error if it fails or its call ends first."""
         while (event := await self._next()) is not None:
             if event.HasField("reached") and event.reached.phase == phase:
                 return
+            if self.operation is not None and self.operation.state == pb.OPERATION_STATE_SUCCEEDED:
+                self.replayed = True
+                return
+        if self.operation is not None:
+            raise self._error(self.operation)
         raise self._failure(f"the call ended before {pb.GroupPhase.Name(phase)}")
 
     async def finished(self) -> pb.Snapshot:
@@ -160,9 +185,11 @@ class _MemberCall:
         if self.operation is None:
             raise self._failure("the call ended before the member's create did")
         if self.operation.state != pb.OPERATION_STATE_SUCCEEDED:
-            raise errors.from_status(self.operation.error, address=self.member.address,
-                                     operation_id=self.operation.id)
+            raise self._error(self.operation)
         return self.operation.result
+
+    def _error(self, operation: pb.Operation) -> errors.DomsnapError:
+        return errors.from_status(operation.error, address=self.member.address, operation_id=operation.id)
 
     async def _next(self) -> pb.GroupSnapshotEvent | None:
         if self.ended:
@@ -238,29 +265,40 @@ def _as_error(exc: BaseException | None, member: Member) -> errors.DomsnapError:
 
 async def create_async(name: str, members: Sequence[Member], *, live: bool = False, description: str = "",
                        lease: float = DEFAULT_LEASE, quiesce: calls.Quiesce | None = None,
-                       on_progress: GroupProgress | None = None,
+                       on_progress: GroupProgress | None = None, request_id: str | None = None,
                        ca: str | None = None, cert: str | None = None, key: str | None = None,
                        ) -> dict[Member, pb.Snapshot]:
     """Snapshot every member at one instant; each member's snapshot (named `name`), or GroupError
-    with every member rolled back."""
-    group = pb.SnapshotGroup(id=uuid.uuid4().hex, name=name, members=[str(m) for m in members])
+    with every member rolled back. A retry with the same `request_id` (and arguments) gets the first
+    call's answer."""
+    request_id = calls.new_request_id(request_id)
+    # The same in a retry: a member's request is then the same request.
+    group = pb.SnapshotGroup(id=uuid.uuid5(_IDS, f"group\n{request_id}").hex, name=name,
+                             members=[str(m) for m in members])
     clients = {a: AsyncClient(a, ca=ca, cert=cert, key=key, timeout=None) for a in {m.address for m in members}}
     running: list[_MemberCall] = []
     try:
         for m in members:
-            create = calls.create_request(m.domain, name=name, live=live, description=description, quiesce=quiesce)
+            create = calls.create_request(m.domain, name=name, live=live, description=description, quiesce=quiesce,
+                                          request_id=member_request_id(request_id, m, "create"))
             prepare = pb.GroupSnapshotRequest(command=pb.GROUP_COMMAND_PREPARE, create=create, group=group,
                                               lease=calls.duration(lease))
             running.append(_MemberCall(m, clients[m.address], prepare, on_progress))
         try:
             await _every(running, lambda c: c.until(pb.GROUP_PHASE_PREPARED))
-            for c in running:
-                c.send(pb.GROUP_COMMAND_FREEZE)
-            await _every(running, lambda c: c.until(pb.GROUP_PHASE_FROZEN))
-            for c in running:
-                c.send(pb.GROUP_COMMAND_COMMIT)
+            if any(c.replayed for c in running):
+                _all_replayed(name, running)
+            else:
+                for c in running:
+                    c.send(pb.GROUP_COMMAND_FREEZE)
+                await _every(running, lambda c: c.until(pb.GROUP_PHASE_FROZEN))
+                for c in running:
+                    c.send(pb.GROUP_COMMAND_COMMIT)
         except BaseException:
-            await asyncio.gather(*(c.abort(lease) for c in running))
+            await asyncio.gather(*(c.abort(lease) for c in running if not c.replayed))
+            # A retry of a group whose first coordinator died between its COMMITs: what that one
+            # committed goes, as it would have gone.
+            await _delete(name, [c.member for c in running if c.replayed], clients)
             raise
         results = await asyncio.gather(*(c.finished() for c in running), return_exceptions=True)
         failures = {str(c.member): _as_error(r, c.member) for c, r in zip(running, results, strict=True)
@@ -275,6 +313,17 @@ async def create_async(name: str, members: Sequence[Member], *, live: bool = Fal
         for c in running:
             c.close()
         await asyncio.gather(*(client.close() for client in clients.values()))
+
+
+def _all_replayed(name: str, running: Sequence[_MemberCall]) -> None:
+    """A retry that some members answered from a first attempt that committed them: every member must,
+    or the group is not whole (GroupError)."""
+    strangers = {str(c.member): errors.FailedPrecondition(
+        f"{c.member}: its agent does not know this group's request id, which the other members answered from "
+        "their first attempt", address=c.member.address) for c in running if not c.replayed}
+    if strangers:
+        raise GroupError(f"group snapshot {name}: not every member was part of the first attempt; the members' "
+                         "snapshots made are deleted again", strangers)
 
 
 async def _delete(name: str, members: Sequence[Member], clients: dict[str, AsyncClient]) -> None:
@@ -334,16 +383,19 @@ async def _members_of(name: str, members: Sequence[Member], *, deadline: float, 
 
 async def revert_async(name: str, members: Sequence[Member], *, paused: bool = False, force: bool = False,
                        on_progress: GroupProgress | None = None, deadline: float = DEFAULT_DEADLINE,
-                       ca: str | None = None, cert: str | None = None, key: str | None = None,
-                       ) -> dict[Member, pb.Snapshot]:
+                       request_id: str | None = None, ca: str | None = None, cert: str | None = None,
+                       key: str | None = None) -> dict[Member, pb.Snapshot]:
     """Every member back to the group's instant: each reverted paused, then (unless `paused`) all resumed
     together, so no member runs ahead of a peer. A member that fails: GroupError, and the members
-    reverted stay paused."""
+    reverted stay paused. A retry with the same `request_id` (and arguments) gets each member's first
+    revert and resume, not a second revert."""
+    request_id = calls.new_request_id(request_id)
     await _members_of(name, members, deadline=deadline, ca=ca, cert=cert, key=key)
 
     async def revert(client: AsyncClient, m: Member) -> pb.Snapshot:
         progress = (lambda p: on_progress(m, phase_word(p.phase), p)) if on_progress is not None else None
-        return await client.revert_snapshot(m.domain, name, run_state="paused", force=force, on_progress=progress)
+        return await client.revert_snapshot(m.domain, name, run_state="paused", force=force, on_progress=progress,
+                                            request_id=member_request_id(request_id, m, "revert"))
 
     reverted = await _per_member(members, revert, deadline=deadline, ca=ca, cert=cert, key=key)
     if failures := _failures(reverted):
@@ -351,8 +403,9 @@ async def revert_async(name: str, members: Sequence[Member], *, paused: bool = F
         raise GroupError(f"group snapshot {name}: revert failed" + (f" (left paused, at the group's instant: "
                                                                      f"{done})" if done else ""), failures)
     if not paused:
-        resumed = await _per_member(members, lambda c, m: c.unpause_domain(m.domain), deadline=deadline, ca=ca,
-                                    cert=cert, key=key)
+        resumed = await _per_member(
+            members, lambda c, m: c.unpause_domain(m.domain, request_id=member_request_id(request_id, m, "unpause")),
+            deadline=deadline, ca=ca, cert=cert, key=key)
         if failures := _failures(resumed):
             raise GroupError(f"group snapshot {name}: reverted, but not every member resumed", failures)
     return {m: s for m, s in reverted.items() if isinstance(s, pb.Snapshot)}
@@ -401,16 +454,17 @@ async def delete_async(name: str, members: Sequence[Member], *, on_progress: Gro
 
 def create(name: str, members: Sequence[Member], *, live: bool = False, description: str = "",
            lease: float = DEFAULT_LEASE, quiesce: calls.Quiesce | None = None, on_progress: GroupProgress | None = None,
-           ca: str | None = None, cert: str | None = None, key: str | None = None) -> dict[Member, pb.Snapshot]:
+           request_id: str | None = None, ca: str | None = None, cert: str | None = None,
+           key: str | None = None) -> dict[Member, pb.Snapshot]:
     return asyncio.run(create_async(name, members, live=live, description=description, lease=lease, quiesce=quiesce,
-                                    on_progress=on_progress, ca=ca, cert=cert, key=key))
+                                    on_progress=on_progress, request_id=request_id, ca=ca, cert=cert, key=key))
 
 
 def revert(name: str, members: Sequence[Member], *, paused: bool = False, force: bool = False,
-           on_progress: GroupProgress | None = None, deadline: float = DEFAULT_DEADLINE, ca: str | None = None,
-           cert: str | None = None, key: str | None = None) -> dict[Member, pb.Snapshot]:
+           on_progress: GroupProgress | None = None, deadline: float = DEFAULT_DEADLINE, request_id: str | None = None,
+           ca: str | None = None, cert: str | None = None, key: str | None = None) -> dict[Member, pb.Snapshot]:
     return asyncio.run(revert_async(name, members, paused=paused, force=force, on_progress=on_progress,
-                                    deadline=deadline, ca=ca, cert=cert, key=key))
+                                    deadline=deadline, request_id=request_id, ca=ca, cert=cert, key=key))
 
 
 def list_groups(members: Sequence[Member], *, deadline: float = DEFAULT_DEADLINE, ca: str | None = None,

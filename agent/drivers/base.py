@@ -34,6 +34,14 @@ class CheckpointResult:
 # Called once while the guest is stopped at the instant the memory image
 # captures; the disks are snapshotted inside it.
 InPause = Callable[[BlockOps], Awaitable[None]]
+# Awaited with the guest still stopped at the instant, once the checkpoint
+# has taken all it can without resuming it: the disks, and the memory image
+# unless saving its rest is what resumes the guest (a QEMU background
+# snapshot). The guest resumes when it returns (a paused domain stays so).
+# A group snapshot's member waits there for its coordinator's COMMIT: its
+# own state is taken while its peers are still pausing. Raising there fails
+# the checkpoint as any failure in the pause does.
+BeforeResume = Callable[[], Awaitable[None]]
 # Awaited once the guest is ready to pause (a live checkpoint: its memory
 # copied once while it runs); the pause begins when it returns. A group
 # snapshot's members wait there for each other.
@@ -105,12 +113,13 @@ class Hypervisor(ABC):
     @abstractmethod
     async def checkpoint(
         self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress,
-        step: Step = no_step, before_pause: BeforePause | None = None,
+        step: Step = no_step, before_pause: BeforePause | None = None, before_resume: BeforeResume | None = None,
     ) -> CheckpointResult:
         """Write the memory image and run `in_pause` at the same instant, then
         leave the domain in the run state it had before; `step` is told of
         the driver's own steps where a crash matters (so fault injection reaches them);
-        `before_pause`, when given, is awaited just before the guest pauses."""
+        `before_pause`, when given, is awaited just before the guest pauses,
+        `before_resume` just before it resumes."""
 
     @abstractmethod
     async def abandon_transfers(self, name: str) -> None:

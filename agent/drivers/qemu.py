@@ -32,7 +32,7 @@ from ..fsutil import copy_atomic, fsync_path, write_atomic
 from ..progress import StepProgress, ignore_progress
 from ..runner import Runner
 from . import kvm_probe, qemu_argv, qemu_migration, qemu_spec
-from .base import BeforePause, CheckpointResult, Hypervisor, InPause, Step, no_step
+from .base import BeforePause, BeforeResume, CheckpointResult, Hypervisor, InPause, Step, no_step
 from .qemu_block import QmpBlockOps
 from .qga import GuestAgent
 from .qmp import QmpSession
@@ -453,7 +453,7 @@ class QemuDriver(Hypervisor):
 
     async def checkpoint(
         self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress,
-        step: Step = no_step, before_pause: BeforePause | None = None,
+        step: Step = no_step, before_pause: BeforePause | None = None, before_resume: BeforeResume | None = None,
     ) -> CheckpointResult:
         inst = self._instance(domain.name)
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):
@@ -487,7 +487,8 @@ class QemuDriver(Hypervisor):
         try:
             saved = await qemu_migration.save(
                 inst.qmp, memory, live=live, was_running=running, in_pause=pause_work, progress=progress,
-                before_pause=before_pause, mode=mode, bandwidth=self._cfg.max_bandwidth,
+                before_pause=before_pause, before_resume=before_resume, mode=mode,
+                bandwidth=self._cfg.max_bandwidth,
             )
         finally:
             if inst.config is not before:

@@ -140,12 +140,16 @@ async def save(
     mode: LiveMode = LiveMode.PRECOPY,
     bandwidth: int = 0,
     before_pause: Callable[[], Awaitable[None]] | None = None,
+    before_resume: Callable[[], Awaitable[None]] | None = None,
 ) -> SaveResult:
     """Write the memory image; run `in_pause` at the instant it captures; leave
     the guest in the run state it had (running again when `was_running`).
     `bandwidth` caps the write in bytes/s (0: as fast as the disk takes it).
     `before_pause` is awaited when the guest is ready to pause (live: its
-    memory copied once and the copy held there); the guest pauses after it."""
+    memory copied once and the copy held there); the guest pauses after it.
+    `before_resume` is awaited, the guest still stopped, once all that can be
+    saved without resuming it is: a pre-copy's whole image, a background
+    snapshot's disks (its `migrate` resumes the guest)."""
     # A paused guest has nothing to gain from a live save, and background
     # snapshots resume the guest by themselves (QEMU 7.2): paused ones take
     # the plain path. A held save (`before_pause`) may take either mode: a
@@ -171,10 +175,11 @@ async def save(
                     relay.close()
             watch = _Watch(qmp, fd, changes, progress)
             if background:
-                await _save_background(qmp, watch, in_pause, before_pause)
+                await _save_background(qmp, watch, in_pause, before_pause, before_resume)
             else:
                 await _save_precopy(qmp, watch, live=live and was_running, was_running=was_running,
-                                    in_pause=in_pause, relay=relay, before_pause=before_pause)
+                                    in_pause=in_pause, relay=relay, before_pause=before_pause,
+                                    before_resume=before_resume)
             if relay is not None:
                 await relay.drained()
                 _raise_relay_failed(relay)
@@ -225,6 +230,7 @@ async def _set_capabilities(qmp: QmpSession, *, background: bool) -> None:
 async def _save_precopy(
     qmp: QmpSession, watch: _Watch, *, live: bool, was_running: bool, in_pause: Callable[[], Awaitable[None]],
     relay: Relay | None = None, before_pause: Callable[[], Awaitable[None]] | None = None,
+    before_resume: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     if before_pause is not None and not live:
         await before_pause()
@@ -238,6 +244,9 @@ async def _save_precopy(
         await in_pause()
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
         await watch.until("completed", live=live)
+        if before_resume is not None:
+            # The image is complete and the guest stays stopped (postmigrate) until `cont`.
+            await before_resume()
     except BaseException:
         if relay is not None:
             # A writer blocked in the pipe would not see the cancel.
@@ -266,12 +275,15 @@ async def _hold(qmp: QmpSession, watch: _Watch, relay: Relay, before_pause: Call
 
 
 async def _save_background(qmp: QmpSession, watch: _Watch, in_pause: Callable[[], Awaitable[None]],
-                           before_pause: Callable[[], Awaitable[None]] | None) -> None:
+                           before_pause: Callable[[], Awaitable[None]] | None,
+                           before_resume: Callable[[], Awaitable[None]] | None) -> None:
     if before_pause is not None:
         await before_pause()
     await qmp.execute("stop")
     try:
         await in_pause()
+        if before_resume is not None:
+            await before_resume()
         await qmp.execute("migrate", {"uri": f"fd:{FDNAME}"})
     except BaseException:
         await qmp.execute("cont")

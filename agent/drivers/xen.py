@@ -38,7 +38,7 @@ from ..progress import StepProgress
 from ..runner import CommandResult, Runner
 from ..xldisk import XlVersion
 from . import xen_feed, xen_live, xen_stream, xl_argv
-from .base import BeforePause, CheckpointResult, Hypervisor, InPause, Step, no_step
+from .base import BeforePause, BeforeResume, CheckpointResult, Hypervisor, InPause, Step, no_step
 from .qga import GuestAgent
 from .xen_block import XenBlockOps
 from .xen_config import domain_config, with_fresh_genid
@@ -313,7 +313,7 @@ class XenDriver(Hypervisor):
 
     async def checkpoint(
         self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress,
-        step: Step = no_step, before_pause: BeforePause | None = None,
+        step: Step = no_step, before_pause: BeforePause | None = None, before_resume: BeforeResume | None = None,
     ) -> CheckpointResult:
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):
             raise FailedPrecondition(f"domain {domain.name} is {domain.state}; only a running or paused one "
@@ -323,6 +323,14 @@ class XenDriver(Hypervisor):
             raise FailedPrecondition(f"domain {domain.name} was restarted (id {domain.domid} is now {xd.domid}) "
                                      "since it was looked up; try again")
         block = self.block_ops(domain.name)
+
+        async def pause_step() -> None:
+            # Both image and disks are taken when xl has the domain
+            # suspended: whatever waits before it resumes waits now.
+            await in_pause(block)
+            if before_resume is not None:
+                await before_resume()
+
         if before_pause is not None:
             # xl pre-copies and pauses in one command: a group's member waits
             # before either, so the members that paused first wait for its
@@ -340,8 +348,8 @@ class XenDriver(Hypervisor):
                 )
             if xd.type == "hvm":
                 block = self.block_ops(domain.name, released=True)
-            return await self._live(domain, memory, lambda: in_pause(block), progress)
-        return await self._save(domain, memory, lambda: in_pause(block), progress)
+            return await self._live(domain, memory, pause_step, progress)
+        return await self._save(domain, memory, pause_step, progress)
 
     async def _live(
         self, domain: Domain, memory: Path, in_pause: PauseStep, progress: StepProgress

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from domsnap.agent import runner
 from domsnap.agent.domain import Domain, DomainConfig, RunState
-from domsnap.agent.drivers.base import BeforePause, CheckpointResult, Hypervisor, InPause, Step, no_step
+from domsnap.agent.drivers.base import BeforePause, BeforeResume, CheckpointResult, Hypervisor, InPause, Step, no_step
 from domsnap.agent.errors import AlreadyExists, FailedPrecondition, InternalError, NotFound
 from domsnap.agent.progress import StepProgress
 from domsnap.agent.storage import qemu_img
@@ -112,7 +112,7 @@ class FakeHypervisor(Hypervisor):
 
     async def checkpoint(
         self, domain: Domain, memory: Path, *, live: bool, in_pause: InPause, progress: StepProgress,
-        step: Step = no_step, before_pause: BeforePause | None = None,
+        step: Step = no_step, before_pause: BeforePause | None = None, before_resume: BeforeResume | None = None,
     ) -> CheckpointResult:
         self._check("checkpoint")
         if self.gate is not None:
@@ -127,6 +127,8 @@ class FakeHypervisor(Hypervisor):
         await in_pause(self.block_ops(domain.name))
         if not live:
             memory.write_text(image)
+        if before_resume is not None:
+            await before_resume()
         progress(1.0, done=memory.stat().st_size, total=memory.stat().st_size, message="memory saved")
         self._set_state(domain.name, domain.state)
         return CheckpointResult(memory.stat().st_size, 0.001)

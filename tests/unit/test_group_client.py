@@ -82,3 +82,27 @@ def test_each_members_prepare_carries_the_create_its_quiesce_and_the_lease(
     assert first.lease.ToNanoseconds() == 2_500_000_000
     assert first.create.quiesce == (quiesce is not None)
     assert first.create.quiesce_best_effort == (quiesce is not None)
+
+
+def test_a_retried_group_create_sends_each_member_the_same_prepare(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same request id: the same group id and member request ids, so that each agent takes the retry for
+    the same request; another request id (or none) makes another request; each member's ids are its own."""
+    prepared: list[pb.GroupSnapshotRequest] = []
+
+    def member_call(member: group.Member, client: object, prepare: pb.GroupSnapshotRequest, progress: object) -> None:
+        prepared.append(prepare)
+        raise _Refused
+
+    monkeypatch.setattr(group, "_MemberCall", member_call)
+    members = group.parse_members(["a@unix:/nowhere/a"])
+    for request_id in ("r1", "r1", "r2", None, None):
+        with pytest.raises(_Refused):
+            group.create("g1", members, request_id=request_id)
+    first, retry, other, fresh, fresh_again = prepared
+    assert retry == first
+    assert first.create.request_id == group.member_request_id("r1", members[0], "create")
+    for different in (other, fresh, fresh_again):
+        assert different.group.id != first.group.id and different.create.request_id != first.create.request_id
+    assert fresh.create.request_id != fresh_again.create.request_id
+    b = group.Member("b", "unix:/nowhere/a")
+    assert len({group.member_request_id("r1", m, step) for m in (members[0], b) for step in ("create", "revert")}) == 4

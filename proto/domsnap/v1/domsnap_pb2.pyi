@@ -410,7 +410,7 @@ class _GroupPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GroupPhase
     GROUP_PHASE_PREPARED: _GroupPhase.ValueType  # 1
     """Ready to pause; waiting for FREEZE."""
     GROUP_PHASE_FROZEN: _GroupPhase.ValueType  # 2
-    """Paused at the instant; waiting for COMMIT."""
+    """Paused at the instant; taking its state, then waiting for COMMIT."""
 
 class GroupPhase(_GroupPhase, metaclass=_GroupPhaseEnumTypeWrapper): ...
 
@@ -419,7 +419,7 @@ GROUP_PHASE_UNSPECIFIED: GroupPhase.ValueType  # 0
 GROUP_PHASE_PREPARED: GroupPhase.ValueType  # 1
 """Ready to pause; waiting for FREEZE."""
 GROUP_PHASE_FROZEN: GroupPhase.ValueType  # 2
-"""Paused at the instant; waiting for COMMIT."""
+"""Paused at the instant; taking its state, then waiting for COMMIT."""
 Global___GroupPhase: _TypeAlias = GroupPhase  # noqa: Y015
 
 @_typing.final

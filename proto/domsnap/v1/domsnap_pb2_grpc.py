@@ -289,13 +289,17 @@ class SnapshotAgentServicer:
         validated as CreateSnapshot's: a refusal ends the call with its status,
         nothing touched); the agent answers `reached` PREPARED once the guest is
         ready to pause (live: its memory copied once while it runs). FREEZE: the
-        agent pauses the guest and answers FROZEN. COMMIT, sent once every
-        member is FROZEN: the agent takes the disks and the rest of the state,
-        resumes the guest and ends with the operation's `finished`. ABORT, a
-        call that ends, or no next command within the lease (`lease`,
-        from PREPARED and again from FROZEN): the agent resumes the guest and
-        rolls the member back; the call ends CANCELLED. Operation events come
-        as for CreateSnapshot.
+        agent pauses the guest, answers FROZEN at once, and takes the disks and
+        the rest of the state while it waits, the guest paused. COMMIT, sent
+        once every member is FROZEN: the agent resumes the guest (its state
+        taken) and ends with the operation's `finished`; nothing is kept
+        without it. ABORT, a call that ends, or no next command within the
+        lease (`lease`, from PREPARED and again from FROZEN): the agent resumes
+        the guest and rolls the member back; the call ends CANCELLED. Operation
+        events come as for CreateSnapshot. A retried PREPARE (its create's
+        `request_id` seen before, with the same PREPARE) is answered by the
+        first one's operation: its events to `finished`, no `reached`; the
+        call that started it drives it, the retry takes no command.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

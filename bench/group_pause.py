@@ -6,9 +6,11 @@ group, interleaved, in the same run.
 
 The pause of each guest is QEMU's own (STOP to RESUME event stamps, as the
 manifest's paused_at and resumed_at record it). A group member's pause holds
-the wait for every other member to pause and the coordinator's round trips,
-besides its own last pages and disks; the goal is at most twice a single
-live snapshot's pause.
+the wait for every other member to pause and the coordinator's round trip,
+besides its own state (taken while it waits); the goal is at most twice a
+single live snapshot's pause. The time from the group's instant (the last
+member's stop) to each member's resume is the protocol's share and the
+resumes': what is left once every member is paused.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def main() -> int:
     member: list[float] = []
     worst: list[float] = []
     spread: list[float] = []
+    after_instant: list[float] = []
     with tempfile.TemporaryDirectory(prefix="dsgroup-", dir="/var/tmp") as tmp:
         base = Path(tmp)
         agent = Agent(base / "agent", config_toml=f'[qemu]\naccel = "tcg"\nlive_mode = "{args.live_mode}"\n')
@@ -89,6 +92,7 @@ def main() -> int:
                     member.extend(pauses)
                     worst.append(max(pauses))
                     spread.append(max(paused) - min(paused))
+                    after_instant.extend(r - max(paused) for r in resumed)
                     for name in names:
                         client.delete_snapshot(name, f"one-{tag}")
                         client.delete_snapshot(name, f"par-{tag}")
@@ -119,6 +123,7 @@ Pause: QEMU's STOP to RESUME (the manifests' paused_at, resumed_at). Median (min
 | group of {args.members}, per member ({len(member)}) | {_ms(member)} |
 | group of {args.members}, the longest member's pause per group ({len(worst)}) | {_ms(worst)} |
 | group of {args.members}, first to last member paused | {_ms(spread)} |
+| group of {args.members}, last member's stop to each member's resume ({len(after_instant)}) | {_ms(after_instant)} |
 
 Ratio of medians, group member / single: **{ratio:.2f}x** (longest member: {worst_ratio:.2f}x); goal: at most 2x.
 Group member / the same snapshots at once without a barrier: {barrier:.2f}x.

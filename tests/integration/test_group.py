@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from domsnap.client import group
@@ -151,7 +153,7 @@ def _counters_since(g: Guest, offset: int, timeout: float = 20.0) -> list[int]:
 _COORDINATOR = """
 import os, signal, sys
 from domsnap.client import group
-name, how, lease, live, *members = sys.argv[1:]
+name, how, lease, live, request_id, *members = sys.argv[1:]
 members = group.parse_members(members)
 frozen = set()
 def on_progress(member, word, p):
@@ -160,7 +162,7 @@ def on_progress(member, word, p):
         if len(frozen) == len(members):
             print("FROZEN", flush=True)
             os.kill(os.getpid(), getattr(signal, how))
-group.create(name, members, lease=float(lease), live=live == "live", on_progress=on_progress)
+group.create(name, members, lease=float(lease), live=live == "live", on_progress=on_progress, request_id=request_id)
 print("COMMITTED", flush=True)
 """
 
@@ -170,8 +172,10 @@ print("COMMITTED", flush=True)
                          ids=["killed", "hung", "killed-live"])
 def test_coordinator_gone_between_freeze_and_commit(pair: Pair, how: str, live: bool) -> None:
     name = f"g-{how.lower()}-{uuid.uuid4().hex[:4]}"
+    request_id = uuid.uuid4().hex
     proc = subprocess.Popen([sys.executable, "-c", _COORDINATOR, name, how, str(LEASE),
-                             "live" if live else "stop", *pair.member_args], stdout=subprocess.PIPE, text=True)
+                             "live" if live else "stop", request_id, *pair.member_args], stdout=subprocess.PIPE,
+                            text=True)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "FROZEN"
@@ -204,6 +208,14 @@ def test_coordinator_gone_between_freeze_and_commit(pair: Pair, how: str, live: 
     mine = [op for op in ops.operations if op.snapshot == name]
     assert mine and mine[0].state == pb.OPERATION_STATE_CANCELLED, mine
     assert ("lease" in mine[0].error.message) == (how == "SIGSTOP"), mine[0].error.message
+    # Retried with its request id, the group gets its first answer: rolled back, and nothing is made now.
+    with pytest.raises(group.GroupError) as again:
+        group.create(name, pair.members, lease=LEASE, live=live, request_id=request_id)
+    assert again.value.code == grpc.StatusCode.CANCELLED, again.value.message
+    for g in pair.guests:
+        assert not (g.agent.snapshot_root / g.name / name).exists()
+    ops = pair.agents[0].stub().ListOperations(pb.ListOperationsRequest(domain_name=pair.guests[0].name), timeout=30)
+    assert [op.id for op in ops.operations if op.snapshot == name] == [mine[0].id], "the retry ran again"
     _both_running(pair)
 
 
@@ -237,3 +249,44 @@ def test_cli_group_verbs(pair: Pair) -> None:
     assert gone.returncode == 1 and "not" in gone.stderr.lower(), gone.stderr
     assert os.path.exists(pair.guests[0].serial)
     _both_running(pair)
+
+
+def _operations(agent: Agent, domain: str, kind: pb.OperationKind.ValueType) -> list[str]:
+    ops = agent.stub().ListOperations(pb.ListOperationsRequest(domain_name=domain, kind=kind), timeout=30)
+    return [op.id for op in ops.operations]
+
+
+def test_a_retried_group_call_gets_its_first_answer_after_a_kill(pair: Pair) -> None:
+    """group-snapshot-create and -revert retried with their request ids, the first agent killed (-9) and
+    restarted in between (its answers from request_ids.sqlite, the second's from memory): each member
+    answers from its first operation; nothing is made or reverted twice (a second create would be
+    SNAPSHOT_EXISTS, a second revert would throw away what the guests did since)."""
+    name = f"g-retry-{uuid.uuid4().hex[:4]}"
+    first_agent = pair.agents[0]
+
+    def after_a_kill() -> None:
+        assert first_agent.stop(signal.SIGKILL) == -9
+        first_agent.start()
+
+    create_id = uuid.uuid4().hex
+    made = group.create(name, pair.members, request_id=create_id)
+    after_a_kill()
+    again = group.create(name, pair.members, request_id=create_id)
+    assert {m: s.uid for m, s in again.items()} == {m: s.uid for m, s in made.items()}
+    _check_instant(again, name, pair)
+    for g in pair.guests:
+        assert [s.name for s in g.agent.stub().ListSnapshots(pb.ListSnapshotsRequest(domain_name=g.name),
+                                                             timeout=30).snapshots].count(name) == 1
+
+    reverts_before = {g.name: _operations(g.agent, g.name, pb.OPERATION_KIND_REVERT_SNAPSHOT) for g in pair.guests}
+    revert_id = uuid.uuid4().hex
+    reverted = group.revert(name, pair.members, request_id=revert_id)
+    after_a_kill()
+    reverted_again = group.revert(name, pair.members, request_id=revert_id)
+    assert {m: s.uid for m, s in reverted_again.items()} == {m: s.uid for m, s in reverted.items()}
+    for g in pair.guests:
+        added = [op for op in _operations(g.agent, g.name, pb.OPERATION_KIND_REVERT_SNAPSHOT)
+                 if op not in reverts_before[g.name]]
+        assert len(added) == 1, f"{g.name}: {len(added)} reverts for one request id"
+    _both_running(pair)
+    group.delete(name, pair.members)

@@ -84,7 +84,10 @@ def bare_qemu(folder: Path, sandbox: tuple[str, ...] = ()) -> Iterator[Path]:
         proc.wait(timeout=30)
 
 
-async def _held_background_save(sock: Path, memory: Path) -> tuple[list[str], qemu_migration.SaveResult, float]:
+async def _held_save(sock: Path, memory: Path, *, live: bool, mode: qemu_migration.LiveMode,
+                     ) -> tuple[list[str], qemu_migration.SaveResult, float]:
+    """A group member's save of a running guest: each hook's run state (and, before the resume, how far
+    the save got), then the run state after."""
     qmp = QmpSession(sock, "bare")
     seen: list[str] = []
     released = 0.0
@@ -100,10 +103,14 @@ async def _held_background_save(sock: Path, memory: Path) -> tuple[list[str], qe
     async def in_pause() -> None:
         seen.append(f"in_pause:{await status()}")
 
+    async def before_resume() -> None:
+        saving = (await qmp.execute("query-migrate")).get("status", "none")
+        seen.append(f"before_resume:{await status()}, save {saving}")
+
     try:
-        saved = await qemu_migration.save(qmp, memory, live=True, was_running=True, in_pause=in_pause,
-                                          progress=ignore_progress, mode=qemu_migration.LiveMode.BACKGROUND,
-                                          before_pause=before_pause)
+        saved = await qemu_migration.save(qmp, memory, live=live, was_running=True, in_pause=in_pause,
+                                          progress=ignore_progress, mode=mode, before_pause=before_pause,
+                                          before_resume=before_resume)
         for _ in range(100):
             if await status() == "running":
                 break
@@ -117,13 +124,26 @@ async def _held_background_save(sock: Path, memory: Path) -> tuple[list[str], qe
 def test_a_held_background_save_pauses_when_its_group_says(tmp_path: Path) -> None:
     """A group's member under auto takes a background snapshot: held running
     until the group's FREEZE (before_pause), then stopped by the agent for the
-    instant, then running again on its own while memory is written."""
+    instant, held stopped until COMMIT (before_resume; the save that resumes
+    it not begun), then running again on its own while memory is written."""
     with bare_qemu(tmp_path) as sock:
-        seen, saved, released = asyncio.run(_held_background_save(sock, tmp_path / "memory.save"))
-    assert seen == ["before_pause:running", "in_pause:paused", "after:running"]
+        seen, saved, released = asyncio.run(_held_save(sock, tmp_path / "memory.save", live=True,
+                                                       mode=qemu_migration.LiveMode.BACKGROUND))
+    assert seen == ["before_pause:running", "in_pause:paused", "before_resume:paused, save none", "after:running"]
     assert saved.mode is qemu_migration.LiveMode.BACKGROUND
     assert saved.stopped_at is not None and saved.resumed_at is not None
     assert released <= saved.stopped_at < saved.resumed_at
+    assert saved.memory_bytes == (tmp_path / "memory.save").stat().st_size > 0
+
+
+def test_a_members_precopy_image_is_complete_before_it_resumes(tmp_path: Path) -> None:
+    """Pre-copy (here non-live): the image is completed in the pause, before COMMIT (before_resume), and
+    the guest resumes after it."""
+    with bare_qemu(tmp_path) as sock:
+        seen, saved, _ = asyncio.run(_held_save(sock, tmp_path / "memory.save", live=False,
+                                                mode=qemu_migration.LiveMode.PRECOPY))
+    assert seen == ["before_pause:running", "in_pause:finish-migrate", "before_resume:postmigrate, save completed",
+                    "after:running"]
     assert saved.memory_bytes == (tmp_path / "memory.save").stat().st_size > 0
 
 
@@ -148,7 +168,8 @@ def test_background_snapshots_need_the_units_cap_sys_ptrace(tmp_path: Path) -> N
     without CAP_SYS_PTRACE (the unit before live_mode auto) it may not, and a
     live create says why and how out, and leaves nothing."""
     with bare_qemu(tmp_path, unit_sandbox()) as sock:
-        out = asyncio.run(_held_background_save(sock, tmp_path / "allowed.save"))
+        out = asyncio.run(_held_save(sock, tmp_path / "allowed.save", live=True,
+                                     mode=qemu_migration.LiveMode.BACKGROUND))
         assert out[1].mode is qemu_migration.LiveMode.BACKGROUND
     if UNPRIVILEGED_USERFAULTFD.read_text().strip() != "0":
         pytest.skip("vm.unprivileged_userfaultfd is not 0 on this host: userfaultfd needs no capability here, "

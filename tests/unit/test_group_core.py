@@ -160,14 +160,23 @@ def test_a_command_out_of_turn_rolls_back(host: Host) -> None:
     assert_no_trace(host, GROUP.name, before)
 
 
-def test_an_agent_killed_while_its_guest_waits_paused_is_rolled_back_by_the_next(host: Host) -> None:
+@pytest.mark.parametrize("where", ["frozen", "state taken"])
+def test_an_agent_killed_while_its_guest_waits_paused_is_rolled_back_by_the_next(
+        host: Host, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Killed as it tells FROZEN, or once its state is taken and it waits for COMMIT: the next agent
+    resumes the guest and undoes the disks taken."""
     before = host.domain()["disks"]
 
+    async def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def die_when_frozen(phase: Phase) -> Command | None:
-        if phase is Phase.FROZEN:
+        if phase is Phase.FROZEN and where == "frozen":
             os.kill(os.getpid(), signal.SIGKILL)
         return Command.FREEZE
 
+    if where == "state taken":
+        monkeypatch.setattr(Gate, "committed", lambda self: die())
     pid = os.fork()
     if pid == 0:  # the agent that dies: nothing of pytest's runs in it
         try:
@@ -177,6 +186,7 @@ def test_an_agent_killed_while_its_guest_waits_paused_is_rolled_back_by_the_next
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert host.domain()["state"] == "paused", "the dead agent should have left the guest paused"
+    assert (GROUP.name in tags(host.disk("xvda"))) == (where == "state taken")
     assert asyncio.run(host.service().recover()) == 1
     assert host.domain()["state"] == "running"
     assert_no_trace(host, GROUP.name, before)

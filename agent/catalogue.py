@@ -83,13 +83,19 @@ class Catalogue:
         except FileNotFoundError:
             return None
 
-    def register(self, domain: str, name: str, path: Path, *, durable: bool = True) -> Path:
-        """Returns the file written (see fsutil.write_atomic for `durable`)."""
+    def register(self, domain: str, name: str, path: Path, *, durable: bool = True,
+                 written: Manifest | None = None) -> Path:
+        """Returns the file written (see fsutil.write_atomic for `durable`).
+        `written`: the manifest the caller has just written there, which
+        then need not be read back."""
         d = self._dir(domain)
         d.mkdir(parents=True, exist_ok=True)
         index = d / check_name("snapshot", name)
         self._paths.pop(index, None)
         write_atomic(index, f"{path}\n", durable=durable)
+        mpath = path / manifest.MANIFEST
+        if written is not None and (stamp := _stamp(mpath)) is not None:
+            self._manifests[mpath] = (stamp, written)
         self.reindex(domain, name, path)
         return index
 

@@ -210,28 +210,37 @@ class SnapshotCreate:
             # this create made, is itself the proof of a complete snapshot.
             self._journal.mark(journal, "manifest")
             op.commit()
-            await asyncio.to_thread(manifest.write, plan.snapdir, m)
+            # Both in one thread: the manifest, then (not written: recovery
+            # registers whatever has its manifest) the registration.
+            written = await asyncio.to_thread(self._publish, journal, m)
         except BaseException:
+            if journal.reached("register"):
+                raise  # the snapshot is complete: the next agent registers it
             await self.rollback(journal)
             await self._journal.finish(journal)
             raise
-        # Not written: recovery registers whatever has its manifest.
-        self._journal.mark(journal, "register")
-        written = await asyncio.to_thread(self._register, journal, durable=False)
         # Made durable after the answer, the journal entry dropped only then:
         # an agent started after a crash in between registers it again.
         op.after_finish(partial(self._settle, journal, written))
         return Entry(plan.snapdir, m, current=True)
 
-    def _register(self, journal: JournalEntry, *, durable: bool = True) -> list[Path]:
+    def _publish(self, journal: JournalEntry, m: Manifest) -> list[Path]:
+        manifest.write(Path(journal.data["snapdir"]), m)
+        self._journal.mark(journal, "register")
+        return self._register(journal, durable=False, written=m)
+
+    def _register(self, journal: JournalEntry, *, durable: bool = True, written: Manifest | None = None,
+                  ) -> list[Path]:
         """The snapshot in the agent's records: its ledger, the catalogue, the domain's current one; returns
-        the files written (see fsutil.write_atomic for `durable`)."""
+        the files written (see fsutil.write_atomic for `durable`). `written`: the manifest just written, not
+        read back."""
         data = journal.data
         records = [DiskRecord.from_dict(r) for r in data["records"]]
         return [
             self._ledger.record(journal.domain, journal.snapshot, Path(data["snapdir"]),
                                 [data["memory"], *(f for r in records for f in (r.image, r.file))], durable=durable),
-            self._catalogue.register(journal.domain, journal.snapshot, Path(data["snapdir"]), durable=durable),
+            self._catalogue.register(journal.domain, journal.snapshot, Path(data["snapdir"]), durable=durable,
+                                     written=written),
             self._catalogue.set_current(journal.domain, journal.snapshot, durable=durable),
         ]
 

@@ -83,13 +83,21 @@ class Catalogue:
         except FileNotFoundError:
             return None
 
-    def register(self, domain: str, name: str, path: Path) -> None:
+    def register(self, domain: str, name: str, path: Path, *, durable: bool = True,
+                 written: Manifest | None = None) -> Path:
+        """Returns the file written (see fsutil.write_atomic for `durable`).
+        `written`: the manifest the caller has just written there, which
+        then need not be read back."""
         d = self._dir(domain)
         d.mkdir(parents=True, exist_ok=True)
         index = d / check_name("snapshot", name)
         self._paths.pop(index, None)
-        write_atomic(index, f"{path}\n")
+        write_atomic(index, f"{path}\n", durable=durable)
+        mpath = path / manifest.MANIFEST
+        if written is not None and (stamp := _stamp(mpath)) is not None:
+            self._manifests[mpath] = (stamp, written)
         self.reindex(domain, name, path)
+        return index
 
     def reindex(self, domain: str, name: str, path: Path) -> None:
         """Bring the snapshot's row in the index up to its manifest (after it was written)."""
@@ -115,12 +123,14 @@ class Catalogue:
             self._current[domain] = name
         return name
 
-    def set_current(self, domain: str, name: str) -> None:
+    def set_current(self, domain: str, name: str, *, durable: bool = True) -> Path:
+        """Returns the file written (see fsutil.write_atomic for `durable`)."""
         d = self._dir(domain)
         d.mkdir(parents=True, exist_ok=True)
         self._current.pop(domain, None)
-        write_atomic(d / CURRENT, f"{name}\n")
+        write_atomic(d / CURRENT, f"{name}\n", durable=durable)
         self._current[domain] = name
+        return d / CURRENT
 
     def resolve(self, domain: str, ref: str) -> tuple[Path, Manifest]:
         """A snapshot by name (in the domain's index) or by its directory."""

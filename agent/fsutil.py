@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -16,6 +17,16 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_durable(paths: Iterable[Path]) -> None:
+    """Files that write_atomic left to the page cache (not `durable`), durable
+    now: each file, then each directory that holds one (its rename)."""
+    paths = list(paths)
+    for path in paths:
+        fsync_path(path)
+    for directory in dict.fromkeys(path.parent for path in paths):
+        fsync_path(directory)
 
 
 def write_atomic(path: Path, text: str, *, mode: int = 0o600, durable: bool = True) -> None:

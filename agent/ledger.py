@@ -35,10 +35,12 @@ class Ledger:
     def _path(self, domain: str, name: str) -> Path:
         return self._root / check_domain_name(domain) / f"{check_name('snapshot', name)}.json"
 
-    def record(self, domain: str, name: str, snapdir: Path, files: Iterable[str]) -> None:
+    def record(self, domain: str, name: str, snapdir: Path, files: Iterable[str], *, durable: bool = True) -> Path:
+        """Returns the file written (see fsutil.write_atomic for `durable`)."""
         path = self._path(domain, name)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomic(path, json.dumps({"snapdir": str(snapdir), "files": outside(snapdir, files)}))
+        write_atomic(path, json.dumps({"snapdir": str(snapdir), "files": outside(snapdir, files)}), durable=durable)
+        return path
 
     def extend(self, domain: str, name: str, snapdir: Path, files: Iterable[str]) -> None:
         """More files outside its folder the agent made a snapshot's manifest name (a merge repointed it)."""

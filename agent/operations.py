@@ -75,6 +75,7 @@ class Operation:
     _watchers: list[asyncio.Queue[Event]] = field(default_factory=list)
     _cancel: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
+    _after: Callable[[], Awaitable[None]] | None = None
 
     # --------------------------------------------------------- for the body
 
@@ -110,6 +111,18 @@ class Operation:
     def commit(self) -> None:
         self.check_cancel()
         self.committed = True
+
+    def after_finish(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Have `work` run once the operation has finished and that is told:
+        what its outcome need not wait for (making durable what its journal
+        entry can still redo, then dropping the entry). The domain's next
+        operation starts after it."""
+        self._after = work
+
+    async def ended(self) -> None:
+        """Until the operation has finished, and its `after_finish` work too."""
+        if self._task is not None:
+            await asyncio.wait({self._task})
 
     # ------------------------------------------------------------- plumbing
 
@@ -179,6 +192,8 @@ class Operations:
         self._on_change = on_change
         self._ops: OrderedDict[str, Operation] = OrderedDict()
         self._busy: dict[str, Operation] = {}
+        # Each domain's last operation, which may still run its `after_finish` work.
+        self._last: dict[str, Operation] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self, kind: OpKind, domain: str, snapshot: str, request_id: str, body: Body) -> Operation:
@@ -186,11 +201,13 @@ class Operations:
         op = Operation(uuid.uuid4().hex[:16], kind, domain, snapshot, request_id)
         self._ops[op.id] = op
         self._busy[domain] = op
+        previous = self._last.get(domain)
+        self._last[domain] = op
         # Before the body's first step (the task has not run yet): an agent
         # killed from here on leaves the operation known to the next one.
         if self._recorder is not None:
             self._recorder.record(op)
-        task = asyncio.get_running_loop().create_task(self._run(op, body), name=f"op-{op.id}")
+        task = asyncio.get_running_loop().create_task(self._run(op, body, previous), name=f"op-{op.id}")
         op._task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -209,6 +226,11 @@ class Operations:
     def busy_with(self, domain: str) -> Operation | None:
         return self._busy.get(domain)
 
+    async def settled(self, domain: str) -> None:
+        """Until the domain's last operation has ended, its `after_finish` work included."""
+        if (last := self._last.get(domain)) is not None:
+            await last.ended()
+
     def _tell(self, op: Operation, *, finished: bool) -> None:
         if self._observer is None:
             return
@@ -217,11 +239,14 @@ class Operations:
         except Exception:
             log.exception("operation observer failed on operation %s", op.id)
 
-    async def _run(self, op: Operation, body: Body) -> None:
+    async def _run(self, op: Operation, body: Body, previous: Operation | None) -> None:
         op.state = OpState.RUNNING
         self._changed(op)
         self._tell(op, finished=False)
         try:
+            if previous is not None:
+                # What the domain's last operation left to do after it finished comes first.
+                await previous.ended()
             op.result = await body(op)
         except asyncio.CancelledError:
             if not op._cancel.is_set():
@@ -249,6 +274,14 @@ class Operations:
         if self._recorder is not None:
             # Off the event loop: the record's fsync would stall every call answered meanwhile.
             await asyncio.to_thread(self._recorder.record, op)
+        if op._after is not None:
+            try:
+                await op._after()
+            except Exception:
+                log.exception("operation %s: what it left to do after it finished failed (its journal entry "
+                              "stays: the next agent does it)", op.id)
+        if self._last.get(op.domain) is op:
+            del self._last[op.domain]
 
     def _changed(self, op: Operation) -> None:
         if self._on_change is None:

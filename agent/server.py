@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import ssl
@@ -222,6 +223,10 @@ async def _serve(config: AgentConfig, driver: Hypervisor | None, ready: asyncio.
         log.info("journal: %d interrupted operation(s) dealt with", recovered)
         if metrics is not None:
             metrics.recovered(recovered)
+    # What the start made (modules, the catalogue, the domains) lives as long
+    # as the agent: kept out of the collector's full passes, which otherwise
+    # walk all of it with the event loop stopped.
+    gc.freeze()
     gate.open.set()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

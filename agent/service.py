@@ -400,6 +400,10 @@ class AgentService:
         """Change a snapshot's description or name (see snapshot_edit.py)."""
         name = await self._domain_name(domain)
         self.operations.check_idle(name)
+        # After what the last operation left to do once finished (a create's
+        # registration made durable); none may have begun meanwhile.
+        await self.operations.settled(name)
+        self.operations.check_idle(name)
         previous = (await self.get_snapshot(name, ref)).manifest.name if new_name else ""
         entry = await self._edit.edit(name, ref, description=description, new_name=new_name, request_id=request_id)
         self._tell(Change(ChangeKind.SNAPSHOT_EDITED, name, entry.manifest.name, previous_name=previous))

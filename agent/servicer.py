@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # the stubs' generics do not exist at run time
 
 async def _sizes(entries: Sequence[Entry | None]) -> list[int]:
     """Each snapshot's size on disk (0 for None), counted in a thread: a folder walk never holds up the loop."""
+    if not any(entries):
+        # No thread to wait for (an operation's `started`, most operations' pages).
+        return [0] * len(entries)
     return await asyncio.to_thread(lambda: [disk_usage.size_on_disk(e) if e else 0 for e in entries])
 
 

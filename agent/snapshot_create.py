@@ -25,6 +25,7 @@ from .domain import Domain, RunState
 from .drivers.base import Hypervisor
 from .drivers.qga import GuestAgent
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from .fsutil import make_durable
 from .group_gate import Gate
 from .journal import Journal, JournalEntry
 from .ledger import Ledger
@@ -140,14 +141,12 @@ class SnapshotCreate:
             "was_running": domain.state is RunState.RUNNING,
         })
         # No entry written before the first step: until "mkdir" nothing exists to undo.
-
-        async def step(name: str) -> None:
-            if not op.committed:
-                op.check_cancel()
-            await self._journal.step(journal, name)
-
         try:
-            await step("mkdir")
+            # The one durable write before the pause: a rollback from "mkdir"
+            # on undoes every disk too (taken or not), so the checkpoint needs
+            # no write of its own.
+            op.check_cancel()
+            await self._journal.step(journal, "mkdir")
             plan.snapdir.parent.mkdir(parents=True, exist_ok=True)
             plan.snapdir.mkdir(mode=0o700)
             copies = sum(self._backends.for_record(r).copy_bytes(r) for r in plan.records)
@@ -165,8 +164,8 @@ class SnapshotCreate:
                     gate.frozen()
                 in_pause_progress(0.0, message="guest paused")
                 for rec in plan.records:
-                    # Not written: the durable "checkpoint" step already has
-                    # every disk undone by a rollback, taken or not.
+                    # Not written: a rollback from the durable "mkdir" step
+                    # already undoes every disk, taken or not.
                     op.check_cancel()
                     self._journal.mark(journal, f"disk:{rec.vdev}")
                     backend = self._backends.for_record(rec)
@@ -177,7 +176,8 @@ class SnapshotCreate:
                     mem_progress(0.0, message="guest filesystems frozen")
                 elif req.quiesce.enabled:
                     mem_progress(0.0, message=f"not quiesced (best effort): {freeze.skipped}")
-                await step("checkpoint")
+                op.check_cancel()
+                self._journal.mark(journal, "checkpoint")
                 result = await self._driver.checkpoint(domain, plan.memory, live=req.live, in_pause=in_pause,
                                                        progress=mem_progress,
                                                        # Past the memory save: journaled, no longer cancellable.
@@ -189,7 +189,7 @@ class SnapshotCreate:
             disk_progress = op.phase(Phase.DISKS, 95)
             for i, rec in enumerate(plan.records):
                 op.check_cancel()
-                # Not written: a rollback undoes every disk from "checkpoint" on, copied or not.
+                # Not written: a rollback undoes every disk from "mkdir" on, copied or not.
                 self._journal.mark(journal, f"copy:{rec.vdev}")
                 await self._backends.for_record(rec).complete(rec, block, share(disk_progress, i, len(plan.records)))
             op.phase(Phase.MANIFEST, 99)
@@ -213,24 +213,44 @@ class SnapshotCreate:
             # this create made, is itself the proof of a complete snapshot.
             self._journal.mark(journal, "manifest")
             op.commit()
-            await asyncio.to_thread(manifest.write, plan.snapdir, m)
+            # Both in one thread: the manifest, then (not written: recovery
+            # registers whatever has its manifest) the registration.
+            written = await asyncio.to_thread(self._publish, journal, m)
         except BaseException:
+            if journal.reached("register"):
+                raise  # the snapshot is complete: the next agent registers it
             await self.rollback(journal)
             await self._journal.finish(journal)
             raise
-        # Not written: recovery registers whatever has its manifest.
-        self._journal.mark(journal, "register")
-        await asyncio.to_thread(self._register, journal)
-        await self._journal.finish(journal)
+        # Made durable after the answer, the journal entry dropped only then:
+        # an agent started after a crash in between registers it again.
+        op.after_finish(partial(self._settle, journal, written))
         return Entry(plan.snapdir, m, current=True)
 
-    def _register(self, journal: JournalEntry) -> None:
+    def _publish(self, journal: JournalEntry, m: Manifest) -> list[Path]:
+        manifest.write(Path(journal.data["snapdir"]), m)
+        self._journal.mark(journal, "register")
+        return self._register(journal, durable=False, written=m)
+
+    def _register(self, journal: JournalEntry, *, durable: bool = True, written: Manifest | None = None,
+                  ) -> list[Path]:
+        """The snapshot in the agent's records: its ledger, the catalogue, the domain's current one; returns
+        the files written (see fsutil.write_atomic for `durable`). `written`: the manifest just written, not
+        read back."""
         data = journal.data
         records = [DiskRecord.from_dict(r) for r in data["records"]]
-        self._ledger.record(journal.domain, journal.snapshot, Path(data["snapdir"]),
-                            [data["memory"], *(f for r in records for f in (r.image, r.file))])
-        self._catalogue.register(journal.domain, journal.snapshot, Path(data["snapdir"]))
-        self._catalogue.set_current(journal.domain, journal.snapshot)
+        return [
+            self._ledger.record(journal.domain, journal.snapshot, Path(data["snapdir"]),
+                                [data["memory"], *(f for r in records for f in (r.image, r.file))], durable=durable),
+            self._catalogue.register(journal.domain, journal.snapshot, Path(data["snapdir"]), durable=durable,
+                                     written=written),
+            self._catalogue.set_current(journal.domain, journal.snapshot, durable=durable),
+        ]
+
+    async def _settle(self, journal: JournalEntry, written: list[Path]) -> None:
+        self._journal.mark(journal, "registered")
+        await asyncio.to_thread(make_durable, written)
+        await self._journal.finish(journal)
 
     async def recover(self, journal: JournalEntry) -> str:
         """Finish (manifest written) or roll back a create a dead agent left;
@@ -238,7 +258,7 @@ class SnapshotCreate:
         if journal.reached(quiesce.FREEZE_STEP) and not journal.reached(quiesce.THAWED_STEP):
             await quiesce.thaw(self._driver, journal.domain, "the freeze a dead agent left")
         # Only this create writes a manifest into the folder it made, after the checkpoint.
-        if journal.reached("checkpoint") and manifest.exists(Path(journal.data["snapdir"])):
+        if journal.reached("mkdir") and manifest.exists(Path(journal.data["snapdir"])):
             self._register(journal)
             return "completed"
         await self.rollback(journal)
@@ -257,10 +277,10 @@ class SnapshotCreate:
             # A save a dead agent left may still hold the guest stopped.
             await self._driver.abandon_transfers(domain.name)
             block = self._driver.block_ops(domain.name)
-        # From "checkpoint" on any disk may have been taken (the steps in the
-        # pause are not written down): each is undone, which does nothing to
-        # one that was not.
-        records = [DiskRecord.from_dict(r) for r in data["records"]] if journal.reached("checkpoint") else []
+        # From "mkdir" on any disk may have been taken (the checkpoint and the
+        # steps in the pause are not written down): each is undone, which does
+        # nothing to one that was not.
+        records = [DiskRecord.from_dict(r) for r in data["records"]] if journal.reached("mkdir") else []
         for rec in reversed(records):
             try:
                 await self._backends.for_record(rec).undo(rec, block)

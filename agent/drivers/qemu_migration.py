@@ -53,6 +53,11 @@ READY_POLL = 0.005
 # the guest by itself (it then has least left to send); a guest that dirties
 # too fast for that is stopped after this long, in seconds.
 CATCH_UP = 0.15
+# `cont` refused because QEMU still finalizes the save is asked again this
+# often (the guest waits paused meanwhile; a retry is one QMP round trip),
+# for at most half a second.
+CONT_RETRY = 0.001
+CONT_TRIES = 500
 
 
 @dataclass(frozen=True)
@@ -298,15 +303,17 @@ async def _save_background(qmp: QmpSession, watch: _Watch, in_pause: Callable[[]
 
 
 async def _cont(qmp: QmpSession) -> None:
-    """`cont`, retried while QEMU still finalizes a migration it reported completed."""
-    for _ in range(50):
+    """`cont`, retried while QEMU still finalizes a migration it reported
+    completed (no event says when that is done: its main loop leaves the
+    finish-migrate state a moment after the migration thread's event)."""
+    for _ in range(CONT_TRIES):
         try:
             await qmp.execute("cont")
             return
         except FailedPrecondition as err:
             if "not finalized" not in err.message:
                 raise
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(CONT_RETRY)
     await qmp.execute("cont")
 
 
@@ -348,7 +355,8 @@ class _Watch:
                 fraction = 1 - remaining / total if live else min(written / total, 1.0)
                 self._progress(min(fraction, 0.99), done=written, total=total, rate=self._rate.of(written),
                                message=f"memory: {status}")
-            await _next_change(self._changes)
+            if await _next_change(self._changes) == wanted:
+                return
 
     async def until_ready(self) -> bool:
         """Until the first pass over memory is nearly done (True), or QEMU
@@ -403,10 +411,18 @@ def position(fd: int) -> int:
     return int(text.split(b"pos:", 1)[1].split(b"\n", 1)[0])
 
 
-async def _next_change(changes: EventListener) -> None:
-    """Until the next MIGRATION status change, or POLL (to report progress)."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(changes.get(), POLL)
+async def _next_change(changes: EventListener) -> str | None:
+    """Until the next MIGRATION status change, or POLL (to report progress);
+    the status it changed to (None: none did). The status awaited, once
+    told, is taken as it is: asked again, QEMU answers only once its main
+    loop is free, in the guest's pause a round trip more."""
+    try:
+        event = await asyncio.wait_for(changes.get(), POLL)
+    except TimeoutError:
+        return None
+    data = event.get("data")
+    status = data.get("status") if isinstance(data, dict) else None
+    return status if isinstance(status, str) else None
 
 
 IN_FLIGHT = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
@@ -454,7 +470,8 @@ async def load(qmp: QmpSession, memory: Path, *, progress: StepProgress) -> None
                 done = position(fd)
                 progress(min(done / max(total, 1), 0.99), done=done, total=total, rate=rate.of(done),
                          message="memory: loading")
-                await _next_change(changes)
+                if await _next_change(changes) == "completed":
+                    break
         progress(1.0, done=total, total=total, message="memory image loaded")
     finally:
         os.close(fd)

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,11 @@ from typing import Any
 import pytest
 
 from domsnap.agent import config as agent_config
-from domsnap.agent import convert, runner
+from domsnap.agent import convert, runner, snapshot_create
 from domsnap.agent.errors import Busy, CommandError, FailedPrecondition
 from domsnap.agent.journal import FAIL_ENV, KILL_ENV
 from domsnap.agent.operations import Operation, OpState
+from domsnap.agent.progress import Phase
 from domsnap.agent.runner import CommandResult, Runner
 from domsnap.agent.service import AgentService
 from domsnap.agent.snapshot_create import CreateRequest, parse_request
@@ -117,6 +119,7 @@ def host(tmp_path: Path) -> Host:
 async def finished(op: Operation) -> Operation:
     async for _ in op.watch():
         pass
+    await op.ended()
     return op
 
 
@@ -212,6 +215,42 @@ def test_create_killed_at_every_step(host: Host, step: str, live: bool, method: 
     assert host.domain()["state"] == "running"
     assert not host.journal(), "journal entry left behind"
     assert host.holds(1), "the disks' content changed"
+
+
+def test_create_killed_after_it_answered_is_kept(host: Host) -> None:
+    """The registration is made durable after the answer (step "registered"):
+    killed there, the dead agent's journal entry has the next one register
+    the snapshot again, as the dead one had told."""
+    killed_at(host, "create:registered", create("k"))
+    assert listed(host) == ["k"]
+    assert asyncio.run(host.service().get_snapshot(DOMAIN, "k")).current
+    assert host.domain()["state"] == "running"
+    assert not host.journal(), "journal entry left behind"
+
+
+def test_the_next_operation_starts_once_the_last_one_is_registered_durably(host: Host,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delete asked for as soon as a create answered starts its first step
+    only once the create's registration is durable and its journal entry
+    gone: an entry left behind would have the next agent register again a
+    snapshot deleted since."""
+    durable = threading.Event()
+    monkeypatch.setattr(snapshot_create, "make_durable", lambda paths: durable.wait(30))
+
+    async def scenario() -> Operation:
+        service = host.service()
+        made = await service.create_snapshot(create_request("quick"), "")
+        async for _ in made.watch():
+            pass
+        assert made.state is OpState.SUCCEEDED and len(host.journal()) == 1
+        gone = await service.delete_snapshot(DOMAIN, "quick", False, "")
+        await asyncio.sleep(0.2)
+        assert gone.progress.phase is Phase.PENDING and len(host.journal()) == 1, "the delete did not wait"
+        durable.set()
+        return await finished(gone)
+
+    assert asyncio.run(scenario()).state is OpState.SUCCEEDED
+    assert listed(host) == [] and not host.journal()
 
 
 @pytest.mark.parametrize(("live", "method"), MODES)

@@ -55,10 +55,31 @@ class CommandTally:
 
     started: float = field(default_factory=time.monotonic)
     commands: list[tuple[str, float]] = field(default_factory=list)
+    # When each command ended, as time.monotonic() said.
+    ends: list[float] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
         return sum(seconds for _, seconds in self.commands)
+
+    def add(self, what: str, seconds: float) -> None:
+        self.commands.append((what, seconds))
+        self.ends.append(time.monotonic())
+
+    def own(self) -> str:
+        """`total=S` and where the time waited on no command went: before
+        each command (`before_tool_verb=S`, from the end of the one before)
+        and after the last (`end=S`), for the log."""
+        now = time.monotonic()
+        parts: list[str] = []
+        total, mark = 0.0, self.started
+        for (what, seconds), end in zip(self.commands, self.ends, strict=True):
+            gap = max(0.0, end - seconds - mark)
+            total += gap
+            parts.append(f"before_{what.replace(' ', '_')}={gap:.3f}")
+            mark = max(mark, end)
+        total += now - mark
+        return " ".join([f"total={total:.3f}", *parts, f"end={now - mark:.3f}"])
 
     def summary(self) -> str:
         """`wall=S commands=S n=N` and each command as `tool_verb=S`, for the log."""
@@ -86,7 +107,7 @@ def tally_add(what: str, seconds: float) -> None:
     """Count `seconds` spent waiting on a tool (`what`: "tool verb") in the current tally, if any:
     the runner's commands, and requests to a running tool (a device model's QMP)."""
     if (tally := _tally.get()) is not None:
-        tally.commands.append((what, seconds))
+        tally.add(what, seconds)
 
 
 def _record(argv: Sequence[str], seconds: float) -> None:

@@ -429,5 +429,6 @@ def _costed(tally: runner.CommandTally, body: Body) -> Body:
             return result
         finally:
             log.info("cost of operation %s: %s %s %s %s", op.id, op.kind, op.domain, outcome, tally.summary())
+            log.info("own time of operation %s: %s", op.id, tally.own())
 
     return costed

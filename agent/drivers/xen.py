@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,8 +37,9 @@ from ..fsutil import fsync_path, write_atomic
 from ..progress import StepProgress
 from ..runner import CommandResult, Runner
 from ..xldisk import XlVersion
-from . import xen_feed, xen_live, xen_stream, xl_argv
+from . import libxl_info, xen_feed, xen_live, xen_stream, xl_argv
 from .base import BeforePause, BeforeResume, CheckpointResult, Hypervisor, InPause, Step, no_step
+from .libxl_info import DomainInfo
 from .qga import GuestAgent
 from .xen_block import XenBlockOps
 from .xen_config import domain_config, with_fresh_genid
@@ -55,6 +56,8 @@ LIST_TTL: Final = 1.0
 # up to 2 s for the sink, then resumes).
 ABANDON_WAIT: Final = 10.0
 RUN_DIR: Final = Path("/var/run/xen")
+# libxl's XEN_LIB_DIR: its stored config of each domain (userdata_path).
+LIB_DIR: Final = Path("/var/lib/xen")
 SINK_COMMAND: Final = (sys.executable, "-m", "domsnap.agent.drivers.xen_sink")
 # What xl and libxl print when a guest does not answer the suspend request
 # (xl_saverestore.c, libxl_stream_write.c, libxl_dom_suspend.c).
@@ -79,6 +82,16 @@ def _create_private(path: Path) -> None:
         raise AlreadyExists(f"memory image {path} already exists", reason="PATH_EXISTS", path=str(path)) from err
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """A domain's config as `xl list -l` gave it, and the stamp of libxl's
+    stored copy (`userdata-d.<domid>.<uuid>.libxl-json`) taken before."""
+
+    uuid: str
+    stamp: tuple[int, int, int]
+    xd: XlDomain
+
+
 def _disks_of(saved: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     return {str(d.get("vdev")): (str(d.get("pdev_path", "")), str(d.get("format", "raw")))
             for d in saved.get("disks", [])}
@@ -89,14 +102,25 @@ class XenDriver(Hypervisor):
 
     def __init__(
         self, state_dir: Path, run: Runner = runner.run, *, xl: str = xl_argv.XL, run_dir: Path = RUN_DIR,
-        sink_command: Sequence[str] = SINK_COMMAND,
+        sink_command: Sequence[str] = SINK_COMMAND, lib_dir: Path = LIB_DIR,
+        domain_info: Callable[[str], DomainInfo | None] | None = libxl_info.open_domain_info,
     ) -> None:
         self._dir = state_dir / "xen"
         self._run: Runner = self._forgetting(run)
         self._xl_bin = xl
         self._run_dir = run_dir
         self._sink = tuple(sink_command)
+        self._lib_dir = lib_dir
         self._info: dict[str, str] = {}
+        # Who and how each domain is, asked of libxl in-process once probe
+        # has opened it (libxl_info); None: xl is asked.
+        self._open_domain_info = domain_info
+        self._domain_info: DomainInfo | None = None
+        # A domain's config changes only with libxl's stored copy of it,
+        # which libxl rewrites (a new file) on every change (a device added,
+        # a memory target set) and removes with the domain: while its stamp
+        # holds, `xl list -l` would answer the same (_config).
+        self._seen: dict[int, _Seen] = {}
         # The libxl config last seen per domain name: block_ops and facts are
         # synchronous and need a domain's domid, type and disk backends.
         self._known: dict[str, XlDomain] = {}
@@ -135,6 +159,8 @@ class XenDriver(Hypervisor):
         if not self._info:
             out = await self._xl(xl_argv.info(xl=self._xl_bin), timeout=QUERY_TIMEOUT)
             self._info = xl_argv.parse_info(out.stdout)
+            if self._open_domain_info is not None and (version := self._info.get("xen_version")):
+                self._domain_info = self._open_domain_info(version)
         return f"Xen {self._info.get('xen_version', 'unknown')}"
 
     @property
@@ -221,19 +247,67 @@ class XenDriver(Hypervisor):
                                    (tally is not None and looked[1] is tally)):
             return looked[2]
         changes, asked = self._changes, time.monotonic()
-        rows = await self._table(ref)
-        if not rows or rows[0].domid == 0:
-            raise NotFound(f"domain {ref!r} is not a guest domain", reason="DOMAIN_NOT_FOUND", domain=ref)
-        row = rows[0]
-        xd = (await self._configs(row.domid)).get(row.domid)
-        if xd is None:
-            raise NotFound(f"domain {ref!r} (id {row.domid}) has no configuration left (it is being destroyed)",
-                           reason="DOMAIN_NOT_FOUND", domain=ref)
-        domain = self._domain(row, xd)
+        row, uuid = await self._row(ref)
+        domain = self._domain(row, await self._config(row, uuid))
         # A command that ran meanwhile may have changed what xl answered.
         if changes == self._changes:
             self._looked[ref] = (asked, tally, domain)
         return domain
+
+    async def _row(self, ref: str) -> tuple[XlListEntry, str | None]:
+        """The guest domain `ref` names as `xl list` shows it, and its UUID
+        when libxl told it (in-process: no xl is started)."""
+        found = self._domain_info.find(ref) if self._domain_info is not None else None
+        if found is not None:
+            row = XlListEntry(found.name, found.domid, found.memory_mib, found.vcpus,
+                              xl_argv.run_state(found.flags), found.cpu_seconds, found.flags)
+        else:
+            rows = await self._table(ref)
+            if not rows:
+                raise NotFound(f"domain {ref!r} does not exist", reason="DOMAIN_NOT_FOUND", domain=ref)
+            row = rows[0]
+        if row.domid == 0:
+            raise NotFound(f"domain {ref!r} is not a guest domain", reason="DOMAIN_NOT_FOUND", domain=ref)
+        return row, found.uuid if found is not None else None
+
+    async def _config(self, row: XlListEntry, uuid: str | None) -> XlDomain:
+        """The domain's libxl config: asked of xl (`xl list -l`) unless
+        libxl's stored copy is the one it was asked with last time."""
+        stored = self._stored(row.domid, uuid)
+        seen = self._seen.get(row.domid)
+        if seen is not None and stored == (seen.uuid, seen.stamp) and seen.xd.name == row.name:
+            return seen.xd
+        xd = (await self._configs(row.domid)).get(row.domid)
+        if xd is None:
+            raise NotFound(f"domain {row.name!r} (id {row.domid}) has no configuration left (it is being "
+                           "destroyed)", reason="DOMAIN_NOT_FOUND", domain=row.name)
+        if uuid is not None and uuid != xd.uuid:
+            # libxl's answer is not read as this Xen lays it out: xl only, from now on.
+            log.warning("libxl_domain_info gave domain %d the UUID %s where xl list -l says %s: "
+                        "domains are looked up through xl from now on", row.domid, uuid, xd.uuid)
+            self._domain_info = None
+        if stored is not None and stored[0] == xd.uuid:
+            self._seen[row.domid] = _Seen(stored[0], stored[1], xd)
+        return xd
+
+    def _stored(self, domid: int, uuid: str | None) -> tuple[str, tuple[int, int, int]] | None:
+        """The UUID and stamp (inode, mtime, size) of libxl's stored config
+        of the domain `domid`; None where there is none to be read."""
+        if uuid is None:
+            # Without libxl's answer the UUID is the one the stored config's name holds.
+            prefix, suffix = f"userdata-d.{domid}.", ".libxl-json"
+            try:
+                names = [n for n in os.listdir(self._lib_dir) if n.startswith(prefix) and n.endswith(suffix)]
+            except OSError:
+                return None
+            if len(names) != 1:
+                return None
+            uuid = names[0][len(prefix):-len(suffix)]
+        try:
+            st = os.stat(self._lib_dir / f"userdata-d.{domid}.{uuid}.libxl-json")
+        except OSError:
+            return None
+        return uuid, (st.st_ino, st.st_mtime_ns, st.st_size)
 
     async def _restored(self, name: str, stderr: str, config: Mapping[str, Any] | None) -> Domain:
         """The domain `xl -v restore -p` just made, paused: its domid as xl
@@ -242,6 +316,9 @@ class XenDriver(Hypervisor):
         domid = xl_argv.parse_restored_domid(stderr)
         if domid is not None and config is not None:
             xd = xl_argv.domain_of(domid, config)
+            # libxl stored that config for the new domain: known as if xl had been asked.
+            if (stored := self._stored(domid, xd.uuid)) is not None:
+                self._seen[domid] = _Seen(stored[0], stored[1], xd)
         else:
             found = [xd for xd in (await self._configs(name)).values() if xd.name == name]
             if not found:
@@ -269,6 +346,7 @@ class XenDriver(Hypervisor):
         domain = await self.lookup(name)
         await self._xl(xl_argv.destroy(domain.domid, xl=self._xl_bin))
         self._known.pop(domain.name, None)
+        self._seen.pop(domain.domid, None)
 
     async def pause(self, name: str) -> Domain:
         domain = await self.lookup(name)
@@ -370,10 +448,12 @@ class XenDriver(Hypervisor):
             raise
         # xl prints that it resumes the domain, not whether it did: its run
         # state is all that is asked (the config is the one looked up).
-        after = await self._table(domain.domid)
-        if not after or after[0].state is not RunState.RUNNING:
-            raise InternalError(f"domain {domain.name} is {after[0].state if after else 'gone'} after its live "
-                                "snapshot; xl did not resume it")
+        try:
+            state: RunState | str = (await self._row(str(domain.domid)))[0].state
+        except NotFound:
+            state = "gone"
+        if state is not RunState.RUNNING:
+            raise InternalError(f"domain {domain.name} is {state} after its live snapshot; xl did not resume it")
         return CheckpointResult(saved.memory_bytes, saved.downtime)
 
     def _save_progress(self, progress: StepProgress) -> Callable[[str], None]:

@@ -141,7 +141,8 @@ _LIST_ROW: Final = re.compile(
 )
 
 
-def _run_state(flags: str) -> RunState:
+def run_state(flags: str) -> RunState:
+    """The run state xl list's six letters say."""
     paused, shutdown, reason, dying = flags[2], flags[3], flags[4], flags[5]
     if shutdown == "s" or dying == "d":
         return RunState.CRASHED if reason == "c" else RunState.SHUTDOWN
@@ -158,7 +159,7 @@ def parse_list(text: str) -> list[XlListEntry]:
         if m is None:
             raise ValueError(f"xl list: unexpected row {line!r}")
         entries.append(XlListEntry(m["name"], int(m["domid"]), int(m["mem"]), int(m["vcpus"]),
-                                   _run_state(m["state"]), float(m["time"]), m["state"]))
+                                   run_state(m["state"]), float(m["time"]), m["state"]))
     return entries
 
 

@@ -578,6 +578,8 @@ def hvm_genid(test: str, g: Guest) -> None:
 # ----------------------------------------------------------------- cost
 
 _COST = re.compile(r"cost of operation (\S+): (\w+) (\S+) (ok|failed) wall=([\d.]+) commands=([\d.]+) n=(\d+)(.*)")
+# Where the agent's own time went: before each command it waited on, and after the last.
+_OWN = re.compile(r"own time of operation (\S+): (.*)")
 # What the agent asks xl about domains: the overhead the cost measures (the
 # rest is the tools' work: xl save/restore/destroy/unpause/migrate, LVM, QMP).
 QUERIES = ("xl_list", "xl_info")
@@ -597,6 +599,7 @@ def cost_lines() -> None:
         f.seek(_cost_read)
         text = f.read()
         _cost_read = f.tell()
+    own = {m[1]: m[2] for m in map(_OWN.search, text.splitlines()) if m is not None}
     for line in text.splitlines():
         m = _COST.search(line)
         if m is None:
@@ -619,6 +622,8 @@ def cost_lines() -> None:
         g = GUESTS.get(domain)
         say(f"LABTIME cost:{g.test if g else domain}:{kind}:{len(COSTS.get(kind, []))} wall_s={wall:.2f} "
             f"tools_s={work:.2f} xl_queries={n_queries} xl_queries_s={queries:.2f} ratio={ratio:.3f} {outcome}")
+        if m[1] in own:
+            say(f"LABTIME cost-own:{g.test if g else domain}:{kind}:{len(COSTS.get(kind, []))} {own[m[1]]}")
 
 
 def cost_summary() -> str:

@@ -82,3 +82,17 @@ def test_a_failing_command_is_counted_too() -> None:
         return tally
 
     assert [what for what, _ in asyncio.run(main()).commands] == ["sh -c"]
+
+
+def test_a_tally_says_where_the_time_between_its_commands_went(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    tally = runner.CommandTally(started=100.0)
+    # 0.5 s of the agent's own, a 2 s save, 0.25 s, a 1 s unpause, then 0.75 s to the end.
+    now[0] = 102.5
+    tally.add("xl save", 2.0)
+    now[0] = 103.75
+    tally.add("xl unpause", 1.0)
+    now[0] = 104.5
+    assert tally.own() == "total=1.500 before_xl_save=0.500 before_xl_unpause=0.250 end=0.750"
+    assert runner.CommandTally().own().startswith("total=")

@@ -41,7 +41,9 @@ NOT_FOUND = Reply(rc=1, stderr=recorded(X + "xl-notfound-stderr.txt"))
 
 
 def driver(tmp_path: Path, run: FakeRunner) -> XenDriver:
-    return XenDriver(tmp_path / "state", run, run_dir=tmp_path / "run", sink_command=SINK)
+    """A driver that asks xl everything: no libxl in-process, no stored configs (test_xen_lookup has those)."""
+    return XenDriver(tmp_path / "state", run, run_dir=tmp_path / "run", sink_command=SINK,
+                     lib_dir=tmp_path / "lib", domain_info=None)
 
 
 def expect_lookup(run: FakeRunner, ref: str, table: str, domid: int, config: str | None = None) -> None:

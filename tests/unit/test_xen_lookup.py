@@ -1,0 +1,322 @@
+"""How the xen driver finds a domain for an operation, and what it asks xl
+for it: `xl list -l` once per domain (while libxl's stored config of it
+stays the same file), the run state in-process from libxl where it can be
+opened (libxl_info), else one `xl list`. A domain destroyed, recreated,
+renamed or reconfigured behind the agent's back is asked again. Against
+the recorded xl outputs in tests/data/xen-4.17."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from domsnap.agent import runner
+from domsnap.agent.domain import Domain, RunState
+from domsnap.agent.drivers import libxl_info, xen
+from domsnap.agent.drivers.libxl_info import DomInfo
+from domsnap.agent.drivers.xen import XenDriver
+from domsnap.agent.drivers.xen_config import domain_config
+from domsnap.agent.drivers.xl_argv import parse_list_long
+from domsnap.agent.errors import NotFound
+from tests.unit.xen_fakes import FakeRunner, Reply, recorded, save_stream
+
+X = "xen-4.17/"
+UUID3 = parse_list_long(recorded(X + "xl-list-l-3.json"))[0].uuid
+OTHER_UUID = "11111111-2222-4333-8444-555555555555"
+
+
+@pytest.fixture(autouse=True)
+def no_list_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each request here comes long after the one before (as the lab's do): past LIST_TTL."""
+    monkeypatch.setattr(xen, "LIST_TTL", -1.0)
+
+
+class FakeDomainInfo:
+    """libxl's answers: the domains it knows, by domid; every question recorded."""
+
+    def __init__(self, *domains: DomInfo) -> None:
+        self.domains = {d.domid: d for d in domains}
+        self.asked: list[str] = []
+
+    def find(self, ref: str) -> DomInfo | None:
+        self.asked.append(ref)
+        if ref.isdigit():
+            return self.domains.get(int(ref))
+        return next((d for d in self.domains.values() if d.name == ref), None)
+
+
+def pvguest(flags: str = "-b----", *, domid: int = 3, uuid: str = UUID3, name: str = "pvguest") -> DomInfo:
+    return DomInfo(domid, name, uuid, flags, 128, 1, 4.2)
+
+
+def xen_driver(tmp_path: Path, run: FakeRunner, info: FakeDomainInfo | None = None) -> XenDriver:
+    d = XenDriver(tmp_path / "state", run, run_dir=tmp_path / "run", lib_dir=tmp_path / "lib",
+                  domain_info=(lambda _version: info) if info is not None else None)
+    return d
+
+
+def store(tmp_path: Path, domid: int = 3, uuid: str = UUID3, text: str = "{}") -> Path:
+    """libxl's stored config of a domain, written as libxl writes it: a new file renamed into place."""
+    lib = tmp_path / "lib"
+    lib.mkdir(exist_ok=True)
+    path = lib / f"userdata-d.{domid}.{uuid}.libxl-json"
+    new = lib / f"userdata-n.{domid}.{uuid}.libxl-json"
+    new.write_text(text)
+    os.rename(new, path)
+    return path
+
+
+def probed(run: FakeRunner) -> None:
+    run.expect(["xl", "info"], Reply(recorded(X + "xl-info.txt")))
+
+
+def expect_table(run: FakeRunner, ref: str, table: str = "xl-list-3.txt") -> None:
+    run.expect(["xl", "list", ref], Reply(recorded(X + table)))
+
+
+def expect_config(run: FakeRunner, domid: int = 3, text: str | None = None) -> None:
+    run.expect(["xl", "list", "-l", str(domid)], Reply(text if text is not None else recorded(X + "xl-list-l-3.json")))
+
+
+async def in_request(d: XenDriver, ref: str) -> Domain:
+    """A lookup as a new request makes it (its own command tally)."""
+    async def one() -> Domain:
+        runner.start_tally()
+        return await d.lookup(ref)
+    return await asyncio.create_task(one())
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------ through xl only
+
+
+def test_a_domains_config_is_asked_once_while_libxls_stored_copy_stays(tmp_path: Path) -> None:
+    async def main() -> None:
+        store(tmp_path)
+        run = FakeRunner([])
+        d = xen_driver(tmp_path, run)
+        expect_table(run, "pvguest")
+        expect_config(run)
+        first = await in_request(d, "pvguest")
+        # A later request: the run state is asked again, the config is not.
+        expect_table(run, "pvguest", "xl-list-3-paused.txt")
+        later = await in_request(d, "pvguest")
+        assert later.config == first.config and later.state is RunState.PAUSED
+        run.finished()
+        assert [c[:3] for c in run.calls].count(["xl", "list", "-l"]) == 1
+
+    run_async(main)
+
+
+@pytest.mark.parametrize("change", ["reconfigured", "recreated with the same domid", "stored config gone"])
+def test_a_domain_changed_behind_the_agents_back_is_asked_again(tmp_path: Path, change: str) -> None:
+    async def main() -> None:
+        path = store(tmp_path)
+        run = FakeRunner([])
+        d = xen_driver(tmp_path, run)
+        expect_table(run, "pvguest")
+        expect_config(run)
+        await in_request(d, "pvguest")
+        if change == "reconfigured":
+            # `xl block-attach`, `xl cd-insert`, `xl mem-set`: libxl rewrites its copy.
+            store(tmp_path, text='{"changed": 1}')
+        elif change == "recreated with the same domid":
+            # `xl destroy` removes the copy; `xl create` stores another, under the new UUID.
+            path.unlink()
+            store(tmp_path, uuid=OTHER_UUID)
+        else:
+            path.unlink()
+        expect_table(run, "pvguest")
+        expect_config(run)
+        await in_request(d, "pvguest")
+        run.finished()
+
+    run_async(main)
+
+
+def test_a_domain_renamed_behind_the_agents_back_is_asked_again(tmp_path: Path) -> None:
+    async def main() -> None:
+        store(tmp_path)
+        run = FakeRunner([])
+        d = xen_driver(tmp_path, run)
+        expect_table(run, "pvguest")
+        expect_config(run)
+        await in_request(d, "pvguest")
+        # `xl rename` changes xenstore only: the stored copy stays, the name xl lists does not.
+        renamed = recorded(X + "xl-list-3.txt").replace("pvguest", "renamed")
+        run.expect(["xl", "list", "3"], Reply(renamed))
+        expect_config(run, text=recorded(X + "xl-list-l-3.json").replace('"pvguest"', '"renamed"'))
+        dom = await in_request(d, "3")
+        assert dom.name == "renamed"
+        run.finished()
+
+    run_async(main)
+
+
+def test_without_a_stored_copy_every_lookup_asks_both(tmp_path: Path) -> None:
+    async def main() -> None:
+        run = FakeRunner([])
+        d = xen_driver(tmp_path, run)
+        for _ in range(2):
+            expect_table(run, "pvguest")
+            expect_config(run)
+            await in_request(d, "pvguest")
+        run.finished()
+
+    run_async(main)
+
+
+# ------------------------------------------------------- libxl in-process
+
+
+def test_with_libxl_an_operation_starts_no_xl_at_all(tmp_path: Path) -> None:
+    async def main() -> None:
+        store(tmp_path)
+        info = FakeDomainInfo(pvguest())
+        run = FakeRunner([])
+        d = xen_driver(tmp_path, run, info)
+        probed(run)
+        await d.probe()
+        expect_config(run)
+        first = await in_request(d, "pvguest")
+        assert (first.domid, first.state) == (3, RunState.RUNNING)
+        # The operator paused it with xl: libxl says so, xl is not started.
+        info.domains[3] = pvguest("--p---")
+        later = await in_request(d, "pvguest")
+        assert later.state is RunState.PAUSED and later.config == first.config
+        run.finished()
+        assert info.asked == ["pvguest", "pvguest"]
+
+    run_async(main)
+
+
+def test_with_libxl_a_domid_reused_by_another_domain_is_asked_again(tmp_path: Path) -> None:
+    async def main() -> None:
+        store(tmp_path)
+        info = FakeDomainInfo(pvguest())
+        run = FakeRunner([])
+        d = xen_driver(tmp_path, run, info)
+        probed(run)
+        await d.probe()
+        expect_config(run)
+        await in_request(d, "pvguest")
+        # Destroyed and created again by hand, with the same name and domid: another UUID.
+        info.domains[3] = pvguest(uuid=OTHER_UUID)
+        store(tmp_path, uuid=OTHER_UUID)
+        expect_config(run, text=recorded(X + "xl-list-l-3.json").replace(UUID3, OTHER_UUID))
+        await in_request(d, "pvguest")
+        run.finished()
+
+    run_async(main)
+
+
+def test_a_domain_libxl_does_not_find_is_asked_of_xl(tmp_path: Path) -> None:
+    async def main() -> None:
+        run = FakeRunner([])
+        d = xen_driver(tmp_path, run, FakeDomainInfo())
+        probed(run)
+        await d.probe()
+        run.expect(["xl", "list", "nosuch"], Reply(rc=1, stderr=recorded(X + "xl-notfound-stderr.txt")))
+        with pytest.raises(NotFound):
+            await in_request(d, "nosuch")
+        run.finished()
+
+    run_async(main)
+
+
+def test_libxl_laid_out_otherwise_than_xl_says_is_not_used_again(tmp_path: Path) -> None:
+    async def main() -> None:
+        store(tmp_path, uuid=OTHER_UUID)
+        info = FakeDomainInfo(pvguest(uuid=OTHER_UUID))
+        run = FakeRunner([])
+        d = xen_driver(tmp_path, run, info)
+        probed(run)
+        await d.probe()
+        # xl list -l names another UUID than libxl_domain_info gave: its layout is not this Xen's.
+        expect_config(run)
+        await in_request(d, "pvguest")
+        expect_table(run, "pvguest")
+        expect_config(run)
+        await in_request(d, "pvguest")
+        run.finished()
+        assert info.asked == ["pvguest"]
+
+    run_async(main)
+
+
+def test_dom0_is_not_a_guest_through_libxl_either(tmp_path: Path) -> None:
+    async def main() -> None:
+        run = FakeRunner([])
+        d = xen_driver(tmp_path, run, FakeDomainInfo(DomInfo(0, "Domain-0", OTHER_UUID, "r-----", 2048, 1, 9.0)))
+        probed(run)
+        await d.probe()
+        with pytest.raises(NotFound, match="not a guest"):
+            await in_request(d, "Domain-0")
+        run.finished()
+
+    run_async(main)
+
+
+def test_a_lookup_within_a_request_is_not_repeated(tmp_path: Path) -> None:
+    async def main() -> None:
+        store(tmp_path)
+        info = FakeDomainInfo(pvguest())
+        run = FakeRunner([])
+        d = xen_driver(tmp_path, run, info)
+        probed(run)
+        await d.probe()
+        expect_config(run)
+        runner.start_tally()
+        first = await d.lookup("pvguest")
+        assert await d.lookup("pvguest") is first
+        run.finished()
+        assert info.asked == ["pvguest"]
+
+    run_async(main)
+
+
+def test_a_restored_domain_is_known_by_the_config_its_image_gave(tmp_path: Path) -> None:
+    """A revert's domain is the next operation's: its config is the image's,
+    which libxl stored for it, so that operation asks xl nothing either."""
+    restored = recorded(X + "captured/xl-v-restore-pv-stderr.txt")
+    domid = int(restored.split(", dom ")[1].split(",")[0])
+    saved = parse_list_long(recorded(X + "xl-list-l-3.json"))[0]
+
+    async def main() -> None:
+        memory = tmp_path / "memory.save"
+        memory.write_bytes(save_stream(dict(saved.config)))
+
+        async def libxl_stores_it(_argv: object) -> None:
+            store(tmp_path, domid=domid)
+        info = FakeDomainInfo(pvguest("-b----", domid=domid))
+        run = FakeRunner([])
+        d = xen_driver(tmp_path, run, info)
+        probed(run)
+        await d.probe()
+        run.expect(["xl", "-v", "restore", "-p", str(memory)], Reply(stderr=restored, action=libxl_stores_it))
+        run.expect(["xl", "unpause", str(domid)])
+        dom = await d.restore(domain_config(saved), memory, facts={}, paused=False,
+                              progress=lambda *_a, **_k: None)
+        later = await in_request(d, "pvguest")
+        assert (later.domid, later.config, later.state) == (dom.domid, dom.config, RunState.RUNNING)
+        run.finished()
+
+    run_async(main)
+
+
+def test_libxls_library_is_the_one_of_the_hosts_xen() -> None:
+    assert libxl_info.library_name("4.17.7") == "libxenlight.so.4.17"
+    assert libxl_info.library_name("4.19.1-pre") == "libxenlight.so.4.19"
+
+
+def test_where_libxl_cannot_be_loaded_xl_is_asked(tmp_path: Path) -> None:
+    # This machine has no Xen: the default opener says so and the driver keeps to xl.
+    assert libxl_info.open_domain_info("999.1") is None

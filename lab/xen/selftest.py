@@ -683,6 +683,7 @@ def capture(test: str, g: Guest) -> None:
         emit_file(f"xl-v-restore-{g.type}-stderr.txt", rs.err)
         say(f"LABTIME {test} xl_restore_s={rs.seconds:.2f} MBps={size / 1e6 / rs.seconds:.1f}")
         emit_file(f"xl-list-{g.type}-restored-paused.txt", run(test, "xl-list", [xl, "list", g.name], 30).out)
+        behind_the_agents_back(test, g)
         run(test, "xl-unpause", [xl, "unpause", g.name], 30)
         img.unlink()
         c = g.console.wait_counter_above(g.console.counter(), 30)
@@ -691,6 +692,19 @@ def capture(test: str, g: Guest) -> None:
         result(test, "FAIL", str(e))
     finally:
         destroy(test, g)
+
+
+def behind_the_agents_back(test: str, g: Guest) -> None:
+    """The agent keeps what it learnt of a domain (xen.py: libxl's answers,
+    the config while libxl's stored copy of it stays): this domain, which
+    it created, was destroyed and restored (another domid, paused) by xl
+    alone; the agent must see the new one as xl does."""
+    seen = last_json(domsnap(test, "list-after-xl-restore", "--json", "list", g.name, timeout=60).out)
+    domid, state = json_find(seen, "domid"), str(json_find(seen, "state"))
+    if domid != domid_of(g.name) or state != "paused":
+        raise StepFailed(f"after xl destroy + xl restore -p behind its back the agent sees {g.name} as id {domid}, "
+                         f"{state}; xl says id {domid_of(g.name)}, paused")
+    say(f"LABINFO {test}_behind_the_agents_back=seen(id {domid}, {state})")
 
 
 def qmp(socket_path: str, *commands: str) -> list[Any]:
@@ -849,6 +863,9 @@ def main() -> int:
             return 1
         time.sleep(1)
     say(f"LABTIME setup agent_ready_s={time.monotonic() - t:.2f}")
+    # How the agent finds a domain (xen.py): libxl in its own process, or xl.
+    lookups = "libxl" if "looked up through libxl" in Path("/var/log/domsnapd.log").read_text() else "xl"
+    say(f"LABINFO agent_lookups={lookups}")
     note(" ".join(r.out.split())[:300])
     result("agent-start", "PASS", " ".join(r.out.split())[:200])
 

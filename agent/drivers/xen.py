@@ -248,7 +248,11 @@ class XenDriver(Hypervisor):
             return looked[2]
         changes, asked = self._changes, time.monotonic()
         row, uuid = await self._row(ref)
-        domain = self._domain(row, await self._config(row, uuid))
+        xd = await self._config(row, uuid)
+        if uuid is not None and self._domain_info is None:
+            # libxl was turned off by this very lookup: its row is not trusted either.
+            row, _ = await self._row(ref)
+        domain = self._domain(row, xd)
         # A command that ran meanwhile may have changed what xl answered.
         if changes == self._changes:
             self._looked[ref] = (asked, tally, domain)

@@ -240,9 +240,11 @@ def test_libxl_laid_out_otherwise_than_xl_says_is_not_used_again(tmp_path: Path)
         d = xen_driver(tmp_path, run, info)
         probed(run)
         await d.probe()
-        # xl list -l names another UUID than libxl_domain_info gave: its layout is not this Xen's.
+        # xl list -l names another UUID than libxl_domain_info gave: its layout is not this Xen's,
+        # and the run state it gave is asked of xl too.
         expect_config(run)
-        await in_request(d, "pvguest")
+        expect_table(run, "pvguest", "xl-list-3-paused.txt")
+        assert (await in_request(d, "pvguest")).state is RunState.PAUSED
         expect_table(run, "pvguest")
         expect_config(run)
         await in_request(d, "pvguest")

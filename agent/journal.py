@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import runner
 from .errors import InternalError
 from .fsutil import write_atomic
 
@@ -77,6 +78,7 @@ class Journal:
         entry.steps.append(step)
         entry.data.update(data)
         await asyncio.to_thread(self._write, entry)
+        runner.tally_mark(f"journal {step}")
         self._kill_point(entry, step)
 
     def mark(self, entry: JournalEntry, step: str) -> None:
@@ -96,7 +98,11 @@ class Journal:
             raise InternalError(f"fault injection: step {entry.kind}:{step} failed")
 
     async def finish(self, entry: JournalEntry) -> None:
-        await asyncio.to_thread(self._path(entry.op_id).unlink, missing_ok=True)
+        await asyncio.to_thread(self.close, entry)
+
+    def close(self, entry: JournalEntry) -> None:
+        """`finish` for a caller already off the event loop (one thread hop for its last steps)."""
+        self._path(entry.op_id).unlink(missing_ok=True)
 
     def pending(self) -> list[JournalEntry]:
         if not self._dir.is_dir():

@@ -17,7 +17,7 @@ from enum import StrEnum
 from time import time
 from typing import Any, Protocol
 
-from . import paging
+from . import paging, runner
 from .errors import Busy, Cancelled, DomsnapError, FailedPrecondition, InternalError, NotFound
 from .progress import Phase, Progress, StepProgress
 
@@ -83,6 +83,7 @@ class Operation:
         """Enter a phase that ends at `until` percent; returns its progress sink."""
         base = self.progress.percent
         span = max(until - base, 0.0)
+        runner.tally_mark(f"phase {name}")
         self._publish(Progress(name, base))
 
         def report(fraction: float, *, done: int = 0, total: int = 0, rate: float = 0.0, message: str = "") -> None:

@@ -57,6 +57,8 @@ class CommandTally:
     commands: list[tuple[str, float]] = field(default_factory=list)
     # When each command ended, as time.monotonic() said.
     ends: list[float] = field(default_factory=list)
+    # Points of the agent's own work (`tally_mark`), to split its time between commands.
+    marks: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
@@ -68,13 +70,16 @@ class CommandTally:
 
     def own(self) -> str:
         """`total=S` and where the time waited on no command went: before
-        each command (`before_tool_verb=S`, from the end of the one before)
-        and after the last (`end=S`), for the log."""
+        each command and mark (`before_tool_verb=S`, from the end of the one
+        before) and after the last (`end=S`), for the log."""
         now = time.monotonic()
+        events = sorted([(end - seconds, end, what) for (what, seconds), end in zip(self.commands, self.ends,
+                                                                                      strict=True)]
+                        + [(at, at, what) for what, at in self.marks])
         parts: list[str] = []
         total, mark = 0.0, self.started
-        for (what, seconds), end in zip(self.commands, self.ends, strict=True):
-            gap = max(0.0, end - seconds - mark)
+        for start, end, what in events:
+            gap = max(0.0, start - mark)
             total += gap
             parts.append(f"before_{what.replace(' ', '_')}={gap:.3f}")
             mark = max(mark, end)
@@ -108,6 +113,12 @@ def tally_add(what: str, seconds: float) -> None:
     the runner's commands, and requests to a running tool (a device model's QMP)."""
     if (tally := _tally.get()) is not None:
         tally.add(what, seconds)
+
+
+def tally_mark(what: str) -> None:
+    """Mark a point of the agent's own work in the current tally, if any (where its time went)."""
+    if (tally := _tally.get()) is not None:
+        tally.marks.append((what, time.monotonic()))
 
 
 def _record(argv: Sequence[str], seconds: float) -> None:

@@ -324,10 +324,12 @@ class AgentService:
         """A create; with `gate`, a group snapshot's member, which waits for its coordinator there."""
         tally = runner.start_tally()
         domain = await self.driver.lookup(req.domain)
+        runner.tally_mark("looked up")
         # Validated before the operation exists: a refusal is one plain error.
         self.operations.check_idle(domain.name)
         req = self._named(domain.name, req)
         plan = await self._create.prepare(domain, req)
+        runner.tally_mark("planned")
         return self.operations.start(OpKind.CREATE, domain.name, req.name, request_id,
                                      _costed(tally, lambda op: self._create.run(op, req, plan, gate)))
 
@@ -338,11 +340,13 @@ class AgentService:
     async def revert_snapshot(self, req: RevertRequest, request_id: str) -> Operation:
         tally = runner.start_tally()
         name = await self._domain_name(req.domain)
+        runner.tally_mark("looked up")
         self.operations.check_idle(name)
         if (stranded := self._revert.stranded(name)) is not None:
             return self._resume_revert(name, req.snapshot, request_id, stranded)
         ref = self._confined(req.snapshot)
         plan = await self._revert.prepare(replace(req, domain=name, snapshot=ref))
+        runner.tally_mark("planned")
         self.uids.adopt(name, plan.manifest.domain_uid)
         return self.operations.start(OpKind.REVERT, name, plan.manifest.name, request_id,
                                      _costed(tally, lambda op: self._revert.run(op, plan)))

@@ -272,11 +272,16 @@ class SnapshotRevert:
             progress(1.0, message="guest filesystems thawed: " + (
                 "the guest agent did not answer" if thawed is None else f"{thawed} were frozen at the instant"))
         self._stranded.pop(journal.domain, None)
-        await asyncio.to_thread(self._catalogue.set_current, journal.domain, journal.snapshot)
+        await asyncio.to_thread(self._close, journal, before, after)
+
+    def _close(self, journal: JournalEntry, before: DomainConfig, after: DomainConfig) -> None:
+        """The revert's last steps, off the event loop in one go: the current
+        snapshot, the discarded overlays removed, the journal's entry last."""
+        self._catalogue.set_current(journal.domain, journal.snapshot)
         for orphan in self._discarded(journal.domain, before, after):
             log.info("revert: removing %s, the discarded state's overlay", orphan)
             orphan.unlink(missing_ok=True)
-        await self._journal.finish(journal)
+        self._journal.close(journal)
 
     async def recover(self, journal: JournalEntry) -> str:
         """Finish a revert a dead agent left past its point of no return."""

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 # xentoollog's levels (xentoollog.h): XTL_ERROR. libxl reports its own
 # errors through this logger, to the agent's stderr.
 _XTL_ERROR: Final = 8
-# libxl_shutdown_reason (libxl_types.idl): a crash, which xl prints as 'c'.
-_SHUTDOWN_CRASH: Final = 3
+# xl's letter for each libxl_shutdown_reason, 0 to 5 (xl_info.c:
+# shutdown_reason_letters): poweroff, reboot, suspend, crash, watchdog, soft reset.
+_REASONS: Final = "-rscwS"
 
 
 class _DomInfo(ctypes.Structure):
@@ -79,9 +80,10 @@ class DomInfo:
 
 
 class DomainInfo(Protocol):
-    def find(self, ref: str) -> DomInfo | None:
+    def find(self, ref: str, hint: int | None = None) -> DomInfo | None:
         """The domain `ref` names (a domid, as xl reads one, or a name); None
-        when it is not found here: xl is then asked, for its own error."""
+        when it is not found here: xl is then asked, for its own error.
+        `hint`: the domid the name had last, asked first."""
 
 
 class LibxlDomainInfo:
@@ -92,8 +94,12 @@ class LibxlDomainInfo:
         self._libc = libc
         self._ctx = ctx
 
-    def find(self, ref: str) -> DomInfo | None:
+    def find(self, ref: str, hint: int | None = None) -> DomInfo | None:
         domid = _domid(ref)
+        # The name's domid of last time, if it still has that name: no walk
+        # over every domain's name (libxl_name_to_domid).
+        if domid is None and hint is not None and (known := self.info(hint)) is not None and known.name == ref:
+            return known
         if domid is None:
             found = ctypes.c_uint32()
             if self._xl.libxl_name_to_domid(self._ctx, ref.encode(), ctypes.byref(found)) != 0:
@@ -110,9 +116,10 @@ class LibxlDomainInfo:
             name = self._name(domid)
             if name is None:
                 return None
+            reason = raw.shutdown_reason if raw.shutdown else 0
             flags = "".join((
                 "r" if raw.running else "-", "b" if raw.blocked else "-", "p" if raw.paused else "-",
-                "s" if raw.shutdown else "-", "c" if raw.shutdown_reason == _SHUTDOWN_CRASH else "-",
+                "s" if raw.shutdown else "-", _REASONS[reason] if 0 <= reason < len(_REASONS) else "?",
                 "d" if raw.dying else "-",
             ))
             return DomInfo(domid, name, str(uuid.UUID(bytes=bytes(raw.uuid))), flags,

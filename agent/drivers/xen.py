@@ -261,7 +261,9 @@ class XenDriver(Hypervisor):
     async def _row(self, ref: str) -> tuple[XlListEntry, str | None]:
         """The guest domain `ref` names as `xl list` shows it, and its UUID
         when libxl told it (in-process: no xl is started)."""
-        found = self._domain_info.find(ref) if self._domain_info is not None else None
+        known = self._known.get(ref)
+        found = (self._domain_info.find(ref, known.domid if known is not None else None)
+                 if self._domain_info is not None else None)
         if found is not None:
             row = XlListEntry(found.name, found.domid, found.memory_mib, found.vcpus,
                               xl_argv.run_state(found.flags), found.cpu_seconds, found.flags)
@@ -517,7 +519,7 @@ class XenDriver(Hypervisor):
         stderr dies of SIGPIPE at its next progress line; if it had suspended
         the domain, no xl command resumes it, and that is said plainly."""
         deadline = time.monotonic() + ABANDON_WAIT
-        while (rows := await self._table(name)) and rows[0].suspended:
+        while (await self._row(name))[0].suspended:
             if time.monotonic() >= deadline:
                 raise FailedPrecondition(
                     f"domain {name} was left suspended by an interrupted save and xl has no command to resume "

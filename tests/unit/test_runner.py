@@ -96,3 +96,22 @@ def test_a_tally_says_where_the_time_between_its_commands_went(monkeypatch: pyte
     now[0] = 104.5
     assert tally.own() == "total=1.500 before_xl_save=0.500 before_xl_unpause=0.250 end=0.750"
     assert runner.CommandTally().own().startswith("total=")
+
+
+def test_a_tallys_own_time_is_split_at_marks_and_not_counted_inside_a_command(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    tally = runner.CommandTally(started=100.0)
+    runner._tally.set(tally)
+    now[0] = 100.25
+    runner.tally_mark("looked up")
+    # A live save: xl migrate from 100.5 to 110, a QMP command in its pause (109 to 109.5), told first.
+    now[0] = 109.5
+    tally.add("qmp snapshot", 0.5)
+    now[0] = 110.0
+    tally.add("xl migrate", 9.5)
+    now[0] = 110.5
+    assert tally.own() == ("total=1.000 before_looked_up=0.250 before_xl_migrate=0.250 "
+                           "before_qmp_snapshot=0.000 end=0.500")
+    runner._tally.set(None)

@@ -8,6 +8,7 @@ the recorded xl outputs in tests/data/xen-4.17."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -22,6 +23,7 @@ from domsnap.agent.drivers.libxl_info import DomInfo
 from domsnap.agent.drivers.xen import XenDriver
 from domsnap.agent.drivers.xen_config import domain_config
 from domsnap.agent.drivers.xl_argv import parse_list_long
+from domsnap.agent.drivers.xl_argv import run_state as xen_argv_state
 from domsnap.agent.errors import NotFound
 from tests.unit.xen_fakes import FakeRunner, Reply, recorded, save_stream
 
@@ -42,9 +44,11 @@ class FakeDomainInfo:
     def __init__(self, *domains: DomInfo) -> None:
         self.domains = {d.domid: d for d in domains}
         self.asked: list[str] = []
+        self.hints: list[int | None] = []
 
-    def find(self, ref: str) -> DomInfo | None:
+    def find(self, ref: str, hint: int | None = None) -> DomInfo | None:
         self.asked.append(ref)
+        self.hints.append(hint)
         if ref.isdigit():
             return self.domains.get(int(ref))
         return next((d for d in self.domains.values() if d.name == ref), None)
@@ -193,7 +197,8 @@ def test_with_libxl_an_operation_starts_no_xl_at_all(tmp_path: Path) -> None:
         later = await in_request(d, "pvguest")
         assert later.state is RunState.PAUSED and later.config == first.config
         run.finished()
-        assert info.asked == ["pvguest", "pvguest"]
+        # The second time with the domid the name had: libxl need not walk every domain's name.
+        assert (info.asked, info.hints) == (["pvguest", "pvguest"], [None, 3])
 
     run_async(main)
 
@@ -322,3 +327,83 @@ def test_libxls_library_is_the_one_of_the_hosts_xen() -> None:
 def test_where_libxl_cannot_be_loaded_xl_is_asked(tmp_path: Path) -> None:
     # This machine has no Xen: the default opener says so and the driver keeps to xl.
     assert libxl_info.open_domain_info("999.1") is None
+
+
+class FakeLibxl:
+    """libxl's C calls as LibxlDomainInfo makes them through ctypes: it fills
+    the libxl_dominfo it is handed; every call is recorded."""
+
+    def __init__(self, **domains: dict[str, Any]) -> None:
+        self.domains = {int(d["domid"]): {"name": name, **d} for name, d in domains.items()}
+        self.calls: list[str] = []
+        self.names: list[ctypes.Array[ctypes.c_char]] = []
+
+    def libxl_dominfo_init(self, _info: object) -> None:
+        self.calls.append("init")
+
+    def libxl_dominfo_dispose(self, _info: object) -> None:
+        self.calls.append("dispose")
+
+    def libxl_name_to_domid(self, _ctx: object, name: bytes, out: Any) -> int:
+        self.calls.append("name_to_domid")
+        for domid, d in self.domains.items():
+            if d["name"] == name.decode():
+                out._obj.value = domid
+                return 0
+        return -6  # ERROR_INVAL
+
+    def libxl_domain_info(self, _ctx: object, info: Any, domid: int) -> int:
+        self.calls.append(f"domain_info {domid}")
+        d = self.domains.get(domid)
+        if d is None:
+            return -21  # ERROR_DOMAIN_NOTFOUND
+        raw = info._obj
+        raw.domid = domid
+        raw.uuid[:] = list(bytes.fromhex(UUID3.replace("-", "")))
+        for key in ("running", "blocked", "paused", "shutdown", "dying"):
+            setattr(raw, key, bool(d.get(key)))
+        raw.shutdown_reason = d.get("reason", -1)
+        raw.current_memkb, raw.vcpu_online, raw.cpu_time = 131072, 1, 4_200_000_000
+        return 0
+
+    def libxl_domid_to_name(self, _ctx: object, domid: int) -> int:
+        d = self.domains.get(domid)
+        if d is None:
+            return 0
+        self.names.append(buf := ctypes.create_string_buffer(d["name"].encode()))
+        return ctypes.addressof(buf)
+
+
+class FakeLibc:
+    def __init__(self) -> None:
+        self.freed: list[int] = []
+
+    def free(self, ptr: int) -> None:
+        self.freed.append(ptr)
+
+
+@pytest.mark.parametrize(("state", "flags", "run_state"), [
+    ({"blocked": True}, "-b----", RunState.RUNNING),
+    ({"paused": True}, "--p---", RunState.PAUSED),
+    ({"shutdown": True, "reason": 2}, "---ss-", RunState.SHUTDOWN),
+    ({"shutdown": True, "reason": 3}, "---sc-", RunState.CRASHED),
+    ({"dying": True, "reason": 3}, "-----d", RunState.SHUTDOWN),
+])
+def test_libxls_answer_reads_as_xl_list_prints_it(state: dict[str, Any], flags: str, run_state: RunState) -> None:
+    lib, libc = FakeLibxl(pvguest={"domid": 3, **state}), FakeLibc()
+    found = libxl_info.LibxlDomainInfo(lib, libc, ctypes.c_void_p(1)).find("pvguest")  # type: ignore[arg-type]
+    assert found == DomInfo(3, "pvguest", UUID3, flags, 128, 1, 4.2)
+    assert xen_argv_state(found.flags) is run_state
+    # The name xenstore gave is freed; the struct is disposed as libxl wants.
+    assert libc.freed == [ctypes.addressof(lib.names[0])] and lib.calls[-1] == "dispose"
+
+
+def test_libxl_is_asked_the_names_domid_of_last_time_first() -> None:
+    lib = FakeLibxl(pvguest={"domid": 3, "blocked": True}, other={"domid": 5})
+    info = libxl_info.LibxlDomainInfo(lib, FakeLibc(), ctypes.c_void_p(1))  # type: ignore[arg-type]
+    assert info.find("pvguest", 3) is not None and "name_to_domid" not in lib.calls
+    # Domid 5 is another domain now: the name is looked for among all.
+    lib.calls.clear()
+    assert info.find("pvguest", 5).domid == 3  # type: ignore[union-attr]
+    assert "name_to_domid" in lib.calls
+    assert info.find("7") is None and info.find("nosuch") is None

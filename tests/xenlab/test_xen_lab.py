@@ -113,7 +113,7 @@ def test_lab_reports_the_agents_cost(lab: dict[str, Any], kind: str) -> None:
                           "in the agent's process, `xl list -l` once per domain), so what remains is the agent's own "
                           "Python in the single-vCPU TCG dom0: 0.2-0.4 s per operation (each journal step's thread "
                           "hop 11-25 ms, more under load), against 2-4 s of tools for the shortest creates. Run of "
-                          "2026-12-03 05:02 (load average 4-23 from other work): reverts median 1.040x, worst "
+                          "2026-12-03 05:02 (load average 4-23 from other work): reverts median 1.039x, worst "
                           "1.071x; creates median 1.043x, worst 1.108x (pv-qcow2-nonlive, the agent's first create: "
                           "its plan took 0.14 s, later ones 0.01-0.04 s) and 1.104x (pv-lvm-thick-nonlive); "
                           "bench/results/xen-lab-cost-20261203T0440.md",

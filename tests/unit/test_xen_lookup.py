@@ -87,6 +87,15 @@ def expect_config(run: FakeRunner, domid: int = 3, text: str | None = None) -> N
     run.expect(["xl", "list", "-l", str(domid)], Reply(text if text is not None else recorded(X + "xl-list-l-3.json")))
 
 
+async def libxl_driver(tmp_path: Path, info: FakeDomainInfo) -> tuple[FakeRunner, XenDriver]:
+    """A driver that found libxl at its probe (the probe's `xl info` answered)."""
+    run = FakeRunner([])
+    d = xen_driver(tmp_path, run, info)
+    probed(run)
+    await d.probe()
+    return run, d
+
+
 async def in_request(d: XenDriver, ref: str) -> Domain:
     """A lookup as a new request makes it (its own command tally)."""
     async def one() -> Domain:
@@ -185,10 +194,7 @@ def test_with_libxl_an_operation_starts_no_xl_at_all(tmp_path: Path) -> None:
     async def main() -> None:
         store(tmp_path)
         info = FakeDomainInfo(pvguest())
-        run = FakeRunner([])
-        d = xen_driver(tmp_path, run, info)
-        probed(run)
-        await d.probe()
+        run, d = await libxl_driver(tmp_path, info)
         expect_config(run)
         first = await in_request(d, "pvguest")
         assert (first.domid, first.state) == (3, RunState.RUNNING)
@@ -207,10 +213,7 @@ def test_with_libxl_a_domid_reused_by_another_domain_is_asked_again(tmp_path: Pa
     async def main() -> None:
         store(tmp_path)
         info = FakeDomainInfo(pvguest())
-        run = FakeRunner([])
-        d = xen_driver(tmp_path, run, info)
-        probed(run)
-        await d.probe()
+        run, d = await libxl_driver(tmp_path, info)
         expect_config(run)
         await in_request(d, "pvguest")
         # Destroyed and created again by hand, with the same name and domid: another UUID.
@@ -225,10 +228,7 @@ def test_with_libxl_a_domid_reused_by_another_domain_is_asked_again(tmp_path: Pa
 
 def test_a_domain_libxl_does_not_find_is_asked_of_xl(tmp_path: Path) -> None:
     async def main() -> None:
-        run = FakeRunner([])
-        d = xen_driver(tmp_path, run, FakeDomainInfo())
-        probed(run)
-        await d.probe()
+        run, d = await libxl_driver(tmp_path, FakeDomainInfo())
         run.expect(["xl", "list", "nosuch"], Reply(rc=1, stderr=recorded(X + "xl-notfound-stderr.txt")))
         with pytest.raises(NotFound):
             await in_request(d, "nosuch")
@@ -241,10 +241,7 @@ def test_libxl_laid_out_otherwise_than_xl_says_is_not_used_again(tmp_path: Path)
     async def main() -> None:
         store(tmp_path, uuid=OTHER_UUID)
         info = FakeDomainInfo(pvguest(uuid=OTHER_UUID))
-        run = FakeRunner([])
-        d = xen_driver(tmp_path, run, info)
-        probed(run)
-        await d.probe()
+        run, d = await libxl_driver(tmp_path, info)
         # xl list -l names another UUID than libxl_domain_info gave: its layout is not this Xen's,
         # and the run state it gave is asked of xl too.
         expect_config(run)
@@ -261,10 +258,8 @@ def test_libxl_laid_out_otherwise_than_xl_says_is_not_used_again(tmp_path: Path)
 
 def test_dom0_is_not_a_guest_through_libxl_either(tmp_path: Path) -> None:
     async def main() -> None:
-        run = FakeRunner([])
-        d = xen_driver(tmp_path, run, FakeDomainInfo(DomInfo(0, "Domain-0", OTHER_UUID, "r-----", 2048, 1, 9.0)))
-        probed(run)
-        await d.probe()
+        dom0 = DomInfo(0, "Domain-0", OTHER_UUID, "r-----", 2048, 1, 9.0)
+        run, d = await libxl_driver(tmp_path, FakeDomainInfo(dom0))
         with pytest.raises(NotFound, match="not a guest"):
             await in_request(d, "Domain-0")
         run.finished()
@@ -276,10 +271,7 @@ def test_a_lookup_within_a_request_is_not_repeated(tmp_path: Path) -> None:
     async def main() -> None:
         store(tmp_path)
         info = FakeDomainInfo(pvguest())
-        run = FakeRunner([])
-        d = xen_driver(tmp_path, run, info)
-        probed(run)
-        await d.probe()
+        run, d = await libxl_driver(tmp_path, info)
         expect_config(run)
         runner.start_tally()
         first = await d.lookup("pvguest")
@@ -304,10 +296,7 @@ def test_a_restored_domain_is_known_by_the_config_its_image_gave(tmp_path: Path)
         async def libxl_stores_it(_argv: object) -> None:
             store(tmp_path, domid=domid)
         info = FakeDomainInfo(pvguest("-b----", domid=domid))
-        run = FakeRunner([])
-        d = xen_driver(tmp_path, run, info)
-        probed(run)
-        await d.probe()
+        run, d = await libxl_driver(tmp_path, info)
         run.expect(["xl", "-v", "restore", "-p", str(memory)], Reply(stderr=restored, action=libxl_stores_it))
         run.expect(["xl", "unpause", str(domid)])
         dom = await d.restore(domain_config(saved), memory, facts={}, paused=False,

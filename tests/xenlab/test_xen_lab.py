@@ -109,13 +109,12 @@ def test_lab_reports_the_agents_cost(lab: dict[str, Any], kind: str) -> None:
     assert _cost(lab, kind) >= 1.0, "the agent cannot take less time than the commands it waited on"
 
 
-@pytest.mark.xfail(reason="not met on every run here. No xl query is left in a create or a revert (libxl is asked "
-                          "in the agent's process, `xl list -l` once per domain), so what remains is the agent's own "
-                          "Python in the single-vCPU TCG dom0: 0.2-0.4 s per operation (each journal step's thread "
-                          "hop 11-25 ms, more under load), against 2-4 s of tools for the shortest creates. Run of "
-                          "2026-12-03 05:02 (load average 4-23 from other work): reverts median 1.039x, worst "
-                          "1.071x; creates median 1.043x, worst 1.108x (pv-qcow2-nonlive, the agent's first create: "
-                          "its plan took 0.14 s, later ones 0.01-0.04 s) and 1.104x (pv-lvm-thick-nonlive); "
+@pytest.mark.xfail(reason="met on a quiet host, not on every loaded one: speed is not asserted in timed tests. "
+                          "No xl query is left in a create or a revert (libxl is asked in the agent's process, "
+                          "`xl list -l` once per domain); what remains is the agent's own Python in the "
+                          "single-vCPU TCG dom0. Merged main, quiet (2026-12-03 05:35, load 0.9-1.3): creates "
+                          "median 1.035x, worst 1.100x (the agent's first create); reverts median 1.028x, worst "
+                          "1.051x. Under load 4-23: creates worst 1.104-1.108x, reverts 1.071x; "
                           "bench/results/xen-lab-cost-20261203T0440.md",
                    strict=False)
 @pytest.mark.parametrize("kind", ["create", "revert"])

@@ -54,27 +54,29 @@ class CommandTally:
     a task inherits its creator's context, so both add to the same tally)."""
 
     started: float = field(default_factory=time.monotonic)
-    commands: list[tuple[str, float]] = field(default_factory=list)
-    # When each command ended, as time.monotonic() said.
-    ends: list[float] = field(default_factory=list)
+    # Each command waited on: what, when it ended (time.monotonic()), how long it took.
+    spans: list[tuple[str, float, float]] = field(default_factory=list)
     # Points of the agent's own work (`tally_mark`), to split its time between commands.
     marks: list[tuple[str, float]] = field(default_factory=list)
 
     @property
+    def commands(self) -> list[tuple[str, float]]:
+        """Each command and its seconds."""
+        return [(what, seconds) for what, _, seconds in self.spans]
+
+    @property
     def seconds(self) -> float:
-        return sum(seconds for _, seconds in self.commands)
+        return sum(seconds for _, _, seconds in self.spans)
 
     def add(self, what: str, seconds: float) -> None:
-        self.commands.append((what, seconds))
-        self.ends.append(time.monotonic())
+        self.spans.append((what, time.monotonic(), seconds))
 
     def own(self) -> str:
         """`total=S` and where the time waited on no command went: before
         each command and mark (`before_tool_verb=S`, from the end of the one
         before) and after the last (`end=S`), for the log."""
         now = time.monotonic()
-        events = sorted([(end - seconds, end, what) for (what, seconds), end in zip(self.commands, self.ends,
-                                                                                      strict=True)]
+        events = sorted([(end - seconds, end, what) for what, end, seconds in self.spans]
                         + [(at, at, what) for what, at in self.marks])
         parts: list[str] = []
         total, mark = 0.0, self.started

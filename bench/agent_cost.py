@@ -15,7 +15,10 @@ Rows and their baselines:
   unary calls (GetAgentInfo, ListDomains, GetDomain, ListSnapshots of one
   domain) p50 and p99 with DOMAINS small guests running while another
   domain's snapshots are taken and deleted in a loop | the standard health
-  Check on the same server at the same time (gRPC's own floor); the host's
+  Check on the same server at the same time (gRPC's own floor), the methods
+  called in turn so that each meets the same moments of the snapshots; the
+  host's own wake-up latency meanwhile (bench/wake_probe.py: the floor of
+  any process on the host, gRPC's included); the host's
   CPU use with the guests booted and idle, and during those calls (the
   small guests run the test guest with its counter ticking once a second,
   `domsnap.tick=1000`, as idle servers; each is up, READY, before the
@@ -66,7 +69,8 @@ import domsnap
 from bench import qmp_direct
 from bench.catalogue_list import fill, timed
 from bench.snapshot_pause import machine
-from bench.vs_libvirt import latencies, pct
+from bench.vs_libvirt import pct
+from bench.wake_probe import WakeProbe
 from domsnap.agent import manifest
 from domsnap.v1 import domsnap_pb2 as pb
 from domsnap.v1 import domsnap_pb2_grpc as pb_grpc
@@ -74,7 +78,7 @@ from testbed import guestprobe, harness
 from testbed.harness import BIN, Agent, guest_config, make_disk
 
 HERE = Path(__file__).resolve().parent
-RPC_CALLS = 300
+RPC_CALLS = 600
 OVERHEAD_MIB = 256
 # The test guest's smallest comfortable size: at 64 MiB its kernel resets
 # before init, a QEMU rebooting at 100 % of a core for ever.
@@ -265,7 +269,6 @@ def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
             delete(stub, "ov", name)
             made[0] += 1
 
-    lat: dict[str, list[float]] = {}
     # Where the agent's gRPC server listens itself (unix_socket.private_socket_path): health answers anyone there.
     private = agent.sock.parent / f".{agent.sock.name}.private" / "grpc.sock"
     with grpc.insecure_channel(agent.address) as ch, grpc.insecure_channel(f"unix:{private}") as direct, \
@@ -287,11 +290,11 @@ def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
         busy = HostCpu([agent.state_dir / "qemu" / name / "qemu.pid" for name in [*names, "ov"]])
         busy.start()
         background = pool.submit(snapshots)
+        probe = WakeProbe()
         try:
-            for _ in range(5):  # interleaved rounds
-                for label, call in calls.items():
-                    lat.setdefault(label, []).extend(latencies(call, RPC_CALLS // 5))
+            lat = interleaved(calls, RPC_CALLS)
         finally:
+            wake = probe.stop()
             stop.set()
             background.result()
         rounds_cpu = busy.stop()
@@ -314,7 +317,10 @@ def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
                   (f"health Check through the unix socket's relay: p50 / p99 ({domains + 1} domains, under the same "
                    "snapshots)", f"{pct(base, 50) * 1000:.2f} / {pct(base, 99) * 1000:.2f} ms",
                    f"on the gRPC server's own socket: {pct(own, 50) * 1000:.2f} / {pct(own, 99) * 1000:.2f} ms",
-                   f"{pct(base, 99) / pct(own, 99):.2f}x at p99", "")]
+                   f"{pct(base, 99) / pct(own, 99):.2f}x at p99", ""),
+                  ("the host's own wake-up latency meanwhile: how late a process sleeping 0.5 ms wakes, p50 / p99 "
+                   "(bench/wake_probe.py)", f"{pct(wake, 50) * 1000:.2f} / {pct(wake, 99) * 1000:.2f} ms; "
+                   f"{sum(1 for w in wake if w > 0.002)} of {len(wake)} wake-ups over 2 ms", "", "", "")]
     for label, values in lat.items():
         inside = served.get(label.split(",")[0], [0.0])
         rows.append((f"{label}: p50 / p99 ({domains + 1} domains, {made[0]} snapshots taken meanwhile)",
@@ -324,6 +330,21 @@ def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
                      f"{pct(values, 99) / pct(base, 99):.2f}x at p99", "p99 ≤ 5 ms"))
     rows.append((f"`domsnap list` ({domains + 1} domains), process wall", cli, floor, "", "≤ 150 ms"))
     return rows
+
+
+def interleaved(calls: dict[str, Callable[[], object]], n: int) -> dict[str, list[float]]:
+    """Each call's latencies, the calls taken in turn (one of each, n times): every
+    method meets the same moments of the snapshots running meanwhile, as its baseline does."""
+    for call in calls.values():
+        for _ in range(20):
+            call()
+    out: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(n):
+        for label, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            out[label].append(time.perf_counter() - t0)
+    return out
 
 
 def server_side(log: str) -> dict[str, list[float]]:
@@ -379,7 +400,7 @@ def print_rows(started: datetime, load0: float, repeat: int, rows: Rows) -> int:
     lines = [f"# The agent's own cost ({started:%Y-%m-%d %H:%M} UTC)", "",
              f"Machine: {machine()}; load average {load0:.2f} at start, {load1:.2f} at end.", "",
              f"Median (min-max) of {repeat} runs unless said; RPC latencies over {RPC_CALLS} calls each, "
-             "interleaved in 5 rounds. Ratio: baseline / domsnap for the catalogue rows (above 1: faster than "
+             "the methods called in turn. Ratio: baseline / domsnap for the catalogue rows (above 1: faster than "
              "reading the manifests), domsnap / baseline otherwise.", "",
              f"Command: `{' '.join(['.venv/bin/python -m bench.agent_cost', *sys.argv[1:]])}`", "",
              "| figure | domsnap | baseline, same run | ratio | goal (issue 18) |", "|---|---|---|---|---|"]

@@ -1,8 +1,12 @@
 """The one way the agent starts a process: an argv list, a timeout, always.
 
 No shell is ever involved. A failure raises `CommandError` carrying what ran
-and what it said. The runner is injected into drivers and backends so the
-contract tests can check the exact argv and replay recorded output.
+and what it said. Each command leads a process group of its own: at its
+timeout, or when the caller is cancelled, the whole group is killed, so no
+child it started lives on holding its output open (the wait for the command
+would last as long as that child). The runner is injected into drivers and
+backends so the contract tests can check the exact argv and replay recorded
+output.
 
 Each command's wall time is logged (debug) and added to the CommandTally of
 the current context, if one was started: an operation's cost, set against
@@ -12,8 +16,11 @@ the tools it waited on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -171,6 +178,7 @@ async def run(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            process_group=0,
         )
     except OSError as exc:  # not installed, not executable
         raise CommandError(argv, 127, "", f"{argv[0]}: {exc.strerror}") from exc
@@ -182,10 +190,13 @@ async def run(
         await asyncio.wait_for(asyncio.shield(readers), timeout)
         rc = await asyncio.wait_for(proc.wait(), timeout)
     except (TimeoutError, asyncio.CancelledError) as exc:
-        if proc.returncode is None:
-            proc.kill()
+        # The group, not only the command: asyncio's wait() lasts until the
+        # output is closed by every process holding it. (A child that left
+        # the group is a daemon, and a daemon closes what it inherited.)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
-        readers.cancel()
+        await readers
         if isinstance(exc, asyncio.CancelledError):
             raise
         raise CommandError(argv, None, "".join(out), "".join(err)) from exc

@@ -125,24 +125,38 @@ def _proc_stat(pid: int) -> list[bytes]:
     return [] if not fields or fields[0] == b"Z" else fields
 
 
-async def _exited(pid: int, timeout: float | None) -> bool:
-    """Whether the process ends within `timeout`: woken by its pidfd the
-    moment it does (a revert waits on this), not by polling."""
+async def _reap(pid: int, grace: float) -> None:
+    """Until process `pid` (a QEMU) has ended; killed once `grace` seconds
+    have passed. One pidfd throughout, opened while the pid is still the
+    process's: once it is gone its pid may name another, which a kill by pid
+    would hit and a wait by pid would wait for, for ever."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return True
+        return
+    try:
+        if not await _ended(fd, grace):
+            log.warning("QEMU pid %d still runs after %g s; killing it", pid, grace)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            await _ended(fd, None)
+    finally:
+        os.close(fd)
+
+
+async def _ended(pidfd: int, timeout: float | None) -> bool:
+    """Whether the process ends within `timeout`: woken by its pidfd the
+    moment it does (a revert waits on this), not by polling."""
     loop = asyncio.get_running_loop()
     ended = asyncio.Event()
-    loop.add_reader(fd, ended.set)
+    loop.add_reader(pidfd, ended.set)
     try:
         await asyncio.wait_for(ended.wait(), timeout)
         return True
     except TimeoutError:
         return False
     finally:
-        loop.remove_reader(fd)
-        os.close(fd)
+        loop.remove_reader(pidfd)
 
 
 def _cpu_seconds(fields: list[bytes]) -> float:
@@ -386,15 +400,8 @@ class QemuDriver(Hypervisor):
             await inst.qmp.execute("quit", timeout=QUIT_TIMEOUT)
         await inst.qmp.close()
         if pid is not None:
-            await self._reap(pid)
+            await _reap(pid, QUIT_TIMEOUT)
         del self._instances[inst.config.name]
-
-    async def _reap(self, pid: int) -> None:
-        if not await _exited(pid, QUIT_TIMEOUT):
-            log.warning("QEMU pid %d ignored quit; killing it", pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            await _exited(pid, None)
 
     async def pause(self, name: str) -> Domain:
         inst = self._instance(name)
@@ -557,9 +564,7 @@ class QemuDriver(Hypervisor):
         log.warning("domain %s was being relaunched from %s when the agent stopped; relaunching it",
                     inst.config.name, memory)
         if (pid := inst.pid()) is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            await self._reap(pid)
+            await _reap(pid, 0.0)
         await self._relaunch(inst, memory, ignore_progress)
 
     async def restore(

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from domsnap.agent import runner
 from domsnap.agent.errors import CommandError, InvalidArgument
 from domsnap.agent.runner import run
+from tests.unit.test_xen_driver import _gone
 
 
 def test_output_and_stderr_lines_are_returned_and_followed() -> None:
@@ -32,6 +38,59 @@ def test_timeout_kills_the_process() -> None:
         asyncio.run(run(["sleep", "30"], timeout=0.3))
     assert err.value.rc is None and "timed out" in err.value.message
     assert time.monotonic() - t0 < 5
+
+
+@pytest.fixture
+def child(tmp_path: Path) -> Iterator[Path]:
+    """Where a command writes the pid of the child it starts; a child left over is killed afterwards."""
+    pidfile = tmp_path / "child.pid"
+    yield pidfile
+    if pidfile.exists() and pidfile.read_text().strip():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+def with_a_child(pidfile: Path) -> list[str]:
+    # sh waits for a child of its own, which holds sh's output open as long as it runs.
+    return ["sh", "-c", f"sleep 30 & echo $! > {pidfile}; wait"]
+
+
+def ends(pid: int) -> bool:
+    deadline = time.monotonic() + 5
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_a_timeout_kills_what_the_command_started_too(child: Path) -> None:
+    """Killing only the command left its child holding the output, and the
+    runner waited for that as long as the child ran (30 s here; for ever for
+    one that never ends)."""
+    t0 = time.monotonic()
+    with pytest.raises(CommandError) as err:
+        asyncio.run(run(with_a_child(child), timeout=2))
+    assert err.value.rc is None and "timed out" in err.value.message
+    assert time.monotonic() - t0 < 10
+    assert child.read_text().strip(), "the command had not started its child by its timeout"
+    assert ends(int(child.read_text())), "the command's child outlived it"
+
+
+def test_a_cancelled_command_ends_at_once_with_what_it_started(child: Path) -> None:
+    async def main() -> float:
+        task = asyncio.create_task(run(with_a_child(child), timeout=60))
+        while not (child.exists() and child.read_text().strip()):
+            assert not task.done(), task
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 10
+    assert ends(int(child.read_text())), "the command's child outlived it"
 
 
 def test_missing_program_is_a_command_error() -> None:

@@ -25,7 +25,7 @@ from .domain import Domain, RunState
 from .drivers.base import Hypervisor
 from .drivers.qga import GuestAgent
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from .fsutil import make_durable
+from .fsutil import Staged, make_durable, put_staged, sync_data
 from .group_gate import Gate
 from .journal import Journal, JournalEntry
 from .ledger import Ledger
@@ -141,6 +141,7 @@ class SnapshotCreate:
             "was_running": domain.state is RunState.RUNNING,
         })
         # No entry written before the first step: until "mkdir" nothing exists to undo.
+        synced: asyncio.Future[None] | None = None
         try:
             # The one durable write before the pause: a rollback from "mkdir"
             # on undoes every disk too (taken or not), so the checkpoint needs
@@ -184,6 +185,11 @@ class SnapshotCreate:
                                                        step=partial(self._journal.step, journal),
                                                        before_pause=gate.prepared if gate is not None else None,
                                                        before_resume=gate.committed if gate is not None else None)
+            # What the checkpoint wrote reaches the disk while the create goes
+            # on (the copies, the manifest staged beside its place); the
+            # manifest is put in place only once it has.
+            synced = asyncio.ensure_future(asyncio.to_thread(
+                sync_data, [plan.memory, *self._driver.snapshot_files(plan.memory)]))
             # The guest runs again: the bulk of each disk's copy is made now.
             block = self._driver.block_ops(domain.name)
             disk_progress = op.phase(Phase.DISKS, 95)
@@ -213,10 +219,15 @@ class SnapshotCreate:
             # this create made, is itself the proof of a complete snapshot.
             self._journal.mark(journal, "manifest")
             op.commit()
-            # Both in one thread: the manifest, then (not written: recovery
-            # registers whatever has its manifest) the registration.
-            written = await asyncio.to_thread(self._publish, journal, m)
+            staged, _ = await asyncio.gather(asyncio.to_thread(manifest.stage, plan.snapdir, m), synced)
+            # Both in one thread: the manifest in its place, then (not
+            # written: recovery registers whatever has its manifest) the registration.
+            written = await asyncio.to_thread(self._publish, journal, staged, m)
         except BaseException:
+            # A sync under way runs on in its thread (the rollback removes its
+            # files meanwhile); one that ended is read, its failure not the one raised.
+            if synced is not None and not synced.cancel() and not synced.cancelled():
+                synced.exception()
             if journal.reached("register"):
                 raise  # the snapshot is complete: the next agent registers it
             await self.rollback(journal)
@@ -227,8 +238,8 @@ class SnapshotCreate:
         op.after_finish(partial(self._settle, journal, written))
         return Entry(plan.snapdir, m, current=True)
 
-    def _publish(self, journal: JournalEntry, m: Manifest) -> list[Path]:
-        manifest.write(Path(journal.data["snapdir"]), m)
+    def _publish(self, journal: JournalEntry, staged: Staged, m: Manifest) -> list[Path]:
+        put_staged(staged)
         self._journal.mark(journal, "register")
         return self._register(journal, durable=False, written=m)
 

@@ -147,8 +147,9 @@ async def save(
     before_pause: Callable[[], Awaitable[None]] | None = None,
     before_resume: Callable[[], Awaitable[None]] | None = None,
 ) -> SaveResult:
-    """Write the memory image; run `in_pause` at the instant it captures; leave
-    the guest in the run state it had (running again when `was_running`).
+    """Write the memory image (not synced: the caller's, see Hypervisor.checkpoint);
+    run `in_pause` at the instant it captures; leave the guest in the run
+    state it had (running again when `was_running`).
     `bandwidth` caps the write in bytes/s (0: as fast as the disk takes it).
     `before_pause` is awaited when the guest is ready to pause (live: its
     memory copied once and the copy held there); the guest pauses after it.
@@ -194,7 +195,6 @@ async def save(
                     stopped = _stamp(event)
                 elif event["event"] == "RESUME":
                     resumed = _stamp(event)
-        await asyncio.to_thread(os.fdatasync, fd)
     except BaseException:
         if relay is not None:
             # Ended before the image's descriptor is closed under it.
@@ -417,7 +417,10 @@ async def _next_change(changes: EventListener) -> str | None:
     told, is taken as it is: asked again, QEMU answers only once its main
     loop is free, in the guest's pause a round trip more."""
     try:
-        event = await asyncio.wait_for(changes.get(), POLL)
+        # A deadline, not wait_for's task: told in the guest's pause, the
+        # status reaches the save a loop turn sooner.
+        async with asyncio.timeout(POLL):
+            event = await changes.get()
     except TimeoutError:
         return None
     data = event.get("data")

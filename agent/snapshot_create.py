@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ from .domain import Domain, RunState
 from .drivers.base import Hypervisor
 from .drivers.qga import GuestAgent
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from .fsutil import Staged, make_durable, put_staged, sync_data
+from .fsutil import make_durable, put_staged, sync_data
 from .group_gate import Gate
 from .journal import Journal, JournalEntry
 from .ledger import Ledger
@@ -124,6 +125,8 @@ class SnapshotCreate:
         self._roots = tuple(roots)
         # The agent's own state is never a place for snapshot files.
         self._forbidden = (state_dir,)
+        # Where each create syncs its memory image (a future a thread can wait on).
+        self._syncs = ThreadPoolExecutor(thread_name_prefix="image-sync")
 
     async def prepare(self, domain: Domain, req: CreateRequest) -> Plan:
         """Validate everything; touches nothing, so a refusal leaves no trace."""
@@ -141,7 +144,8 @@ class SnapshotCreate:
             "was_running": domain.state is RunState.RUNNING,
         })
         # No entry written before the first step: until "mkdir" nothing exists to undo.
-        synced: asyncio.Future[None] | None = None
+        synced: Future[None] | None = None
+        publish: asyncio.Future[list[Path]] | None = None
         try:
             # The one durable write before the pause: a rollback from "mkdir"
             # on undoes every disk too (taken or not), so the checkpoint needs
@@ -185,11 +189,11 @@ class SnapshotCreate:
                                                        step=partial(self._journal.step, journal),
                                                        before_pause=gate.prepared if gate is not None else None,
                                                        before_resume=gate.committed if gate is not None else None)
-            # What the checkpoint wrote reaches the disk while the create goes
-            # on (the copies, the manifest staged beside its place); the
-            # manifest is put in place only once it has.
-            synced = asyncio.ensure_future(asyncio.to_thread(
-                sync_data, [plan.memory, *self._driver.snapshot_files(plan.memory)]))
+            # The image (and what the checkpoint wrote beside it) synced in a
+            # thread of its own, started as the guest resumes, while the create
+            # goes on (the copies, the manifest built and staged): _publish
+            # puts the manifest in place only once that is done.
+            synced = self._syncs.submit(sync_data, [plan.memory, *self._driver.snapshot_files(plan.memory)])
             # The guest runs again: the bulk of each disk's copy is made now.
             block = self._driver.block_ops(domain.name)
             disk_progress = op.phase(Phase.DISKS, 95)
@@ -219,15 +223,16 @@ class SnapshotCreate:
             # this create made, is itself the proof of a complete snapshot.
             self._journal.mark(journal, "manifest")
             op.commit()
-            staged, _ = await asyncio.gather(asyncio.to_thread(manifest.stage, plan.snapdir, m), synced)
-            # Both in one thread: the manifest in its place, then (not
-            # written: recovery registers whatever has its manifest) the registration.
-            written = await asyncio.to_thread(self._publish, journal, staged, m)
+            publish = asyncio.ensure_future(asyncio.to_thread(self._publish, journal, m, synced))
+            written = await asyncio.shield(publish)
         except BaseException:
-            # A sync under way runs on in its thread (the rollback removes its
-            # files meanwhile); one that ended is read, its failure not the one raised.
-            if synced is not None and not synced.cancel() and not synced.cancelled():
-                synced.exception()
+            if synced is not None:
+                # One under way runs on in its thread (the rollback removes its files meanwhile).
+                synced.cancel()
+            if publish is not None:
+                # Its thread goes on whatever this task is told (the agent
+                # stopping): where it got to decides what follows.
+                await asyncio.wait({publish})
             if journal.reached("register"):
                 raise  # the snapshot is complete: the next agent registers it
             await self.rollback(journal)
@@ -238,7 +243,12 @@ class SnapshotCreate:
         op.after_finish(partial(self._settle, journal, written))
         return Entry(plan.snapdir, m, current=True)
 
-    def _publish(self, journal: JournalEntry, staged: Staged, m: Manifest) -> list[Path]:
+    def _publish(self, journal: JournalEntry, m: Manifest, synced: Future[None]) -> list[Path]:
+        """In one thread: the manifest staged while the image syncs, put in
+        place once it has; then (not written: recovery registers whatever has
+        its manifest) the registration. Returns the files the registration wrote."""
+        staged = manifest.stage(Path(journal.data["snapdir"]), m)
+        synced.result()
         put_staged(staged)
         self._journal.mark(journal, "register")
         return self._register(journal, durable=False, written=m)

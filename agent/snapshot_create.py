@@ -42,6 +42,9 @@ from .storage.base import BlockOps, DiskRecord, Method
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+# Seconds between the progress notes streamed while the guest is paused
+# (none in a short pause; a long one, such as a disk copied in a Xen pause, still shows it).
+PAUSE_NOTES_EVERY = 1.0
 
 
 @dataclass(frozen=True)
@@ -160,13 +163,15 @@ class SnapshotCreate:
             # then the disks' copies; the range up to 95 % split by bytes.
             ram = domain.config.memory_mib * MiB
             mem_progress = op.phase(Phase.MEMORY, 5 + 90 * ram / (ram + copies + MiB))
-            in_pause_progress = op.note()
 
             async def in_pause(block: BlockOps) -> None:
                 if gate is not None:
                     # First: the coordinator waits for every member's FROZEN,
                     # and this member's disks are taken meanwhile.
                     gate.frozen()
+                # Held back while the guest is paused (told after, unless
+                # superseded): a send there takes CPU the hypervisor needs.
+                in_pause_progress = op.note(hold=PAUSE_NOTES_EVERY)
                 in_pause_progress(0.0, message="guest paused")
                 for rec in plan.records:
                     # Not written: a rollback from the durable "mkdir" step
@@ -194,6 +199,7 @@ class SnapshotCreate:
             # goes on (the copies, the manifest built and staged): _publish
             # puts the manifest in place only once that is done.
             synced = self._syncs.submit(sync_data, [plan.memory, *self._driver.snapshot_files(plan.memory)])
+            op.tell()
             # The guest runs again: the bulk of each disk's copy is made now.
             block = self._driver.block_ops(domain.name)
             disk_progress = op.phase(Phase.DISKS, 95)

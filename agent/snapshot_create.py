@@ -150,6 +150,14 @@ class SnapshotCreate:
         synced: Future[None] | None = None
         publish: asyncio.Future[list[Path]] | None = None
         try:
+            copies = sum(self._backends.for_record(r).copy_bytes(r) for r in plan.records)
+            # Phases in the order they happen, each once: the memory save (the
+            # pause, and each disk's snapshot in it, are events within it),
+            # then the disks' copies; the range up to 95 % split by bytes.
+            # Entered before the journal write: told while that write waits
+            # on the disk, not while QEMU is being set up.
+            ram = domain.config.memory_mib * MiB
+            mem_progress = op.phase(Phase.MEMORY, 5 + 90 * ram / (ram + copies + MiB))
             # The one durable write before the pause: a rollback from "mkdir"
             # on undoes every disk too (taken or not), so the checkpoint needs
             # no write of its own.
@@ -157,12 +165,6 @@ class SnapshotCreate:
             await self._journal.step(journal, "mkdir")
             plan.snapdir.parent.mkdir(parents=True, exist_ok=True)
             plan.snapdir.mkdir(mode=0o700)
-            copies = sum(self._backends.for_record(r).copy_bytes(r) for r in plan.records)
-            # Phases in the order they happen, each once: the memory save (the
-            # pause, and each disk's snapshot in it, are events within it),
-            # then the disks' copies; the range up to 95 % split by bytes.
-            ram = domain.config.memory_mib * MiB
-            mem_progress = op.phase(Phase.MEMORY, 5 + 90 * ram / (ram + copies + MiB))
 
             async def in_pause(block: BlockOps) -> None:
                 if gate is not None:

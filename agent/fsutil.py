@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -29,12 +30,40 @@ def make_durable(paths: Iterable[Path]) -> None:
         fsync_path(directory)
 
 
+def sync_data(paths: Iterable[Path]) -> None:
+    """fdatasync each file that exists: its content durable (its name is its directory's)."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_atomic(path: Path, text: str, *, mode: int = 0o600, durable: bool = True) -> None:
     """Replace `path` with `text`: written beside it, fsynced, renamed over it,
     the directory fsynced. A crash leaves the old content or the new, never half.
     Private to root and the agent by default: the state dir holds domains'
     configs and the journal. Not `durable`: no fsync, so the new content
     survives the agent's death (it is in the page cache), not a power cut."""
+    put_staged(stage(path, text, mode=mode, durable=durable), durable=durable)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """write_atomic's first half: the new content beside `path`, not yet in its place."""
+
+    tmp: Path
+    path: Path
+
+
+def stage(path: Path, text: str, *, mode: int = 0o600, durable: bool = True) -> Staged:
+    """Write `text` beside `path` (fsynced when `durable`), for put_staged to
+    rename over it: a caller may do this while it still waits for what must
+    be durable before the new content may appear."""
     tmp = path.with_name(path.name + ".tmp")
     # No following a symlink planted at the temporary name.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
@@ -43,9 +72,14 @@ def write_atomic(path: Path, text: str, *, mode: int = 0o600, durable: bool = Tr
         f.flush()
         if durable:
             os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return Staged(tmp, path)
+
+
+def put_staged(staged: Staged, *, durable: bool = True) -> None:
+    """The staged content in its place (the directory fsynced when `durable`)."""
+    os.replace(staged.tmp, staged.path)
     if durable:
-        fsync_path(path.parent)
+        fsync_path(staged.path.parent)
 
 
 class NotRegularFile(OSError):

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DomsnapError, FailedPrecondition, NotFound
-from .fsutil import read_regular, write_atomic
+from .fsutil import Staged, read_regular, write_atomic
+from .fsutil import stage as stage_file
 from .group_gate import Group
 from .names import check_domain_name, check_labels, check_name
 from .storage.base import DiskRecord
@@ -145,6 +146,12 @@ def _disk(data: Any) -> DiskRecord:
 
 def write(directory: Path, manifest: Manifest) -> None:
     write_atomic(directory / MANIFEST, manifest.to_json())
+
+
+def stage(directory: Path, manifest: Manifest) -> Staged:
+    """`write`'s first half (fsutil.stage): the manifest durable beside its
+    place, where it makes no snapshot yet; fsutil.put_staged puts it there."""
+    return stage_file(directory / MANIFEST, manifest.to_json())
 
 
 def exists(directory: Path) -> bool:

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from time import time
+from time import monotonic, time
 from typing import Any, Protocol
 
 from . import paging, runner
@@ -76,6 +76,8 @@ class Operation:
     _cancel: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
     _after: Callable[[], Awaitable[None]] | None = None
+    # The progress watchers were told last (note(hold=...) may hold some back).
+    _told: Progress | None = None
 
     # --------------------------------------------------------- for the body
 
@@ -93,16 +95,31 @@ class Operation:
 
         return report
 
-    def note(self) -> StepProgress:
+    def note(self, *, hold: float = 0.0) -> StepProgress:
         """A sink for a step nested in the current phase, whose own fraction
-        says nothing of the phase's: its messages show, the percentage stays."""
+        says nothing of the phase's: its messages show, the percentage stays.
+        `hold`: watchers are told at most every `hold` seconds, the first time
+        `hold` seconds in (the operation's own progress, as GetOperation
+        answers it, follows every note); `tell` sends what is left untold."""
+        told = monotonic()
 
         def report(fraction: float, *, done: int = 0, total: int = 0, rate: float = 0.0, message: str = "") -> None:
+            nonlocal told
             now = self.progress
-            self._publish(Progress(now.phase, now.percent, now.bytes_done, now.bytes_total, now.bytes_per_second,
-                                   message or now.message))
+            progress = Progress(now.phase, now.percent, now.bytes_done, now.bytes_total, now.bytes_per_second,
+                                message or now.message)
+            if monotonic() - told >= hold:
+                told = monotonic()
+                self._publish(progress)
+            else:
+                self.progress = progress
 
         return report
+
+    def tell(self) -> None:
+        """Tell watchers the progress a `note(hold=...)` held back, unless newer progress was told since."""
+        if self.progress is not self._told:
+            self._publish(self.progress)
 
     def check_cancel(self) -> None:
         """Called at step boundaries before the point of no return."""
@@ -128,7 +145,7 @@ class Operation:
     # ------------------------------------------------------------- plumbing
 
     def _publish(self, progress: Progress) -> None:
-        self.progress = progress
+        self.progress = self._told = progress
         for q in self._watchers:
             q.put_nowait(progress)
 

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ from .domain import Domain, RunState
 from .drivers.base import Hypervisor
 from .drivers.qga import GuestAgent
 from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from .fsutil import make_durable
+from .fsutil import make_durable, put_staged, sync_data
 from .group_gate import Gate
 from .journal import Journal, JournalEntry
 from .ledger import Ledger
@@ -41,6 +42,9 @@ from .storage.base import BlockOps, DiskRecord, Method
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+# Seconds between the progress notes streamed while the guest is paused
+# (none in a short pause; a long one, such as a disk copied in a Xen pause, still shows it).
+PAUSE_NOTES_EVERY = 1.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,8 @@ class SnapshotCreate:
         self._roots = tuple(roots)
         # The agent's own state is never a place for snapshot files.
         self._forbidden = (state_dir,)
+        # Where each create syncs its memory image (a future a thread can wait on).
+        self._syncs = ThreadPoolExecutor(thread_name_prefix="image-sync")
 
     async def prepare(self, domain: Domain, req: CreateRequest) -> Plan:
         """Validate everything; touches nothing, so a refusal leaves no trace."""
@@ -141,7 +147,17 @@ class SnapshotCreate:
             "was_running": domain.state is RunState.RUNNING,
         })
         # No entry written before the first step: until "mkdir" nothing exists to undo.
+        synced: Future[None] | None = None
+        publish: asyncio.Future[list[Path]] | None = None
         try:
+            copies = sum(self._backends.for_record(r).copy_bytes(r) for r in plan.records)
+            # Phases in the order they happen, each once: the memory save (the
+            # pause, and each disk's snapshot in it, are events within it),
+            # then the disks' copies; the range up to 95 % split by bytes.
+            # Entered before the journal write: told while that write waits
+            # on the disk, not while QEMU is being set up.
+            ram = domain.config.memory_mib * MiB
+            mem_progress = op.phase(Phase.MEMORY, 5 + 90 * ram / (ram + copies + MiB))
             # The one durable write before the pause: a rollback from "mkdir"
             # on undoes every disk too (taken or not), so the checkpoint needs
             # no write of its own.
@@ -149,19 +165,15 @@ class SnapshotCreate:
             await self._journal.step(journal, "mkdir")
             plan.snapdir.parent.mkdir(parents=True, exist_ok=True)
             plan.snapdir.mkdir(mode=0o700)
-            copies = sum(self._backends.for_record(r).copy_bytes(r) for r in plan.records)
-            # Phases in the order they happen, each once: the memory save (the
-            # pause, and each disk's snapshot in it, are events within it),
-            # then the disks' copies; the range up to 95 % split by bytes.
-            ram = domain.config.memory_mib * MiB
-            mem_progress = op.phase(Phase.MEMORY, 5 + 90 * ram / (ram + copies + MiB))
-            in_pause_progress = op.note()
 
             async def in_pause(block: BlockOps) -> None:
                 if gate is not None:
                     # First: the coordinator waits for every member's FROZEN,
                     # and this member's disks are taken meanwhile.
                     gate.frozen()
+                # Held back while the guest is paused (told after, unless
+                # superseded): a send there takes CPU the hypervisor needs.
+                in_pause_progress = op.note(hold=PAUSE_NOTES_EVERY)
                 in_pause_progress(0.0, message="guest paused")
                 for rec in plan.records:
                     # Not written: a rollback from the durable "mkdir" step
@@ -184,6 +196,12 @@ class SnapshotCreate:
                                                        step=partial(self._journal.step, journal),
                                                        before_pause=gate.prepared if gate is not None else None,
                                                        before_resume=gate.committed if gate is not None else None)
+            # The image (and what the checkpoint wrote beside it) synced in a
+            # thread of its own, started as the guest resumes, while the create
+            # goes on (the copies, the manifest built and staged): _publish
+            # puts the manifest in place only once that is done.
+            synced = self._syncs.submit(sync_data, [plan.memory, *self._driver.snapshot_files(plan.memory)])
+            op.tell()
             # The guest runs again: the bulk of each disk's copy is made now.
             block = self._driver.block_ops(domain.name)
             disk_progress = op.phase(Phase.DISKS, 95)
@@ -213,10 +231,16 @@ class SnapshotCreate:
             # this create made, is itself the proof of a complete snapshot.
             self._journal.mark(journal, "manifest")
             op.commit()
-            # Both in one thread: the manifest, then (not written: recovery
-            # registers whatever has its manifest) the registration.
-            written = await asyncio.to_thread(self._publish, journal, m)
+            publish = asyncio.ensure_future(asyncio.to_thread(self._publish, journal, m, synced))
+            written = await asyncio.shield(publish)
         except BaseException:
+            if synced is not None:
+                # One under way runs on in its thread (the rollback removes its files meanwhile).
+                synced.cancel()
+            if publish is not None:
+                # Its thread goes on whatever this task is told (the agent
+                # stopping): where it got to decides what follows.
+                await asyncio.wait({publish})
             if journal.reached("register"):
                 raise  # the snapshot is complete: the next agent registers it
             await self.rollback(journal)
@@ -227,8 +251,13 @@ class SnapshotCreate:
         op.after_finish(partial(self._settle, journal, written))
         return Entry(plan.snapdir, m, current=True)
 
-    def _publish(self, journal: JournalEntry, m: Manifest) -> list[Path]:
-        manifest.write(Path(journal.data["snapdir"]), m)
+    def _publish(self, journal: JournalEntry, m: Manifest, synced: Future[None]) -> list[Path]:
+        """In one thread: the manifest staged while the image syncs, put in
+        place once it has; then (not written: recovery registers whatever has
+        its manifest) the registration. Returns the files the registration wrote."""
+        staged = manifest.stage(Path(journal.data["snapdir"]), m)
+        synced.result()
+        put_staged(staged)
         self._journal.mark(journal, "register")
         return self._register(journal, durable=False, written=m)
 

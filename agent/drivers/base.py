@@ -116,7 +116,9 @@ class Hypervisor(ABC):
         step: Step = no_step, before_pause: BeforePause | None = None, before_resume: BeforeResume | None = None,
     ) -> CheckpointResult:
         """Write the memory image and run `in_pause` at the same instant, then
-        leave the domain in the run state it had before; `step` is told of
+        leave the domain in the run state it had before. The image and the
+        files beside it (`snapshot_files`) are written, not synced: the
+        caller syncs them while it goes on with its own work. `step` is told of
         the driver's own steps where a crash matters (so fault injection reaches them);
         `before_pause`, when given, is awaited just before the guest pauses,
         `before_resume` just before it resumes."""

@@ -28,7 +28,7 @@ from .. import runner
 from ..config import QemuConfig
 from ..domain import Domain, DomainConfig, RunState
 from ..errors import AlreadyExists, CommandError, FailedPrecondition, InvalidArgument, NotFound
-from ..fsutil import copy_atomic, fsync_path, write_atomic
+from ..fsutil import copy_atomic, write_atomic
 from ..progress import StepProgress, ignore_progress
 from ..runner import Runner
 from . import kvm_probe, qemu_argv, qemu_migration, qemu_spec
@@ -178,6 +178,7 @@ class QemuDriver(Hypervisor):
         self._machines: frozenset[str] = frozenset()
         self._accel = "" if config.accel == "auto" else config.accel
         self._create_lock = asyncio.Lock()
+        self._attaching: set[asyncio.Task[Domain]] = set()
 
     # ------------------------------------------------------------ agent side
 
@@ -262,8 +263,17 @@ class QemuDriver(Hypervisor):
                 continue
             self._instances[inst.config.name] = inst
             log.info("re-attached to domain %s (id %d)", inst.config.name, inst.domid)
+        # Each QMP session opened now, in the background: a domain's first
+        # request then waits for no handshake, and its run state is known
+        # (events keep it so from then on).
+        for inst in self._instances.values():
+            task = asyncio.get_running_loop().create_task(self._domain(inst))
+            self._attaching.add(task)
+            task.add_done_callback(self._attaching.discard)
 
     async def close(self) -> None:
+        for task in self._attaching:
+            task.cancel()
         for inst in self._instances.values():
             await inst.qmp.close()
 
@@ -500,8 +510,6 @@ class QemuDriver(Hypervisor):
         finally:
             if inst.config is not before:
                 await asyncio.to_thread(self._save, inst)
-        if nvram is not None:
-            await asyncio.to_thread(fsync_path, copy)
         if domain.state is RunState.PAUSED:
             await self._repark(inst, memory, progress, step)
         downtime = 0.0

@@ -147,8 +147,9 @@ async def save(
     before_pause: Callable[[], Awaitable[None]] | None = None,
     before_resume: Callable[[], Awaitable[None]] | None = None,
 ) -> SaveResult:
-    """Write the memory image; run `in_pause` at the instant it captures; leave
-    the guest in the run state it had (running again when `was_running`).
+    """Write the memory image (not synced: the caller's, see Hypervisor.checkpoint);
+    run `in_pause` at the instant it captures; leave the guest in the run
+    state it had (running again when `was_running`).
     `bandwidth` caps the write in bytes/s (0: as fast as the disk takes it).
     `before_pause` is awaited when the guest is ready to pause (live: its
     memory copied once and the copy held there); the guest pauses after it.
@@ -194,7 +195,6 @@ async def save(
                     stopped = _stamp(event)
                 elif event["event"] == "RESUME":
                     resumed = _stamp(event)
-        await asyncio.to_thread(os.fdatasync, fd)
     except BaseException:
         if relay is not None:
             # Ended before the image's descriptor is closed under it.
@@ -248,7 +248,8 @@ async def _save_precopy(
         await watch.until("pre-switchover", live=live)
         await in_pause()
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
-        await watch.until("completed", live=live)
+        # Its event is sure to come: nothing else waits on this save now.
+        await watch.until("completed", live=live, ask=False)
         if before_resume is not None:
             # The image is complete and the guest stays stopped (postmigrate) until `cont`.
             await before_resume()
@@ -337,26 +338,41 @@ class _Watch:
         self._downtime = FIRST_DOWNTIME_MS
         self._passes = 0
 
-    async def until(self, wanted: str, *, live: bool) -> None:
+    async def until(self, wanted: str, *, live: bool, ask: bool = True) -> None:
+        """Until the save's status is `wanted`. Its MIGRATION events tell each
+        status; QEMU is asked (query-migrate) when POLL passes without one
+        (for the progress, or a QEMU gone) and when the save ends otherwise
+        (for why); `ask`: first too (a status reached before, its event read
+        by another wait). Not asked on the way: a query takes QEMU's main
+        lock, which its migration thread needs to complete the save while
+        the guest is paused."""
         while True:
-            info = await self._qmp.execute("query-migrate")
-            status = info.get("status")
-            if status == wanted:
+            if ask:
+                info = await self._qmp.execute("query-migrate")
+                status = info.get("status")
+                if status == wanted:
+                    return
+                if status in ("failed", "cancelled") or (status == "completed" and wanted != "completed"):
+                    _raise_failed(info, "writing the memory image")
+                await self._report(info, live=live)
+            told = await _next_change(self._changes)
+            if told == wanted:
                 return
-            if status in ("failed", "cancelled") or (status == "completed" and wanted != "completed"):
-                _raise_failed(info, "writing the memory image")
-            ram = info.get("ram", {})
-            if live and status == "active":
-                await self._adapt(int(ram.get("dirty-sync-count", 0)))
-            total = int(ram.get("total", 0))
-            written = position(self._fd)
-            if total and status == "active":
-                remaining = int(ram.get("remaining", total))
-                fraction = 1 - remaining / total if live else min(written / total, 1.0)
-                self._progress(min(fraction, 0.99), done=written, total=total, rate=self._rate.of(written),
-                               message=f"memory: {status}")
-            if await _next_change(self._changes) == wanted:
-                return
+            ask = told is None or told in _ENDED
+
+    async def _report(self, info: dict[str, Any], *, live: bool) -> None:
+        """Progress (and, live, the downtime limit) from a query-migrate's answer."""
+        status = info.get("status")
+        ram = info.get("ram", {})
+        if live and status == "active":
+            await self._adapt(int(ram.get("dirty-sync-count", 0)))
+        total = int(ram.get("total", 0))
+        written = position(self._fd)
+        if total and status == "active":
+            remaining = int(ram.get("remaining", total))
+            fraction = 1 - remaining / total if live else min(written / total, 1.0)
+            self._progress(min(fraction, 0.99), done=written, total=total, rate=self._rate.of(written),
+                           message=f"memory: {status}")
 
     async def until_ready(self) -> bool:
         """Until the first pass over memory is nearly done (True), or QEMU
@@ -417,7 +433,10 @@ async def _next_change(changes: EventListener) -> str | None:
     told, is taken as it is: asked again, QEMU answers only once its main
     loop is free, in the guest's pause a round trip more."""
     try:
-        event = await asyncio.wait_for(changes.get(), POLL)
+        # A deadline, not wait_for's task: told in the guest's pause, the
+        # status reaches the save a loop turn sooner.
+        async with asyncio.timeout(POLL):
+            event = await changes.get()
     except TimeoutError:
         return None
     data = event.get("data")
@@ -425,6 +444,8 @@ async def _next_change(changes: EventListener) -> str | None:
     return status if isinstance(status, str) else None
 
 
+# The statuses a save ends in.
+_ENDED = frozenset({"completed", "failed", "cancelled"})
 IN_FLIGHT = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"})
 
 

@@ -33,7 +33,7 @@ from ..errors import (
     NotFound,
     ResourceExhausted,
 )
-from ..fsutil import fsync_path, write_atomic
+from ..fsutil import write_atomic
 from ..progress import StepProgress
 from ..runner import CommandResult, Runner
 from ..xldisk import XlVersion
@@ -448,7 +448,6 @@ class XenDriver(Hypervisor):
                 expected_bytes=domain.config.memory_mib * MiB,
                 timeout=_transfer_timeout(domain.config.memory_mib),
             )
-            await asyncio.to_thread(fsync_path, memory)
         except BaseException:
             memory.unlink(missing_ok=True)
             raise
@@ -504,7 +503,6 @@ class XenDriver(Hypervisor):
                 if was_running:
                     await self._xl(xl_argv.unpause(domid, xl=self._xl_bin))
             downtime = time.monotonic() - t0
-            await asyncio.to_thread(fsync_path, memory)
         except BaseException:
             memory.unlink(missing_ok=True)
             raise

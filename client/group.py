@@ -250,6 +250,11 @@ async def _every(members: Sequence[_MemberCall], step: Callable[[_MemberCall], A
             m.send(pb.GROUP_COMMAND_ABORT)
         # Their steps end too, now: a member told to abort rolls back and ends its call.
         await asyncio.wait(pending)
+        for t in pending:
+            if not t.cancelled():
+                # Taken, not raised: the abort made these failures (asyncio would
+                # otherwise log each as never retrieved when the task is collected).
+                t.exception()
     failures = {str(tasks[t].member): _as_error(t.exception(), tasks[t].member) for t in done
                 if t.exception() is not None}
     if failures:

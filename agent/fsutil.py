@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory: so that a rename in it is durable)."""
+def _sync(path: Path, sync: Callable[[int], None]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        sync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory: so that a rename in it is durable)."""
+    _sync(path, os.fsync)
 
 
 def make_durable(paths: Iterable[Path]) -> None:
@@ -33,14 +38,8 @@ def make_durable(paths: Iterable[Path]) -> None:
 def sync_data(paths: Iterable[Path]) -> None:
     """fdatasync each file that exists: its content durable (its name is its directory's)."""
     for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            _sync(path, os.fdatasync)
 
 
 def write_atomic(path: Path, text: str, *, mode: int = 0o600, durable: bool = True) -> None:

@@ -23,6 +23,9 @@ Rows and their baselines:
   small guests run the test guest with its counter ticking once a second,
   `domsnap.tick=1000`, as idle servers; each is up, READY, before the
   calls start);
+  where the slowest 1 % of those unary calls spent their time, segment by
+  segment (bench/rpc_trace.py: the agent runs with bench/tracehook's RPC
+  trace) | the fastest half's same segments;
   `domsnap list` (process wall) | `virsh -c test:///default list` when virsh
   is installed, and `python -c pass`;
   a non-live create (internal disk snapshot) through domsnapd | the same QMP
@@ -66,8 +69,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import domsnap
-from bench import qmp_direct
+from bench import qmp_direct, rpc_trace
 from bench.catalogue_list import fill, timed
+from bench.rpc_trace import ClientCall
 from bench.snapshot_pause import machine
 from bench.vs_libvirt import pct
 from bench.wake_probe import WakeProbe
@@ -78,11 +82,14 @@ from testbed import guestprobe, harness
 from testbed.harness import BIN, Agent, guest_config, make_disk
 
 HERE = Path(__file__).resolve().parent
-RPC_CALLS = 600
+# p99 of 2000: the 20 slowest, not the 6 of 600 (less the luck of one run).
+RPC_CALLS = 2000
 OVERHEAD_MIB = 256
 # The test guest's smallest comfortable size: at 64 MiB its kernel resets
 # before init, a QEMU rebooting at 100 % of a core for ever.
 SMALL_MIB = 128
+BASELINE = "health Check (baseline)"
+OWN_SOCKET = "health Check, gRPC's own socket"
 # The small domains idle as servers do: their counter ticks once a second (the
 # default 10 per second costs each ~10 % of a core under TCG, 20 of them both cores).
 IDLE = "domsnap.tick=1000"
@@ -249,7 +256,8 @@ def overhead_rows(agent: Agent, work: Path, repeat: int) -> Rows:
     ]
 
 
-def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
+def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> tuple[Rows, list[ClientCall]]:
+    """The unary rows, and the calls through the relay as the client timed them (for rpc_trace)."""
     names = [f"d{i:02d}" for i in range(domains)]
     serials = [boot(agent, work, name, SMALL_MIB, IDLE) for name in names]
     for serial in serials:
@@ -277,8 +285,8 @@ def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
         health = health_pb2_grpc.HealthStub(ch)
         unrelayed = health_pb2_grpc.HealthStub(direct)
         calls: dict[str, Callable[[], object]] = {
-            "health Check (baseline)": lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10),
-            "health Check, gRPC's own socket": lambda: unrelayed.Check(health_pb2.HealthCheckRequest(), timeout=10),
+            BASELINE: lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10),
+            OWN_SOCKET: lambda: unrelayed.Check(health_pb2.HealthCheckRequest(), timeout=10),
             "GetAgentInfo": lambda: stub.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=10),
             "ListDomains": lambda: stub.ListDomains(pb.ListDomainsRequest(), timeout=10),
             "GetDomain": lambda: stub.GetDomain(pb.GetDomainRequest(domain_name="d00"), timeout=10),
@@ -292,7 +300,7 @@ def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
         background = pool.submit(snapshots)
         probe = WakeProbe()
         try:
-            lat = interleaved(calls, RPC_CALLS)
+            timed_calls = interleaved(calls, RPC_CALLS)
         finally:
             wake = probe.stop()
             stop.set()
@@ -308,8 +316,11 @@ def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
     with open(agent.log) as f:
         f.seek(log_from)
         served = server_side(f.read())
-    base = lat.pop("health Check (baseline)")
-    own = lat.pop("health Check, gRPC's own socket")
+    lat: dict[str, list[float]] = {label: [] for label in calls}
+    for c in timed_calls:
+        lat[c.label].append(c.t1 - c.t0)
+    base = lat.pop(BASELINE)
+    own = lat.pop(OWN_SOCKET)
     rows: Rows = [(f"{domains} small domains ({SMALL_MIB} MiB, `{IDLE}`), booted and idle: host CPU over 5 s",
                    idle_cpu, "", "", ""),
                   ("the same, during the RPC rounds below (and the snapshots they run under)", rounds_cpu, "", "",
@@ -329,21 +340,21 @@ def rpc_rows(agent: Agent, work: Path, domains: int, repeat: int) -> Rows:
                      f"health Check: {pct(base, 50) * 1000:.2f} / {pct(base, 99) * 1000:.2f} ms",
                      f"{pct(values, 99) / pct(base, 99):.2f}x at p99", "p99 ≤ 5 ms"))
     rows.append((f"`domsnap list` ({domains + 1} domains), process wall", cli, floor, "", "≤ 150 ms"))
-    return rows
+    return rows, [c for c in timed_calls if c.label != OWN_SOCKET]
 
 
-def interleaved(calls: dict[str, Callable[[], object]], n: int) -> dict[str, list[float]]:
-    """Each call's latencies, the calls taken in turn (one of each, n times): every
+def interleaved(calls: dict[str, Callable[[], object]], n: int) -> list[ClientCall]:
+    """Each call timed, the calls taken in turn (one of each, n times): every
     method meets the same moments of the snapshots running meanwhile, as its baseline does."""
     for call in calls.values():
         for _ in range(20):
             call()
-    out: dict[str, list[float]] = {label: [] for label in calls}
+    out: list[ClientCall] = []
     for _ in range(n):
         for label, call in calls.items():
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
             call()
-            out[label].append(time.perf_counter() - t0)
+            out.append(ClientCall(label, t0, time.monotonic()))
     return out
 
 
@@ -381,18 +392,24 @@ def main() -> int:
 
 
 def guest_rows(work: Path, domains: int, repeat: int, only: set[str]) -> Rows:
-    agent = Agent(work / "guests")
+    trace = work / "rpc-trace.json"
+    # The unary path's moments (bench/rpc_trace.py), written when the agent exits.
+    agent = Agent(work / "guests", env={"PYTHONPATH": str(HERE / "tracehook"), "DOMSNAP_BENCH_TRACE_RPC": str(trace)})
     agent.base.mkdir()
     agent.start()
+    calls: list[ClientCall] = []
     try:
         # The RPC rows take their snapshots of the overhead rows' guest.
         rows = overhead_rows(agent, work, repeat)
-        return rows + (rpc_rows(agent, work, domains, repeat) if "rpc" in only else [])
+        if "rpc" in only:
+            unary, calls = rpc_rows(agent, work, domains, repeat)
+            rows += unary
     finally:
         stub = agent.stub()
         for d in stub.ListDomains(pb.ListDomainsRequest(), timeout=30).domains:
             stub.DestroyDomain(pb.DestroyDomainRequest(domain_name=d.name, request_id=uuid.uuid4().hex), timeout=60)
         agent.stop()
+    return rows + (rpc_trace.rows(rpc_trace.match(trace, calls), len(calls)) if calls else [])
 
 
 def print_rows(started: datetime, load0: float, repeat: int, rows: Rows) -> int:

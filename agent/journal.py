@@ -93,7 +93,10 @@ class Journal:
         future returned is done. For a step whose first change a power cut
         could keep comes later: the caller awaits the future before it."""
         entry.steps.append(step)
-        await asyncio.to_thread(self._write, entry, durable=False)
+        # On the event loop: without its fsync the write only reaches the page
+        # cache (as an operation's first record does, op_history.py), and a
+        # thread's round trip would cost more than it.
+        self._write(entry, durable=False)
         synced = asyncio.ensure_future(asyncio.to_thread(self._sync, entry))
         runner.tally_mark(f"journal {step}")
         try:

@@ -268,23 +268,27 @@ class SnapshotCreate:
         place once it has; then (not written: recovery registers whatever has
         its manifest) the registration. Returns the files the registration wrote."""
         staged = manifest.stage(Path(journal.data["snapdir"]), m)
+        # The ledger too, not waiting for the image (a rollback forgets it).
+        ledger = self._record_files(journal, durable=False)
         synced.result()
         put_staged(staged)
         self._journal.mark(journal, "register")
-        return self._register(journal, durable=False, written=m)
+        return [ledger, *self._register(journal, durable=False, written=m)]
+
+    def _record_files(self, journal: JournalEntry, *, durable: bool = True) -> Path:
+        """The snapshot's files in its ledger; returns the file written (see fsutil.write_atomic for `durable`)."""
+        data = journal.data
+        records = [DiskRecord.from_dict(r) for r in data["records"]]
+        return self._ledger.record(journal.domain, journal.snapshot, Path(data["snapdir"]),
+                                   [data["memory"], *(f for r in records for f in (r.image, r.file))], durable=durable)
 
     def _register(self, journal: JournalEntry, *, durable: bool = True, written: Manifest | None = None,
                   ) -> list[Path]:
-        """The snapshot in the agent's records: its ledger, the catalogue, the domain's current one; returns
-        the files written (see fsutil.write_atomic for `durable`). `written`: the manifest just written, not
-        read back."""
-        data = journal.data
-        records = [DiskRecord.from_dict(r) for r in data["records"]]
+        """The snapshot in the catalogue, the domain's current one; returns the files written (see
+        fsutil.write_atomic for `durable`). `written`: the manifest just written, not read back."""
+        snapdir = Path(journal.data["snapdir"])
         return [
-            self._ledger.record(journal.domain, journal.snapshot, Path(data["snapdir"]),
-                                [data["memory"], *(f for r in records for f in (r.image, r.file))], durable=durable),
-            self._catalogue.register(journal.domain, journal.snapshot, Path(data["snapdir"]), durable=durable,
-                                     written=written),
+            self._catalogue.register(journal.domain, journal.snapshot, snapdir, durable=durable, written=written),
             self._catalogue.set_current(journal.domain, journal.snapshot, durable=durable),
         ]
 
@@ -300,6 +304,7 @@ class SnapshotCreate:
             await quiesce.thaw(self._driver, journal.domain, "the freeze a dead agent left")
         # Only this create writes a manifest into the folder it made, after the checkpoint.
         if journal.reached("mkdir") and manifest.exists(Path(journal.data["snapdir"])):
+            self._record_files(journal)
             self._register(journal)
             return "completed"
         await self.rollback(journal)
@@ -335,6 +340,8 @@ class SnapshotCreate:
             await asyncio.to_thread(file.unlink, missing_ok=True)
         if journal.reached("mkdir"):
             await asyncio.to_thread(shutil.rmtree, data["snapdir"], ignore_errors=True)
+            # Recorded while the image synced (_publish), perhaps.
+            await asyncio.to_thread(self._ledger.forget, journal.domain, journal.snapshot)
 
     async def _plan(self, domain: Domain, req: CreateRequest) -> Plan:
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,23 @@ def test_create_whose_journal_entry_cannot_be_made_durable_rolls_back(host: Host
     assert op.state is OpState.FAILED
     assert_no_trace(host, "k", before["disks"])
     assert host.domain()["state"] == "running" and not host.journal()
+
+
+def test_create_whose_image_cannot_be_synced_rolls_back_its_ledger_too(host: Host,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ledger is recorded while the image syncs: a create failing there forgets it."""
+    before = host.domain()
+
+    def no_sync(paths: object) -> None:
+        time.sleep(0.2)  # the ledger recorded meanwhile
+        raise OSError(5, "Input/output error (injected)")
+
+    monkeypatch.setattr(snapshot_create, "sync_data", no_sync)
+    op = asyncio.run(create("k")(host.service()))
+    assert op.state is OpState.FAILED
+    assert_no_trace(host, "k", before["disks"])
+    assert not (host.state_dir / "ledger" / DOMAIN / "k.json").exists(), "ledger record left behind"
+    assert not host.journal()
 
 
 @pytest.mark.parametrize(("live", "method"), MODES)

@@ -263,9 +263,13 @@ async def _save_precopy(
         await qmp.execute("stop")
     try:
         await qmp.execute("migrate", {"uri": f"fd:{FDNAME}"})
+        held = False
         if before_pause is not None and relay is not None:
             await _hold(qmp, watch, relay, before_pause)
-        await watch.until("pre-switchover", live=live)
+            held = True
+        # Every MIGRATION event since `migrate` is heard (the listener came
+        # first): QEMU is asked first only after a hold, whose polls read some.
+        await watch.until("pre-switchover", live=live, ask=held)
         await in_pause()
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
         # Its event is sure to come: nothing else waits on this save now.

@@ -147,6 +147,9 @@ class SnapshotCreate:
             "was_running": domain.state is RunState.RUNNING,
         })
         # No entry written before the first step: until "mkdir" nothing exists to undo.
+        # The journal entry's fsync (see "mkdir" below); done until then: nothing written.
+        entry_durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry_durable.set_result(None)
         synced: Future[None] | None = None
         publish: asyncio.Future[list[Path]] | None = None
         try:
@@ -158,11 +161,12 @@ class SnapshotCreate:
             # on the disk, not while QEMU is being set up.
             ram = domain.config.memory_mib * MiB
             mem_progress = op.phase(Phase.MEMORY, 5 + 90 * ram / (ram + copies + MiB))
-            # The one durable write before the pause: a rollback from "mkdir"
-            # on undoes every disk too (taken or not), so the checkpoint needs
-            # no write of its own.
+            # The one write before the pause: a rollback from "mkdir" on undoes
+            # every disk too (taken or not), so the checkpoint needs no write
+            # of its own. Its fsync runs meanwhile, awaited before the disks
+            # are taken (docs/design.md, "The journal": what a power cut keeps).
             op.check_cancel()
-            await self._journal.step(journal, "mkdir")
+            entry_durable = await self._journal.step_ahead(journal, "mkdir")
             plan.snapdir.parent.mkdir(parents=True, exist_ok=True)
             plan.snapdir.mkdir(mode=0o700)
 
@@ -175,6 +179,9 @@ class SnapshotCreate:
                 # superseded): a send there takes CPU the hypervisor needs.
                 in_pause_progress = op.note(hold=PAUSE_NOTES_EVERY)
                 in_pause_progress(0.0, message="guest paused")
+                # The first change a power cut keeps: the disks' snapshots.
+                # (Shielded: a cancel leaves it to the rollback to wait for.)
+                await asyncio.shield(entry_durable)
                 for rec in plan.records:
                     # Not written: a rollback from the durable "mkdir" step
                     # already undoes every disk, taken or not.
@@ -211,6 +218,8 @@ class SnapshotCreate:
                 self._journal.mark(journal, f"copy:{rec.vdev}")
                 await self._backends.for_record(rec).complete(rec, block, share(disk_progress, i, len(plan.records)))
             op.phase(Phase.MANIFEST, 99)
+            # Done in the pause (a driver calls in_pause on every save that succeeds); the manifest needs it too.
+            await asyncio.shield(entry_durable)
             m = Manifest(
                 name=req.name, domain=domain.name, description=req.description,
                 created_at=created, finished_at=time.time(),
@@ -234,6 +243,9 @@ class SnapshotCreate:
             publish = asyncio.ensure_future(asyncio.to_thread(self._publish, journal, m, synced))
             written = await asyncio.shield(publish)
         except BaseException:
+            # Ended before the rollback removes the entry it syncs; its
+            # failure, if any, is not the one to tell.
+            await asyncio.gather(entry_durable, return_exceptions=True)
             if synced is not None:
                 # One under way runs on in its thread (the rollback removes its files meanwhile).
                 synced.cancel()
@@ -256,23 +268,27 @@ class SnapshotCreate:
         place once it has; then (not written: recovery registers whatever has
         its manifest) the registration. Returns the files the registration wrote."""
         staged = manifest.stage(Path(journal.data["snapdir"]), m)
+        # The ledger too, not waiting for the image (a rollback forgets it).
+        ledger = self._record_files(journal, durable=False)
         synced.result()
         put_staged(staged)
         self._journal.mark(journal, "register")
-        return self._register(journal, durable=False, written=m)
+        return [ledger, *self._register(journal, durable=False, written=m)]
+
+    def _record_files(self, journal: JournalEntry, *, durable: bool = True) -> Path:
+        """The snapshot's files in its ledger; returns the file written (see fsutil.write_atomic for `durable`)."""
+        data = journal.data
+        records = [DiskRecord.from_dict(r) for r in data["records"]]
+        return self._ledger.record(journal.domain, journal.snapshot, Path(data["snapdir"]),
+                                   [data["memory"], *(f for r in records for f in (r.image, r.file))], durable=durable)
 
     def _register(self, journal: JournalEntry, *, durable: bool = True, written: Manifest | None = None,
                   ) -> list[Path]:
-        """The snapshot in the agent's records: its ledger, the catalogue, the domain's current one; returns
-        the files written (see fsutil.write_atomic for `durable`). `written`: the manifest just written, not
-        read back."""
-        data = journal.data
-        records = [DiskRecord.from_dict(r) for r in data["records"]]
+        """The snapshot in the catalogue, the domain's current one; returns the files written (see
+        fsutil.write_atomic for `durable`). `written`: the manifest just written, not read back."""
+        snapdir = Path(journal.data["snapdir"])
         return [
-            self._ledger.record(journal.domain, journal.snapshot, Path(data["snapdir"]),
-                                [data["memory"], *(f for r in records for f in (r.image, r.file))], durable=durable),
-            self._catalogue.register(journal.domain, journal.snapshot, Path(data["snapdir"]), durable=durable,
-                                     written=written),
+            self._catalogue.register(journal.domain, journal.snapshot, snapdir, durable=durable, written=written),
             self._catalogue.set_current(journal.domain, journal.snapshot, durable=durable),
         ]
 
@@ -288,6 +304,7 @@ class SnapshotCreate:
             await quiesce.thaw(self._driver, journal.domain, "the freeze a dead agent left")
         # Only this create writes a manifest into the folder it made, after the checkpoint.
         if journal.reached("mkdir") and manifest.exists(Path(journal.data["snapdir"])):
+            self._record_files(journal)
             self._register(journal)
             return "completed"
         await self.rollback(journal)
@@ -323,6 +340,8 @@ class SnapshotCreate:
             await asyncio.to_thread(file.unlink, missing_ok=True)
         if journal.reached("mkdir"):
             await asyncio.to_thread(shutil.rmtree, data["snapdir"], ignore_errors=True)
+            # Recorded while the image synced (_publish), perhaps.
+            await asyncio.to_thread(self._ledger.forget, journal.domain, journal.snapshot)
 
     async def _plan(self, domain: Domain, req: CreateRequest) -> Plan:
         if domain.state not in (RunState.RUNNING, RunState.PAUSED):

@@ -178,7 +178,7 @@ class QemuDriver(Hypervisor):
         self._machines: frozenset[str] = frozenset()
         self._accel = "" if config.accel == "auto" else config.accel
         self._create_lock = asyncio.Lock()
-        self._attaching: set[asyncio.Task[Domain]] = set()
+        self._attaching: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ agent side
 
@@ -264,10 +264,10 @@ class QemuDriver(Hypervisor):
             self._instances[inst.config.name] = inst
             log.info("re-attached to domain %s (id %d)", inst.config.name, inst.domid)
         # Each QMP session opened now, in the background: a domain's first
-        # request then waits for no handshake, and its run state is known
-        # (events keep it so from then on).
+        # request then waits for no handshake, its run state is known
+        # (events keep it so from then on), and so are its migration settings.
         for inst in self._instances.values():
-            task = asyncio.get_running_loop().create_task(self._domain(inst))
+            task = asyncio.get_running_loop().create_task(self._attach(inst))
             self._attaching.add(task)
             task.add_done_callback(self._attaching.discard)
 
@@ -316,6 +316,13 @@ class QemuDriver(Hypervisor):
                 if inst.domid == int(ref):
                     return inst
         raise NotFound(f"domain {ref!r} does not exist", reason="DOMAIN_NOT_FOUND", domain=ref)
+
+    async def _attach(self, inst: _Instance) -> None:
+        await self._domain(inst)
+        try:
+            await qemu_migration.learn_settings(inst.qmp)
+        except Exception as err:  # the first save sets them all
+            log.warning("domain %s: its migration settings could not be read: %s", inst.config.name, err)
 
     async def _domain(self, inst: _Instance) -> Domain:
         pid, stat = inst.process()

@@ -165,8 +165,12 @@ async def save(
     # Held in pre-copy (_hold); a background snapshot holds nothing in QEMU.
     held = live and was_running and before_pause is not None and not background
     full = bandwidth or UNLIMITED_BANDWIDTH
-    await qmp.execute("migrate-set-parameters", {
-        "max-bandwidth": full, "downtime-limit": HOLD_DOWNTIME_MS if held else FIRST_DOWNTIME_MS})
+    parameters: dict[str, object] = {"max-bandwidth": full}
+    if live and was_running:
+        # The pause a pre-copy may end with; a save of a stopped guest ends
+        # after its one pass whatever the limit (nothing dirties its memory).
+        parameters["downtime-limit"] = HOLD_DOWNTIME_MS if held else FIRST_DOWNTIME_MS
+    await _set_parameters(qmp, parameters)
     fd = _open_new(memory)
     relay: Relay | None = None
     stopped = resumed = None
@@ -210,15 +214,31 @@ async def save(
     return SaveResult(size, stopped, resumed, mode if live and was_running else None)
 
 
+def _capabilities_args(states: Mapping[str, object]) -> Mapping[str, object]:
+    return {"capabilities": [{"capability": name, "state": state} for name, state in states.items()]}
+
+
+async def learn_settings(qmp: QmpSession) -> None:
+    """The migration settings QEMU has now, told to its session (as the agent
+    attaches to it): the next save sets only those that differ."""
+    await qmp.learn("migrate-set-capabilities", "query-migrate-capabilities",
+                    lambda caps: {str(c["capability"]): c["state"] for c in caps})
+    await qmp.learn("migrate-set-parameters", "query-migrate-parameters", dict)
+
+
+async def _set_parameters(qmp: QmpSession, values: Mapping[str, object]) -> None:
+    await qmp.settle("migrate-set-parameters", values, dict)
+
+
 async def _set_capabilities(qmp: QmpSession, *, background: bool) -> None:
     try:
-        await qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": "pause-before-switchover", "state": not background},
-            {"capability": "background-snapshot", "state": background},
+        await qmp.settle("migrate-set-capabilities", {
+            "pause-before-switchover": not background,
+            "background-snapshot": background,
             # MIGRATION events wake the agent the moment the guest is stopped at
             # pre-switchover, instead of at its next poll.
-            {"capability": "events", "state": True},
-        ]})  # fmt: skip
+            "events": True,
+        }, _capabilities_args)
     except FailedPrecondition as err:
         if not background:
             raise
@@ -243,9 +263,13 @@ async def _save_precopy(
         await qmp.execute("stop")
     try:
         await qmp.execute("migrate", {"uri": f"fd:{FDNAME}"})
+        held = False
         if before_pause is not None and relay is not None:
             await _hold(qmp, watch, relay, before_pause)
-        await watch.until("pre-switchover", live=live)
+            held = True
+        # Every MIGRATION event since `migrate` is heard (the listener came
+        # first): QEMU is asked first only after a hold, whose polls read some.
+        await watch.until("pre-switchover", live=live, ask=held)
         await in_pause()
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
         # Its event is sure to come: nothing else waits on this save now.
@@ -409,7 +433,7 @@ class _Watch:
         # was too tight for this guest's dirty rate.
         if self._passes and passes > self._passes and self._downtime < LAST_DOWNTIME_MS:
             self._downtime = min(self._downtime * 2, LAST_DOWNTIME_MS)
-            await self._qmp.execute("migrate-set-parameters", {"downtime-limit": self._downtime})
+            await _set_parameters(self._qmp, {"downtime-limit": self._downtime})
         self._passes = max(self._passes, passes)
 
 
@@ -476,7 +500,7 @@ async def load(qmp: QmpSession, memory: Path, *, progress: StepProgress) -> None
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         # MIGRATION events wake the agent the moment the load completes,
         # instead of at its next poll.
-        await qmp.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        await qmp.settle("migrate-set-capabilities", {"events": True}, _capabilities_args)
         async with qmp.listen("MIGRATION") as changes:
             await qmp.send_fd(FDNAME, fd)
             await qmp.execute("migrate-incoming", {"uri": f"fd:{FDNAME}"})

@@ -33,16 +33,21 @@ class FakeQemu:
     def __init__(self) -> None:
         self.status = "running"
         self.queries = 0
+        self.commands: list[tuple[str, Any]] = []
         self.writer: asyncio.StreamWriter | None = None
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.send(GREETING)
         async for msg in _messages(reader):
+            if msg["execute"].startswith("migrate-"):
+                self.commands.append((msg["execute"], msg.get("arguments")))
             ret: Any = {}
             if msg["execute"] == "query-status":
                 self.queries += 1
                 ret = {"status": self.status, "running": self.status == "running"}
+            elif msg["execute"] == "query-migrate-parameters":
+                ret = {"a": 1, "b": 2}
             elif msg["execute"] == "stop":
                 # As QEMU does: the event goes out before the command's answer.
                 self.status = "paused"
@@ -102,6 +107,39 @@ def test_status_is_asked_once_then_follows_events(tmp_path: Path) -> None:
             await session.close()
             qemu.status = "running"
             assert await session.status() == "running" and qemu.queries == 4
+        finally:
+            await session.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+
+
+def test_settings_are_sent_once_per_connection(tmp_path: Path) -> None:
+    """`settle` skips the settings this connection already set to the same value, and sends the rest alone."""
+    async def main() -> None:
+        qemu = FakeQemu()
+        sock = tmp_path / "qmp.sock"
+        server = await asyncio.start_unix_server(qemu.serve, str(sock))
+        session = QmpSession(sock, "g")
+        try:
+            await session.settle("migrate-set-parameters", {"a": 1, "b": 2}, dict)
+            await session.settle("migrate-set-parameters", {"a": 1, "b": 2}, dict)
+            assert qemu.commands == [("migrate-set-parameters", {"a": 1, "b": 2})]
+            await session.settle("migrate-set-parameters", {"a": 1, "b": 3}, dict)
+            assert qemu.commands[-1] == ("migrate-set-parameters", {"b": 3})
+            # A new connection (perhaps to a new QEMU) sets everything again.
+            await session.close()
+            await session.settle("migrate-set-parameters", {"a": 1, "b": 3}, dict)
+            assert qemu.commands[-1] == ("migrate-set-parameters", {"a": 1, "b": 3}) and len(qemu.commands) == 3
+            # What QEMU has (learnt) needs no setting; what was set since is not overwritten by it.
+            await session.close()
+            await session.settle("migrate-set-parameters", {"b": 3}, dict)
+            await session.learn("migrate-set-parameters", "query-migrate-parameters", dict)
+            await session.settle("migrate-set-parameters", {"a": 1, "b": 3}, dict)
+            assert qemu.commands[-1] == ("migrate-set-parameters", {"b": 3}) and len(qemu.commands) == 4
+            await session.settle("migrate-set-parameters", {"a": 5}, dict)
+            assert qemu.commands[-1] == ("migrate-set-parameters", {"a": 5})
         finally:
             await session.close()
             server.close()

@@ -5,6 +5,7 @@ query-status calls it answers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -74,13 +75,24 @@ async def until(condition: Callable[[], bool]) -> None:
     raise AssertionError("not within 5 s")
 
 
+@contextlib.asynccontextmanager
+async def _served(tmp_path: Path) -> AsyncIterator[tuple[FakeQemu, QmpSession]]:
+    """A scripted QEMU on a unix socket, and a session to it."""
+    qemu = FakeQemu()
+    sock = tmp_path / "qmp.sock"
+    server = await asyncio.start_unix_server(qemu.serve, str(sock))
+    session = QmpSession(sock, "g")
+    try:
+        yield qemu, session
+    finally:
+        await session.close()
+        server.close()
+        await server.wait_closed()
+
+
 def test_status_is_asked_once_then_follows_events(tmp_path: Path) -> None:
     async def main() -> None:
-        qemu = FakeQemu()
-        sock = tmp_path / "qmp.sock"
-        server = await asyncio.start_unix_server(qemu.serve, str(sock))
-        session = QmpSession(sock, "g")
-        try:
+        async with _served(tmp_path) as (qemu, session):
             assert not session.knows_status
             assert await session.status() == "running"
             assert session.knows_status
@@ -107,10 +119,6 @@ def test_status_is_asked_once_then_follows_events(tmp_path: Path) -> None:
             await session.close()
             qemu.status = "running"
             assert await session.status() == "running" and qemu.queries == 4
-        finally:
-            await session.close()
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(main())
 
@@ -118,11 +126,7 @@ def test_status_is_asked_once_then_follows_events(tmp_path: Path) -> None:
 def test_settings_are_sent_once_per_connection(tmp_path: Path) -> None:
     """`settle` skips the settings this connection already set to the same value, and sends the rest alone."""
     async def main() -> None:
-        qemu = FakeQemu()
-        sock = tmp_path / "qmp.sock"
-        server = await asyncio.start_unix_server(qemu.serve, str(sock))
-        session = QmpSession(sock, "g")
-        try:
+        async with _served(tmp_path) as (qemu, session):
             await session.settle("migrate-set-parameters", {"a": 1, "b": 2}, dict)
             await session.settle("migrate-set-parameters", {"a": 1, "b": 2}, dict)
             assert qemu.commands == [("migrate-set-parameters", {"a": 1, "b": 2})]
@@ -140,9 +144,5 @@ def test_settings_are_sent_once_per_connection(tmp_path: Path) -> None:
             assert qemu.commands[-1] == ("migrate-set-parameters", {"b": 3}) and len(qemu.commands) == 4
             await session.settle("migrate-set-parameters", {"a": 5}, dict)
             assert qemu.commands[-1] == ("migrate-set-parameters", {"a": 5})
-        finally:
-            await session.close()
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(main())

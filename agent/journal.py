@@ -1,7 +1,5 @@
 """The operations journal: before each step of an operation runs, its intent
-is written durably to `<state_dir>/journal/<op-id>.json` (a create's "mkdir"
-made durable meanwhile, before its first change a power cut keeps: `step_ahead`
-and docs/design.md, "The journal"), so that an agent
+is written durably to `<state_dir>/journal/<op-id>.json`, so that an agent
 restarted after a crash (or `kill -9`) finds what was under way and finishes
 or rolls it back (AgentService.recover hands each entry to the `recover` of
 its procedure: SnapshotCreate, SnapshotRevert or SnapshotDelete). A finished
@@ -27,7 +25,7 @@ from typing import Any
 
 from . import runner
 from .errors import InternalError
-from .fsutil import make_durable, write_atomic
+from .fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +62,9 @@ class Journal:
     def _path(self, op_id: str) -> Path:
         return self._dir / f"{op_id}.json"
 
-    def _write(self, entry: JournalEntry, *, durable: bool = True) -> None:
+    def _write(self, entry: JournalEntry) -> None:
         self._dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self._path(entry.op_id), json.dumps(asdict(entry)), mode=0o600, durable=durable)
-
-    def _sync(self, entry: JournalEntry) -> None:
-        make_durable([self._path(entry.op_id)])
+        write_atomic(self._path(entry.op_id), json.dumps(asdict(entry)), mode=0o600)
 
     # The writes run off the event loop (their fsyncs would stall every
     # other call the agent answers meanwhile); each is awaited, so a step is
@@ -85,27 +80,6 @@ class Journal:
         await asyncio.to_thread(self._write, entry)
         runner.tally_mark(f"journal {step}")
         self._kill_point(entry, step)
-
-    async def step_ahead(self, entry: JournalEntry, step: str) -> asyncio.Future[None]:
-        """`step` recorded as `step` does, but made durable against a power cut
-        in a thread while the caller goes on: the record survives the agent's
-        death once this returns (it is in the page cache), a power cut once the
-        future returned is done. For a step whose first change a power cut
-        could keep comes later: the caller awaits the future before it."""
-        entry.steps.append(step)
-        # On the event loop: without its fsync the write only reaches the page
-        # cache (as an operation's first record does, op_history.py), and a
-        # thread's round trip would cost more than it.
-        self._write(entry, durable=False)
-        synced = asyncio.ensure_future(asyncio.to_thread(self._sync, entry))
-        runner.tally_mark(f"journal {step}")
-        try:
-            self._kill_point(entry, step)
-        except BaseException:
-            # The fsync's own failure, if any, is not the one to tell.
-            await asyncio.gather(synced, return_exceptions=True)
-            raise
-        return synced
 
     def mark(self, entry: JournalEntry, step: str) -> None:
         """Record that `step` is about to run, for this process only: for a

@@ -147,9 +147,6 @@ class SnapshotCreate:
             "was_running": domain.state is RunState.RUNNING,
         })
         # No entry written before the first step: until "mkdir" nothing exists to undo.
-        # The journal entry's fsync (see "mkdir" below); done until then: nothing written.
-        entry_durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry_durable.set_result(None)
         synced: Future[None] | None = None
         publish: asyncio.Future[list[Path]] | None = None
         try:
@@ -161,12 +158,13 @@ class SnapshotCreate:
             # on the disk, not while QEMU is being set up.
             ram = domain.config.memory_mib * MiB
             mem_progress = op.phase(Phase.MEMORY, 5 + 90 * ram / (ram + copies + MiB))
-            # The one write before the pause: a rollback from "mkdir" on undoes
-            # every disk too (taken or not), so the checkpoint needs no write
-            # of its own. Its fsync runs meanwhile, awaited before the disks
-            # are taken (docs/design.md, "The journal": what a power cut keeps).
+            # The one durable write before the pause: a rollback from "mkdir"
+            # on undoes every disk too (taken or not), so the checkpoint needs
+            # no write of its own. Made durable before `stop`, never in the
+            # pause: an fsync waits behind whatever the disk is writing back
+            # (at 2 GiB, seconds once), and the guest would wait with it.
             op.check_cancel()
-            entry_durable = await self._journal.step_ahead(journal, "mkdir")
+            await self._journal.step(journal, "mkdir")
             plan.snapdir.parent.mkdir(parents=True, exist_ok=True)
             plan.snapdir.mkdir(mode=0o700)
 
@@ -179,9 +177,6 @@ class SnapshotCreate:
                 # superseded): a send there takes CPU the hypervisor needs.
                 in_pause_progress = op.note(hold=PAUSE_NOTES_EVERY)
                 in_pause_progress(0.0, message="guest paused")
-                # The first change a power cut keeps: the disks' snapshots.
-                # (Shielded: a cancel leaves it to the rollback to wait for.)
-                await asyncio.shield(entry_durable)
                 for rec in plan.records:
                     # Not written: a rollback from the durable "mkdir" step
                     # already undoes every disk, taken or not.
@@ -218,8 +213,6 @@ class SnapshotCreate:
                 self._journal.mark(journal, f"copy:{rec.vdev}")
                 await self._backends.for_record(rec).complete(rec, block, share(disk_progress, i, len(plan.records)))
             op.phase(Phase.MANIFEST, 99)
-            # Done in the pause (a driver calls in_pause on every save that succeeds); the manifest needs it too.
-            await asyncio.shield(entry_durable)
             m = Manifest(
                 name=req.name, domain=domain.name, description=req.description,
                 created_at=created, finished_at=time.time(),
@@ -243,9 +236,6 @@ class SnapshotCreate:
             publish = asyncio.ensure_future(asyncio.to_thread(self._publish, journal, m, synced))
             written = await asyncio.shield(publish)
         except BaseException:
-            # Ended before the rollback removes the entry it syncs; its
-            # failure, if any, is not the one to tell.
-            await asyncio.gather(entry_durable, return_exceptions=True)
             if synced is not None:
                 # One under way runs on in its thread (the rollback removes its files meanwhile).
                 synced.cancel()

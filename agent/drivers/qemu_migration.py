@@ -165,12 +165,11 @@ async def save(
     # Held in pre-copy (_hold); a background snapshot holds nothing in QEMU.
     held = live and was_running and before_pause is not None and not background
     full = bandwidth or UNLIMITED_BANDWIDTH
-    parameters: dict[str, object] = {"max-bandwidth": full}
-    if live and was_running:
-        # The pause a pre-copy may end with; a save of a stopped guest ends
-        # after its one pass whatever the limit (nothing dirties its memory).
-        parameters["downtime-limit"] = HOLD_DOWNTIME_MS if held else FIRST_DOWNTIME_MS
-    await _set_parameters(qmp, parameters)
+    # A stopped guest's save too: the limit decides when QEMU leaves its
+    # passes for the completion (a leftover one, from a pre-copy that raised
+    # it, would move the whole image into that last step).
+    await _set_parameters(qmp, {"max-bandwidth": full,
+                                "downtime-limit": HOLD_DOWNTIME_MS if held else FIRST_DOWNTIME_MS})
     fd = _open_new(memory)
     relay: Relay | None = None
     stopped = resumed = None

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from domsnap.agent import config as agent_config
-from domsnap.agent import convert, journal, runner, snapshot_create
+from domsnap.agent import convert, runner, snapshot_create
 from domsnap.agent.errors import Busy, CommandError, FailedPrecondition
 from domsnap.agent.journal import FAIL_ENV, KILL_ENV
 from domsnap.agent.operations import Operation, OpState
@@ -252,39 +252,6 @@ def test_the_next_operation_starts_once_the_last_one_is_registered_durably(host:
 
     assert asyncio.run(scenario()).state is OpState.SUCCEEDED
     assert listed(host) == [] and not host.journal()
-
-
-def test_create_takes_no_disk_before_its_journal_entry_is_durable(host: Host,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """The "mkdir" entry's fsync runs while the create goes on (Journal.step_ahead),
-    and the disks are taken only once it is done: a power cut keeps them."""
-    durable = threading.Event()
-    monkeypatch.setattr(journal, "make_durable", lambda paths: durable.wait(30))
-
-    async def scenario() -> Operation:
-        made = await host.service().create_snapshot(create_request("held"), "")
-        await asyncio.sleep(0.3)
-        assert host.journal() and host.snapdir("held").is_dir(), "the create waited for the fsync to go on"
-        assert "held" not in tags(host.disk("xvda")) and made.state is OpState.RUNNING, "a disk taken before"
-        durable.set()
-        return await finished(made)
-
-    assert asyncio.run(scenario()).state is OpState.SUCCEEDED
-    assert "held" in tags(host.disk("xvda")) and listed(host) == ["held"]
-
-
-def test_create_whose_journal_entry_cannot_be_made_durable_rolls_back(host: Host,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    before = host.domain()
-
-    def no_fsync(paths: object) -> None:
-        raise OSError(5, "Input/output error (injected)")
-
-    monkeypatch.setattr(journal, "make_durable", no_fsync)
-    op = asyncio.run(create("k")(host.service()))
-    assert op.state is OpState.FAILED
-    assert_no_trace(host, "k", before["disks"])
-    assert host.domain()["state"] == "running" and not host.journal()
 
 
 def test_create_whose_image_cannot_be_synced_rolls_back_its_ledger_too(host: Host,
